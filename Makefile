@@ -1,0 +1,47 @@
+# Ferry — the two commands a new machine needs (Debian with Swift):
+#   make quickstart   build, then run `ferry quickstart` (two sites on loopback, a volume over NBD)
+#   make test         build, then run every test (unit, simulation, integration with real clients)
+# Both install the Debian packages they need when missing.
+
+SWIFT ?= swift
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+BUILD_PKGS := pkg-config libzstd-dev libxxhash-dev libsqlite3-dev
+TEST_PKGS := qemu-utils libnbd-bin nbdkit fio
+BENCH_PKGS := $(TEST_PKGS)
+QUICKSTART_ARGS ?=
+
+.PHONY: quickstart test build release bench deps-build deps-test clean-data
+
+define apt_install
+	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "ferry: installing Debian packages:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+endef
+
+deps-build:
+	$(call apt_install,$(BUILD_PKGS))
+
+deps-test: deps-build
+	$(call apt_install,$(TEST_PKGS))
+
+build: deps-build
+	$(SWIFT) build
+
+quickstart: build
+	./.build/debug/ferry quickstart $(QUICKSTART_ARGS)
+
+# Integration tests start daemons and real NBD clients; running them one at a time keeps the
+# 2-core machines we run on from timing them out.
+test: deps-test
+	$(SWIFT) build --build-tests
+	$(SWIFT) test --skip-build --no-parallel
+
+release: deps-build
+	$(SWIFT) build -c release --scratch-path .build-release
+
+bench: release
+	$(call apt_install,$(BENCH_PKGS))
+	./Benchmarks/nbd.sh

@@ -1,0 +1,151 @@
+import FerryCore
+import Foundation
+import Logging
+import Yams
+
+/// A site's configuration: one YAML file per site, documented field by field in
+/// `docs/configuration.md`.
+///
+/// Read it with ``load(path:)`` or ``parse(yaml:path:)``: the whole file is validated and every
+/// problem is reported at once, each with its field path (``ConfigProblems``). A value of this type
+/// is therefore always valid: names are well formed, every volume's primary is this site or a
+/// configured peer, listen addresses do not collide, and paths are absolute. ``yaml()`` writes it
+/// back in a form that parses to an equal value.
+public struct SiteConfig: Sendable, Equatable {
+    public var site: SiteSection
+    public var listen: ListenSection
+    /// Sorted by name.
+    public var peers: [PeerConfig]
+    /// Sorted by name.
+    public var volumes: [VolumeConfig]
+    /// One of `trace`, `debug`, `info`, `notice`, `warning`, `error`, `critical`; `info` by default.
+    public var logLevel: String
+    /// The absolute path of the file this configuration was read from (or is to be written to);
+    /// relative paths inside it were resolved against its directory.
+    public var path: String
+
+    public init(site: SiteSection, listen: ListenSection, peers: [PeerConfig] = [],
+                volumes: [VolumeConfig] = [], logLevel: String = "info", path: String) {
+        self.site = site
+        self.listen = listen
+        self.peers = peers.sorted { $0.name < $1.name }
+        self.volumes = volumes.sorted { $0.name < $1.name }
+        self.logLevel = logLevel
+        self.path = path
+    }
+
+    /// ``logLevel`` as swift-log's level.
+    public var loggerLevel: Logger.Level { Logger.Level(rawValue: logLevel) ?? .info }
+
+    public func peer(named name: String) -> PeerConfig? { peers.first { $0.name == name } }
+    public func volume(named name: String) -> VolumeConfig? { volumes.first { $0.name == name } }
+
+    /// Reads and validates the file at `path` (relative to the current directory if not absolute).
+    ///
+    /// A missing, unreadable or empty file is reported as a ``ConfigProblem`` with an empty path,
+    /// like any other mistake.
+    public static func load(path: String) throws(ConfigProblems) -> SiteConfig {
+        let file = ConfigPath.absolute(path)
+        let text: String
+        do {
+            text = try ConfigPath.readText(file)
+        } catch {
+            throw ConfigProblems(file: file, problems: [ConfigProblem(path: "", message: error.message)])
+        }
+        return try parse(yaml: text, path: file)
+    }
+
+    /// Validates `yaml` as the contents of the file at `path`; `path` names the file in messages
+    /// and is the base for relative paths inside it. Nothing is read from disk.
+    public static func parse(yaml: String, path: String) throws(ConfigProblems) -> SiteConfig {
+        let file = ConfigPath.absolute(path)
+        let root: Node?
+        do {
+            root = try Yams.compose(yaml: yaml)
+        } catch {
+            throw ConfigProblems(file: file, problems: [ConfigReader.syntaxProblem(error, in: yaml)])
+        }
+        guard let root, root.null == nil else {
+            throw ConfigProblems(file: file, problems: [ConfigProblem(path: "",
+                message: "the file is empty; it needs at least the site and listen sections (see docs/configuration.md)")])
+        }
+        var reader = ConfigReader(directory: ConfigPath.directory(of: file))
+        let config = reader.read(root, file: file)
+        guard let config, reader.problems.isEmpty else {
+            throw ConfigProblems(file: file, problems: reader.problems)
+        }
+        return config
+    }
+
+    /// The levels `log-level` accepts, from most to least verbose.
+    public static let logLevels: [String] = Logger.Level.allCases.map(\.rawValue)
+}
+
+/// The `site` section: who this site is and where it keeps its state.
+public struct SiteSection: Sendable, Equatable {
+    /// 1 to 63 of `a-z`, `0-9` and `-`, not starting with `-`. Peers know this site by this name.
+    public var name: String
+    /// Absolute path of the data directory: identity, catalog, images.
+    public var dataDirectory: String
+
+    public init(name: String, dataDirectory: String) {
+        self.name = name
+        self.dataDirectory = dataDirectory
+    }
+}
+
+/// The `listen` section: where this site accepts peers, NBD clients and the CLI.
+public struct ListenSection: Sendable, Equatable {
+    /// Peer links (TLS).
+    public var replication: HostPort
+    /// NBD over TCP; at least one of `nbd` and `nbdSocket` is set.
+    public var nbd: HostPort?
+    /// NBD over a Unix socket (absolute path).
+    public var nbdSocket: String?
+    /// The admin API's Unix socket (absolute path); `<data>/admin.sock` unless configured.
+    public var adminSocket: String
+
+    public init(replication: HostPort, nbd: HostPort? = nil, nbdSocket: String? = nil, adminSocket: String) {
+        self.replication = replication
+        self.nbd = nbd
+        self.nbdSocket = nbdSocket
+        self.adminSocket = adminSocket
+    }
+
+    /// The admin socket used when `listen.admin-socket` is not set.
+    public static func defaultAdminSocket(dataDirectory: String) -> String {
+        ConfigPath.join(dataDirectory, "admin.sock")
+    }
+}
+
+/// One entry of `peers`: another site this one replicates with, pinned by its site ID.
+public struct PeerConfig: Sendable, Equatable {
+    /// The peer's own `site.name`.
+    public var name: String
+    /// Where the peer's `listen.replication` is reachable from here; port 1...65535.
+    public var address: HostPort
+    /// The fingerprint the peer's certificate must have (`ferry id` on the peer prints it).
+    public var siteID: SiteID
+
+    public init(name: String, address: HostPort, siteID: SiteID) {
+        self.name = name
+        self.address = address
+        self.siteID = siteID
+    }
+}
+
+/// One entry of `volumes`: a block device replicated between this site and its peers.
+public struct VolumeConfig: Sendable, Equatable {
+    /// 1 to 63 of `a-z`, `0-9`, `.`, `_` and `-`, starting with a letter or digit.
+    public var name: String
+    /// More than 0 and a multiple of 4096.
+    public var sizeBytes: UInt64
+    /// The site meant to serve the volume read-write: this site's name or a configured peer's.
+    public var primary: String
+
+    public init(name: String, sizeBytes: UInt64, primary: String) {
+        self.name = name
+        self.sizeBytes = sizeBytes
+        self.primary = primary
+    }
+}

@@ -1,0 +1,195 @@
+import FerryCore
+import FerryNBD
+import FerryStore
+import FerryWire
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+import ServiceLifecycle
+
+/// One running site: identity, catalog, volumes, NBD exports, peer links and the admin API.
+///
+/// `run()` is a swift-service-lifecycle `Service`: it starts everything, waits for graceful
+/// shutdown (SIGTERM/SIGINT through the `ServiceGroup`), then stops in the order that loses
+/// nothing: stop taking NBD requests and answer those in flight, fdatasync every image, close peer
+/// links, close the admin socket.
+public final class Site: Service, Sendable {
+    public let config: SiteConfig
+    private let logger: Logger
+    private let group: MultiThreadedEventLoopGroup
+    private let threadPool: NIOThreadPool
+    private let startedAt = Date()
+
+    private struct Volume: Sendable {
+        var config: VolumeConfig
+        var record: VolumeRecord?
+        var image: VolumeImage?
+    }
+
+    private struct State: Sendable {
+        var identity: SiteIdentity?
+        var volumes: [Volume] = []
+        var replicationAddress: String?
+        var nbdAddresses: [String] = []
+        var nbdURIBases: [String] = []
+        var peers: PeerLinks?
+    }
+    private let state = NIOLockedValueBox(State())
+    private let exports = NBDExportTable()
+    private let nbd: NBDServer
+    private let admin: AdminServer
+    private let dataLock = NIOLockedValueBox<Int32>(-1)
+
+    public init(config: SiteConfig, logger: Logger) {
+        self.config = config
+        self.logger = logger
+        self.group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        self.threadPool = NIOThreadPool(numberOfThreads: max(4, System.coreCount * 2))
+        self.nbd = NBDServer(exports: exports, group: group, logger: logger)
+        self.admin = AdminServer(group: group, logger: logger)
+    }
+
+    public func run() async throws {
+        threadPool.start()
+        do {
+            try await start()
+        } catch {
+            await stop()
+            throw error
+        }
+        logger.info("site running", metadata: ["site": "\(config.site.name)", "pid": "\(getpid())"])
+        try? await gracefulShutdown()
+        logger.info("shutting down")
+        await stop()
+        logger.info("stopped cleanly")
+    }
+
+    private func start() async throws {
+        let data = config.site.dataDirectory
+        try lockDataDirectory(data)
+        let identity: SiteIdentity
+        do {
+            identity = try SiteIdentity.load(from: data)
+        } catch {
+            throw SiteError("\(error)")
+        }
+        state.withLockedValue { $0.identity = identity }
+        logger.info("site identity", metadata: ["site": "\(identity.siteName)", "id": "\(identity.siteID)"])
+
+        let catalog = try Catalog(path: data + "/catalog.sqlite")
+        let volumesDir = data + "/volumes"
+        try FileManager.default.createDirectory(atPath: volumesDir, withIntermediateDirectories: true)
+        var volumes: [Volume] = []
+        for v in config.volumes {
+            guard v.primary == config.site.name else {
+                volumes.append(Volume(config: v))
+                continue
+            }
+            let (record, created) = try catalog.ensureVolume(name: v.name, sizeBytes: v.sizeBytes)
+            let image = try VolumeImage.openOrCreate(path: "\(volumesDir)/\(v.name).img", size: v.sizeBytes)
+            logger.info(created ? "volume created" : "volume opened", metadata: [
+                "volume": "\(v.name)", "size": "\(ByteSize.format(v.sizeBytes))", "uuid": "\(record.uuid)", "epoch": "\(record.epoch)"])
+            exports.add(NBDExport(name: v.name, description: "ferry volume \(v.name) (\(record.uuid))",
+                                  device: ImageBlockDevice(image: image, threadPool: threadPool)))
+            volumes.append(Volume(config: v, record: record, image: image))
+        }
+        state.withLockedValue { $0.volumes = volumes }
+
+        var nbdAddresses: [String] = []
+        var uriBases: [String] = []
+        if let tcp = config.listen.nbd {
+            let bound = try await nbd.listen(host: tcp.host, port: tcp.port)
+            let port = bound.port ?? tcp.port
+            let shown = HostPort(host: tcp.isWildcard ? "127.0.0.1" : tcp.host, port: port)
+            nbdAddresses.append(HostPort(host: tcp.host, port: port).description)
+            uriBases.append("nbd://\(shown)/")
+        }
+        if let path = config.listen.nbdSocket {
+            try FileManager.default.createDirectory(atPath: (path as NSString).deletingLastPathComponent, withIntermediateDirectories: true)
+            try await nbd.listen(unixSocket: path)
+            nbdAddresses.append(path)
+            uriBases.append("nbd+unix:///?socket=\(path)")
+        }
+        state.withLockedValue {
+            $0.nbdAddresses = nbdAddresses
+            $0.nbdURIBases = uriBases
+        }
+
+        let peers = PeerLinks(
+            identity: identity,
+            listen: (host: config.listen.replication.host, port: config.listen.replication.port),
+            peers: config.peers.map { PeerEndpoint(name: $0.name, host: $0.address.host, port: $0.address.port, siteID: $0.siteID) },
+            group: group, logger: logger)
+        try await peers.start()
+        let replicationPort = peers.boundPort ?? config.listen.replication.port
+        state.withLockedValue {
+            $0.peers = peers
+            $0.replicationAddress = HostPort(host: config.listen.replication.host, port: replicationPort).description
+        }
+
+        try await admin.start(socketPath: config.listen.adminSocket, status: { [self] in status() })
+    }
+
+    private func stop() async {
+        await nbd.shutdown()
+        let volumes = state.withLockedValue { $0.volumes }
+        for v in volumes {
+            guard let image = v.image else { continue }
+            do {
+                try image.flush()
+            } catch {
+                logger.error("flushing volume at shutdown failed", metadata: ["volume": "\(v.config.name)", "error": "\(error)"])
+            }
+        }
+        if let peers = state.withLockedValue({ $0.peers }) { await peers.stop() }
+        await admin.stop(socketPath: config.listen.adminSocket)
+        try? await threadPool.shutdownGracefully()
+        try? await group.shutdownGracefully()
+        unlockDataDirectory()
+    }
+
+    /// The site's status as the admin API serves it.
+    public func status() -> SiteStatus {
+        let s = state.withLockedValue { $0 }
+        let site = SiteStatus.Site(
+            name: config.site.name, siteID: s.identity?.siteID.description ?? "", pid: getpid(),
+            startedAt: startedAt, configPath: config.path, dataDirectory: config.site.dataDirectory,
+            replicationAddress: s.replicationAddress, nbdAddresses: s.nbdAddresses, adminSocket: config.listen.adminSocket)
+        let volumes = s.volumes.map { v -> SiteStatus.Volume in
+            let isPrimary = v.config.primary == config.site.name
+            return SiteStatus.Volume(
+                name: v.config.name, sizeBytes: v.config.sizeBytes, role: isPrimary ? "primary" : "secondary",
+                primarySite: v.config.primary, uuid: v.record?.uuid, epoch: v.record?.epoch, generation: v.record?.generation,
+                exports: isPrimary ? s.nbdURIBases.map { Self.uri(base: $0, export: v.config.name) } : [],
+                clientsConnected: isPrimary ? exports.clientCount(v.config.name) : 0)
+        }
+        return SiteStatus(site: site, peers: s.peers?.status() ?? [], volumes: volumes)
+    }
+
+    static func uri(base: String, export: String) -> String {
+        if base.hasPrefix("nbd+unix:///") {
+            return base.replacingOccurrences(of: "nbd+unix:///", with: "nbd+unix:///\(export)")
+        }
+        return base + export
+    }
+
+    /// One daemon per data directory: a second `ferry serve` on the same data would corrupt it.
+    private func lockDataDirectory(_ data: String) throws {
+        try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
+        let fd = open(data + "/lock", O_RDWR | O_CREAT | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { throw SiteError("cannot open \(data)/lock: \(String(cString: strerror(errno)))") }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
+            close(fd)
+            throw SiteError("another ferry daemon is using \(data) (it holds \(data)/lock); stop it first")
+        }
+        dataLock.withLockedValue { $0 = fd }
+    }
+
+    private func unlockDataDirectory() {
+        dataLock.withLockedValue { fd in
+            if fd >= 0 { close(fd); fd = -1 }
+        }
+    }
+}

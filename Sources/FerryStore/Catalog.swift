@@ -1,0 +1,92 @@
+import Foundation
+import GRDB
+
+/// What the site knows about one volume, kept in the catalog.
+public struct VolumeRecord: Codable, Equatable, Sendable, FetchableRecord, PersistableRecord {
+    public static let databaseTableName = "volume"
+
+    public var name: String
+    /// Stable identity of the volume across sites and renames of its image file.
+    public var uuid: String
+    public var sizeBytes: Int64
+    /// Bumped by every promotion (DESIGN §2); 1 when the volume is created.
+    public var epoch: Int64
+    /// The current generation's ID: one span of history under one primary.
+    public var generation: String
+    public var createdAt: Date
+
+    public init(name: String, uuid: String, sizeBytes: Int64, epoch: Int64, generation: String, createdAt: Date) {
+        self.name = name
+        self.uuid = uuid
+        self.sizeBytes = sizeBytes
+        self.epoch = epoch
+        self.generation = generation
+        self.createdAt = createdAt
+    }
+}
+
+/// The site's SQLite catalog: volume metadata now; generations, positions and trees later.
+///
+/// SQLite in WAL mode with `synchronous=FULL`, so a committed change survives a power loss.
+public final class Catalog: Sendable {
+    private let db: DatabaseQueue
+    public let path: String
+
+    public init(path: String) throws {
+        self.path = path
+        var config = Configuration()
+        config.prepareDatabase { db in
+            try db.execute(sql: "PRAGMA synchronous = FULL")
+        }
+        do {
+            db = try DatabaseQueue(path: path, configuration: config)
+            try db.writeWithoutTransaction { try $0.execute(sql: "PRAGMA journal_mode = WAL") }
+            try Self.migrator.migrate(db)
+        } catch let error as DatabaseError {
+            throw StoreError("open catalog", path: path, detail: error.message ?? "\(error)")
+        }
+    }
+
+    private static var migrator: DatabaseMigrator {
+        var m = DatabaseMigrator()
+        m.registerMigration("v1-volumes") { db in
+            try db.create(table: "volume") { t in
+                t.primaryKey("name", .text)
+                t.column("uuid", .text).notNull().unique()
+                t.column("sizeBytes", .integer).notNull()
+                t.column("epoch", .integer).notNull()
+                t.column("generation", .text).notNull()
+                t.column("createdAt", .datetime).notNull()
+            }
+        }
+        return m
+    }
+
+    public func volume(named name: String) throws -> VolumeRecord? {
+        try db.read { try VolumeRecord.fetchOne($0, key: name) }
+    }
+
+    public func volumes() throws -> [VolumeRecord] {
+        try db.read { try VolumeRecord.order(Column("name")).fetchAll($0) }
+    }
+
+    /// Returns the volume's record, creating it (new UUID, epoch 1, a first generation) when it is
+    /// new. A recorded size that differs from `sizeBytes` is an error: resizing is not supported.
+    public func ensureVolume(name: String, sizeBytes: UInt64, now: Date = Date()) throws -> (record: VolumeRecord, created: Bool) {
+        try db.write { db in
+            if let existing = try VolumeRecord.fetchOne(db, key: name) {
+                guard existing.sizeBytes == Int64(sizeBytes) else {
+                    throw StoreError("open volume", path: name, detail:
+                        "the catalog records \(existing.sizeBytes) bytes but the configuration says \(sizeBytes); "
+                        + "Ferry does not resize volumes yet — set volumes.\(name).size back to \(existing.sizeBytes)")
+                }
+                return (existing, false)
+            }
+            let record = VolumeRecord(name: name, uuid: UUID().uuidString.lowercased(),
+                                      sizeBytes: Int64(sizeBytes), epoch: 1,
+                                      generation: UUID().uuidString.lowercased(), createdAt: now)
+            try record.insert(db)
+            return (record, true)
+        }
+    }
+}

@@ -1,0 +1,162 @@
+import NIOCore
+
+/// One unit on the wire: a type, per-type flags and an opaque payload.
+///
+/// # Ferry wire frames (frame format version 1)
+///
+/// Every byte two sites exchange, inside the mutual-TLS 1.3 stream, is part of a frame. All integers
+/// are big-endian (network order).
+///
+///     offset  size  field
+///     0       4     magic            u32  0x46525931 ("FRY1")
+///     4       1     version          u8   1 (the frame format version; see below for the link protocol)
+///     5       1     type             u8   FrameType; see the table below
+///     6       2     flags            u16  per-type; 0 for every type defined so far
+///     8       4     payload length   u32  0 ... 67_108_864 (64 MiB)
+///     12      N     payload          N bytes, layout per type
+///     12+N    8     checksum         u64  XXH3-64 (seed 0) of bytes 0 ..< 12+N, i.e. header and payload
+///
+/// A receiver checks, in this order, as soon as the bytes are there: magic, version, payload length
+/// (before buffering the payload), then the checksum once the whole frame has arrived. Any failure
+/// is fatal for the connection: it is closed and nothing in the bad frame is acted on. A frame that
+/// passes all checks but has a type the receiver does not know is ignored if the type is optional
+/// (type >= 0x80), and is fatal otherwise (type < 0x80). So a later release may add optional frames
+/// old sites skip; anything an old site must not miss needs a new link protocol version instead.
+///
+/// Strings are UTF-8 preceded by their byte length as u16. A payload must be exactly as long as its
+/// fields; extra or missing bytes are a fatal error.
+///
+/// ## Link-control frames
+///
+///     type  name      payload
+///     0x01  hello     min version u16, max version u16, site ID 32 bytes (SHA-256 of the sender's
+///                     certificate DER), site name string
+///     0x02  helloAck  chosen version u16
+///     0x03  ping      nonce u64, sentAt u64 (sender's monotonic clock, nanoseconds)
+///     0x04  pong      nonce u64, sentAt u64 (both copied from the ping)
+///     0x05  goodbye   reason string (at most 1024 bytes; for the other site's log)
+///
+/// ## Link protocol (version 1)
+///
+/// 1. The dialer opens TCP and TLS 1.3 with mutual authentication. Each side accepts only a leaf
+///    certificate whose SHA-256 is the pinned site ID of a configured peer (the acceptor: any
+///    configured peer; the dialer: the peer it dialed). No CA, no host name check.
+/// 2. As soon as its TLS handshake completes, each side sends `hello` with the range of link
+///    protocol versions it speaks. The site ID in `hello` must equal the fingerprint of the
+///    certificate the sender presented; otherwise the receiver closes the connection.
+/// 3. The acceptor, on the dialer's `hello`, picks the highest version both ranges contain and
+///    sends `helloAck`. If there is none, it sends `goodbye` naming both ranges and closes. The
+///    dialer, on the acceptor's `hello`, does the same check (closing with `goodbye` if there is no
+///    common version) and then waits for `helloAck`, which must carry the version it computed.
+///    Before this exchange is complete, any other frame is a protocol error.
+/// 4. The link is then up. Each side sends `ping` every heartbeat interval (1 s by default) and
+///    answers every `ping` with a `pong` carrying the same nonce and sentAt; the pinger measures
+///    the round-trip time from sentAt. A side that has received no frame at all for the dead-after
+///    interval (5 s by default) closes the connection and reconnects.
+/// 5. Both sites dial each other. If a site ends up with two established links to the same peer,
+///    it keeps the one dialed by the site whose site ID is smaller (comparing the 32 bytes as
+///    unsigned, lexicographically) and closes the other after sending `goodbye`; both sites apply
+///    the same rule, so they keep the same link. (Two links dialed by the same site mean the peer
+///    restarted; the newer one is kept.)
+/// 6. `goodbye` is sent before a deliberate close; the receiver logs the reason and closes.
+public struct Frame: Sendable, Equatable {
+    /// The magic number at the start of every frame: "FRY1".
+    public static let magic: UInt32 = 0x4652_5931
+    /// The frame format version this code reads and writes.
+    public static let formatVersion: UInt8 = 1
+    /// Bytes before the payload: magic, version, type, flags, length.
+    public static let headerSize = 12
+    /// Bytes after the payload: the XXH3-64 checksum.
+    public static let trailerSize = 8
+    /// The largest payload a frame may carry: 64 MiB.
+    public static let maxPayloadSize = 64 * 1024 * 1024
+
+    public var type: FrameType
+    public var flags: UInt16
+    public var payload: ByteBuffer
+
+    public init(type: FrameType, flags: UInt16 = 0, payload: ByteBuffer = ByteBuffer()) {
+        self.type = type
+        self.flags = flags
+        self.payload = payload
+    }
+}
+
+/// The type byte of a frame.
+///
+/// A struct rather than an enum so that a decoder can carry types it does not know yet; values
+/// 0x80 and above are *optional*: a receiver that does not know one ignores the frame.
+public struct FrameType: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    public let rawValue: UInt8
+
+    public init(rawValue: UInt8) { self.rawValue = rawValue }
+
+    /// Opens a link: the sender's protocol versions, site ID and name.
+    public static let hello = FrameType(rawValue: 0x01)
+    /// Answers `hello` from the accepting side with the chosen protocol version.
+    public static let helloAck = FrameType(rawValue: 0x02)
+    /// Heartbeat request.
+    public static let ping = FrameType(rawValue: 0x03)
+    /// Heartbeat answer, echoing the ping.
+    public static let pong = FrameType(rawValue: 0x04)
+    /// Sent before a deliberate close, with a reason for the other side's log.
+    public static let goodbye = FrameType(rawValue: 0x05)
+
+    /// The frame types `PeerLinks` handles itself.
+    public static let linkControl: Set<FrameType> = [.hello, .helloAck, .ping, .pong, .goodbye]
+
+    /// Whether a receiver that does not know this type may skip the frame (type >= 0x80).
+    public var isOptional: Bool { rawValue >= 0x80 }
+
+    public var description: String {
+        switch self {
+        case .hello: return "hello"
+        case .helloAck: return "helloAck"
+        case .ping: return "ping"
+        case .pong: return "pong"
+        case .goodbye: return "goodbye"
+        default: return "0x" + String(rawValue, radix: 16)
+        }
+    }
+}
+
+/// Why bytes from the network were not accepted as a frame or message. Any of these closes the
+/// connection.
+public enum FrameError: Error, Equatable, CustomStringConvertible {
+    /// The first four bytes were not "FRY1": not a Ferry peer, or the stream lost its framing.
+    case badMagic(UInt32)
+    /// A frame format version this site does not read.
+    case unsupportedVersion(UInt8)
+    /// The announced payload is larger than ``Frame/maxPayloadSize``.
+    case payloadTooLarge(length: UInt32)
+    /// The XXH3-64 over header and payload did not match the trailer.
+    case checksumMismatch(expected: UInt64, computed: UInt64)
+    /// A non-optional frame type this site does not know.
+    case unknownType(FrameType)
+    /// The payload does not have the layout its type requires.
+    case malformedPayload(FrameType, String)
+    /// Frame too large to send (an encoder-side check).
+    case payloadTooLargeToSend(length: Int)
+
+    public var description: String {
+        switch self {
+        case .badMagic(let magic):
+            return "bad frame magic 0x\(String(magic, radix: 16)) (want 0x46525931 \"FRY1\"): "
+                + "the other end is not a Ferry site, or the stream is corrupt"
+        case .unsupportedVersion(let version):
+            return "frame format version \(version) is not supported (this site reads version \(Frame.formatVersion)); "
+                + "upgrade this site"
+        case .payloadTooLarge(let length):
+            return "frame payload of \(length) bytes exceeds the \(Frame.maxPayloadSize)-byte limit"
+        case .checksumMismatch(let expected, let computed):
+            return "frame checksum mismatch (frame says \(String(expected, radix: 16)), "
+                + "bytes hash to \(String(computed, radix: 16))): data was corrupted in transit"
+        case .unknownType(let type):
+            return "unknown frame type \(type) (not optional): the other site speaks a newer protocol; upgrade this site"
+        case .malformedPayload(let type, let why):
+            return "malformed \(type) frame: \(why)"
+        case .payloadTooLargeToSend(let length):
+            return "refusing to send a \(length)-byte frame payload; the limit is \(Frame.maxPayloadSize) bytes"
+        }
+    }
+}

@@ -1,0 +1,116 @@
+import CXXHash
+import NIOCore
+
+/// Splits a byte stream into ``Frame``s, checking every frame before it goes further.
+///
+/// Checks run as soon as their bytes are there (see ``Frame`` for the layout and order), so a
+/// stream that is not Ferry, or a length over 64 MiB, is refused without buffering the payload.
+/// Any failure throws a ``FrameError``; the channel pipeline then closes the connection, and
+/// nothing from the bad frame reaches a handler. A well-formed frame of an optional type not in
+/// `knownTypes` is dropped; of a non-optional unknown type, it throws ``FrameError/unknownType(_:)``.
+public struct FrameDecoder: ByteToMessageDecoder {
+    public typealias InboundOut = Frame
+
+    /// The frame types the layer above understands.
+    public let knownTypes: Set<FrameType>
+
+    /// - Parameter knownTypes: the types to deliver; by default the link-control types.
+    public init(knownTypes: Set<FrameType> = FrameType.linkControl) {
+        self.knownTypes = knownTypes
+    }
+
+    public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
+        guard let frame = try nextFrame(from: &buffer) else { return .needMoreData }
+        context.fireChannelRead(Self.wrapInboundOut(frame))
+        return .continue
+    }
+
+    public mutating func decodeLast(
+        context: ChannelHandlerContext, buffer: inout ByteBuffer, seenEOF: Bool
+    ) throws -> DecodingState {
+        while try decode(context: context, buffer: &buffer) == .continue {}
+        // A partial frame at the end of the stream is dropped: it was never checksummed.
+        return .needMoreData
+    }
+
+    /// Takes the next known frame off the front of `buffer`, skipping unknown optional frames.
+    ///
+    /// Returns nil, consuming nothing of the incomplete frame, when more bytes are needed. The
+    /// channel-free core of the decoder, for tools and tests.
+    public func nextFrame(from buffer: inout ByteBuffer) throws -> Frame? {
+        while true {
+            guard let frame = try Self.decodeOne(from: &buffer) else { return nil }
+            if knownTypes.contains(frame.type) { return frame }
+            if !frame.type.isOptional { throw FrameError.unknownType(frame.type) }
+            // proto: an unknown optional frame is skipped; it was checked like any other.
+        }
+    }
+
+    /// Decodes one frame of any type, or returns nil when the buffer holds only part of one.
+    static func decodeOne(from buffer: inout ByteBuffer) throws -> Frame? {
+        let start = buffer.readerIndex
+        guard let magic = buffer.getInteger(at: start, as: UInt32.self) else { return nil }
+        guard magic == Frame.magic else { throw FrameError.badMagic(magic) }
+        guard let version = buffer.getInteger(at: start + 4, as: UInt8.self) else { return nil }
+        guard version == Frame.formatVersion else { throw FrameError.unsupportedVersion(version) }
+        guard let length = buffer.getInteger(at: start + 8, as: UInt32.self) else { return nil }
+        guard length <= Frame.maxPayloadSize else { throw FrameError.payloadTooLarge(length: length) }
+        let covered = Frame.headerSize + Int(length)
+        guard buffer.readableBytes >= covered + Frame.trailerSize else { return nil }
+
+        let expected = buffer.getInteger(at: start + covered, as: UInt64.self)!
+        let computed = buffer.withUnsafeReadableBytes { bytes in
+            XXH3_64bits(bytes.baseAddress, covered)
+        }
+        guard expected == computed else {
+            throw FrameError.checksumMismatch(expected: expected, computed: computed)
+        }
+        let type = FrameType(rawValue: buffer.getInteger(at: start + 5, as: UInt8.self)!)
+        let flags = buffer.getInteger(at: start + 6, as: UInt16.self)!
+        buffer.moveReaderIndex(forwardBy: Frame.headerSize)
+        let payload = buffer.readSlice(length: Int(length))!
+        buffer.moveReaderIndex(forwardBy: Frame.trailerSize)
+        return Frame(type: type, flags: flags, payload: payload)
+    }
+}
+
+/// Writes ``Frame``s in the wire layout: header, payload, XXH3-64 of both.
+///
+/// The payload is copied once into the outgoing buffer, next to its header, so the checksum is
+/// computed over contiguous bytes.
+public struct FrameEncoder: MessageToByteEncoder {
+    public typealias OutboundIn = Frame
+
+    public init() {}
+
+    public func encode(data: Frame, out: inout ByteBuffer) throws {
+        try Self.encode(data, into: &out)
+    }
+
+    /// Appends `frame` to `out`. Throws ``FrameError/payloadTooLargeToSend(length:)`` for a payload
+    /// over ``Frame/maxPayloadSize``.
+    public static func encode(_ frame: Frame, into out: inout ByteBuffer) throws {
+        let length = frame.payload.readableBytes
+        guard length <= Frame.maxPayloadSize else { throw FrameError.payloadTooLargeToSend(length: length) }
+        out.reserveCapacity(minimumWritableBytes: Frame.headerSize + length + Frame.trailerSize)
+        let start = out.writerIndex
+        out.writeInteger(Frame.magic)
+        out.writeInteger(Frame.formatVersion)
+        out.writeInteger(frame.type.rawValue)
+        out.writeInteger(frame.flags)
+        out.writeInteger(UInt32(length))
+        out.writeImmutableBuffer(frame.payload)
+        let offset = start - out.readerIndex
+        let checksum = out.withUnsafeReadableBytes { bytes in
+            XXH3_64bits(bytes.baseAddress! + offset, Frame.headerSize + length)
+        }
+        out.writeInteger(checksum)
+    }
+
+    /// `frame` as a new buffer in the wire layout.
+    public static func encode(_ frame: Frame, allocator: ByteBufferAllocator = ByteBufferAllocator()) throws -> ByteBuffer {
+        var out = allocator.buffer(capacity: Frame.headerSize + frame.payload.readableBytes + Frame.trailerSize)
+        try encode(frame, into: &out)
+        return out
+    }
+}

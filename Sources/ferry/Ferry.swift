@@ -1,0 +1,149 @@
+import ArgumentParser
+import FerryCore
+import FerrySite
+import FerryWire
+import Foundation
+import Logging
+import ServiceLifecycle
+
+@main
+struct Ferry: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "ferry",
+        abstract: "Replicate volumes and trees between sites.",
+        discussion: """
+            Start here: `ferry quickstart` runs two sites on this machine and exports a volume over NBD.
+            A real site: `ferry init --site NAME --data DIR`, write a config (docs/configuration.md),
+            then `ferry serve --config FILE` and `ferry status --config FILE`.
+            """,
+        subcommands: [Init.self, ID.self, Serve.self, Status.self, Quickstart.self])
+}
+
+/// Loads a config, or prints every problem and exits with status 2 (docs/configuration.md).
+func loadConfigOrExit(_ path: String) throws -> SiteConfig {
+    do {
+        return try SiteConfig.load(path: path)
+    } catch {
+        FileHandle.standardError.write(Data("\(error)\n".utf8))
+        throw ExitCode(2)
+    }
+}
+
+func printError(_ message: String) {
+    FileHandle.standardError.write(Data("ferry: \(message)\n".utf8))
+}
+
+struct Init: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Create a site's data directory and identity (a key and a self-signed certificate).")
+
+    @Option(help: "The site's name: lowercase letters, digits and dashes.") var site: String
+    @Option(help: "The site's data directory (created if missing).") var data: String
+
+    func run() throws {
+        guard site.range(of: "^[a-z0-9][a-z0-9-]{0,62}$", options: .regularExpression) != nil else {
+            printError("--site \"\(site)\" is not a site name; use lowercase letters, digits and dashes (east, dc-2)")
+            throw ExitCode(2)
+        }
+        let dir = URL(fileURLWithPath: data).standardizedFileURL.path
+        do {
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true,
+                                                    attributes: [.posixPermissions: 0o700])
+            let identity = try SiteIdentity.generate(siteName: site)
+            try identity.write(to: dir)
+            print("""
+                created site \(site) in \(dir)
+                site ID: \(identity.siteID)
+
+                Give this ID to every peer of \(site): it goes in their config as peers.\(site).site-id.
+                `ferry id --data \(dir)` prints it again. Nothing else was changed.
+                """)
+        } catch {
+            printError("\(error)")
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct ID: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "id", abstract: "Print this site's ID (the SHA-256 of its certificate).")
+
+    @Option(help: "The site's data directory.") var data: String?
+    @Option(help: "The site's config file (its site.data is used).") var config: String?
+
+    func run() throws {
+        let dir: String
+        if let data { dir = data } else if let config { dir = try loadConfigOrExit(config).site.dataDirectory } else {
+            printError("say which site: --data DIR or --config FILE")
+            throw ExitCode(2)
+        }
+        do {
+            let identity = try SiteIdentity.load(from: dir)
+            print("\(identity.siteID)  \(identity.siteName)")
+        } catch {
+            printError("\(error)")
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct Serve: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Run a site: NBD exports, peer links and the admin API, until SIGTERM or SIGINT.")
+
+    @Option(help: "The site's config file.") var config: String
+
+    func run() async throws {
+        let cfg = try loadConfigOrExit(config)
+        let level = cfg.loggerLevel
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        var logger = Logger(label: "ferry")
+        logger[metadataKey: "site"] = "\(cfg.site.name)"
+        let site = Site(config: cfg, logger: logger)
+        let group = ServiceGroup(configuration: .init(
+            services: [.init(service: site)],
+            gracefulShutdownSignals: [.sigterm, .sigint],
+            logger: logger))
+        do {
+            try await group.run()
+        } catch {
+            printError("\(error)")
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct Status: ParsableCommand {
+    static let configuration = CommandConfiguration(abstract: "Show a running site: its peers and their links, its volumes and exports.")
+
+    @Option(help: "The site's config file.") var config: String?
+    @Option(help: "The admin socket, instead of --config.") var socket: String?
+    @Flag(help: "Print the JSON the admin API returns.") var json = false
+
+    func run() throws {
+        let path: String
+        if let socket { path = socket } else if let config { path = try loadConfigOrExit(config).listen.adminSocket } else {
+            printError("say which site: --config FILE or --socket PATH")
+            throw ExitCode(2)
+        }
+        do {
+            let (code, body) = try AdminClient.get(socketPath: path, path: "/v1/status")
+            guard code == 200 else {
+                printError("the daemon answered \(code): \(String(decoding: body, as: UTF8.self))")
+                throw ExitCode(1)
+            }
+            if json {
+                FileHandle.standardOutput.write(body)
+            } else {
+                let status = try SiteStatus.decoder().decode(SiteStatus.self, from: body)
+                print(status.rendered(), terminator: "")
+            }
+        } catch let e as AdminClient.Failure {
+            printError(e.description)
+            throw ExitCode(1)
+        }
+    }
+}

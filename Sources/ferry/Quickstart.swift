@@ -1,0 +1,223 @@
+import ArgumentParser
+import FerryCore
+import FerrySite
+import FerryWire
+import Foundation
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Two sites on loopback, each its own `ferry serve` process, pinned to each other, with a volume
+/// exported over NBD from the first — so a person can see a site run, kill one, and watch the other.
+struct Quickstart: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run two sites on this machine (east and west), pinned to each other, with a volume exported over NBD.")
+
+    @Option(help: "Directory for the sites' data, configs and logs (default: a new temporary directory).")
+    var dir: String?
+    @Option(help: "Size of the demo volume.") var size: String = "1G"
+    @Flag(help: "Print the status once and exit, stopping both sites (for scripts).") var once = false
+
+    func run() async throws {
+        guard let sizeBytes = ByteSize.parse(size), sizeBytes > 0, sizeBytes % 4096 == 0 else {
+            printError("--size \"\(size)\" is not a size; use 512M, 20G, 1T")
+            throw ExitCode(2)
+        }
+        let base: String
+        if let dir {
+            base = URL(fileURLWithPath: dir).standardizedFileURL.path
+            try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        } else {
+            var template = Array("/tmp/ferry-quickstart-XXXXXX".utf8CString)
+            guard let made = mkdtemp(&template) else { throw SiteError("mkdtemp failed: \(String(cString: strerror(errno)))") }
+            base = String(cString: made)
+        }
+        let names = ["east", "west"]
+        var identities: [String: SiteIdentity] = [:]
+        for name in names {
+            let data = "\(base)/\(name)"
+            try FileManager.default.createDirectory(atPath: data, withIntermediateDirectories: true)
+            if let existing = try? SiteIdentity.load(from: data) {
+                identities[name] = existing
+            } else {
+                let id = try SiteIdentity.generate(siteName: name)
+                try id.write(to: data)
+                identities[name] = id
+            }
+        }
+        let ports = try (0..<4).map { _ in try freeLoopbackPort() }
+        let replication = ["east": ports[0], "west": ports[1]]
+        let nbdPorts = ["east": ports[2], "west": ports[3]]
+        var configPaths: [String: String] = [:]
+        for name in names {
+            let other = names.first { $0 != name }!
+            let data = "\(base)/\(name)"
+            let config = SiteConfig(
+                site: SiteSection(name: name, dataDirectory: data),
+                listen: ListenSection(replication: HostPort(host: "127.0.0.1", port: replication[name]!),
+                                      nbd: HostPort(host: "127.0.0.1", port: nbdPorts[name]!),
+                                      nbdSocket: "\(data)/nbd.sock", adminSocket: "\(data)/admin.sock"),
+                peers: [PeerConfig(name: other, address: HostPort(host: "127.0.0.1", port: replication[other]!),
+                                   siteID: identities[other]!.siteID)],
+                volumes: [VolumeConfig(name: "vm1", sizeBytes: sizeBytes, primary: "east")],
+                logLevel: "info", path: "\(base)/\(name).yaml")
+            try config.yaml().write(toFile: config.path, atomically: true, encoding: .utf8)
+            configPaths[name] = config.path
+        }
+
+        print("ferry quickstart: two sites in \(base)\n")
+        var children: [String: Process] = [:]
+        let stopAll = {
+            for (_, p) in children where p.isRunning { kill(p.processIdentifier, SIGTERM) }
+            for (_, p) in children { p.waitUntilExit() }
+        }
+        for name in names {
+            let p = Process()
+            p.executableURL = URL(fileURLWithPath: try selfExecutable())
+            p.arguments = ["serve", "--config", configPaths[name]!]
+            _ = FileManager.default.createFile(atPath: "\(base)/\(name).log", contents: nil)
+            let log = try FileHandle(forWritingTo: URL(fileURLWithPath: "\(base)/\(name).log"))
+            log.seekToEndOfFile()
+            p.standardOutput = log
+            p.standardError = log
+            try p.run()
+            children[name] = p
+            print("started \(name): pid \(p.processIdentifier), log \(base)/\(name).log")
+        }
+
+        // Wait until both answer and see each other.
+        let deadline = Date().addingTimeInterval(30)
+        var statuses: [String: SiteStatus] = [:]
+        while Date() < deadline {
+            for name in names where children[name]!.isRunning {
+                statuses[name] = try? fetchStatus(configPaths[name]!, base: base, name: name)
+            }
+            if let dead = names.first(where: { !children[name: $0].isRunning }) {
+                stopAll()
+                printError("site \(dead) exited during start-up; see \(base)/\(dead).log")
+                throw ExitCode(1)
+            }
+            if names.allSatisfy({ statuses[$0]?.peers.allSatisfy { $0.state == .connected } ?? false }) { break }
+            try await Task.sleep(for: .milliseconds(200))
+        }
+        guard let east = statuses["east"], let vm1 = east.volumes.first(where: { $0.name == "vm1" }) else {
+            stopAll()
+            printError("the sites did not come up within 30 s; see \(base)/east.log and \(base)/west.log")
+            throw ExitCode(1)
+        }
+        let uri = vm1.exports.first { $0.hasPrefix("nbd://") } ?? ""
+        print("""
+
+            volume vm1 (\(ByteSize.format(sizeBytes))) is exported by east over NBD:
+              \(vm1.exports.joined(separator: "\n  "))
+
+            try it (in another terminal):
+              nbdinfo \(uri)
+              qemu-img info \(uri)
+              qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' \(uri)
+
+            the sites:
+              east  config \(configPaths["east"]!)   ferry status --config \(configPaths["east"]!)
+              west  config \(configPaths["west"]!)   ferry status --config \(configPaths["west"]!)
+            kill one (kill \(children["west"]!.processIdentifier) stops west) and watch the other report the link down.
+            Replication of vm1 to west arrives with the next release.
+
+            """)
+        print("ready")
+        for name in names { if let s = statuses[name] { print(s.rendered()) } }
+        if once {
+            stopAll()
+            print("stopped both sites; data is in \(base)")
+            return
+        }
+        print("live status follows when it changes; Ctrl-C stops both sites.\n")
+        let signals = SignalWaiter()
+        var last: [String: String] = [:]
+        for name in names { last[name] = statuses[name].map(summary) }
+        while !signals.received {
+            try? await Task.sleep(for: .milliseconds(500))
+            for name in names {
+                let running = children[name]!.isRunning
+                let current = running ? ((try? fetchStatus(configPaths[name]!, base: base, name: name)).map(summary) ?? "not answering") : "stopped (exit \(children[name]!.terminationStatus))"
+                if current != last[name] {
+                    print("\(timestamp())  \(name): \(current)")
+                    last[name] = current
+                }
+            }
+        }
+        print("\nstopping both sites…")
+        stopAll()
+        print("stopped. Data, configs and logs stay in \(base); `ferry quickstart --dir \(base)` starts them again.")
+    }
+
+    private func fetchStatus(_ configPath: String, base: String, name: String) throws -> SiteStatus {
+        let (code, body) = try AdminClient.get(socketPath: "\(base)/\(name)/admin.sock", path: "/v1/status", timeoutSeconds: 2)
+        guard code == 200 else { throw SiteError("status \(code)") }
+        return try SiteStatus.decoder().decode(SiteStatus.self, from: body)
+    }
+
+    private func summary(_ s: SiteStatus) -> String {
+        let peers = s.peers.map { p in
+            "\(p.name) \(p.state.rawValue)" + (p.state == .connected ? (p.rttMilliseconds.map { String(format: " (rtt %.2f ms)", $0) } ?? "") : "")
+        }.joined(separator: ", ")
+        let clients = s.volumes.filter { $0.role == "primary" }.map { "\($0.name): \($0.clientsConnected) NBD client\($0.clientsConnected == 1 ? "" : "s")" }
+        return (["peer " + peers] + clients).joined(separator: "; ")
+    }
+
+    private func timestamp() -> String {
+        let f = DateFormatter()
+        f.dateFormat = "HH:mm:ss"
+        return f.string(from: Date())
+    }
+}
+
+extension Dictionary where Key == String, Value == Process {
+    subscript(name name: String) -> Process { self[name]! }
+}
+
+/// The path of the running `ferry` binary, to start the sites with.
+func selfExecutable() throws -> String {
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    let n = buffer.withUnsafeMutableBufferPointer { p in
+        p.baseAddress!.withMemoryRebound(to: CChar.self, capacity: p.count) { readlink("/proc/self/exe", $0, p.count - 1) }
+    }
+    guard n > 0 else { throw SiteError("cannot find the ferry binary (/proc/self/exe): \(String(cString: strerror(errno)))") }
+    return String(decoding: buffer[0..<n], as: UTF8.self)
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+func freeLoopbackPort() throws -> Int {
+    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+    defer { close(fd) }
+    var addr = sockaddr_in()
+    addr.sin_family = sa_family_t(AF_INET)
+    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
+    addr.sin_port = 0
+    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
+    let ok = withUnsafeMutablePointer(to: &addr) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
+    }
+    guard ok else { throw SiteError("cannot find a free port on 127.0.0.1: \(String(cString: strerror(errno)))") }
+    return Int(UInt16(bigEndian: addr.sin_port))
+}
+
+/// Catches SIGINT and SIGTERM so the quickstart can stop its sites before it exits.
+final class SignalWaiter: @unchecked Sendable {
+    // Safe: `flag` is only written by the dispatch sources' handlers on `queue` and read with
+    // `queue.sync`, so every access is serialised by the queue.
+    private let queue = DispatchQueue(label: "ferry.signals")
+    private var flag = false
+    private var sources: [any DispatchSourceSignal] = []
+
+    init() {
+        for sig in [SIGINT, SIGTERM] {
+            signal(sig, SIG_IGN)
+            let source = DispatchSource.makeSignalSource(signal: sig, queue: queue)
+            source.setEventHandler { [unowned self] in flag = true }
+            source.resume()
+            sources.append(source)
+        }
+    }
+
+    var received: Bool { queue.sync { flag } }
+}

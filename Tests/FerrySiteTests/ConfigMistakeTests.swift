@@ -1,0 +1,209 @@
+import FerryCore
+import Testing
+@testable import FerrySite
+
+/// One kind of configuration mistake: the file, the field path it must be reported at, a phrase of
+/// the message, and how many problems the file has in all.
+struct ConfigMistake: Sendable, CustomTestStringConvertible {
+    var name: String
+    var yaml: String
+    var path: String
+    var phrase: String
+    var count = 1
+
+    var testDescription: String { name }
+
+    static let all: [ConfigMistake] = [
+        // site
+        .init(name: "site name missing", yaml: ConfigFixture.with(("  name: east\n", "")),
+              path: "site.name", phrase: "missing; required"),
+        .init(name: "site name in capitals", yaml: ConfigFixture.with(("name: east", "name: East")),
+              path: "site.name", phrase: "\"East\" is not a valid site name; use 1 to 63 lowercase letters, digits and dashes, starting with a letter or digit (e.g. \"east\")"),
+        .init(name: "site name too long", yaml: ConfigFixture.with(("name: east", "name: " + String(repeating: "e", count: 64))),
+              path: "site.name", phrase: "is not a valid site name"),
+        .init(name: "site data missing", yaml: ConfigFixture.with(("  data: /var/lib/ferry/east\n", "")),
+              path: "site.data", phrase: "missing; required"),
+        .init(name: "site data empty", yaml: ConfigFixture.with(("data: /var/lib/ferry/east", "data: \"\"")),
+              path: "site.data", phrase: "\"\" is not a directory"),
+        .init(name: "site is a list", yaml: ConfigFixture.with(("  name: east\n  data: /var/lib/ferry/east\n", "  - east\n")),
+              path: "site", phrase: "expected a map with name and data, found a list"),
+        .init(name: "site is text", yaml: ConfigFixture.with(("site:\n  name: east\n  data: /var/lib/ferry/east\n", "site: east\n")),
+              path: "site", phrase: "found \"east\""),
+        .init(name: "site section missing", yaml: ConfigFixture.with(("site:\n  name: east\n  data: /var/lib/ferry/east\n", "")),
+              path: "site.data", phrase: "missing; required", count: 2),
+        .init(name: "data spelled data-dir", yaml: ConfigFixture.with(("  data: /", "  data-dir: /")),
+              path: "site.data-dir", phrase: "unknown field; did you mean \"data\"?", count: 2),
+
+        // top level
+        .init(name: "section name misspelled", yaml: ConfigFixture.with(("volumes:", "volume:")),
+              path: "volume", phrase: "unknown field; did you mean \"volumes\"?"),
+        .init(name: "unknown section", yaml: ConfigFixture.with(("log-level: debug", "colour: blue")),
+              path: "colour", phrase: "unknown field; the fields here are site, listen, peers, volumes, log-level"),
+        .init(name: "whole file is a list", yaml: "- site\n- listen\n",
+              path: "", phrase: "expected a map with the sections site, listen, peers, volumes, log-level, found a list"),
+        .init(name: "whole file is one word", yaml: "east\n", path: "", phrase: "found \"east\""),
+        .init(name: "empty file", yaml: "", path: "", phrase: "the file is empty"),
+        .init(name: "only comments", yaml: "# east\n", path: "", phrase: "the file is empty"),
+
+        // YAML syntax
+        .init(name: "colon inside a value", yaml: ConfigFixture.with(("name: east", "name: east: x")),
+              path: "line 3, column 13", phrase: "not valid YAML: mapping values are not allowed in this context"),
+        .init(name: "tab indentation", yaml: ConfigFixture.with(("  data: /var", "\tdata: /var")),
+              path: "line 4, column 1", phrase: "not valid YAML"),
+        .init(name: "unclosed quote", yaml: ConfigFixture.with(("address: 10.0.0.2:7800", "address: \"10.0.0.2:7800")),
+              path: "line 15, column 15", phrase: "did not find expected key (while parsing a block mapping at line 12, column 5)"),
+        .init(name: "duplicate key", yaml: ConfigFixture.with(("  north:\n", "  west:\n")),
+              path: "line 11, column 3", phrase: "key \"west\" appears more than once in the same map"),
+        .init(name: "one name as a number and as text", yaml: ConfigFixture.with(("  vm2:", "  1:"), ("  vm1:", "  \"1\":")),
+              path: "volumes.1", phrase: "appears more than once; keep one"),
+        .init(name: "two documents", yaml: ConfigFixture.yaml + "---\nsite: {}\n",
+              path: "line 25, column 1", phrase: "a second YAML document starts here"),
+
+        // listen
+        .init(name: "replication missing", yaml: ConfigFixture.with(("  replication: 0.0.0.0:7800\n", "")),
+              path: "listen.replication", phrase: "missing; required"),
+        .init(name: "replication without port", yaml: ConfigFixture.with(("replication: 0.0.0.0:7800", "replication: 0.0.0.0")),
+              path: "listen.replication", phrase: "\"0.0.0.0\" is not a host:port; the port is missing"),
+        .init(name: "replication port out of range", yaml: ConfigFixture.with(("0.0.0.0:7800", "0.0.0.0:78000")),
+              path: "listen.replication", phrase: "\"78000\" is not a port; use a number from 1 to 65535"),
+        .init(name: "IPv6 without brackets", yaml: ConfigFixture.with(("nbd: 127.0.0.1:10809", "nbd: ::1:10809")),
+              path: "listen.nbd", phrase: "put an IPv6 address in brackets"),
+        .init(name: "no NBD listener", yaml: ConfigFixture.with(("  nbd: 127.0.0.1:10809\n  nbd-socket: /run/ferry/east.nbd\n", "")),
+              path: "listen", phrase: "set nbd or nbd-socket (or both)"),
+        .init(name: "listen section missing",
+              yaml: ConfigFixture.with(("listen:\n  replication: 0.0.0.0:7800\n  nbd: 127.0.0.1:10809\n  nbd-socket: /run/ferry/east.nbd\n  admin-socket: /run/ferry/east.admin\n", "")),
+              path: "listen", phrase: "set nbd or nbd-socket (or both)", count: 2),
+        .init(name: "nbd on the replication address", yaml: ConfigFixture.with(("127.0.0.1:10809", "0.0.0.0:7800")),
+              path: "listen.nbd", phrase: "0.0.0.0:7800 is also the address of listen.replication"),
+        .init(name: "nbd under the wildcard replication address", yaml: ConfigFixture.with(("127.0.0.1:10809", "127.0.0.1:7800")),
+              path: "listen.nbd", phrase: "give NBD its own port, e.g. 127.0.0.1:10809"),
+        .init(name: "nbd is a map", yaml: ConfigFixture.with(("nbd: 127.0.0.1:10809", "nbd: {host: 127.0.0.1, port: 10809}")),
+              path: "listen.nbd", phrase: "expected a value such as 127.0.0.1:10809, found a map"),
+        .init(name: "nbd-socket is the admin socket", yaml: ConfigFixture.with(("/run/ferry/east.admin", "/run/ferry/east.nbd")),
+              path: "listen.admin-socket", phrase: "give each socket its own path"),
+        .init(name: "nbd-socket is the default admin socket",
+              yaml: ConfigFixture.with(("  admin-socket: /run/ferry/east.admin\n", ""), ("/run/ferry/east.nbd", "/var/lib/ferry/east/admin.sock")),
+              path: "listen.nbd-socket", phrase: "is also the admin socket"),
+        .init(name: "socket path too long", yaml: ConfigFixture.with(("/run/ferry/east.nbd", "/run/" + String(repeating: "x", count: 120))),
+              path: "listen.nbd-socket", phrase: "a Unix socket path can have; use a shorter path"),
+        .init(name: "default admin socket too long",
+              yaml: ConfigFixture.with(("  admin-socket: /run/ferry/east.admin\n", ""), ("/var/lib/ferry/east", "/" + String(repeating: "d", count: 100))),
+              path: "listen.admin-socket", phrase: "set admin-socket to a shorter path"),
+        .init(name: "camelCase key", yaml: ConfigFixture.with(("nbd-socket:", "nbdSocket:")),
+              path: "listen.nbdSocket", phrase: "unknown field; did you mean \"nbd-socket\"?"),
+
+        // peers
+        .init(name: "peers as a list", yaml: ConfigFixture.with(("  west:\n    address", "  - address"), ("  north:\n    address", "  - address")),
+              path: "peers", phrase: "expected a map from peer name to its address and site-id, found a list; write each peer as `west:`"),
+        .init(name: "peer named like this site", yaml: ConfigFixture.with(("  north:", "  east:")),
+              path: "peers.east", phrase: "\"east\" is this site's own name"),
+        .init(name: "peer name invalid", yaml: ConfigFixture.with(("  north:", "  North_1:")),
+              path: "peers.North_1", phrase: "is not a valid site name"),
+        .init(name: "peer site ID too short", yaml: ConfigFixture.with(("site-id: \(SiteID(ConfigFixture.westID)!)", "site-id: abc")),
+              path: "peers.west.site-id", phrase: "\"abc\" is not a site ID; paste the 64-hex-digit ID that `ferry id` prints on west"),
+        .init(name: "peer site ID missing", yaml: ConfigFixture.with(("    site-id: \(SiteID(ConfigFixture.westID)!)\n", "")),
+              path: "peers.west.site-id", phrase: "missing; required"),
+        .init(name: "peer address missing", yaml: ConfigFixture.with(("    address: 10.0.0.2:7800\n", "")),
+              path: "peers.west.address", phrase: "missing; required"),
+        .init(name: "peer on port 0", yaml: ConfigFixture.with(("10.0.0.2:7800", "10.0.0.2:0")),
+              path: "peers.west.address", phrase: "port 0 only makes sense for listening"),
+        .init(name: "peer field misspelled", yaml: ConfigFixture.with(("    address: 10.0.0.2", "    adress: 10.0.0.2")),
+              path: "peers.west.adress", phrase: "unknown field; did you mean \"address\"?", count: 2),
+        .init(name: "peer without fields", yaml: ConfigFixture.with(("  west:\n    address: 10.0.0.2:7800\n    site-id: \(SiteID(ConfigFixture.westID)!)\n", "  west:\n")),
+              path: "peers.west.address", phrase: "missing; required", count: 2),
+        .init(name: "two peers with one site ID", yaml: ConfigFixture.with(("\"\(ConfigFixture.northID)\"", ConfigFixture.westID)),
+              path: "peers.west.site-id", phrase: "same site ID as peers.north"),
+        .init(name: "two peers at one address", yaml: ConfigFixture.with(("\"[fd00::3]:7801\"", "10.0.0.2:7800")),
+              path: "peers.west.address", phrase: "10.0.0.2:7800 is also the address of peers.north"),
+        .init(name: "peer at this site's own address", yaml: ConfigFixture.with(("replication: 0.0.0.0:7800", "replication: 10.0.0.2:7800")),
+              path: "peers.west.address", phrase: "is this site's own listen.replication"),
+
+        // volumes
+        .init(name: "size not a size", yaml: ConfigFixture.with(("size: 20G", "size: 20X")),
+              path: "volumes.vm1.size", phrase: "\"20X\" is not a size; use 512M, 20G, 1T"),
+        .init(name: "size zero", yaml: ConfigFixture.with(("size: 20G", "size: 0")),
+              path: "volumes.vm1.size", phrase: "a volume needs more than 0 bytes"),
+        .init(name: "size not whole blocks", yaml: ConfigFixture.with(("size: 20G", "size: 1000")),
+              path: "volumes.vm1.size", phrase: "\"1000\" (1000 bytes) is not a multiple of 4096 bytes; use 4K"),
+        .init(name: "size negative", yaml: ConfigFixture.with(("size: 20G", "size: -1G")),
+              path: "volumes.vm1.size", phrase: "is not a size"),
+        .init(name: "size too large", yaml: ConfigFixture.with(("size: 20G", "size: 8192P")),
+              path: "volumes.vm1.size", phrase: "larger than an image file can be"),
+        .init(name: "size is a list", yaml: ConfigFixture.with(("size: 20G", "size: [20G]")),
+              path: "volumes.vm1.size", phrase: "expected a value such as 20G, found a list"),
+        .init(name: "size misspelled", yaml: ConfigFixture.with(("    size: 20G", "    sise: 20G")),
+              path: "volumes.vm1.sise", phrase: "unknown field; did you mean \"size\"?", count: 2),
+        .init(name: "primary unknown", yaml: ConfigFixture.with(("primary: east", "primary: south")),
+              path: "volumes.vm1.primary", phrase: "\"south\" is neither this site (\"east\") nor a configured peer (north, west)"),
+        .init(name: "primary misspelled", yaml: ConfigFixture.with(("primary: east", "primary: eats")),
+              path: "volumes.vm1.primary", phrase: "did you mean \"east\"?"),
+        .init(name: "primary with no peers", yaml: ConfigFixture.with(("peers:", "peerz:")),
+              path: "volumes.vm2.primary", phrase: "nor a configured peer (there are none)", count: 2),
+        .init(name: "primary missing", yaml: ConfigFixture.with(("    primary: east\n", "")),
+              path: "volumes.vm1.primary", phrase: "missing; required"),
+        .init(name: "volume name in capitals", yaml: ConfigFixture.with(("  vm1:", "  VM1:")),
+              path: "volumes.VM1", phrase: "is not a valid volume name"),
+        .init(name: "volume without fields", yaml: ConfigFixture.with(("  vm1:\n    size: 20G\n    primary: east\n", "  vm1:\n")),
+              path: "volumes.vm1.size", phrase: "missing; required", count: 2),
+        .init(name: "volumes as a list", yaml: ConfigFixture.with(("  vm2:\n    size", "  - size"), ("  vm1:\n    size", "  - size")),
+              path: "volumes", phrase: "found a list; write each volume as `vm1:`"),
+
+        // log-level
+        .init(name: "log level abbreviated", yaml: ConfigFixture.with(("log-level: debug", "log-level: warn")),
+              path: "log-level", phrase: "\"warn\" is not a log level; did you mean \"warning\"? use one of trace, debug, info, notice, warning, error, critical"),
+        .init(name: "log level unknown", yaml: ConfigFixture.with(("log-level: debug", "log-level: loud")),
+              path: "log-level", phrase: "\"loud\" is not a log level; use one of"),
+        .init(name: "log level is a map", yaml: ConfigFixture.with(("log-level: debug", "log-level: {peers: debug}")),
+              path: "log-level", phrase: "expected a value such as info, found a map"),
+    ]
+}
+
+@Suite("SiteConfig mistakes")
+struct ConfigMistakeTests {
+    @Test("every kind of mistake is reported at its field path", arguments: ConfigMistake.all)
+    func mistake(_ mistake: ConfigMistake) {
+        let problems = ConfigFixture.problems(mistake.yaml)
+        let listing = problems.map(\.description).joined(separator: "\n")
+        #expect(problems.contains { $0.path == mistake.path && $0.message.contains(mistake.phrase) },
+                "expected \(mistake.path): …\(mistake.phrase)…, got:\n\(listing)")
+        #expect(problems.count == mistake.count, "got:\n\(listing)")
+    }
+
+    @Test("a file with many mistakes reports every one of them, in order, in one error")
+    func manyMistakes() throws {
+        let yaml = """
+            site:
+              name: East
+            listen:
+              replication: 0.0.0.0
+              nbd-sockt: /run/east.nbd
+            peers:
+              west:
+                address: 10.0.0.2:0
+                site-id: abc
+            volumes:
+              vm1:
+                size: 20X
+                primary: north
+              vm2:
+                size: 4097
+                primary: west
+            log-level: loud
+            """
+        let error = #expect(throws: ConfigProblems.self) { try SiteConfig.parse(yaml: yaml, path: "/etc/ferry/east.yaml") }
+        let problems = try #require(error).problems
+        #expect(problems.map(\.path) == [
+            "site.name", "site.data",
+            "listen.nbd-sockt", "listen.replication", "listen",
+            "peers.west.address", "peers.west.site-id",
+            "volumes.vm1.size", "volumes.vm2.size",
+            "log-level",
+        ])
+        #expect(problems.map(\.line) == [2, 1, 5, 4, 3, 8, 9, 12, 15, 17])
+        // site.name is invalid, so vm1's primary cannot be checked against it and is not blamed too.
+        let text = try #require(error).description
+        #expect(text.split(separator: "\n").count == problems.count)
+        #expect(text.hasPrefix("/etc/ferry/east.yaml: site.name: \"East\" is not a valid site name"))
+        #expect(text.contains("\n/etc/ferry/east.yaml: listen.nbd-sockt: unknown field; did you mean \"nbd-socket\"?\n"))
+    }
+}
