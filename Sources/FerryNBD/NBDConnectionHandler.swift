@@ -84,13 +84,20 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
         inReadBurst = true
-        if cumulation == nil {
-            parse(&incoming)
-            if incoming.readableBytes > 0, phase != .closed { cumulation = incoming }
+        // Parse from a local buffer: handling a message may close the connection, which clears
+        // `cumulation`, so the property must not be borrowed while parsing.
+        var buffer: ByteBuffer
+        if var pending = cumulation {
+            cumulation = nil
+            pending.writeBuffer(&incoming)
+            buffer = pending
         } else {
-            cumulation!.writeBuffer(&incoming)
-            parse(&cumulation!)
-            if cumulation?.readableBytes == 0 { cumulation = nil }
+            buffer = incoming
+        }
+        parse(&buffer)
+        if buffer.readableBytes > 0, phase != .closed {
+            reserveForPending(&buffer)
+            cumulation = buffer
         }
     }
 
@@ -121,15 +128,12 @@ final class NBDConnectionHandler: ChannelInboundHandler {
             case .transmission: progressed = parseRequest(&buffer)
             case .closed: progressed = false
             }
-            if !progressed {
-                if phase != .closed, buffer.readerIndex == before { reserveForPending(&buffer) }
-                return
-            }
+            if !progressed || buffer.readerIndex == before { return }
         }
     }
 
-    /// When a large WRITE payload is arriving in pieces, grow the cumulation once to its full
-    /// size instead of reallocating on every read.
+    /// When a large WRITE payload is arriving in pieces, grow the buffer once to its full size
+    /// instead of reallocating on every read.
     private func reserveForPending(_ buffer: inout ByteBuffer) {
         guard phase == .transmission, buffer.readableBytes >= 28,
               buffer.getInteger(at: buffer.readerIndex + 6, as: UInt16.self) == NBD.Command.write,
@@ -137,9 +141,8 @@ final class NBDConnectionHandler: ChannelInboundHandler {
               Int(length) <= NBD.maxPayload else { return }
         let needed = 28 + Int(length)
         if buffer.capacity - buffer.readerIndex < needed {
-            if cumulation == nil { return }  // becomes the cumulation; reserved on the next read
-            cumulation!.discardReadBytes()
-            cumulation!.reserveCapacity(needed)
+            buffer.discardReadBytes()
+            buffer.reserveCapacity(needed)
         }
     }
 

@@ -1,7 +1,7 @@
 /// Constants of the NBD protocol, as doc/proto.md of NetworkBlockDevice/nbd defines them
 /// (research/block-replication.md §3.7). All integers on the wire are big-endian.
 enum NBD {
-    static let nbdMagic: UInt64 = 0x4e42_444d_4149_4749          // "NBDMAGIC"
+    static let nbdMagic: UInt64 = 0x4e42_444d_4147_4943          // "NBDMAGIC"
     static let ihaveopt: UInt64 = 0x4948_4156_454F_5054          // "IHAVEOPT"
     static let optionReplyMagic: UInt64 = 0x0003_e889_0455_65a9
     static let requestMagic: UInt32 = 0x2560_9513

@@ -31,7 +31,10 @@ final class LinkRegistry: Sendable {
         var since: Date
         var rttMilliseconds: Double?
         var lastError: String?
-        var live: Live?
+        /// Established links, oldest first. Usually one; two while a duplicate is being closed.
+        var links: [Live] = []
+        /// The link to use: the one in the preferred direction if it is up, else the newest.
+        var current: Live?
         var dialing = false
         /// The error last written to the log, to keep a peer that stays down from logging every retry.
         var loggedError: String?
@@ -46,12 +49,11 @@ final class LinkRegistry: Sendable {
         var frameHandler: (@Sendable (PeerFrame) -> Void)?
     }
 
-    /// What a connection handler must do after its link passed the hello exchange.
-    enum LinkUpDecision {
-        /// Keep this link; close the listed older link to the same peer (with the reason).
-        case keep(closing: (any Channel)?, reason: String)
-        /// Close this link: another one to the same peer wins.
-        case closeThis(reason: String)
+    /// A link the caller must close, after sending `goodbye` with the reason. May be the link
+    /// that just came up.
+    struct LinkToClose {
+        var channel: any Channel
+        var reason: String
     }
 
     init(identity: SiteIdentity, peers: [PeerEndpoint], dataFrameTypes: Set<FrameType>, logger: Logger) {
@@ -133,36 +135,46 @@ final class LinkRegistry: Sendable {
         }
     }
 
-    /// A link passed the hello exchange; decides which link to keep if there are two.
+    /// A link passed the hello exchange: records it and says which links to close.
     ///
-    /// proto: keep the link dialed by the site with the smaller site ID; both sites compute the
-    /// same answer, so they keep the same connection. Two links in the same direction mean the
-    /// peer restarted and the older one is stale, so the newer is kept.
-    func linkUp(_ peerName: String, channel: any Channel, direction: LinkDirection) -> LinkUpDecision {
-        guard let endpoint = peers[peerName] else { return .closeThis(reason: "unknown peer") }
-        let dialer = Self.preferredDirection(local: localID, peer: endpoint.siteID) == .outbound
-            ? "this site (\(localName))" : peerName
-        var decision = LinkUpDecision.keep(closing: nil, reason: "")
+    /// proto: of two links to the same peer, both sites keep the one dialed by the site with the
+    /// smaller site ID. Only that site closes the other one, and only once its own link is up:
+    /// its link being up (it received `helloAck`) means the peer's end of it is up already, so
+    /// neither site is ever left without a link. The other site keeps both until the `goodbye`
+    /// arrives, and meanwhile prefers the right one. Two links in the same direction mean the
+    /// dialer restarted; the older one is stale and is closed.
+    func linkUp(_ peerName: String, channel: any Channel, direction: LinkDirection) -> [LinkToClose] {
+        guard let endpoint = peers[peerName] else { return [LinkToClose(channel: channel, reason: "unknown peer")] }
+        let preferred = Self.preferredDirection(local: localID, peer: endpoint.siteID)
+        let duplicateReason = "duplicate link; keeping the one dialed by "
+            + (preferred == .outbound ? localName : peerName) + ", which has the smaller site ID"
+        var toClose: [LinkToClose] = []
         update(peerName) { record, stopped in
             if direction == .outbound { record.dialing = false }
             if stopped {
-                decision = .closeThis(reason: "site \(self.localName) is stopping")
+                toClose = [LinkToClose(channel: channel, reason: "site \(self.localName) is stopping")]
                 return
             }
-            if let live = record.live, ObjectIdentifier(live.channel) != ObjectIdentifier(channel) {
-                let reason = live.direction == direction
-                    ? "replaced by a newer link in the same direction"
-                    : "duplicate link; keeping the one dialed by \(dialer), which has the smaller site ID"
-                guard Self.keepsNewLink(existing: live.direction, new: direction, local: self.localID, peer: endpoint.siteID) else {
-                    decision = .closeThis(reason: reason)
-                    return
-                }
-                decision = .keep(closing: live.channel, reason: reason)
+            for old in record.links where old.direction == direction {
+                toClose.append(LinkToClose(channel: old.channel, reason: "replaced by a newer link from the same site"))
             }
-            record.live = Live(channel: channel, direction: direction)
-            record.rttMilliseconds = nil
+            record.links.removeAll { $0.direction == direction }
+            record.links.append(Live(channel: channel, direction: direction))
+            if preferred == .outbound, record.links.contains(where: { $0.direction == .outbound }) {
+                for other in record.links where other.direction == .inbound {
+                    toClose.append(LinkToClose(channel: other.channel, reason: duplicateReason))
+                }
+                record.links.removeAll { $0.direction == .inbound }
+            }
+            Self.chooseCurrent(&record, preferred: preferred)
         }
-        return decision
+        return toClose
+    }
+
+    private static func chooseCurrent(_ record: inout PeerRecord, preferred: LinkDirection) {
+        let previous = record.current.map { ObjectIdentifier($0.channel) }
+        record.current = record.links.last { $0.direction == preferred } ?? record.links.last
+        if record.current.map({ ObjectIdentifier($0.channel) }) != previous { record.rttMilliseconds = nil }
     }
 
     /// The direction of the link both sites keep when there are two: the one dialed by the site
@@ -171,36 +183,30 @@ final class LinkRegistry: Sendable {
         local.bytes.lexicographicallyPrecedes(peer.bytes) ? .outbound : .inbound
     }
 
-    /// Whether a link that just came up in direction `new` replaces a live one in `existing`.
-    /// Same direction: yes, the older one is stale (the peer restarted).
-    static func keepsNewLink(existing: LinkDirection, new: LinkDirection, local: SiteID, peer: SiteID) -> Bool {
-        existing == new || new == preferredDirection(local: local, peer: peer)
-    }
-
     /// A channel closed. If it carried the peer's link, the peer is no longer connected.
     func channelClosed(_ channel: any Channel, peer: String?, error: String?) {
         let id = ObjectIdentifier(channel)
         state.withLock { _ = $0.channels.removeValue(forKey: id) }
-        guard let peer else { return }
+        guard let peer, let endpoint = peers[peer] else { return }
         update(peer) { record, _ in
-            guard let live = record.live, ObjectIdentifier(live.channel) == id else { return }
-            record.live = nil
-            record.rttMilliseconds = nil
-            record.lastError = error ?? "link closed"
+            guard record.links.contains(where: { ObjectIdentifier($0.channel) == id }) else { return }
+            record.links.removeAll { ObjectIdentifier($0.channel) == id }
+            Self.chooseCurrent(&record, preferred: Self.preferredDirection(local: self.localID, peer: endpoint.siteID))
+            if record.links.isEmpty { record.lastError = error ?? "link closed" }
         }
     }
 
     func recordRTT(_ peer: String, channel: any Channel, milliseconds: Double) {
         let id = ObjectIdentifier(channel)
         state.withLock { state in
-            guard let live = state.peers[peer]?.live, ObjectIdentifier(live.channel) == id else { return }
+            guard let current = state.peers[peer]?.current, ObjectIdentifier(current.channel) == id else { return }
             state.peers[peer]?.rttMilliseconds = milliseconds
         }
     }
 
     /// The channel of the peer's current link, if any.
     func liveChannel(_ peer: String) -> (any Channel)? {
-        state.withLock { $0.peers[peer]?.live?.channel }
+        state.withLock { $0.peers[peer]?.current?.channel }
     }
 
     // MARK: - Frames for the layer above
@@ -226,7 +232,7 @@ final class LinkRegistry: Sendable {
                 return PeerLinkStatus(
                     name: name, siteID: endpoint.siteID.description, address: endpoint.address,
                     state: record.state, since: record.since, rttMilliseconds: record.rttMilliseconds,
-                    lastError: record.lastError, direction: record.live?.direction)
+                    lastError: record.lastError, direction: record.current?.direction)
             }
         }
     }
@@ -236,19 +242,20 @@ final class LinkRegistry: Sendable {
         let logLine: (Logger.Level, String)? = state.withLock { state in
             guard var record = state.peers[peer] else { return nil }
             change(&record, state.stopped)
-            let newState: LinkState = record.live != nil ? .connected : record.dialing ? .connecting : .disconnected
+            let newState: LinkState = record.current != nil ? .connected : record.dialing ? .connecting : .disconnected
             var line: (Logger.Level, String)?
             if newState != record.state {
                 let old = record.state
                 record.state = newState
                 record.since = Date()
                 var text = "peer link \(peer): \(old.rawValue) -> \(newState.rawValue)"
-                if let live = record.live { text += " (\(live.direction.rawValue))" }
+                if let current = record.current { text += " (\(current.direction.rawValue))" }
                 if newState != .connected, let error = record.lastError { text += ": \(error)" }
                 // A peer that stays down cycles connecting/disconnected on every retry; only the
                 // first time an error is seen is worth an info line.
                 let repeatRetry = old != .connected && newState != .connected && record.lastError == record.loggedError
-                line = (repeatRetry ? .debug : .info, text)
+                // After stop() the teardown of every link is expected, not news.
+                line = (repeatRetry || state.stopped ? .debug : .info, text)
                 if !repeatRetry { record.loggedError = newState == .connected ? nil : record.lastError }
             }
             state.peers[peer] = record

@@ -31,7 +31,7 @@ struct DurabilityTests {
         // The site comes back after kill -9 (stale lock and sockets) and serves the same data.
         try site.start()
         let read = try run(qemuIO, ["-f", "raw", "-r", "-c", "read -P 0x77 1M 1M", "-c", "read -P 0x3c 0 64k", site.uri("vm1")])
-        #expect(!read.output.contains("Pattern verification failed"), read.output)
+        #expect(!read.output.contains("Pattern verification failed"), "\(read.output)")
         let status = try site.status()
         #expect(status.volumes.first?.uuid != nil)
     }
@@ -61,7 +61,7 @@ struct DurabilityTests {
         #expect(try bytes(of: site.imagePath("vm1"), at: 100 << 20, count: 4 << 20).allSatisfy { $0 == 0xc4 })
         try site.start()
         let read = try run(qemuIO, ["-f", "raw", "-r", "-c", "read -P 0xc4 100M 4M", site.uri("vm1")])
-        #expect(!read.output.contains("Pattern verification failed"), read.output)
+        #expect(!read.output.contains("Pattern verification failed"), "\(read.output)")
     }
 
     @Test func sigtermAnswersInFlightRequestsAndStopsCleanly() throws {

@@ -82,7 +82,7 @@ final class TestSite {
         p.executableURL = URL(fileURLWithPath: try ferryBinary())
         p.arguments = ["serve", "--config", configPath]
         if !FileManager.default.fileExists(atPath: logPath) {
-            FileManager.default.createFile(atPath: logPath, contents: nil)
+            _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         }
         let log = try FileHandle(forWritingTo: URL(fileURLWithPath: logPath))
         log.seekToEndOfFile()
@@ -93,7 +93,7 @@ final class TestSite {
         process = p
         let up = eventually(.seconds(30)) { !p.isRunning || (try? status()) != nil }
         guard up, p.isRunning else {
-            Issue.record("site \(name) did not start; log:\n\(log(tail: 40))", sourceLocation: sourceLocation)
+            Issue.record("site \(name) did not start; log:\n\(self.log(tail: 40))", sourceLocation: sourceLocation)
             throw TestFailure("site \(name) did not start")
         }
     }

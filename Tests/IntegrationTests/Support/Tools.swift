@@ -83,7 +83,7 @@ func tempFile(_ tag: String) -> String {
     var template = Array("/tmp/ferry-test-\(tag)-XXXXXX".utf8CString)
     let fd = mkstemp(&template)
     close(fd)
-    return String(cString: template)
+    return template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
 }
 
 /// A temporary directory removed when the value is released.
@@ -91,7 +91,7 @@ final class TempDir {
     let path: String
     init() {
         var template = Array("/tmp/ferry-it-XXXXXX".utf8CString)
-        path = mkdtemp(&template).map { String(cString: $0) } ?? "/tmp/ferry-it-fallback-\(getpid())"
+        path = mkdtemp(&template).map { String(decoding: UnsafeRawBufferPointer(start: $0, count: strlen($0)), as: UTF8.self) } ?? "/tmp/ferry-it-fallback-\(getpid())"
     }
     deinit { try? FileManager.default.removeItem(atPath: path) }
 }
