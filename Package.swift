@@ -3,7 +3,7 @@ import PackageDescription
 
 let package = Package(
     name: "ferry",
-    platforms: [.macOS(.v14)],
+    platforms: [.macOS(.v15)],
     products: [
         .executable(name: "ferry", targets: ["ferry"]),
     ],
@@ -66,7 +66,15 @@ let package = Package(
         ]),
 
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
-        .testTarget(name: "FerryWireTests", dependencies: ["FerryWire"]),
+        .testTarget(name: "FerryWireTests", dependencies: [
+            "FerryWire", "FerryCore",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "SwiftASN1", package: "swift-asn1"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "FerryStoreTests", dependencies: [
             "FerryStore",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -36,6 +36,9 @@ import NIOCore
 ///     0x04  pong      nonce u64, sentAt u64 (both copied from the ping)
 ///     0x05  goodbye   reason string (at most 1024 bytes; for the other site's log)
 ///
+/// Types 0x06 to 0x7F are for data-plane frames defined by the layers above (non-optional);
+/// 0x80 to 0xFF are optional frames.
+///
 /// ## Link protocol (version 1)
 ///
 /// 1. The dialer opens TCP and TLS 1.3 with mutual authentication. Each side accepts only a leaf
@@ -53,11 +56,13 @@ import NIOCore
 ///    answers every `ping` with a `pong` carrying the same nonce and sentAt; the pinger measures
 ///    the round-trip time from sentAt. A side that has received no frame at all for the dead-after
 ///    interval (5 s by default) closes the connection and reconnects.
-/// 5. Both sites dial each other. If a site ends up with two established links to the same peer,
-///    it keeps the one dialed by the site whose site ID is smaller (comparing the 32 bytes as
-///    unsigned, lexicographically) and closes the other after sending `goodbye`; both sites apply
-///    the same rule, so they keep the same link. (Two links dialed by the same site mean the peer
-///    restarted; the newer one is kept.)
+/// 5. Both sites dial each other, and a site does not dial a peer it has a link with. If both
+///    dials succeed, both sites keep the link dialed by the site whose site ID is smaller
+///    (comparing the 32 bytes as unsigned, lexicographically). That site closes the other link,
+///    with `goodbye`, as soon as its own link is up (it has received `helloAck`, so the peer's end
+///    is up too); the other site keeps both until then and uses the preferred one. So both sites
+///    keep the same connection and neither is left without a link in between. Two links dialed
+///    by the same site mean it restarted: the receiver closes the older one.
 /// 6. `goodbye` is sent before a deliberate close; the receiver logs the reason and closes.
 public struct Frame: Sendable, Equatable {
     /// The magic number at the start of every frame: "FRY1".
@@ -71,10 +76,14 @@ public struct Frame: Sendable, Equatable {
     /// The largest payload a frame may carry: 64 MiB.
     public static let maxPayloadSize = 64 * 1024 * 1024
 
+    /// What the payload is; decides its layout.
     public var type: FrameType
+    /// Per-type bits; 0 for the link-control types.
     public var flags: UInt16
+    /// The payload, at most ``maxPayloadSize`` bytes. On decode, a slice of the receive buffer.
     public var payload: ByteBuffer
 
+    /// A frame of `type` with `flags` and `payload`.
     public init(type: FrameType, flags: UInt16 = 0, payload: ByteBuffer = ByteBuffer()) {
         self.type = type
         self.flags = flags
@@ -87,8 +96,10 @@ public struct Frame: Sendable, Equatable {
 /// A struct rather than an enum so that a decoder can carry types it does not know yet; values
 /// 0x80 and above are *optional*: a receiver that does not know one ignores the frame.
 public struct FrameType: RawRepresentable, Hashable, Sendable, CustomStringConvertible {
+    /// The byte on the wire.
     public let rawValue: UInt8
 
+    /// Any byte is a frame type; whether it is known is up to the receiver.
     public init(rawValue: UInt8) { self.rawValue = rawValue }
 
     /// Opens a link: the sender's protocol versions, site ID and name.

@@ -62,7 +62,16 @@ final class LinkRegistry: Sendable {
         self.logger = logger
         self.dataFrameTypes = dataFrameTypes
         var byName: [String: PeerEndpoint] = [:]
-        for peer in peers { byName[peer.name] = peer }
+        for peer in peers {
+            // The configuration layer rejects these; if one slips through, say which entry wins.
+            if byName[peer.name] != nil {
+                logger.warning("peer \"\(peer.name)\" is configured twice; using the last entry (\(peer.address))")
+            }
+            if let other = byName.values.first(where: { $0.siteID == peer.siteID && $0.name != peer.name }) {
+                logger.warning("peers \"\(other.name)\" and \"\(peer.name)\" pin the same site ID \(peer.siteID); inbound links from it count as \"\(other.name)\" or \"\(peer.name)\" arbitrarily")
+            }
+            byName[peer.name] = peer
+        }
         self.peers = byName
         let now = Date()
         self.state = Mutex(State(peers: byName.mapValues { _ in PeerRecord(since: now) }))

@@ -22,6 +22,7 @@ final class PeerConnectionHandler: ChannelInboundHandler {
         /// Dialer only: got the acceptor's `hello`, waiting for `helloAck` with this version.
         case awaitingAck(UInt16)
         case live
+        /// Closing or closed: nothing more that arrives is acted on.
         case closed
     }
 
@@ -39,6 +40,7 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     private var phase = Phase.awaitingHello
     private var context: ChannelHandlerContext?
     private var activated = false
+    private var everLive = false
     private var tornDown = false
     private var lastReceived = NIODeadline.now()
     private var tick: Scheduled<Void>?
@@ -135,6 +137,7 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        if case .closed = phase { return }
         let frame = unwrapInboundIn(data)
         lastReceived = .now()
         guard let peer else {
@@ -165,8 +168,10 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     private func handle(_ message: LinkMessage, from peer: PeerEndpoint, context: ChannelHandlerContext) {
         switch (message, phase) {
         case (.goodbye(let reason), _):
-            registry.logger.info("peer \(peer.name) closed a link: \(reason)", metadata: ["peer": "\(peer.name)"])
+            // debug: when this ends the peer's link, the state change is logged with the reason.
+            registry.logger.debug("peer \(peer.name) closed a link: \(reason)", metadata: ["peer": "\(peer.name)"])
             closeReason = closeReason ?? "\(peer.name) said goodbye: \(reason)"
+            phase = .closed
             context.close(promise: nil)
         case (.hello(let hello), .awaitingHello):
             guard hello.siteID == peer.siteID else {
@@ -203,8 +208,6 @@ final class PeerConnectionHandler: ChannelInboundHandler {
             if now >= sentAt {
                 registry.recordRTT(peer.name, channel: context.channel, milliseconds: Double(now - sentAt) / 1_000_000)
             }
-        case (_, .closed):
-            break
         default:
             failProtocol("unexpected \(message.frameTypeName) frame at this point of the link", context: context)
         }
@@ -213,22 +216,27 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     private func becomeLive(version: UInt16, context: ChannelHandlerContext) {
         guard let peer else { return }
         phase = .live
-        outcome?.succeed(())
-        switch registry.linkUp(peer.name, channel: context.channel, direction: direction) {
-        case .keep(let older, let reason):
-            if let older { Self.sayGoodbyeAndClose(older, reason: reason) }
-            registry.logger.debug(
-                "link to \(peer.name) up (\(direction.rawValue), protocol version \(version))",
-                metadata: ["peer": "\(peer.name)"])
-        case .closeThis(let reason):
-            closeReason = reason
-            sayGoodbyeAndClose(reason, context: context)
+        everLive = true
+        registry.logger.debug(
+            "link to \(peer.name) up (\(direction.rawValue), protocol version \(version))",
+            metadata: ["peer": "\(peer.name)"])
+        let ownID = ObjectIdentifier(context.channel)
+        for link in registry.linkUp(peer.name, channel: context.channel, direction: direction) {
+            if ObjectIdentifier(link.channel) == ownID {
+                closeReason = link.reason
+                sayGoodbyeAndClose(link.reason, context: context)
+            } else {
+                Self.sayGoodbyeAndClose(link.channel, reason: link.reason)
+            }
         }
+        // After linkUp: the dial loop, woken by this, must find the link registered.
+        outcome?.succeed(())
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if closeReason == nil { closeReason = describe(error) }
         registry.logger.debug("link to \(peerName) failed: \(error)", metadata: ["peer": "\(peerName)"])
+        phase = .closed
         context.close(promise: nil)
     }
 
@@ -245,14 +253,12 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     private func tearDown(context: ChannelHandlerContext) {
         guard !tornDown else { return }
         tornDown = true
-        let wasLive: Bool
-        if case .live = phase { wasLive = true } else { wasLive = false }
         phase = .closed
         tick?.cancel()
         tick = nil
         let reason = closeReason
             ?? (registry.isStopped ? "site \(registry.localName) stopped"
-                : wasLive ? "link closed by \(peerName)" : "\(peerName) closed the connection during the handshake")
+                : everLive ? "link closed by \(peerName)" : "\(peerName) closed the connection during the handshake")
         registry.channelClosed(context.channel, peer: peer?.name, error: reason)
         outcome?.fail(LinkFailure(description: reason))
     }
@@ -272,6 +278,7 @@ final class PeerConnectionHandler: ChannelInboundHandler {
         if silent >= deadAfter {
             // proto: no frame at all for dead-after → close and reconnect.
             closeReason = closeReason ?? "no frame from \(peerName) for \(Self.seconds(silent)); closed the link as dead"
+            phase = .closed
             context.close(promise: nil)
             return
         }
@@ -301,6 +308,7 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     }
 
     private func sayGoodbyeAndClose(_ reason: String, context: ChannelHandlerContext) {
+        phase = .closed
         let goodbye = LinkMessage.goodbye(reason: reason).frame(allocator: context.channel.allocator)
         context.writeAndFlush(wrapOutboundOut(goodbye)).assumeIsolated().whenComplete { [context] _ in
             context.close(promise: nil)

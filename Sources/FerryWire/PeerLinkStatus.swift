@@ -6,7 +6,9 @@ import NIOCore
 public struct PeerEndpoint: Sendable, Hashable, Codable {
     /// The peer's name in this site's configuration (`peers.NAME`); used in logs and status.
     public var name: String
+    /// Host name or IP address to dial.
     public var host: String
+    /// TCP port the peer listens on.
     public var port: Int
     /// The pinned site ID: the only certificate accepted from this peer.
     public var siteID: SiteID
@@ -50,6 +52,7 @@ public struct PeerLinkStatus: Sendable, Codable, Equatable {
     public var siteID: String
     /// The configured `host:port`.
     public var address: String
+    /// Connected, connecting or disconnected.
     public var state: LinkState
     /// When `state` last changed.
     public var since: Date
@@ -80,6 +83,7 @@ public struct PeerLinkStatus: Sendable, Codable, Equatable {
 public struct PeerFrame: Sendable {
     /// The configured name of the peer it came from.
     public var peer: String
+    /// The frame, already checked (magic, version, length, checksum).
     public var frame: Frame
 
     public init(peer: String, frame: Frame) {

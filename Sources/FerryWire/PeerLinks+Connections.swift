@@ -150,9 +150,10 @@ extension PeerLinks {
 
     private static func describeConnectError(_ error: any Error) -> String {
         if let error = error as? NIOConnectionError {
-            if let first = error.connectionErrors.first { return "\(first.error)" }
+            if let first = error.connectionErrors.first { return describeConnectError(first.error) }
             if let dns = error.dnsAError ?? error.dnsAAAAError { return "cannot resolve \(error.host): \(dns)" }
         }
+        if let error = error as? IOError { return String(cString: strerror(error.errnoCode)).lowercased() }
         if case ChannelError.connectTimeout = error { return "timed out" }
         return "\(error)"
     }

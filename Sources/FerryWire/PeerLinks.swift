@@ -120,14 +120,17 @@ public final class PeerLinks: Sendable {
         }
         let port = server.localAddress?.port
         logger.info("listening for peer links on \(listenHost):\(port.map(String.init) ?? "?") as site \(identity.siteName) (\(identity.siteID))")
-        let dialers = peers.map { peer in
-            Task { await self.dialLoop(peer, context: contexts.client) }
-        }
-        runtime.withLock { runtime in
+        let stoppedMeanwhile = runtime.withLock { runtime in
+            // stop() may have run while the listener was being bound.
+            guard case .started = runtime.phase else { return true }
             runtime.serverChannel = server
             runtime.boundPort = port
-            runtime.dialers = dialers
+            runtime.dialers = peers.map { peer in
+                Task { await self.dialLoop(peer, context: contexts.client) }
+            }
+            return false
         }
+        if stoppedMeanwhile { try? await server.close() }
     }
 
     /// Closes the listener and every link (each with a `goodbye`), and waits for the dial loops.

@@ -283,3 +283,16 @@ struct ConfigTemporaryDirectory {
         try? FileManager.default.removeItem(atPath: path)
     }
 }
+
+/// The example in docs/configuration.md is a config people copy; it must stay valid.
+@Test func theDocumentedExampleParses() throws {
+    var url = URL(fileURLWithPath: #filePath)
+    for _ in 0..<3 { url.deleteLastPathComponent() }
+    let doc = try String(contentsOf: url.appendingPathComponent("docs/configuration.md"), encoding: .utf8)
+    let start = try #require(doc.range(of: "```yaml\n"))
+    let end = try #require(doc.range(of: "```", range: start.upperBound..<doc.endIndex))
+    let yaml = String(doc[start.upperBound..<end.lowerBound])
+    let config = try SiteConfig.parse(yaml: yaml, path: "/etc/ferry/east.yaml")
+    #expect(!config.volumes.isEmpty)
+    #expect(!config.peers.isEmpty)
+}

@@ -65,18 +65,30 @@ struct PeerLinksTests {
         east.onFrame = { frame in received.withLock { $0.append(frame) } }
         try await east.start()
 
-        let up = await eventually(.seconds(10)) { Self.isUp(west) && Self.isUp(east) }
+        // Up, and both ends on the same connection: one dialed it, the other accepted it.
+        let up = await eventually(.seconds(10)) {
+            Self.isUp(west) && Self.isUp(east)
+                && west.status().first?.direction != nil
+                && west.status().first?.direction != east.status().first?.direction
+        }
         let westStatus = west.status(), eastStatus = east.status()
         #expect(up, "west: \(westStatus), east: \(eastStatus)")
         #expect(westStatus.map(\.name) == ["east"])
         #expect(westStatus.first?.siteID == pair.east.siteID.description)
         #expect(westStatus.first?.address == "127.0.0.1:\(pair.eastPort)")
-        #expect(westStatus.first?.direction != nil)
-        // Both ends describe the same connection: one dialed it, the other accepted it.
-        if let w = westStatus.first?.direction, let e = eastStatus.first?.direction {
-            #expect(w != e)
+        #expect(pair.log.contains("west info", "peer link east", "-> connected"))
+        #expect(pair.log.contains("east info", "peer link west", "-> connected"))
+
+        // Heartbeats keep an idle link up well past deadAfter (2 s), without a flap.
+        let clock = ContinuousClock()
+        let watchEnd = clock.now + .seconds(3)
+        var stayedUp = true
+        while clock.now < watchEnd {
+            if west.status().first?.state != .connected || east.status().first?.state != .connected { stayedUp = false }
+            try await Task.sleep(for: .milliseconds(50))
         }
-        #expect(pair.log.contains("west", "peer link east", "connected"))
+        #expect(stayedUp)
+        #expect(west.status().first?.since == westStatus.first?.since)
 
         let payload = ByteBuffer(string: "replicate me")
         try await west.send(Frame(type: FrameType(rawValue: 0x10), flags: 7, payload: payload), to: "east")

@@ -64,3 +64,12 @@ func eventually(_ timeout: Duration, _ condition: () -> Bool) async -> Bool {
     }
     return condition()
 }
+
+/// Values collected from callbacks on other threads.
+final class Collected<Element: Sendable>: Sendable {
+    private let items = Mutex<[Element]>([])
+
+    func append(_ item: Element) { items.withLock { $0.append(item) } }
+
+    var all: [Element] { items.withLock { $0 } }
+}

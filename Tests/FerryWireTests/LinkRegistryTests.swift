@@ -1,0 +1,107 @@
+import FerryCore
+import Logging
+import NIOCore
+import NIOPosix
+import Testing
+
+@testable import FerryWire
+
+/// The duplicate-link rule, driven directly on two registries with real (idle) channels standing
+/// in for the two TCP connections between a small-ID site and a large-ID site.
+@Suite("Duplicate links")
+struct LinkRegistryTests {
+    struct Sites {
+        let small: LinkRegistry  // the site with the smaller site ID
+        let large: LinkRegistry
+        let smallName: String
+        let largeName: String
+
+        init(log: LogCapture) throws {
+            var identities = [try SiteIdentity.generate(siteName: "a"), try SiteIdentity.generate(siteName: "b")]
+            identities.sort { $0.siteID.bytes.lexicographicallyPrecedes($1.siteID.bytes) }
+            let (s, l) = (identities[0], identities[1])
+            smallName = s.siteName
+            largeName = l.siteName
+            small = LinkRegistry(
+                identity: s, peers: [PeerEndpoint(name: l.siteName, host: "127.0.0.1", port: 1, siteID: l.siteID)],
+                dataFrameTypes: [], logger: log.logger(s.siteName))
+            large = LinkRegistry(
+                identity: l, peers: [PeerEndpoint(name: s.siteName, host: "127.0.0.1", port: 1, siteID: s.siteID)],
+                dataFrameTypes: [], logger: log.logger(l.siteName))
+        }
+    }
+
+    /// Real channels: the registry only compares and closes them.
+    private func channels(_ count: Int, group: any EventLoopGroup) async throws -> [any Channel] {
+        var result: [any Channel] = []
+        for _ in 0..<count {
+            result.append(try await ServerBootstrap(group: group).bind(host: "127.0.0.1", port: 0).get())
+        }
+        return result
+    }
+
+    private func ids(_ links: [LinkRegistry.LinkToClose]) -> [ObjectIdentifier] {
+        links.map { ObjectIdentifier($0.channel) }
+    }
+
+    @Test("both sites end up on the link the smaller site dialed, in either order of arrival", arguments: [false, true])
+    func duplicateRule(preferredFirst: Bool) async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let sites = try Sites(log: LogCapture())
+        let chans = try await channels(2, group: group)
+        // c1 is dialed by the small site (outbound there, inbound at the large site); c2 the reverse.
+        let (c1, c2) = (chans[0], chans[1])
+
+        // At the large site: it never closes a duplicate itself, and prefers c1 as soon as it is up.
+        if preferredFirst {
+            #expect(sites.large.linkUp(sites.smallName, channel: c1, direction: .inbound).isEmpty)
+            #expect(sites.large.linkUp(sites.smallName, channel: c2, direction: .outbound).isEmpty)
+        } else {
+            #expect(sites.large.linkUp(sites.smallName, channel: c2, direction: .outbound).isEmpty)
+            #expect(sites.large.linkUp(sites.smallName, channel: c1, direction: .inbound).isEmpty)
+        }
+        #expect(sites.large.liveChannel(sites.smallName).map(ObjectIdentifier.init) == ObjectIdentifier(c1))
+        #expect(sites.large.status().first?.direction == .inbound)
+
+        // At the small site: it closes c2 once c1 is up, whichever came first.
+        if preferredFirst {
+            #expect(sites.small.linkUp(sites.largeName, channel: c1, direction: .outbound).isEmpty)
+            #expect(ids(sites.small.linkUp(sites.largeName, channel: c2, direction: .inbound)) == [ObjectIdentifier(c2)])
+        } else {
+            #expect(sites.small.linkUp(sites.largeName, channel: c2, direction: .inbound).isEmpty)
+            #expect(ids(sites.small.linkUp(sites.largeName, channel: c1, direction: .outbound)) == [ObjectIdentifier(c2)])
+        }
+        #expect(sites.small.liveChannel(sites.largeName).map(ObjectIdentifier.init) == ObjectIdentifier(c1))
+        #expect(sites.small.status().first?.direction == .outbound)
+
+        // c2 closing (the small site's goodbye) leaves both sites connected on c1.
+        sites.small.channelClosed(c2, peer: sites.largeName, error: nil)
+        sites.large.channelClosed(c2, peer: sites.smallName, error: nil)
+        #expect(sites.small.status().first?.state == .connected)
+        #expect(sites.large.status().first?.state == .connected)
+        #expect(sites.large.liveChannel(sites.smallName).map(ObjectIdentifier.init) == ObjectIdentifier(c1))
+
+        // c1 closing leaves both disconnected, with the reason.
+        sites.small.channelClosed(c1, peer: sites.largeName, error: "gone")
+        #expect(sites.small.status().first?.state == .disconnected)
+        #expect(sites.small.status().first?.lastError == "gone")
+
+        for channel in chans { try await channel.close() }
+        try await group.shutdownGracefully()
+    }
+
+    @Test("a second link from the same dialer replaces the stale first one")
+    func sameDirection() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let sites = try Sites(log: LogCapture())
+        let chans = try await channels(2, group: group)
+        #expect(sites.large.linkUp(sites.smallName, channel: chans[0], direction: .inbound).isEmpty)
+        #expect(ids(sites.large.linkUp(sites.smallName, channel: chans[1], direction: .inbound)) == [ObjectIdentifier(chans[0])])
+        #expect(sites.large.liveChannel(sites.smallName).map(ObjectIdentifier.init) == ObjectIdentifier(chans[1]))
+        // The stale link's close does not take the peer down.
+        sites.large.channelClosed(chans[0], peer: sites.smallName, error: "stale")
+        #expect(sites.large.status().first?.state == .connected)
+        for channel in chans { try await channel.close() }
+        try await group.shutdownGracefully()
+    }
+}
