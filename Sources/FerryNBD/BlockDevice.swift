@@ -70,3 +70,17 @@ extension BlockDeviceError {
         }
     }
 }
+
+/// A device that can take a large WRITE's payload in the pieces it arrives in from the socket.
+///
+/// The server then hands over the received pieces as they are (slices of the receive buffers)
+/// instead of first gathering the whole payload into one buffer — a memcpy of the payload less,
+/// which was 13% of the event loop's time on 1 MiB sequential writes — and the device may write
+/// them on another thread while the event loop receives what follows. The server replies once
+/// every batch's future has succeeded. A replicated volume, which must hand whole writes to its
+/// peers, does not adopt this.
+public protocol StreamingWriteDevice: BlockDevice {
+    /// Writes `parts`, which are contiguous, starting at `offset`. Batches of one NBD WRITE are
+    /// handed over in order but may complete in any.
+    func writeParts(offset: UInt64, parts: [ByteBuffer], on eventLoop: any EventLoop) -> EventLoopFuture<Void>
+}

@@ -41,6 +41,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     var export: NBDExport?
     var transmissionFlags: UInt16 = 0
     var inFlight = 0
+    var streamingWrite: StreamingWrite?
     var inReadBurst = false
     var needsFlush = false
     /// DISC received or server shutting down: no new work; close when `inFlight` reaches 0.
@@ -135,7 +136,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     /// When a large WRITE payload is arriving in pieces, grow the buffer once to its full size
     /// instead of reallocating on every read.
     private func reserveForPending(_ buffer: inout ByteBuffer) {
-        guard phase == .transmission, buffer.readableBytes >= 28,
+        guard phase == .transmission, streamingWrite == nil, buffer.readableBytes >= 28,
               buffer.getInteger(at: buffer.readerIndex + 6, as: UInt16.self) == NBD.Command.write,
               let length = buffer.getInteger(at: buffer.readerIndex + 24, as: UInt32.self),
               Int(length) <= NBD.maxPayload else { return }

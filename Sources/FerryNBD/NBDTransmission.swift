@@ -3,6 +3,19 @@ import NIOCore
 /// The transmission phase (proto.md "Transmission"): parse requests, check them, hand them to
 /// the device, reply when the device's future completes.
 extension NBDConnectionHandler {
+    /// A WRITE whose payload is being written piece by piece as it arrives. A class: the
+    /// pieces' completions, which may come after the last byte arrived, update it.
+    final class StreamingWrite {
+        let request: Request
+        var received = 0
+        var batch: [ByteBuffer] = []
+        var batchBytes = 0
+        var outstanding = 0
+        var finished = false
+        var error: (any Error)?
+        init(request: Request) { self.request = request }
+    }
+
     struct Request {
         var flags: UInt16
         var type: UInt16
@@ -12,6 +25,7 @@ extension NBDConnectionHandler {
     }
 
     func parseRequest(_ buffer: inout ByteBuffer) -> Bool {
+        if streamingWrite != nil { return continueStreamingWrite(&buffer) }
         guard buffer.readableBytes >= 28 else { return false }
         let start = buffer.readerIndex
         guard buffer.getInteger(at: start, as: UInt32.self)! == NBD.requestMagic else {
@@ -30,7 +44,9 @@ extension NBDConnectionHandler {
                 protocolViolation("WRITE payload of \(request.length) bytes exceeds \(NBD.maxPayload)")
                 return false
             }
-            guard buffer.readableBytes >= 28 + Int(request.length) else { return false }
+            guard buffer.readableBytes >= 28 + Int(request.length) else {
+                return startStreamingWrite(request, &buffer)
+            }
             buffer.moveReaderIndex(forwardBy: 28)
             payload = buffer.readSlice(length: Int(request.length))
         } else {
@@ -38,6 +54,66 @@ extension NBDConnectionHandler {
         }
         handle(request, payload: payload)
         return true
+    }
+
+    /// Begins writing a large WRITE's payload as it arrives (see `StreamingWriteDevice`), when
+    /// the device can and the request is valid; otherwise the payload is gathered first.
+    private func startStreamingWrite(_ request: Request, _ buffer: inout ByteBuffer) -> Bool {
+        guard request.length >= NBD.streamingWriteThreshold, !draining, let export,
+              export.device is any StreamingWriteDevice, check(request, export: export) == nil else { return false }
+        buffer.moveReaderIndex(forwardBy: 28)
+        inFlight += 1
+        streamingWrite = StreamingWrite(request: request)
+        _ = continueStreamingWrite(&buffer)
+        return true
+    }
+
+    private func continueStreamingWrite(_ buffer: inout ByteBuffer) -> Bool {
+        guard let write = streamingWrite else { return false }
+        let count = min(Int(write.request.length) - write.received, buffer.readableBytes)
+        guard count > 0 else { return false }
+        write.batch.append(buffer.readSlice(length: count)!)
+        write.batchBytes += count
+        write.received += count
+        let complete = write.received == Int(write.request.length)
+        if complete || write.batchBytes >= NBD.streamingBatchBytes {
+            submitBatch(write)
+        }
+        if complete {
+            streamingWrite = nil
+            finishStreamingWriteIfDone(write)
+        }
+        return true
+    }
+
+    /// Hands the pieces gathered so far to the device as one batch.
+    private func submitBatch(_ write: StreamingWrite) {
+        let parts = write.batch, offset = write.request.offset + UInt64(write.received - write.batchBytes)
+        write.batch = []
+        write.batchBytes = 0
+        guard write.error == nil, let device = export?.device as? any StreamingWriteDevice else { return }
+        write.outstanding += 1
+        device.writeParts(offset: offset, parts: parts, on: context.eventLoop).assumeIsolated().whenComplete { result in
+            write.outstanding -= 1
+            if case .failure(let error) = result, write.error == nil { write.error = error }
+            self.finishStreamingWriteIfDone(write)
+        }
+    }
+
+    /// Replies to a streamed WRITE once all of it has arrived and every piece is written.
+    private func finishStreamingWriteIfDone(_ write: StreamingWrite) {
+        guard write.received == Int(write.request.length), write.outstanding == 0, !write.finished else { return }
+        write.finished = true
+        inFlight -= 1
+        let eventLoop = context.eventLoop
+        if let error = write.error {
+            track(write.request, eventLoop.makeFailedFuture(error) as EventLoopFuture<Void>)
+        } else if write.request.flags & NBD.CommandFlag.fua != 0, let device = export?.device {
+            track(write.request, device.flush(on: eventLoop))
+        } else {
+            reply(write.request, error: 0)
+            closeIfDrained()
+        }
     }
 
     private func handle(_ request: Request, payload: ByteBuffer?) {

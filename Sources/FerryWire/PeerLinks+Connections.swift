@@ -68,6 +68,8 @@ extension PeerLinks {
                 }
                 lastWaited = ObjectIdentifier(live)
                 try? await live.closeFuture.get()
+                // The link was up: a failure to re-establish it starts from the base delay.
+                backoff.reset()
                 continue
             }
             registry.dialStarted(peer.name)

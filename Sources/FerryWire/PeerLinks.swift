@@ -166,6 +166,10 @@ public final class PeerLinks: Sendable {
     /// if the write fails (the link is then closing).
     public func send(_ frame: Frame, to peer: String) async throws {
         guard registry.peers[peer] != nil else { throw PeerLinksError.unknownPeer(peer) }
+        // Checked here, not only in the encoder: an encoder error would close a healthy link.
+        guard frame.payload.readableBytes <= Frame.maxPayloadSize else {
+            throw FrameError.payloadTooLargeToSend(length: frame.payload.readableBytes)
+        }
         guard let channel = registry.liveChannel(peer) else { throw PeerLinksError.notConnected(peer) }
         try await channel.writeAndFlush(frame).get()
     }

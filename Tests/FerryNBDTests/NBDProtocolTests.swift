@@ -6,11 +6,14 @@ import Testing
 @testable import FerryNBD
 
 /// A device in memory, for protocol tests without files.
-final class MemoryDevice: BlockDevice {
+final class MemoryDevice: StreamingWriteDevice {
     let size: UInt64
     let isReadOnly: Bool
     private let bytes: NIOLockedValueBox<[UInt8]>
     let flushes = NIOLockedValueBox(0)
+    /// Parts written through the streaming path, and an offset at which writing fails.
+    let parts = NIOLockedValueBox(0)
+    let failAt = NIOLockedValueBox<UInt64?>(nil)
 
     init(size: Int, readOnly: Bool = false) {
         self.size = UInt64(size)
@@ -25,6 +28,19 @@ final class MemoryDevice: BlockDevice {
 
     func write(offset: UInt64, data: ByteBuffer, fua: Bool, on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
         bytes.withLockedValue { $0.replaceSubrange(Int(offset)..<Int(offset) + data.readableBytes, with: data.readableBytesView) }
+        return eventLoop.makeSucceededVoidFuture()
+    }
+
+    func writeParts(offset: UInt64, parts: [ByteBuffer], on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
+        var at = offset
+        for data in parts {
+            self.parts.withLockedValue { $0 += 1 }
+            if let f = failAt.withLockedValue({ $0 }), at + UInt64(data.readableBytes) > f {
+                return eventLoop.makeFailedFuture(BlockDeviceError.io(errno: 5))
+            }
+            bytes.withLockedValue { $0.replaceSubrange(Int(at)..<Int(at) + data.readableBytes, with: data.readableBytesView) }
+            at += UInt64(data.readableBytes)
+        }
         return eventLoop.makeSucceededVoidFuture()
     }
 
@@ -228,6 +244,34 @@ func be<T: FixedWidthInteger>(_ v: T) -> [UInt8] { withUnsafeBytes(of: v.bigEndi
         }
         #expect(try c.replyError() == 0)
         #expect(c.device.byte(at: 65536 + 65535) == payload[65535])
+    }
+
+    @Test(arguments: [false, true])
+    func largeWritesAreWrittenAsTheyArrive(failing: Bool) throws {
+        let c = try NBDTestClient()
+        try c.handshake()
+        if failing { c.device.failAt.withLockedValue { $0 = 300_000 } }
+        let length = 512 * 1024
+        let payload = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 13 &+ 1) }
+        // The WRITE with FUA, immediately followed by a READ in the same stream.
+        let bytes = be(UInt32(0x2560_9513)) + be(UInt16(1)) + be(UInt16(1)) + be(UInt64(9)) + be(UInt64(4096)) + be(UInt32(length)) + payload
+            + be(UInt32(0x2560_9513)) + be(UInt16(0)) + be(UInt16(0)) + be(UInt64(10)) + be(UInt64(4096)) + be(UInt32(512))
+        for chunk in stride(from: 0, to: bytes.count, by: 100_000) {
+            try c.send(Array(bytes[chunk..<min(chunk + 100_000, bytes.count)]))
+        }
+        #expect(c.device.parts.withLockedValue { $0 } >= 3, "the payload should have been handed over in the pieces it arrived in")
+        var b = try c.received()
+        // First the WRITE's reply (simple), then the READ's (structured).
+        #expect(b.readInteger(as: UInt32.self) == 0x6744_6698)
+        #expect(b.readInteger(as: UInt32.self) == (failing ? 5 : 0))
+        #expect(b.readInteger(as: UInt64.self) == 9)
+        #expect(b.readInteger(as: UInt32.self) == 0x668e_33ef)
+        #expect(c.isOpen)
+        if !failing {
+            #expect(c.device.flushes.withLockedValue { $0 } == 1, "FUA must flush")
+            #expect(c.device.byte(at: 4096 + length - 1) == payload[length - 1])
+            #expect(c.device.byte(at: 4096 + 200_000) == payload[200_000])
+        }
     }
 
     @Test(arguments: [
