@@ -14,6 +14,19 @@ struct DurabilityTests {
         return [UInt8](fh.readData(ofLength: count))
     }
 
+    /// Starts fio writing 4 KiB blocks at QD32 for 30 s and waits until it is connected.
+    func startLoad(_ fio: String, on site: TestSite, size: String) throws -> Process {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: fio)
+        p.arguments = ["--name=load", "--ioengine=nbd", "--uri=\(site.uri("vm1"))", "--rw=randwrite", "--bs=4k",
+                       "--iodepth=32", "--size=\(size)", "--time_based", "--runtime=30", "--output=/dev/null"]
+        p.standardOutput = FileHandle.nullDevice
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        _ = eventually(.seconds(10)) { (try? site.status().volumes.first?.clientsConnected) == 1 }
+        return p
+    }
+
     @Test func flushedWritesAreInTheImageAfterKill9() throws {
         let qemuIO = try requireTool("qemu-io", package: "qemu-utils")
         let dir = TempDir()
@@ -46,15 +59,8 @@ struct DurabilityTests {
         defer { site.stop() }
         try run(qemuIO, ["-f", "raw", "-c", "write -P 0xc4 100M 4M", "-c", "flush", site.uri("vm1")])
         // fio hammers the first 64 MiB while the daemon is killed under it.
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: fio)
-        p.arguments = ["--name=load", "--ioengine=nbd", "--uri=\(site.uri("vm1"))", "--rw=randwrite", "--bs=4k",
-                       "--iodepth=32", "--size=64m", "--time_based", "--runtime=30", "--output=/dev/null"]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
+        let p = try startLoad(fio, on: site, size: "64m")
         defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; p.waitUntilExit() }
-        _ = eventually(.seconds(10)) { (try? site.status().volumes.first?.clientsConnected) == 1 }
         usleep(1_500_000)
         site.kill9()
         kill(p.processIdentifier, SIGKILL)
@@ -70,15 +76,8 @@ struct DurabilityTests {
         let site = try TestSite(name: "east", root: dir.path)
         try site.writeConfig(volumes: [.init(name: "vm1", size: "64M", primary: "east")])
         try site.start()
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: fio)
-        p.arguments = ["--name=load", "--ioengine=nbd", "--uri=\(site.uri("vm1"))", "--rw=randwrite", "--bs=4k",
-                       "--iodepth=32", "--size=32m", "--time_based", "--runtime=30", "--output=/dev/null"]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
+        let p = try startLoad(fio, on: site, size: "32m")
         defer { if p.isRunning { kill(p.processIdentifier, SIGKILL) }; p.waitUntilExit() }
-        _ = eventually(.seconds(10)) { (try? site.status().volumes.first?.clientsConnected) == 1 }
         usleep(1_000_000)
         let status = site.stop()
         #expect(status == 0, "ferry serve should exit 0 on SIGTERM; log:\n\(site.log(tail: 30))")
