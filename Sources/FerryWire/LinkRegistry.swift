@@ -256,7 +256,9 @@ final class LinkRegistry: Sendable {
             if newState != record.state {
                 let old = record.state
                 record.state = newState
-                record.since = Date()
+                // A peer that stays down flips connecting/disconnected on every retry; `since`
+                // keeps when it went down, which is what an operator asks.
+                if (old == .connected) != (newState == .connected) { record.since = Date() }
                 var text = "peer link \(peer): \(old.rawValue) -> \(newState.rawValue)"
                 if let current = record.current { text += " (\(current.direction.rawValue))" }
                 if newState != .connected, let error = record.lastError { text += ": \(error)" }

@@ -236,6 +236,12 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
         if closeReason == nil { closeReason = describe(error) }
         registry.logger.debug("link to \(peerName) failed: \(error)", metadata: ["peer": "\(peerName)"])
+        if error is FrameError, case .live = phase {
+            // TLS is intact, only a frame was bad: tell the peer why (an unknown required type
+            // usually means one site runs a newer Ferry), so its operator sees it too.
+            sayGoodbyeAndClose("\(registry.localName) closed the link: \(error)", context: context)
+            return
+        }
         phase = .closed
         context.close(promise: nil)
     }

@@ -54,7 +54,8 @@ public struct PeerLinkStatus: Sendable, Codable, Equatable {
     public var address: String
     /// Connected, connecting or disconnected.
     public var state: LinkState
-    /// When `state` last changed.
+    /// When the link last came up (while connected) or went down (otherwise); retries of a peer
+    /// that stays down do not move it.
     public var since: Date
     /// The last measured heartbeat round trip, in milliseconds; nil until one was measured on the
     /// current link.

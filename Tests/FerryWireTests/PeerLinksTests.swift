@@ -190,4 +190,20 @@ struct PeerLinksTests {
         await west.stop()
         await pair.shutdown()
     }
+
+    @Test("a peer that stays down keeps the time it went down, across retries")
+    func sinceSurvivesRetries() async throws {
+        let pair = try await Pair()
+        let west = pair.makeWest()   // nobody listens on east's port
+        try await west.start()
+        #expect(await eventually(.seconds(5)) { west.status().first?.lastError != nil })
+        let first = try #require(west.status().first)
+        // Several dials fail meanwhile (backoff starts at 100-200 ms).
+        try await Task.sleep(for: .seconds(2))
+        let later = try #require(west.status().first)
+        #expect(later.state != .connected)
+        #expect(later.since == first.since, "since moved from \(first.since) to \(later.since) while east stayed down")
+        await west.stop()
+        await pair.shutdown()
+    }
 }

@@ -145,8 +145,12 @@ struct RawPeerTests {
                 expected = "exceeds the"
             }
             try await outbound.write(bad)
-            // The server closes; drain whatever pings came first.
-            while (try? await frames.next()) != nil {}
+            // The server says why and closes; drain whatever pings came first.
+            var goodbye: String?
+            while let frame = try? await frames.next() {
+                if case .goodbye(let reason) = try? LinkMessage(frame: frame) { goodbye = reason }
+            }
+            #expect(goodbye?.contains(expected) == true, "goodbye: \(goodbye ?? "none")")
             #expect(await eventually(.seconds(10)) { setup.eastStatus?.state != .connected })
             // (lastError may already show west's next dial to east's empty port; the log keeps the reason.)
             #expect(setup.log.contains("west info", "peer link east: connected -> disconnected", expected))
