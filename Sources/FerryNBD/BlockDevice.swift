@@ -9,7 +9,8 @@ import NIOCore
 /// Futures must complete on `eventLoop`.
 ///
 /// Ranges are checked by the server before a call: `offset + length <= size`, aligned to
-/// `minimumBlockSize`, lengths within `maximumPayload` for data-carrying commands.
+/// the export's minimum block size when the client agreed to it, READ and WRITE lengths within
+/// `NBD.maxPayload` (32 MiB).
 public protocol BlockDevice: AnyObject, Sendable {
     var size: UInt64 { get }
     var isReadOnly: Bool { get }

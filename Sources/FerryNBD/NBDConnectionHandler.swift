@@ -42,6 +42,14 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     var transmissionFlags: UInt16 = 0
     var inFlight = 0
     var streamingWrite: StreamingWrite?
+    /// Counted in the export table's clients; detached exactly once, however the connection ends.
+    var attached = false
+    /// The client asked for NBD_INFO_BLOCK_SIZE in GO, so it promised to honour the minimum
+    /// block size (proto.md): only then are misaligned requests refused.
+    var blockSizesAgreed = false
+    /// Parsing stopped for backpressure (see `shouldPause`); the rest waits in `cumulation`.
+    var paused = false
+    var resumeScheduled = false
     var inReadBurst = false
     var needsFlush = false
     /// DISC received or server shutting down: no new work; close when `inFlight` reaches 0.
@@ -68,7 +76,8 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
-        if phase == .transmission, let export {
+        if attached, let export {
+            attached = false
             exports.clientDetached(export.name)
             logger.info("NBD client disconnected", metadata: ["conn": "\(connectionID)", "export": "\(export.name)"])
         }
@@ -84,6 +93,11 @@ final class NBDConnectionHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var incoming = unwrapInboundIn(data)
+        if paused {
+            // A read that was under way when parsing paused: keep it for later.
+            if cumulation == nil { cumulation = incoming } else { cumulation!.writeBuffer(&incoming) }
+            return
+        }
         inReadBurst = true
         // Parse from a local buffer: handling a message may close the connection, which clears
         // `cumulation`, so the property must not be borrowed while parsing.
@@ -112,15 +126,56 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        // Backpressure: a client that does not read its replies stops being read.
-        context.channel.setOption(ChannelOptions.autoRead, value: context.channel.isWritable)
-            .whenFailure { _ in }
+        if context.channel.isWritable { scheduleResume() }
         context.fireChannelWritabilityChanged()
+    }
+
+    /// Backpressure: a client that does not read its replies, or has too many requests in
+    /// flight, is not parsed (and not read) further until that changes. Without it one burst of
+    /// 28-byte READs of 32 MiB each would queue terabytes of replies.
+    func shouldPause() -> Bool {
+        phase == .transmission && (inFlight >= NBD.maxInFlight || !context.channel.isWritable)
+    }
+
+    func pause() {
+        guard !paused else { return }
+        paused = true
+        context.channel.setOption(ChannelOptions.autoRead, value: false).whenFailure { _ in }
+        if needsFlush { needsFlush = false; context.flush() }
+    }
+
+    /// Resumes parsing on a later turn of the event loop, after the current read (which may still
+    /// be storing its leftover bytes) has finished.
+    func scheduleResume() {
+        guard paused, !resumeScheduled else { return }
+        resumeScheduled = true
+        context.eventLoop.assumeIsolated().execute { self.resume() }
+    }
+
+    private func resume() {
+        resumeScheduled = false
+        guard paused, phase != .closed, !shouldPause() else { return }
+        paused = false
+        context.channel.setOption(ChannelOptions.autoRead, value: true).whenFailure { _ in }
+        guard var buffer = cumulation else { return }
+        cumulation = nil
+        inReadBurst = true
+        parse(&buffer)
+        inReadBurst = false
+        if buffer.readableBytes > 0, phase != .closed {
+            if cumulation != nil { buffer.writeBuffer(&cumulation!) }  // arrived while re-parsing
+            cumulation = buffer
+        }
+        if needsFlush { needsFlush = false; context.flush() }
     }
 
     /// Parses and handles every complete message in `buffer`, leaving a partial one unread.
     private func parse(_ buffer: inout ByteBuffer) {
         while phase != .closed {
+            if shouldPause() {
+                pause()
+                return
+            }
             let before = buffer.readerIndex
             let progressed: Bool
             switch phase {
@@ -167,6 +222,19 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         context.close(promise: nil)
     }
 
+    /// Closes after every reply written so far has been sent: NIO's close fails queued writes,
+    /// so a plain close would cut off replies the client is owed (proto.md: on DISC the server
+    /// finishes outstanding requests; ABORT is answered with ACK).
+    func flushAndClose() {
+        phase = .closed
+        cumulation = nil
+        needsFlush = false
+        let context = self.context!
+        let sent = context.eventLoop.makePromise(of: Void.self)
+        context.writeAndFlush(wrapOutboundOut(context.channel.allocator.buffer(capacity: 0)), promise: sent)
+        sent.futureResult.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+    }
+
     /// Writes a reply; flushes now unless a read burst is in progress (then at readComplete).
     func send(_ buffer: ByteBuffer) {
         context.write(wrapOutboundOut(buffer), promise: nil)
@@ -182,18 +250,15 @@ final class NBDConnectionHandler: ChannelInboundHandler {
             draining = true
             closeIfDrained()
         case .clientFlags, .options:
-            phase = .closed
-            context.close(promise: nil)
+            flushAndClose()
         case .closed:
             break
         }
     }
 
     func closeIfDrained() {
-        if draining, inFlight == 0, phase != .closed {
-            phase = .closed
-            if needsFlush { needsFlush = false; context.flush() }
-            context.close(promise: nil)
+        if draining, inFlight == 0, streamingWrite == nil, phase != .closed {
+            flushAndClose()
         }
     }
 }

@@ -122,6 +122,8 @@ enum NBD {
     /// Request payloads up to 32 MiB must be consumed (proto.md: "SHOULD NOT be treated as DoS");
     /// we advertise exactly this as the maximum payload, and close on anything larger.
     static let maxPayload = 32 * 1024 * 1024
+    /// Requests in flight on one connection before parsing pauses (backpressure).
+    static let maxInFlight = 256
     /// WRITEs at least this large are written as their payload arrives, when the device can.
     static let streamingWriteThreshold: UInt32 = 128 * 1024
     /// A streamed WRITE is handed to the device in batches of at least this many bytes (or the

@@ -14,8 +14,14 @@ public struct NBDExport: Sendable {
         self.name = name
         self.description = description
         self.device = device
-        self.minimumBlockSize = minimumBlockSize
-        self.preferredBlockSize = preferredBlockSize
+        // proto.md: powers of two, minimum ≤ 64 KiB, preferred ≥ max(minimum, 512).
+        func powerOfTwo(_ v: UInt32, atLeast low: UInt32) -> UInt32 {
+            var p: UInt32 = 1
+            while p < max(v, low) && p < 1 << 25 { p <<= 1 }
+            return p
+        }
+        self.minimumBlockSize = min(powerOfTwo(minimumBlockSize, atLeast: 1), 65536)
+        self.preferredBlockSize = powerOfTwo(preferredBlockSize, atLeast: max(self.minimumBlockSize, 512))
     }
 }
 

@@ -25,6 +25,11 @@ extension NBDConnectionHandler {
     }
 
     private func handleOption(_ option: UInt32, data: ByteBuffer) {
+        if shuttingDown && option == NBD.Option.exportName {
+            // EXPORT_NAME has no error reply; an option reply would be read as size and flags.
+            flushAndClose()
+            return
+        }
         if shuttingDown && option != NBD.Option.abort {
             optionReply(option, NBD.Reply.errShutdown, message: "server is shutting down")
             return
@@ -34,8 +39,7 @@ extension NBDConnectionHandler {
             handleExportName(data)
         case NBD.Option.abort:
             optionReply(option, NBD.Reply.ack)
-            phase = .closed
-            context.close(promise: nil)
+            flushAndClose()
         case NBD.Option.list:
             guard data.readableBytes == 0 else {
                 return optionReply(option, NBD.Reply.errInvalid, message: "LIST takes no data")
@@ -137,6 +141,7 @@ extension NBDConnectionHandler {
         }
         optionReply(option, NBD.Reply.ack)
         if option == NBD.Option.go {
+            blockSizesAgreed = requests.contains(NBD.Info.blockSize)
             enterTransmission(export, flags: flags)
         }
     }
@@ -213,6 +218,7 @@ extension NBDConnectionHandler {
         self.transmissionFlags = flags
         phase = .transmission
         exports.clientAttached(export.name)
+        attached = true
         logger.info("NBD client attached", metadata: [
             "conn": "\(connectionID)", "export": "\(export.name)",
             "structured": "\(structuredReplies)", "remote": "\(context.remoteAddress.map { "\($0)" } ?? "unix")",

@@ -59,6 +59,9 @@ public final class NBDServer: Sendable {
             // Large reads let a 1 MiB WRITE arrive in few reads; 16 messages per read bound latency.
             .childChannelOption(.recvAllocator, value: AdaptiveRecvByteBufferAllocator(minimum: 4096, initial: 65536, maximum: 1 << 20))
             .childChannelOption(.maxMessagesPerRead, value: 16)
+            // Replies queue up to 2 MiB before a connection stops being parsed (backpressure):
+            // room for a full QD32 burst of 4 KiB reads, not for a flood of 32 MiB ones.
+            .childChannelOption(.writeBufferWaterMark, value: .init(low: 512 * 1024, high: 2 * 1024 * 1024))
             .childChannelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
                     let id = state.withLockedValue { s -> Int in defer { s.nextID += 1 }; return s.nextID }

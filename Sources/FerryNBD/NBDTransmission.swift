@@ -93,7 +93,8 @@ extension NBDConnectionHandler {
         write.batchBytes = 0
         guard write.error == nil, let device = export?.device as? any StreamingWriteDevice else { return }
         write.outstanding += 1
-        device.writeParts(offset: offset, parts: parts, on: context.eventLoop).assumeIsolated().whenComplete { result in
+        let eventLoop = context.eventLoop
+        device.writeParts(offset: offset, parts: parts, on: eventLoop).hop(to: eventLoop).assumeIsolated().whenComplete { result in
             write.outstanding -= 1
             if case .failure(let error) = result, write.error == nil { write.error = error }
             self.finishStreamingWriteIfDone(write)
@@ -143,6 +144,8 @@ extension NBDConnectionHandler {
             track(request, device.write(offset: request.offset, data: payload!, fua: fua, on: eventLoop))
         case NBD.Command.flush:
             track(request, device.flush(on: eventLoop))
+        case NBD.Command.trim where request.length == 0, NBD.Command.writeZeroes where request.length == 0:
+            reply(request, error: 0)  // nothing to do; fallocate would refuse a zero length
         case NBD.Command.trim:
             track(request, device.trim(offset: request.offset, length: UInt64(request.length), fua: fua, on: eventLoop))
         case NBD.Command.writeZeroes:
@@ -164,7 +167,8 @@ extension NBDConnectionHandler {
         let size = export.device.size
         let (end, overflow) = r.offset.addingReportingOverflow(UInt64(r.length))
         let inRange = !overflow && end <= size
-        let min = UInt64(export.minimumBlockSize)
+        // proto.md: the client promises alignment only if it asked for block sizes in GO.
+        let min = blockSizesAgreed ? UInt64(max(1, export.minimumBlockSize)) : 1
         let aligned = r.offset % min == 0 && UInt64(r.length) % min == 0
         let isWriteLike = r.type == NBD.Command.write || r.type == NBD.Command.trim || r.type == NBD.Command.writeZeroes
 
@@ -189,17 +193,19 @@ extension NBDConnectionHandler {
             return nil
         case NBD.Command.blockStatus:
             if !baseAllocationSelected || !structuredReplies { return NBD.Errno.einval }
-            if r.length == 0 || !inRange { return NBD.Errno.einval }
+            if r.length == 0 || !inRange || !aligned { return NBD.Errno.einval }
             return nil
         default:
             return NBD.Errno.einval
         }
     }
 
-    private func track<T>(_ request: Request, _ future: EventLoopFuture<T>) {
+    private func track<T: Sendable>(_ request: Request, _ future: EventLoopFuture<T>) {
         inFlight += 1
-        future.assumeIsolated().whenComplete { result in
+        // hop: a device that completes on another loop must not trip assumeIsolated's check.
+        future.hop(to: context.eventLoop).assumeIsolated().whenComplete { result in
             self.inFlight -= 1
+            if self.paused { self.scheduleResume() }
             switch result {
             case .success(let value):
                 switch value {

@@ -144,6 +144,7 @@ public final class VolumeImage: Sendable {
         var result: [Extent] = []
         let end = min(offset + length, size)
         var at = offset
+        var races = 0
         while at < end && result.count < maxExtents {
             let data = ferry_seek_data(fd, Int64(at))
             if data < 0 {
@@ -158,8 +159,18 @@ public final class VolumeImage: Sendable {
                 continue
             }
             let hole = ferry_seek_hole(fd, Int64(at))
+            if hole >= 0 && UInt64(hole) <= at {
+                // The data at `at` was punched out between the two seeks (a TRIM on another
+                // thread): look again; after a few tries call the rest data, which is always safe.
+                races += 1
+                if races > 3 {
+                    result.append(Extent(length: end - at, isHole: false))
+                    break
+                }
+                continue
+            }
             let dataEnd = hole < 0 ? end : min(UInt64(hole), end)
-            result.append(Extent(length: max(dataEnd - at, 1), isHole: false))
+            result.append(Extent(length: dataEnd - at, isHole: false))
             at = dataEnd
         }
         return result

@@ -70,11 +70,12 @@ final class MemoryDevice: StreamingWriteDevice {
 /// Drives one NBDConnectionHandler through an EmbeddedChannel, speaking the client side by hand.
 final class NBDTestClient {
     let channel = EmbeddedChannel()
-    let device: MemoryDevice
+    let anyDevice: any StreamingWriteDevice
+    var device: MemoryDevice { anyDevice as! MemoryDevice }
     let exports = NBDExportTable()
 
-    init(device: MemoryDevice = MemoryDevice(size: 1 << 20)) throws {
-        self.device = device
+    init(device: any StreamingWriteDevice = MemoryDevice(size: 1 << 20)) throws {
+        self.anyDevice = device
         exports.add(NBDExport(name: "vm1", description: "test volume", device: device))
         try channel.pipeline.syncOperations.addHandler(
             NBDConnectionHandler(exports: exports, logger: Logger(label: "test"), connectionID: "t"))
@@ -372,4 +373,80 @@ func be<T: FixedWidthInteger>(_ v: T) -> [UInt8] { withUnsafeBytes(of: v.bigEndi
         try c.option(1, Array("nope".utf8))
         #expect(!c.isOpen)
     }
+
+    @Test func abortIsAnsweredWithAckThenClosed() throws {
+        let c = try NBDTestClient()
+        _ = try c.received()
+        try c.send(be(UInt32(3)))
+        try c.option(2)
+        var b = try c.received()
+        #expect(c.optionReplies(&b).map(\.type) == [1])
+        #expect(!c.isOpen)
+    }
+
+    @Test func clientCountGoesBackToZeroAfterDisconnect() throws {
+        let c = try NBDTestClient()
+        try c.handshake()
+        #expect(c.exports.clientCount("vm1") == 1)
+        try c.request(2, offset: 0, length: 0)
+        #expect(!c.isOpen)
+        #expect(c.exports.clientCount("vm1") == 0)
+    }
+
+    @Test func alignmentIsOnlyEnforcedWhenTheClientAgreedToBlockSizes() throws {
+        let c = try NBDTestClient()
+        _ = try c.received()
+        try c.send(be(UInt32(3)))
+        try c.option(7, be(UInt32(3)) + Array("vm1".utf8) + be(UInt16(0)))   // GO, no info requests
+        _ = try c.received()
+        try c.request(1, offset: 1, length: 3, payload: [9, 9, 9])
+        #expect(try c.replyError() == 0)
+        #expect(c.device.byte(at: 3) == 9)
+    }
+
+    @Test func tooManyRequestsInFlightPauseParsingUntilSomeComplete() throws {
+        let device = StallingDevice()
+        let c = try NBDTestClient(device: device)
+        try c.handshake()
+        var burst: [UInt8] = []
+        for i in 0..<300 { burst += be(UInt32(0x2560_9513)) + be(UInt16(0)) + be(UInt16(3)) + be(UInt64(i)) + be(UInt64(0)) + be(UInt32(0)) }
+        try c.send(burst)
+        #expect(device.pending.withLockedValue { $0.count } == 256, "parsing must stop at the in-flight cap")
+        device.completeAll()
+        c.channel.embeddedEventLoop.run()
+        #expect(device.pending.withLockedValue { $0.count } == 44, "the rest is parsed once requests complete")
+        device.completeAll()
+        c.channel.embeddedEventLoop.run()
+        var replies = try c.received()
+        var cookies: [UInt64] = []
+        while replies.readableBytes >= 16 {
+            _ = replies.readInteger(as: UInt32.self)
+            #expect(replies.readInteger(as: UInt32.self) == 0)
+            cookies.append(replies.readInteger(as: UInt64.self)!)
+        }
+        #expect(cookies == Array(0..<300))
+    }
+}
+
+/// A device whose FLUSHes wait until the test completes them.
+final class StallingDevice: StreamingWriteDevice {
+    let size: UInt64 = 1 << 20
+    let isReadOnly = false
+    let pending = NIOLockedValueBox<[EventLoopPromise<Void>]>([])
+    let memory = MemoryDevice(size: 1 << 20)
+
+    func completeAll() {
+        for p in pending.withLockedValue({ p in defer { p = [] }; return p }) { p.succeed() }
+    }
+    func flush(on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
+        let p = eventLoop.makePromise(of: Void.self)
+        pending.withLockedValue { $0.append(p) }
+        return p.futureResult
+    }
+    func read(offset: UInt64, length: Int, on eventLoop: any EventLoop) -> EventLoopFuture<ByteBuffer> { memory.read(offset: offset, length: length, on: eventLoop) }
+    func write(offset: UInt64, data: ByteBuffer, fua: Bool, on eventLoop: any EventLoop) -> EventLoopFuture<Void> { memory.write(offset: offset, data: data, fua: fua, on: eventLoop) }
+    func writeParts(offset: UInt64, parts: [ByteBuffer], on eventLoop: any EventLoop) -> EventLoopFuture<Void> { memory.writeParts(offset: offset, parts: parts, on: eventLoop) }
+    func trim(offset: UInt64, length: UInt64, fua: Bool, on eventLoop: any EventLoop) -> EventLoopFuture<Void> { eventLoop.makeSucceededVoidFuture() }
+    func writeZeroes(offset: UInt64, length: UInt64, mayPunchHole: Bool, fastOnly: Bool, fua: Bool, on eventLoop: any EventLoop) -> EventLoopFuture<Void> { eventLoop.makeSucceededVoidFuture() }
+    func blockStatus(offset: UInt64, length: UInt64, on eventLoop: any EventLoop) -> EventLoopFuture<[BlockExtent]> { memory.blockStatus(offset: offset, length: length, on: eventLoop) }
 }

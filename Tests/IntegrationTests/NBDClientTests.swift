@@ -57,6 +57,9 @@ struct NBDClientTests {
                 #expect(UInt64(d[1]) == 1 << 20)
             }
             #expect(lines.contains { $0.count >= 4 && $0[3].hasPrefix("hole") && UInt64($0[0]) == 0 })
+            // Every client above has gone; status must not count them any more.
+            #expect(eventually(.seconds(10)) { (try? site.status())?.volumes.allSatisfy { $0.clientsConnected == 0 } == true },
+                    "clients still counted: \(String(describing: try? site.status().volumes.map(\.clientsConnected)))")
         }
     }
 
