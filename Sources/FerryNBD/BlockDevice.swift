@@ -74,14 +74,13 @@ extension BlockDeviceError {
 
 /// A device that can take a large WRITE's payload in the pieces it arrives in from the socket.
 ///
-/// The server then hands over the received pieces as they are (slices of the receive buffers)
+/// The server then hands over each received piece as it is (a slice of the receive buffer)
 /// instead of first gathering the whole payload into one buffer — a memcpy of the payload less,
-/// which was 13% of the event loop's time on 1 MiB sequential writes — and the device may write
-/// them on another thread while the event loop receives what follows. The server replies once
-/// every batch's future has succeeded. A replicated volume, which must hand whole writes to its
+/// which was 13% of the event loop's time on 1 MiB sequential writes. The server replies once
+/// every piece's future has succeeded. A replicated volume, which must hand whole writes to its
 /// peers, does not adopt this.
 public protocol StreamingWriteDevice: BlockDevice {
-    /// Writes `parts`, which are contiguous, starting at `offset`. Batches of one NBD WRITE are
-    /// handed over in order but may complete in any.
-    func writeParts(offset: UInt64, parts: [ByteBuffer], on eventLoop: any EventLoop) -> EventLoopFuture<Void>
+    /// Writes one piece of a WRITE's payload at `offset`. Pieces of one WRITE are handed over in
+    /// order but may complete in any.
+    func writePart(offset: UInt64, data: ByteBuffer, on eventLoop: any EventLoop) -> EventLoopFuture<Void>
 }

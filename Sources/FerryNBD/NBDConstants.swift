@@ -126,9 +126,4 @@ enum NBD {
     static let maxInFlight = 256
     /// WRITEs at least this large are written as their payload arrives, when the device can.
     static let streamingWriteThreshold: UInt32 = 128 * 1024
-    /// A streamed WRITE is handed to the device in batches of at least this many bytes (or the
-    /// rest of the payload). Measured on 2 cores (BENCHMARKS.md): handing over every piece as it
-    /// arrives and writing it inline beat 1 MiB batches written on the thread pool, 2.3–2.5 GB/s
-    /// against 1.5–1.7 GB/s, so today every piece is its own batch.
-    static let streamingBatchBytes = 1
 }

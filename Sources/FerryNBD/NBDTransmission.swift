@@ -8,8 +8,6 @@ extension NBDConnectionHandler {
     final class StreamingWrite {
         let request: Request
         var received = 0
-        var batch: [ByteBuffer] = []
-        var batchBytes = 0
         var outstanding = 0
         var finished = false
         var error: (any Error)?
@@ -72,33 +70,24 @@ extension NBDConnectionHandler {
         guard let write = streamingWrite else { return false }
         let count = min(Int(write.request.length) - write.received, buffer.readableBytes)
         guard count > 0 else { return false }
-        write.batch.append(buffer.readSlice(length: count)!)
-        write.batchBytes += count
+        let part = buffer.readSlice(length: count)!
+        let offset = write.request.offset + UInt64(write.received)
         write.received += count
-        let complete = write.received == Int(write.request.length)
-        if complete || write.batchBytes >= NBD.streamingBatchBytes {
-            submitBatch(write)
+        // After a failed piece the rest of the payload is still consumed, then the error replied.
+        if write.error == nil, let device = export?.device as? any StreamingWriteDevice {
+            write.outstanding += 1
+            let eventLoop = context.eventLoop
+            device.writePart(offset: offset, data: part, on: eventLoop).hop(to: eventLoop).assumeIsolated().whenComplete { result in
+                write.outstanding -= 1
+                if case .failure(let error) = result, write.error == nil { write.error = error }
+                self.finishStreamingWriteIfDone(write)
+            }
         }
-        if complete {
+        if write.received == Int(write.request.length) {
             streamingWrite = nil
             finishStreamingWriteIfDone(write)
         }
         return true
-    }
-
-    /// Hands the pieces gathered so far to the device as one batch.
-    private func submitBatch(_ write: StreamingWrite) {
-        let parts = write.batch, offset = write.request.offset + UInt64(write.received - write.batchBytes)
-        write.batch = []
-        write.batchBytes = 0
-        guard write.error == nil, let device = export?.device as? any StreamingWriteDevice else { return }
-        write.outstanding += 1
-        let eventLoop = context.eventLoop
-        device.writeParts(offset: offset, parts: parts, on: eventLoop).hop(to: eventLoop).assumeIsolated().whenComplete { result in
-            write.outstanding -= 1
-            if case .failure(let error) = result, write.error == nil { write.error = error }
-            self.finishStreamingWriteIfDone(write)
-        }
     }
 
     /// Replies to a streamed WRITE once all of it has arrived and every piece is written.

@@ -38,19 +38,11 @@ final class ImageBlockDevice: StreamingWriteDevice {
         return fua ? flush(on: eventLoop) : eventLoop.makeSucceededVoidFuture()
     }
 
-    /// Pieces of a large write are written inline as they arrive: on 2 cores a hop to the
-    /// thread pool per batch cost more than the parallel copy saved (BENCHMARKS.md).
-    func writeParts(offset: UInt64, parts: [ByteBuffer], on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
-        var at = offset
-        do {
-            for part in parts {
-                try image.write(offset: at, data: part)
-                at += UInt64(part.readableBytes)
-            }
-        } catch {
-            return eventLoop.makeFailedFuture(Self.deviceError(error))
-        }
-        return eventLoop.makeSucceededVoidFuture()
+    /// Pieces of a large write are written inline as they arrive. Measured on 2 cores
+    /// (BENCHMARKS.md): handing 1 MiB batches to the thread pool instead, so the page-cache copy
+    /// runs on the other core, was slower (1.5–1.7 against 2.0–2.5 GB/s).
+    func writePart(offset: UInt64, data: ByteBuffer, on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
+        write(offset: offset, data: data, fua: false, on: eventLoop)
     }
 
     func flush(on eventLoop: any EventLoop) -> EventLoopFuture<Void> {

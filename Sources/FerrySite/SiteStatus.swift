@@ -1,3 +1,4 @@
+import FerryCore
 import FerryWire
 import Foundation
 
@@ -67,7 +68,7 @@ extension SiteStatus {
         out += "\nvolumes\n"
         if volumes.isEmpty { out += "  (none configured)\n" }
         for v in volumes {
-            var line = "  \(v.name.padding(12))\(FerryCoreFormat.size(v.sizeBytes).padding(8))\(v.role.padding(11))"
+            var line = "  \(v.name.padding(12))\(ByteSize.format(v.sizeBytes).padding(8))\(v.role.padding(11))"
             if v.role == "primary" {
                 line += "epoch \(v.epoch ?? 0), \(v.clientsConnected) client\(v.clientsConnected == 1 ? "" : "s")"
                 for e in v.exports { line += "\n      \(e)" }

@@ -92,7 +92,7 @@ struct Quickstart: AsyncParsableCommand {
             for name in names where children[name]!.isRunning {
                 statuses[name] = try? fetchStatus(configPaths[name]!, base: base, name: name)
             }
-            if let dead = names.first(where: { !children[name: $0].isRunning }) {
+            if let dead = names.first(where: { !(children[$0]?.isRunning ?? false) }) {
                 stopAll()
                 printError("site \(dead) exited during start-up; see \(base)/\(dead).log")
                 throw ExitCode(1)
@@ -171,10 +171,6 @@ struct Quickstart: AsyncParsableCommand {
     }
 }
 
-extension Dictionary where Key == String, Value == Process {
-    subscript(name name: String) -> Process { self[name]! }
-}
-
 /// The path of the running `ferry` binary, to start the sites with.
 func selfExecutable() throws -> String {
     var buffer = [UInt8](repeating: 0, count: 4096)
@@ -183,22 +179,6 @@ func selfExecutable() throws -> String {
     }
     guard n > 0 else { throw SiteError("cannot find the ferry binary (/proc/self/exe): \(String(cString: strerror(errno)))") }
     return String(decoding: buffer[0..<n], as: UTF8.self)
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-func freeLoopbackPort() throws -> Int {
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    defer { close(fd) }
-    var addr = sockaddr_in()
-    addr.sin_family = sa_family_t(AF_INET)
-    addr.sin_addr.s_addr = inet_addr("127.0.0.1")
-    addr.sin_port = 0
-    var len = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let ok = withUnsafeMutablePointer(to: &addr) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, len) == 0 && getsockname(fd, $0, &len) == 0 }
-    }
-    guard ok else { throw SiteError("cannot find a free port on 127.0.0.1: \(String(cString: strerror(errno)))") }
-    return Int(UInt16(bigEndian: addr.sin_port))
 }
 
 /// Catches SIGINT and SIGTERM so the quickstart can stop its sites before it exits.

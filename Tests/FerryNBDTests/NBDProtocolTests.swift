@@ -31,17 +31,12 @@ final class MemoryDevice: StreamingWriteDevice {
         return eventLoop.makeSucceededVoidFuture()
     }
 
-    func writeParts(offset: UInt64, parts: [ByteBuffer], on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
-        var at = offset
-        for data in parts {
-            self.parts.withLockedValue { $0 += 1 }
-            if let f = failAt.withLockedValue({ $0 }), at + UInt64(data.readableBytes) > f {
-                return eventLoop.makeFailedFuture(BlockDeviceError.io(errno: 5))
-            }
-            bytes.withLockedValue { $0.replaceSubrange(Int(at)..<Int(at) + data.readableBytes, with: data.readableBytesView) }
-            at += UInt64(data.readableBytes)
+    func writePart(offset: UInt64, data: ByteBuffer, on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
+        parts.withLockedValue { $0 += 1 }
+        if let f = failAt.withLockedValue({ $0 }), offset + UInt64(data.readableBytes) > f {
+            return eventLoop.makeFailedFuture(BlockDeviceError.io(errno: 5))
         }
-        return eventLoop.makeSucceededVoidFuture()
+        return write(offset: offset, data: data, fua: false, on: eventLoop)
     }
 
     func flush(on eventLoop: any EventLoop) -> EventLoopFuture<Void> {
@@ -445,7 +440,7 @@ final class StallingDevice: StreamingWriteDevice {
     }
     func read(offset: UInt64, length: Int, on eventLoop: any EventLoop) -> EventLoopFuture<ByteBuffer> { memory.read(offset: offset, length: length, on: eventLoop) }
     func write(offset: UInt64, data: ByteBuffer, fua: Bool, on eventLoop: any EventLoop) -> EventLoopFuture<Void> { memory.write(offset: offset, data: data, fua: fua, on: eventLoop) }
-    func writeParts(offset: UInt64, parts: [ByteBuffer], on eventLoop: any EventLoop) -> EventLoopFuture<Void> { memory.writeParts(offset: offset, parts: parts, on: eventLoop) }
+    func writePart(offset: UInt64, data: ByteBuffer, on eventLoop: any EventLoop) -> EventLoopFuture<Void> { memory.writePart(offset: offset, data: data, on: eventLoop) }
     func trim(offset: UInt64, length: UInt64, fua: Bool, on eventLoop: any EventLoop) -> EventLoopFuture<Void> { eventLoop.makeSucceededVoidFuture() }
     func writeZeroes(offset: UInt64, length: UInt64, mayPunchHole: Bool, fastOnly: Bool, fua: Bool, on eventLoop: any EventLoop) -> EventLoopFuture<Void> { eventLoop.makeSucceededVoidFuture() }
     func blockStatus(offset: UInt64, length: UInt64, on eventLoop: any EventLoop) -> EventLoopFuture<[BlockExtent]> { memory.blockStatus(offset: offset, length: length, on: eventLoop) }
