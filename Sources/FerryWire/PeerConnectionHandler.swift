@@ -315,10 +315,7 @@ final class PeerConnectionHandler: ChannelInboundHandler {
 
     private func sayGoodbyeAndClose(_ reason: String, context: ChannelHandlerContext) {
         phase = .closed
-        let goodbye = LinkMessage.goodbye(reason: reason).frame(allocator: context.channel.allocator)
-        context.writeAndFlush(wrapOutboundOut(goodbye)).assumeIsolated().whenComplete { [context] _ in
-            context.close(promise: nil)
-        }
+        Self.sayGoodbyeAndClose(context.channel, reason: reason)
     }
 
     /// Sends `goodbye` on another link (any event loop) and closes it.

@@ -49,6 +49,7 @@ struct Quickstart: AsyncParsableCommand {
         let replication = ["east": ports[0], "west": ports[1]]
         let nbdPorts = ["east": ports[2], "west": ports[3]]
         var configPaths: [String: String] = [:]
+        var adminSockets: [String: String] = [:]
         for name in names {
             let other = names.first { $0 != name }!
             let data = "\(base)/\(name)"
@@ -63,6 +64,7 @@ struct Quickstart: AsyncParsableCommand {
                 logLevel: "info", path: "\(base)/\(name).yaml")
             try config.yaml().write(toFile: config.path, atomically: true, encoding: .utf8)
             configPaths[name] = config.path
+            adminSockets[name] = config.listen.adminSocket
         }
 
         print("ferry quickstart: two sites in \(base)\n")
@@ -90,7 +92,7 @@ struct Quickstart: AsyncParsableCommand {
         var statuses: [String: SiteStatus] = [:]
         while Date() < deadline {
             for name in names where children[name]!.isRunning {
-                statuses[name] = try? fetchStatus(configPaths[name]!, base: base, name: name)
+                statuses[name] = try? fetchStatus(socket: adminSockets[name]!)
             }
             if let dead = names.first(where: { !(children[$0]?.isRunning ?? false) }) {
                 stopAll()
@@ -138,7 +140,7 @@ struct Quickstart: AsyncParsableCommand {
             try? await Task.sleep(for: .milliseconds(500))
             for name in names {
                 let running = children[name]!.isRunning
-                let current = running ? ((try? fetchStatus(configPaths[name]!, base: base, name: name)).map(summary) ?? "not answering") : "stopped (exit \(children[name]!.terminationStatus))"
+                let current = running ? ((try? fetchStatus(socket: adminSockets[name]!)).map(summary) ?? "not answering") : "stopped (exit \(children[name]!.terminationStatus))"
                 if current != last[name] {
                     print("\(timestamp())  \(name): \(current)")
                     last[name] = current
@@ -150,8 +152,8 @@ struct Quickstart: AsyncParsableCommand {
         print("stopped. Data, configs and logs stay in \(base); `ferry quickstart --dir \(base)` starts them again.")
     }
 
-    private func fetchStatus(_ configPath: String, base: String, name: String) throws -> SiteStatus {
-        let (code, body) = try AdminClient.get(socketPath: "\(base)/\(name)/admin.sock", path: "/v1/status", timeoutSeconds: 2)
+    private func fetchStatus(socket: String) throws -> SiteStatus {
+        let (code, body) = try AdminClient.get(socketPath: socket, path: "/v1/status", timeoutSeconds: 2)
         guard code == 200 else { throw SiteError("status \(code)") }
         return try SiteStatus.decoder().decode(SiteStatus.self, from: body)
     }

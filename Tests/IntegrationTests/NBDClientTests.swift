@@ -124,6 +124,7 @@ struct NBDClientTests {
                 "--name=ferry-verify", "--ioengine=nbd", "--uri=\(site.uri("vm1"))",
                 "--rw=randwrite", "--bs=4k", "--iodepth=16", "--size=64m", "--direct=1",
                 "--verify=crc32c", "--do_verify=1", "--verify_fatal=1", "--verify_backlog=1024",
+                "--verify_state_save=0",  // fio would leave a *.verify.state file in the working directory
                 "--output-format=json", "--output=\(dir.path)/fio.json",
             ])
             #expect(result.status == 0)
