@@ -10,7 +10,7 @@ TEST_PKGS := qemu-utils libnbd-bin nbdkit fio
 BENCH_PKGS := $(TEST_PKGS)
 QUICKSTART_ARGS ?=
 
-.PHONY: quickstart test build release bench deps-build deps-test clean-data
+.PHONY: quickstart test build release bench simulate deps-build deps-test clean-data
 
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -38,6 +38,14 @@ quickstart: build
 test: deps-test
 	$(SWIFT) build --build-tests
 	$(SWIFT) test --skip-build --no-parallel
+
+# The long run of the deterministic simulation (make test runs 200 schedules):
+#   make simulate SCHEDULES=20000 BASE=1
+SCHEDULES ?= 20000
+BASE ?= 1
+simulate: deps-build
+	$(SWIFT) build --build-tests
+	FERRY_SIM_SCHEDULES=$(SCHEDULES) FERRY_SIM_BASE=$(BASE) $(SWIFT) test --skip-build --filter FerrySimulationTests
 
 release: deps-build
 	$(SWIFT) build -c release --scratch-path .build-release

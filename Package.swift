@@ -66,6 +66,8 @@ let package = Package(
         ]),
 
         .testTarget(name: "FerryCoreTests", dependencies: ["FerryCore"]),
+        // Seeded schedules of the replication state machines over a simulated network and disks.
+        .testTarget(name: "FerrySimulationTests", dependencies: ["FerryCore"]),
         .testTarget(name: "FerryWireTests", dependencies: [
             "FerryWire", "FerryCore",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -14,12 +14,19 @@ import NIOCore
 public protocol BlockDevice: AnyObject, Sendable {
     var size: UInt64 { get }
     var isReadOnly: Bool { get }
+    /// Whether the server advertises NBD_FLAG_CAN_MULTI_CONN for this device: a `flush` (or a
+    /// FUA write) on any connection covers what every connection wrote before it (proto.md: "the
+    /// effects of NBD_CMD_FLUSH and NBD_CMD_FLAG_FUA MUST be visible across all connections"), so
+    /// a client may spread one disk over several connections. True by default; a device whose
+    /// flush covers less says false, and clients then keep to one connection ("SHOULD NOT
+    /// multiplex their commands over more than one connection").
+    var canMultiConn: Bool { get }
 
     func read(offset: UInt64, length: Int, on eventLoop: any EventLoop) -> EventLoopFuture<ByteBuffer>
     /// `fua`: the data must be durable before the future succeeds.
     func write(offset: UInt64, data: ByteBuffer, fua: Bool, on eventLoop: any EventLoop) -> EventLoopFuture<Void>
-    /// Everything any connection wrote before this call must be durable when the future succeeds
-    /// (the server advertises CAN_MULTI_CONN).
+    /// When the future succeeds, every write completed before this call must be durable: those of
+    /// every connection if `canMultiConn`, else at least this connection's.
     func flush(on eventLoop: any EventLoop) -> EventLoopFuture<Void>
     /// Advisory: the range's contents may be discarded.
     func trim(offset: UInt64, length: UInt64, fua: Bool, on eventLoop: any EventLoop) -> EventLoopFuture<Void>
@@ -29,6 +36,11 @@ public protocol BlockDevice: AnyObject, Sendable {
                      on eventLoop: any EventLoop) -> EventLoopFuture<Void>
     /// Allocation of the range as consecutive extents starting at `offset`; at least one.
     func blockStatus(offset: UInt64, length: UInt64, on eventLoop: any EventLoop) -> EventLoopFuture<[BlockExtent]>
+}
+
+extension BlockDevice {
+    /// Every flush covers every connection's writes unless the device says otherwise.
+    public var canMultiConn: Bool { true }
 }
 
 /// A run of a device's bytes with one allocation state (NBD `base:allocation`).
@@ -53,6 +65,9 @@ public enum BlockDeviceError: Error, Sendable, Equatable {
     case notSupported
     case readOnly
     case shuttingDown
+    /// The export was fenced (``NBDExportTable/fence(_:reason:)``): another site may now own the
+    /// volume, so nothing more is served here.
+    case fenced
 }
 
 extension BlockDeviceError {
@@ -68,6 +83,12 @@ extension BlockDeviceError {
         case .notSupported: return NBD.Errno.enotsup
         case .readOnly: return NBD.Errno.eperm
         case .shuttingDown: return NBD.Errno.eshutdown
+        // ESHUTDOWN, not EPERM: a fenced export is going away, and proto.md names ESHUTDOWN for
+        // exactly that ("On a server shutdown ... The error value issued in respect of these
+        // requests and any subsequently received requests SHOULD be ESHUTDOWN"), and on it the
+        // client "MUST initiate a soft disconnect" instead of retrying. EPERM would read as a
+        // read-only export and fail only writes, while a fenced export serves nothing.
+        case .fenced: return NBD.Errno.eshutdown
         }
     }
 }

@@ -39,8 +39,15 @@ final class NBDConnectionHandler: ChannelInboundHandler {
 
     // Transmission state.
     var export: NBDExport?
+    /// The export's gate (see `NBDExportTable`); closed when the export is removed or fenced.
+    var gate: NBDExportGate?
     var transmissionFlags: UInt16 = 0
-    var inFlight = 0
+    /// Requests handed to the device (or, for a streamed WRITE, being received) and not answered
+    /// yet, by a serial of this connection: counted for backpressure, and answered with an error
+    /// if the export is withdrawn before the device completes them.
+    var inFlightRequests: [UInt64: Request] = [:]
+    var nextSerial: UInt64 = 0
+    var inFlight: Int { inFlightRequests.count }
     var streamingWrite: StreamingWrite?
     /// Counted in the export table's clients; detached exactly once, however the connection ends.
     var attached = false
@@ -78,7 +85,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     func channelInactive(context: ChannelHandlerContext) {
         if attached, let export {
             attached = false
-            exports.clientDetached(export.name)
+            exports.detach(export.name, id: ObjectIdentifier(self))
             logger.info("NBD client disconnected", metadata: ["conn": "\(connectionID)", "export": "\(export.name)"])
         }
         phase = .closed
@@ -254,6 +261,63 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         case .closed:
             break
         }
+    }
+
+    /// Counts `request` as in flight; returns its serial for `endRequest`.
+    func beginRequest(_ request: Request) -> UInt64 {
+        let serial = nextSerial
+        nextSerial &+= 1
+        inFlightRequests[serial] = request
+        return serial
+    }
+
+    /// Stops counting a request; false when it was answered already (the export was withdrawn),
+    /// so its completion must not reply again.
+    func endRequest(_ serial: UInt64) -> Bool {
+        inFlightRequests.removeValue(forKey: serial) != nil
+    }
+
+    /// Looks up an export for GO or EXPORT_NAME and counts this connection as its client, in one
+    /// step with the table, so a concurrent `remove` or `fence` either hides the export or
+    /// reaches this connection.
+    func attach(_ name: String) -> NBDExport? {
+        let handler = NIOLoopBound(self, eventLoop: context.eventLoop)
+        let eventLoop = context.eventLoop
+        let client = AttachedClient { error, reason in
+            // Always a later turn of the loop: `remove` may be called from inside a device
+            // callback on this very loop, in the middle of parsing.
+            eventLoop.execute { handler.value.withdraw(error, reason: reason) }
+        }
+        guard let (export, gate) = exports.attach(name, id: ObjectIdentifier(self), client: client) else { return nil }
+        self.gate = gate
+        attached = true
+        return export
+    }
+
+    /// Why `name` cannot be opened, for an option reply.
+    func unavailable(_ name: String) -> String {
+        if let reason = exports.fenceReason(name) { return "export \"\(name)\" is fenced: \(reason)" }
+        return "no export named \"\(name)\""
+    }
+
+    /// The export was removed or fenced: answers every request in flight with `error`, then
+    /// closes once the replies are written. proto.md ("Terminating the transmission phase"): on
+    /// a shutdown the server "MAY speed this process up by issuing error replies", which should
+    /// be ESHUTDOWN; a request the device completes later gets no second reply.
+    func withdraw(_ error: BlockDeviceError, reason: String) {
+        guard phase == .transmission else { return }
+        logger.notice("NBD export withdrawn, closing the connection", metadata: [
+            "conn": "\(connectionID)", "export": "\(export?.name ?? "")",
+            "why": "\(error == .fenced ? "fenced" : "removed")", "reason": "\(reason)",
+            "inFlight": "\(inFlight)",
+        ])
+        let code = error.nbdError
+        for serial in inFlightRequests.keys.sorted() {
+            reply(inFlightRequests[serial]!, error: code)
+        }
+        inFlightRequests.removeAll()
+        streamingWrite = nil
+        flushAndClose()
     }
 
     func closeIfDrained() {

@@ -88,9 +88,9 @@ extension NBDConnectionHandler {
 
     private func handleExportName(_ data: ByteBuffer) {
         let name = String(buffer: data)
-        guard let export = exports.lookup(name) else {
+        guard let export = attach(name) else {
             // proto.md: EXPORT_NAME cannot return an error; the server must close.
-            protocolViolation("EXPORT_NAME for unknown export \"\(name)\"")
+            protocolViolation("EXPORT_NAME: \(unavailable(name))")
             return
         }
         var out = context.channel.allocator.buffer(capacity: 134)
@@ -111,8 +111,11 @@ extension NBDConnectionHandler {
         }
         var requests: [UInt16] = []
         for _ in 0..<count { requests.append(d.readInteger(as: UInt16.self)!) }
-        guard let export = exports.lookup(name) else {
-            return optionReply(option, NBD.Reply.errUnknown, message: "no export named \"\(name)\"")
+        // GO attaches now, so that the export cannot be withdrawn unnoticed between these
+        // replies and the transmission phase.
+        guard let export = option == NBD.Option.go ? attach(name) : exports.lookup(name) else {
+            // proto.md: ERR_UNKNOWN, "The requested export is not available" (also when fenced).
+            return optionReply(option, NBD.Reply.errUnknown, message: unavailable(name))
         }
         let flags = transmissionFlags(for: export)
         var info = context.channel.allocator.buffer(capacity: 12)
@@ -174,7 +177,7 @@ extension NBDConnectionHandler {
             metaContextExport = nil
         }
         guard exports.lookup(name) != nil else {
-            return optionReply(option, NBD.Reply.errUnknown, message: "no export named \"\(name)\"")
+            return optionReply(option, NBD.Reply.errUnknown, message: unavailable(name))
         }
         let matches: Bool
         if isSet {
@@ -199,7 +202,8 @@ extension NBDConnectionHandler {
 
     func transmissionFlags(for export: NBDExport) -> UInt16 {
         var flags = NBD.TransmissionFlag.hasFlags | NBD.TransmissionFlag.sendFlush | NBD.TransmissionFlag.sendFUA
-            | NBD.TransmissionFlag.canMultiConn | NBD.TransmissionFlag.sendCache
+            | NBD.TransmissionFlag.sendCache
+        if export.device.canMultiConn { flags |= NBD.TransmissionFlag.canMultiConn }
         if export.device.isReadOnly {
             flags |= NBD.TransmissionFlag.readOnly
         } else {
@@ -217,8 +221,7 @@ extension NBDConnectionHandler {
         self.export = export
         self.transmissionFlags = flags
         phase = .transmission
-        exports.clientAttached(export.name)
-        attached = true
+        inFlightRequests.reserveCapacity(NBD.maxInFlight)
         logger.info("NBD client attached", metadata: [
             "conn": "\(connectionID)", "export": "\(export.name)",
             "structured": "\(structuredReplies)", "remote": "\(context.remoteAddress.map { "\($0)" } ?? "unix")",

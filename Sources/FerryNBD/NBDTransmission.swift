@@ -7,11 +7,16 @@ extension NBDConnectionHandler {
     /// pieces' completions, which may come after the last byte arrived, update it.
     final class StreamingWrite {
         let request: Request
+        /// Its entry in `inFlightRequests`.
+        let serial: UInt64
         var received = 0
         var outstanding = 0
         var finished = false
         var error: (any Error)?
-        init(request: Request) { self.request = request }
+        init(request: Request, serial: UInt64) {
+            self.request = request
+            self.serial = serial
+        }
     }
 
     struct Request {
@@ -60,8 +65,7 @@ extension NBDConnectionHandler {
         guard request.length >= NBD.streamingWriteThreshold, !draining, let export,
               export.device is any StreamingWriteDevice, check(request, export: export) == nil else { return false }
         buffer.moveReaderIndex(forwardBy: 28)
-        inFlight += 1
-        streamingWrite = StreamingWrite(request: request)
+        streamingWrite = StreamingWrite(request: request, serial: beginRequest(request))
         _ = continueStreamingWrite(&buffer)
         return true
     }
@@ -73,6 +77,7 @@ extension NBDConnectionHandler {
         let part = buffer.readSlice(length: count)!
         let offset = write.request.offset + UInt64(write.received)
         write.received += count
+        if write.error == nil, let withdrawn = gate?.withdrawal { write.error = withdrawn }
         // After a failed piece the rest of the payload is still consumed, then the error replied.
         if write.error == nil, let device = export?.device as? any StreamingWriteDevice {
             write.outstanding += 1
@@ -94,7 +99,7 @@ extension NBDConnectionHandler {
     private func finishStreamingWriteIfDone(_ write: StreamingWrite) {
         guard write.received == Int(write.request.length), write.outstanding == 0, !write.finished else { return }
         write.finished = true
-        inFlight -= 1
+        guard endRequest(write.serial) else { return }  // answered when the export was withdrawn
         let eventLoop = context.eventLoop
         if let error = write.error {
             track(write.request, eventLoop.makeFailedFuture(error) as EventLoopFuture<Void>)
@@ -115,6 +120,11 @@ extension NBDConnectionHandler {
         }
         if draining {
             if shuttingDown { reply(request, error: NBD.Errno.eshutdown) }
+            return
+        }
+        // The export was removed or fenced; this connection is about to be told and closed.
+        if let withdrawn = gate?.withdrawal {
+            reply(request, error: withdrawn.nbdError)
             return
         }
         guard let export else { return }
@@ -190,11 +200,14 @@ extension NBDConnectionHandler {
     }
 
     private func track<T: Sendable>(_ request: Request, _ future: EventLoopFuture<T>) {
-        inFlight += 1
+        let serial = beginRequest(request)
         // hop: a device that completes on another loop must not trip assumeIsolated's check.
         future.hop(to: context.eventLoop).assumeIsolated().whenComplete { result in
-            self.inFlight -= 1
+            guard self.endRequest(serial) else { return }  // answered when the export was withdrawn
             if self.paused { self.scheduleResume() }
+            // Once the export is removed or fenced no reply reports success, also for a request
+            // the device completed before this connection heard of it.
+            let result = self.gate?.withdrawal.map { Result<T, any Error>.failure($0) } ?? result
             switch result {
             case .success(let value):
                 switch value {

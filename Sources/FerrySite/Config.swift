@@ -9,7 +9,8 @@ import Yams
 /// Read it with ``load(path:)`` or ``parse(yaml:path:)``: the whole file is validated and every
 /// problem is reported at once, each with its field path (``ConfigProblems``). A value of this type
 /// is therefore always valid: names are well formed, every volume's primary is this site or a
-/// configured peer, listen addresses do not collide, and paths are absolute. ``yaml()`` writes it
+/// configured peer and so is each of its replicas (never the primary itself), each replica has only
+/// the options of its mode, listen addresses do not collide, and paths are absolute. ``yaml()`` writes it
 /// back in a form that parses to an equal value.
 public struct SiteConfig: Sendable, Equatable {
     public var site: SiteSection
@@ -83,7 +84,7 @@ public struct SiteConfig: Sendable, Equatable {
 
 /// The `site` section: who this site is and where it keeps its state.
 public struct SiteSection: Sendable, Equatable {
-    /// 1 to 63 of `a-z`, `0-9` and `-`, not starting with `-`. Peers know this site by this name.
+    /// A ``SiteName``: 1 to 63 of `a-z`, `0-9` and `-`, not starting with `-`. Peers know this site by this name.
     public var name: String
     /// Absolute path of the data directory: identity, catalog, images.
     public var dataDirectory: String
@@ -142,10 +143,17 @@ public struct VolumeConfig: Sendable, Equatable {
     public var sizeBytes: UInt64
     /// The site meant to serve the volume read-write: this site's name or a configured peer's.
     public var primary: String
+    /// The sites that keep a replica, by name (this site or configured peers, never the primary),
+    /// each with how it replicates. Empty: the volume is not replicated.
+    public var replicas: [String: ReplicaPolicy]
 
-    public init(name: String, sizeBytes: UInt64, primary: String) {
+    public init(name: String, sizeBytes: UInt64, primary: String, replicas: [String: ReplicaPolicy] = [:]) {
         self.name = name
         self.sizeBytes = sizeBytes
         self.primary = primary
+        self.replicas = replicas
     }
+
+    /// The names in ``replicas``, sorted.
+    public var replicaNames: [String] { replicas.keys.sorted() }
 }

@@ -20,7 +20,7 @@ struct ConfigReader {
     static let siteKeys = ["name", "data"]
     static let listenKeys = ["replication", "nbd", "nbd-socket", "admin-socket"]
     static let peerKeys = ["address", "site-id"]
-    static let volumeKeys = ["size", "primary"]
+    static let volumeKeys = ["size", "primary", "replicas"]
 
     /// Volume sizes must be whole 4 KiB blocks (the NBD block size Ferry advertises).
     static let volumeSizeUnit: UInt64 = 4096
@@ -43,13 +43,6 @@ struct ConfigReader {
 
     // MARK: site
 
-    /// `[a-z0-9][a-z0-9-]{0,62}`: usable as a DNS label, a file name and a metric label.
-    static func isSiteName(_ name: String) -> Bool {
-        let chars = Array(name.utf8)
-        guard (1...63).contains(chars.count), chars[0] != UInt8(ascii: "-") else { return false }
-        return chars.allSatisfy { isLowerAlnum($0) || $0 == UInt8(ascii: "-") }
-    }
-
     /// `[a-z0-9][a-z0-9._-]{0,62}`: a volume name is also a file name and an NBD export name.
     static func isVolumeName(_ name: String) -> Bool {
         let chars = Array(name.utf8)
@@ -61,18 +54,18 @@ struct ConfigReader {
         (UInt8(ascii: "a")...UInt8(ascii: "z")).contains(c) || (UInt8(ascii: "0")...UInt8(ascii: "9")).contains(c)
     }
 
-    private static func siteNameAdvice(_ name: String) -> String {
+    /// What is wrong with a name that is not a ``SiteName``, with the rule and an example.
+    static func siteNameAdvice(_ name: String) -> String {
         let lower = name.lowercased()
-        let example = isSiteName(lower) && lower != name ? "\"\(lower)\"" : "\"east\""
-        return "\"\(name)\" is not a valid site name; use 1 to 63 lowercase letters, digits and dashes, "
-            + "starting with a letter or digit (e.g. \(example))"
+        let example = SiteName.isValid(lower) && lower != name ? "\"\(lower)\"" : "\"east\""
+        return "\"\(name)\" is not a valid site name; use \(SiteName.rule) (e.g. \(example))"
     }
 
     private mutating func readSite(_ node: Node?, line: Int?) -> (name: String?, dataDirectory: String?) {
         guard let mapping = map(node, at: "site", line: line, expected: "a map with name and data") else { return (nil, nil) }
         let fields = fields(of: mapping, at: "site", known: Self.siteKeys, line: line)
         var name = text(fields, "name", required: true, example: "east")
-        if let text = name, !Self.isSiteName(text) {
+        if let text = name, !SiteName.isValid(text) {
             report("site.name", Self.siteNameAdvice(text), line: fields.line(of: "name"))
             name = nil
         }
@@ -171,7 +164,7 @@ struct ConfigReader {
         for (name, value, keyLine) in entries(of: mapping, at: "peers") {
             let path = "peers.\(name)"
             names.append(name)
-            if !Self.isSiteName(name) {
+            if !SiteName.isValid(name) {
                 report(path, Self.siteNameAdvice(name) + "; a peer is named by its own site.name", line: keyLine)
             } else if name == siteName {
                 report(path, "\"\(name)\" is this site's own name; a peer is another site, named by that site's site.name",
@@ -228,20 +221,28 @@ struct ConfigReader {
             let fields = fields(of: entry, at: path, known: Self.volumeKeys, line: keyLine)
             let size = readSize(fields)
             var primary = text(fields, "primary", required: true, example: siteName ?? "east")
-            if let text = primary, let siteName, let peerNames, text != siteName, !peerNames.contains(text) {
-                let peers = peerNames.isEmpty ? "there are none" : peerNames.sorted().joined(separator: ", ")
-                var message = "\"\(text)\" is neither this site (\"\(siteName)\") nor a configured peer (\(peers))"
-                if let guess = Self.closest(to: text, among: [siteName] + peerNames.sorted()) {
-                    message += "; did you mean \"\(guess)\"?"
-                }
+            if let text = primary, let message = Self.unknownSite(text, siteName: siteName, peerNames: peerNames) {
                 report(fields.path("primary"), message, line: fields.line(of: "primary"))
                 primary = nil
             }
-            if Self.isVolumeName(name), let size, let primary {
-                volumes.append(VolumeConfig(name: name, sizeBytes: size, primary: primary))
+            let replicas = readReplicas(fields, siteName: siteName, peerNames: peerNames, primary: primary)
+            if Self.isVolumeName(name), let size, let primary, let replicas {
+                volumes.append(VolumeConfig(name: name, sizeBytes: size, primary: primary, replicas: replicas))
             }
         }
         return volumes.sorted { $0.name < $1.name }
+    }
+
+    /// Why `name` is neither this site nor a configured peer, or nil when it is one of them or
+    /// when either list could not be read (so that the mistake there is not blamed here too).
+    static func unknownSite(_ name: String, siteName: String?, peerNames: [String]?) -> String? {
+        guard let siteName, let peerNames, name != siteName, !peerNames.contains(name) else { return nil }
+        let peers = peerNames.isEmpty ? "there are none" : peerNames.sorted().joined(separator: ", ")
+        var message = "\"\(name)\" is neither this site (\"\(siteName)\") nor a configured peer (\(peers))"
+        if let guess = closest(to: name, among: [siteName] + peerNames.sorted()) {
+            message += "; did you mean \"\(guess)\"?"
+        }
+        return message
     }
 
     private mutating func readSize(_ fields: ConfigFields) -> UInt64? {

@@ -1,9 +1,12 @@
+import FerryCore
 import Yams
 
 extension SiteConfig {
     /// The configuration as YAML, in the layout `docs/configuration.md` shows; parsing it (with
     /// any file path, since every path in it is absolute) gives a value equal to this one.
     ///
+    /// A replica's options are written when they apply to its mode and differ from their
+    /// defaults, but an async replica's `max-lag` always, since it is the bound that replica keeps.
     /// `admin-socket` is left out when it is the default, so that a written file stays short and
     /// follows the data directory if it moves. Names and paths are quoted only when YAML needs it.
     public func yaml() -> String {
@@ -37,6 +40,13 @@ extension SiteConfig {
                 lines.append("  \(R.scalar(volume.name)):")
                 lines.append("    size: \(R.size(volume.sizeBytes))")
                 lines.append("    primary: \(R.scalar(volume.primary))")
+                if !volume.replicas.isEmpty {
+                    lines.append("    replicas:")
+                    for name in volume.replicaNames {
+                        lines.append("      \(R.scalar(name)):")
+                        lines += R.options(of: volume.replicas[name]!).map { "        \($0.key): \($0.value)" }
+                    }
+                }
             }
         }
         lines.append("log-level: \(R.scalar(logLevel))")
@@ -54,6 +64,35 @@ enum ConfigRendering {
             return "\(bytes >> unit.shift)\(unit.name)"
         }
         return "\(bytes)"
+    }
+
+    /// The fields of one replica, in the order docs/configuration.md lists them, values as YAML.
+    static func options(of policy: ReplicaPolicy) -> [(key: String, value: String)] {
+        var out: [(key: String, value: String)] = [("mode", policy.mode.rawValue)]
+        func add(_ option: ReplicaOption, _ value: String?) {
+            if let value, option.applies(to: policy.mode) { out.append((option.rawValue, value)) }
+        }
+        add(.onPeerLoss, policy.onPeerLoss == .degrade ? nil : policy.onPeerLoss.rawValue)
+        switch (policy.maxLagBytes, policy.maxLagSeconds) {
+        case let (bytes?, seconds?): add(.maxLag, "{bytes: \(size(bytes)), time: \(DurationText.format(seconds: seconds))}")
+        case let (bytes?, nil): add(.maxLag, size(bytes))
+        case let (nil, seconds?): add(.maxLag, DurationText.format(seconds: seconds))
+        case (nil, nil): break
+        }
+        add(.onLag, policy.onLag == .throttle ? nil : policy.onLag.rawValue)
+        add(.journalSize, policy.journalSizeBytes == ReplicaPolicy.defaultJournalSizeBytes ? nil : size(policy.journalSizeBytes))
+        add(.compression, policy.compression == .zstd ? nil : policy.compression.rawValue)
+        add(.resyncRate, policy.resyncRateBytesPerSecond.map(size))
+        if let schedule = policy.schedule {
+            switch schedule.kind {
+            case .every(let seconds):
+                add(.every, DurationText.format(seconds: seconds))
+            case .daily, .weekly:
+                add(.at, schedule.timeOfDay.map { "\"\($0)\"" })
+            }
+            if case .weekly(let day, _) = schedule.kind { add(.on, day.description) }
+        }
+        return out
     }
 
     /// `text` as a YAML scalar that reads back as the same string: plain when that is unambiguous,

@@ -11,7 +11,7 @@ import NIOCore
 ///     0       4     magic            u32  0x46525931 ("FRY1")
 ///     4       1     version          u8   1 (the frame format version; see below for the link protocol)
 ///     5       1     type             u8   FrameType; see the table below
-///     6       2     flags            u16  per-type; 0 for every type defined so far
+///     6       2     flags            u16  per-type bits; 0 for the link-control types
 ///     8       4     payload length   u32  0 ... 67_108_864 (64 MiB)
 ///     12      N     payload          N bytes, layout per type
 ///     12+N    8     checksum         u64  XXH3-64 (seed 0) of bytes 0 ..< 12+N, i.e. header and payload
@@ -22,6 +22,8 @@ import NIOCore
 /// passes all checks but has a type the receiver does not know is ignored if the type is optional
 /// (type >= 0x80), and is fatal otherwise (type < 0x80). So a later release may add optional frames
 /// old sites skip; anything an old site must not miss needs a new link protocol version instead.
+/// A frame of a known type with a flag bit its type does not define is fatal too: link-control
+/// frames must have flags 0, and each data-plane type defines its own bits (`dataFrameTypes`).
 ///
 /// Strings are UTF-8 preceded by their byte length as u16. A payload must be exactly as long as its
 /// fields; extra or missing bytes are a fatal error.
@@ -53,16 +55,22 @@ import NIOCore
 ///    common version) and then waits for `helloAck`, which must carry the version it computed.
 ///    Before this exchange is complete, any other frame is a protocol error.
 /// 4. The link is then up. Each side sends `ping` every heartbeat interval (1 s by default) and
-///    answers every `ping` with a `pong` carrying the same nonce and sentAt; the pinger measures
-///    the round-trip time from sentAt. A side that has received no frame at all for the dead-after
-///    interval (5 s by default) closes the connection and reconnects.
+///    answers every `ping` with a `pong` carrying the same nonce and sentAt. The pinger matches the
+///    pong's nonce against its last 8 unanswered pings and measures the round-trip time from its
+///    own record of when that ping left, not from the echoed sentAt; a pong that matches none is
+///    ignored. A side that has received no frame at all for the dead-after interval (5 s by
+///    default) closes the connection and reconnects.
 /// 5. Both sites dial each other, and a site does not dial a peer it has a link with. If both
 ///    dials succeed, both sites keep the link dialed by the site whose site ID is smaller
 ///    (comparing the 32 bytes as unsigned, lexicographically). That site closes the other link,
-///    with `goodbye`, as soon as its own link is up (it has received `helloAck`, so the peer's end
-///    is up too); the other site keeps both until then and uses the preferred one. So both sites
-///    keep the same connection and neither is left without a link in between. Two links dialed
-///    by the same site mean it restarted: the receiver closes the older one.
+///    with `goodbye`, once its own link is up and the peer has been heard on it since the other
+///    link came up (`helloAck` if the own link came up second, else the peer's next `ping` or
+///    `pong` on it); the other site keeps both until then and uses the preferred one. So both
+///    sites keep the same connection and neither is left without a link in between. Until the
+///    peer is heard on it, an own link older than the peer's is not trusted: the peer dials only
+///    when it has no link, so it may have restarted and lost this one; the newer link is used
+///    meanwhile, and the stale one is left to dead-link detection. Two links dialed by the same
+///    site mean it restarted: the receiver closes the older one.
 /// 6. `goodbye` is sent before a deliberate close; the receiver logs the reason and closes.
 public struct Frame: Sendable, Equatable {
     /// The magic number at the start of every frame: "FRY1".
@@ -78,7 +86,8 @@ public struct Frame: Sendable, Equatable {
 
     /// What the payload is; decides its layout.
     public var type: FrameType
-    /// Per-type bits; 0 for the link-control types.
+    /// Per-type bits: 0 for the link-control types; each data-plane type defines its own, and a
+    /// receiver refuses bits it does not know (``FrameError/unknownFlags(_:_:)``).
     public var flags: UInt16
     /// The payload, at most ``maxPayloadSize`` bytes. On decode, a slice of the receive buffer.
     public var payload: ByteBuffer
@@ -144,6 +153,8 @@ public enum FrameError: Error, Equatable, CustomStringConvertible {
     case checksumMismatch(expected: UInt64, computed: UInt64)
     /// A non-optional frame type this site does not know.
     case unknownType(FrameType)
+    /// A frame of a known type with flag bits its type does not define (all the frame's flags).
+    case unknownFlags(FrameType, UInt16)
     /// The payload does not have the layout its type requires.
     case malformedPayload(FrameType, String)
     /// Frame too large to send (an encoder-side check).
@@ -164,6 +175,9 @@ public enum FrameError: Error, Equatable, CustomStringConvertible {
                 + "bytes hash to \(String(computed, radix: 16))): data was corrupted in transit"
         case .unknownType(let type):
             return "unknown frame type \(type) (not optional): the other site speaks a newer protocol; upgrade this site"
+        case .unknownFlags(let type, let flags):
+            return "\(type) frame with flags 0x\(String(flags, radix: 16)), which sets bits this site does not know: "
+                + "the other site speaks a newer protocol, or has a bug; upgrade this site"
         case .malformedPayload(let type, let why):
             return "malformed \(type) frame: \(why)"
         case .payloadTooLargeToSend(let length):

@@ -7,16 +7,28 @@ import NIOCore
 /// stream that is not Ferry, or a length over 64 MiB, is refused without buffering the payload.
 /// Any failure throws a ``FrameError``; the channel pipeline then closes the connection, and
 /// nothing from the bad frame reaches a handler. A well-formed frame of an optional type not in
-/// `knownTypes` is dropped; of a non-optional unknown type, it throws ``FrameError/unknownType(_:)``.
+/// `knownFlags` is dropped; of a non-optional unknown type, it throws ``FrameError/unknownType(_:)``.
+/// A frame of a known type with a flag bit outside its type's mask throws
+/// ``FrameError/unknownFlags(_:_:)``.
 public struct FrameDecoder: ByteToMessageDecoder {
     public typealias InboundOut = Frame
 
-    /// The frame types the layer above understands.
-    public let knownTypes: Set<FrameType>
+    /// The frame types the layer above understands, each with the flag bits it defines.
+    public let knownFlags: [FrameType: UInt16]
 
-    /// - Parameter knownTypes: the types to deliver; by default the link-control types.
+    /// The frame types the layer above understands.
+    public var knownTypes: Set<FrameType> { Set(knownFlags.keys) }
+
+    /// - Parameter knownTypes: the types to deliver, none of which defines a flag; by default the
+    ///   link-control types.
     public init(knownTypes: Set<FrameType> = FrameType.linkControl) {
-        self.knownTypes = knownTypes
+        self.knownFlags = Dictionary(uniqueKeysWithValues: knownTypes.map { ($0, 0) })
+    }
+
+    /// - Parameter knownFlags: the types to deliver, each with the mask of flag bits it may carry
+    ///   (0 for the link-control types).
+    public init(knownFlags: [FrameType: UInt16]) {
+        self.knownFlags = knownFlags
     }
 
     public mutating func decode(context: ChannelHandlerContext, buffer: inout ByteBuffer) throws -> DecodingState {
@@ -40,7 +52,11 @@ public struct FrameDecoder: ByteToMessageDecoder {
     public func nextFrame(from buffer: inout ByteBuffer) throws -> Frame? {
         while true {
             guard let frame = try Self.decodeOne(from: &buffer) else { return nil }
-            if knownTypes.contains(frame.type) { return frame }
+            if let mask = knownFlags[frame.type] {
+                // proto: a flag the receiver does not know is fatal, like an unknown type.
+                guard frame.flags & ~mask == 0 else { throw FrameError.unknownFlags(frame.type, frame.flags) }
+                return frame
+            }
             if !frame.type.isOptional { throw FrameError.unknownType(frame.type) }
             // proto: an unknown optional frame is skipped; it was checked like any other.
         }

@@ -16,14 +16,16 @@ final class LinkRegistry: Sendable {
     let logger: Logger
     /// Configured peers by name; fixed for the registry's life.
     let peers: [String: PeerEndpoint]
-    /// Frame types delivered to the frame handler (besides link control, which is handled here).
-    let dataFrameTypes: Set<FrameType>
 
     private let state: Mutex<State>
 
     private struct Live {
         var channel: any Channel
         var direction: LinkDirection
+        /// False for a link this site dialed once the peer has dialed a newer one and until the
+        /// peer is heard on this one again: the peer dials only when it has no link, so it may have
+        /// restarted and lost this one (only the smaller-ID site tracks this; see `linkUp`).
+        var heardSinceNewerLink = true
     }
 
     private struct PeerRecord {
@@ -31,9 +33,11 @@ final class LinkRegistry: Sendable {
         var since: Date
         var rttMilliseconds: Double?
         var lastError: String?
-        /// Established links, oldest first. Usually one; two while a duplicate is being closed.
+        /// Established links, oldest first. Usually one; two while a duplicate is being closed or
+        /// an own link is in doubt (see `linkUp`).
         var links: [Live] = []
-        /// The link to use: the one in the preferred direction if it is up, else the newest.
+        /// The link to use: the newest in the preferred direction if it is up and not in doubt,
+        /// else the newest.
         var current: Live?
         var dialing = false
         /// The error last written to the log, to keep a peer that stays down from logging every retry.
@@ -56,11 +60,10 @@ final class LinkRegistry: Sendable {
         var reason: String
     }
 
-    init(identity: SiteIdentity, peers: [PeerEndpoint], dataFrameTypes: Set<FrameType>, logger: Logger) {
+    init(identity: SiteIdentity, peers: [PeerEndpoint], logger: Logger) {
         self.localName = identity.siteName
         self.localID = identity.siteID
         self.logger = logger
-        self.dataFrameTypes = dataFrameTypes
         var byName: [String: PeerEndpoint] = [:]
         for peer in peers {
             // The configuration layer rejects these; if one slips through, say which entry wins.
@@ -147,16 +150,22 @@ final class LinkRegistry: Sendable {
     /// A link passed the hello exchange: records it and says which links to close.
     ///
     /// proto: of two links to the same peer, both sites keep the one dialed by the site with the
-    /// smaller site ID. Only that site closes the other one, and only once its own link is up:
-    /// its link being up (it received `helloAck`) means the peer's end of it is up already, so
-    /// neither site is ever left without a link. The other site keeps both until the `goodbye`
-    /// arrives, and meanwhile prefers the right one. Two links in the same direction mean the
-    /// dialer restarted; the older one is stale and is closed.
+    /// smaller site ID. Only that site closes the other one, and only once its own link is up and
+    /// the peer has been heard on it since the other link came up. Its link coming up second is
+    /// enough (it received `helloAck`, so the peer's end of it is up already), so neither site is
+    /// ever left without a link. The other site keeps both until the `goodbye` arrives, and
+    /// meanwhile prefers the right one. Two links in the same direction mean the dialer
+    /// restarted; the older one is stale and is closed.
+    ///
+    /// The peer's link coming up second is not enough: the peer dials only when it has no link,
+    /// so it may have restarted (crashed without closing its connections) and the own link be a
+    /// stale one that dead-link detection has not caught yet. Closing the fresh link then would
+    /// bounce the restarted peer for seconds. So the own link waits for a `ping` or `pong` on it
+    /// (`heardFrom`), which the peer sends on every link within a heartbeat, and the fresh link
+    /// is used meanwhile.
     func linkUp(_ peerName: String, channel: any Channel, direction: LinkDirection) -> [LinkToClose] {
         guard let endpoint = peers[peerName] else { return [LinkToClose(channel: channel, reason: "unknown peer")] }
         let preferred = Self.preferredDirection(local: localID, peer: endpoint.siteID)
-        let duplicateReason = "duplicate link; keeping the one dialed by "
-            + (preferred == .outbound ? localName : peerName) + ", which has the smaller site ID"
         var toClose: [LinkToClose] = []
         update(peerName) { record, stopped in
             if direction == .outbound { record.dialing = false }
@@ -168,21 +177,52 @@ final class LinkRegistry: Sendable {
                 toClose.append(LinkToClose(channel: old.channel, reason: "replaced by a newer link from the same site"))
             }
             record.links.removeAll { $0.direction == direction }
-            record.links.append(Live(channel: channel, direction: direction))
-            if preferred == .outbound, record.links.contains(where: { $0.direction == .outbound }) {
-                for other in record.links where other.direction == .inbound {
-                    toClose.append(LinkToClose(channel: other.channel, reason: duplicateReason))
+            if preferred == .outbound, direction == .inbound {
+                for i in record.links.indices where record.links[i].direction == .outbound {
+                    record.links[i].heardSinceNewerLink = false
                 }
-                record.links.removeAll { $0.direction == .inbound }
             }
-            Self.chooseCurrent(&record, preferred: preferred)
+            record.links.append(Live(channel: channel, direction: direction))
+            toClose += self.closeDuplicates(&record, preferred: preferred)
         }
+        return toClose
+    }
+
+    /// A `ping` or `pong` arrived on `channel`, so the peer still holds that link: if it was in
+    /// doubt (see `linkUp`), it is trusted again and the duplicate rule runs. Returns the links to
+    /// close.
+    func heardFrom(_ peerName: String, channel: any Channel) -> [LinkToClose] {
+        guard let endpoint = peers[peerName] else { return [] }
+        let preferred = Self.preferredDirection(local: localID, peer: endpoint.siteID)
+        let id = ObjectIdentifier(channel)
+        var toClose: [LinkToClose] = []
+        update(peerName) { record, stopped in
+            guard !stopped, let i = record.links.firstIndex(where: { ObjectIdentifier($0.channel) == id }),
+                  !record.links[i].heardSinceNewerLink else { return }
+            record.links[i].heardSinceNewerLink = true
+            toClose = self.closeDuplicates(&record, preferred: preferred)
+        }
+        return toClose
+    }
+
+    /// The duplicate rule at the smaller-ID site: with an own link up and trusted, every link the
+    /// peer dialed is closed. Also picks the current link.
+    private func closeDuplicates(_ record: inout PeerRecord, preferred: LinkDirection) -> [LinkToClose] {
+        var toClose: [LinkToClose] = []
+        if preferred == .outbound, record.links.contains(where: { $0.direction == .outbound && $0.heardSinceNewerLink }) {
+            let reason = "duplicate link; keeping the one dialed by \(localName), which has the smaller site ID"
+            for other in record.links where other.direction == .inbound {
+                toClose.append(LinkToClose(channel: other.channel, reason: reason))
+            }
+            record.links.removeAll { $0.direction == .inbound }
+        }
+        Self.chooseCurrent(&record, preferred: preferred)
         return toClose
     }
 
     private static func chooseCurrent(_ record: inout PeerRecord, preferred: LinkDirection) {
         let previous = record.current.map { ObjectIdentifier($0.channel) }
-        record.current = record.links.last { $0.direction == preferred } ?? record.links.last
+        record.current = record.links.last { $0.direction == preferred && $0.heardSinceNewerLink } ?? record.links.last
         if record.current.map({ ObjectIdentifier($0.channel) }) != previous { record.rttMilliseconds = nil }
     }
 

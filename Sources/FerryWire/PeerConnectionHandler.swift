@@ -45,6 +45,7 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     private var lastReceived = NIODeadline.now()
     private var tick: Scheduled<Void>?
     private var nextNonce: UInt64 = 1
+    private var pings = OutstandingPings()
     /// The first explanation of why this connection is going away, for the log and status.
     private var closeReason: String?
 
@@ -203,13 +204,39 @@ final class PeerConnectionHandler: ChannelInboundHandler {
             becomeLive(version: version, context: context)
         case (.ping(let nonce, let sentAt), .live):
             send(.pong(nonce: nonce, sentAt: sentAt), context: context)
-        case (.pong(_, let sentAt), .live):
-            let now = NIODeadline.now().uptimeNanoseconds
-            if now >= sentAt {
-                registry.recordRTT(peer.name, channel: context.channel, milliseconds: Double(now - sentAt) / 1_000_000)
+            heardFromPeer(peer, context: context)
+        case (.pong(let nonce, _), .live):
+            // proto: RTT from our own send time of the ping this answers; the echoed sentAt is
+            // not trusted, and a pong that answers no outstanding ping is ignored.
+            guard let rtt = pings.answered(nonce: nonce, at: .now()) else {
+                registry.logger.debug(
+                    "ignored a pong from \(peer.name) with nonce \(nonce): no ping with that nonce is outstanding (never sent, answered already, or older than the last \(OutstandingPings.limit))",
+                    metadata: ["peer": "\(peer.name)"])
+                return
             }
+            registry.recordRTT(peer.name, channel: context.channel, milliseconds: Double(rtt.nanoseconds) / 1_000_000)
+            heardFromPeer(peer, context: context)
         default:
             failProtocol("unexpected \(message.frameTypeName) frame at this point of the link", context: context)
+        }
+    }
+
+    /// The peer sent a heartbeat on this link, so it still holds it; the registry may now close a
+    /// duplicate it was keeping while this link was in doubt (protocol.md §4.8).
+    private func heardFromPeer(_ peer: PeerEndpoint, context: ChannelHandlerContext) {
+        closeLinks(registry.heardFrom(peer.name, channel: context.channel), context: context)
+    }
+
+    /// Says goodbye on and closes each of `links`, this connection included if it is one of them.
+    private func closeLinks(_ links: [LinkRegistry.LinkToClose], context: ChannelHandlerContext) {
+        let ownID = ObjectIdentifier(context.channel)
+        for link in links {
+            if ObjectIdentifier(link.channel) == ownID {
+                closeReason = link.reason
+                sayGoodbyeAndClose(link.reason, context: context)
+            } else {
+                Self.sayGoodbyeAndClose(link.channel, reason: link.reason)
+            }
         }
     }
 
@@ -220,15 +247,7 @@ final class PeerConnectionHandler: ChannelInboundHandler {
         registry.logger.debug(
             "link to \(peer.name) up (\(direction.rawValue), protocol version \(version))",
             metadata: ["peer": "\(peer.name)"])
-        let ownID = ObjectIdentifier(context.channel)
-        for link in registry.linkUp(peer.name, channel: context.channel, direction: direction) {
-            if ObjectIdentifier(link.channel) == ownID {
-                closeReason = link.reason
-                sayGoodbyeAndClose(link.reason, context: context)
-            } else {
-                Self.sayGoodbyeAndClose(link.channel, reason: link.reason)
-            }
-        }
+        closeLinks(registry.linkUp(peer.name, channel: context.channel, direction: direction), context: context)
         // After linkUp: the dial loop, woken by this, must find the link registered.
         outcome?.succeed(())
     }
@@ -291,7 +310,9 @@ final class PeerConnectionHandler: ChannelInboundHandler {
         if case .live = phase {
             let nonce = nextNonce
             nextNonce &+= 1
-            send(.ping(nonce: nonce, sentAt: NIODeadline.now().uptimeNanoseconds), context: context)
+            let now = NIODeadline.now()
+            pings.sent(nonce: nonce, at: now)
+            send(.ping(nonce: nonce, sentAt: now.uptimeNanoseconds), context: context)
         }
         scheduleTick(context: context)
     }

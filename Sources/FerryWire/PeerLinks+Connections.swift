@@ -48,7 +48,7 @@ extension PeerLinks {
                     let tls = NIOSSLServerHandler(context: context, customVerificationCallback: { chain, promise in
                         handler.verifyInbound(chain, promise)
                     })
-                    try Self.addHandlers(tls: tls, handler: handler, to: channel, knownTypes: settings.knownTypes)
+                    try Self.addHandlers(tls: tls, handler: handler, to: channel, knownFlags: settings.knownFlags)
                 }
             }
     }
@@ -100,7 +100,7 @@ extension PeerLinks {
                     let tls = try NIOSSLClientHandler(
                         context: context, serverHostname: nil,
                         customVerificationCallback: { chain, promise in handler.verifyOutbound(chain, promise) })
-                    try Self.addHandlers(tls: tls, handler: handler, to: channel, knownTypes: settings.knownTypes)
+                    try Self.addHandlers(tls: tls, handler: handler, to: channel, knownFlags: settings.knownFlags)
                 }
             }
         let channel: any Channel
@@ -124,11 +124,11 @@ extension PeerLinks {
     }
 
     private static func addHandlers(
-        tls: NIOSSLHandler, handler: PeerConnectionHandler, to channel: any Channel, knownTypes: Set<FrameType>
+        tls: NIOSSLHandler, handler: PeerConnectionHandler, to channel: any Channel, knownFlags: [FrameType: UInt16]
     ) throws {
         let pipeline = channel.pipeline.syncOperations
         try pipeline.addHandler(tls)
-        try pipeline.addHandler(ByteToMessageHandler(FrameDecoder(knownTypes: knownTypes)))
+        try pipeline.addHandler(ByteToMessageHandler(FrameDecoder(knownFlags: knownFlags)))
         try pipeline.addHandler(MessageToByteHandler(FrameEncoder()))
         try pipeline.addHandler(handler)
     }
@@ -137,11 +137,11 @@ extension PeerLinks {
     struct ConnectionSettings: Sendable {
         var heartbeat: TimeAmount
         var deadAfter: TimeAmount
-        var knownTypes: Set<FrameType>
+        var knownFlags: [FrameType: UInt16]
     }
 
     var connectionSettings: ConnectionSettings {
-        ConnectionSettings(heartbeat: heartbeat, deadAfter: deadAfter, knownTypes: knownFrameTypes)
+        ConnectionSettings(heartbeat: heartbeat, deadAfter: deadAfter, knownFlags: knownFrameFlags)
     }
 
     static func describe(_ address: SocketAddress?) -> String {

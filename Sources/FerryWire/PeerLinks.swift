@@ -23,8 +23,9 @@ import Synchronization
 /// `PeerLinks` handles the link-control frames (``FrameType/linkControl``) itself. Frames of the
 /// types passed as `dataFrameTypes` are handed to ``onFrame``, in order for each link, once the
 /// link is up; a frame of an optional type that is in neither set is dropped, and one of a
-/// non-optional type in neither set closes the link (``FrameError/unknownType(_:)``). Send with
-/// ``send(_:to:)``.
+/// non-optional type in neither set closes the link (``FrameError/unknownType(_:)``). So does a
+/// frame with a flag bit its type does not define (``FrameError/unknownFlags(_:_:)``): none for
+/// link control, the mask given in `dataFrameTypes` for the others. Send with ``send(_:to:)``.
 public final class PeerLinks: Sendable {
     /// This site's identity, presented to every peer.
     public let identity: SiteIdentity
@@ -37,7 +38,9 @@ public final class PeerLinks: Sendable {
     private let logger: Logger
     let heartbeat: TimeAmount
     let deadAfter: TimeAmount
-    let knownFrameTypes: Set<FrameType>
+    /// Every type this site understands with the flag bits it defines: link control (none) and
+    /// `dataFrameTypes`.
+    let knownFrameFlags: [FrameType: UInt16]
     let registry: LinkRegistry
     private let runtime = Mutex(Runtime())
 
@@ -59,7 +62,8 @@ public final class PeerLinks: Sendable {
     ///   - group: the event loops for all connections.
     ///   - heartbeatInterval: how often to ping each linked peer.
     ///   - deadAfter: how long a link may stay silent (no frame at all) before it is closed.
-    ///   - dataFrameTypes: frame types delivered to ``onFrame``; must not include link-control types.
+    ///   - dataFrameTypes: frame types delivered to ``onFrame``, each with the mask of the flag bits
+    ///     it defines (`[type: 0]` for a type without flags); must not include link-control types.
     public init(
         identity: SiteIdentity,
         listen: (host: String, port: Int),
@@ -68,9 +72,9 @@ public final class PeerLinks: Sendable {
         logger: Logger,
         heartbeatInterval: Duration = .seconds(1),
         deadAfter: Duration = .seconds(5),
-        dataFrameTypes: Set<FrameType> = []
+        dataFrameTypes: [FrameType: UInt16] = [:]
     ) {
-        precondition(dataFrameTypes.isDisjoint(with: FrameType.linkControl),
+        precondition(FrameType.linkControl.isDisjoint(with: dataFrameTypes.keys),
                      "dataFrameTypes must not include link-control frame types")
         self.identity = identity
         self.peers = peers
@@ -80,9 +84,8 @@ public final class PeerLinks: Sendable {
         self.logger = logger
         self.heartbeat = .nanoseconds(max(1_000_000, heartbeatInterval.nanoseconds))
         self.deadAfter = .nanoseconds(max(1_000_000, deadAfter.nanoseconds))
-        self.knownFrameTypes = FrameType.linkControl.union(dataFrameTypes)
-        self.registry = LinkRegistry(
-            identity: identity, peers: peers, dataFrameTypes: dataFrameTypes, logger: logger)
+        self.knownFrameFlags = dataFrameTypes.merging(FrameType.linkControl.map { ($0, 0) }) { data, _ in data }
+        self.registry = LinkRegistry(identity: identity, peers: peers, logger: logger)
     }
 
     /// The port the listener is bound to, once ``start()`` returned; nil before and after.
@@ -169,6 +172,10 @@ public final class PeerLinks: Sendable {
         // Checked here, not only in the encoder: an encoder error would close a healthy link.
         guard frame.payload.readableBytes <= Frame.maxPayloadSize else {
             throw FrameError.payloadTooLargeToSend(length: frame.payload.readableBytes)
+        }
+        // Likewise: a peer of this version would close the link on a flag this site does not know.
+        if let known = knownFrameFlags[frame.type], frame.flags & ~known != 0 {
+            throw FrameError.unknownFlags(frame.type, frame.flags)
         }
         guard let channel = registry.liveChannel(peer) else { throw PeerLinksError.notConnected(peer) }
         try await channel.writeAndFlush(frame).get()

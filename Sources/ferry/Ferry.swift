@@ -37,12 +37,12 @@ struct Init: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Create a site's data directory and identity (a key and a self-signed certificate).")
 
-    @Option(help: "The site's name: lowercase letters, digits and dashes.") var site: String
+    @Option(help: "The site's name: \(SiteName.rule).") var site: String
     @Option(help: "The site's data directory (created if missing).") var data: String
 
     func run() throws {
-        guard site.range(of: "^[a-z0-9][a-z0-9-]{0,62}$", options: .regularExpression) != nil else {
-            printError("--site \"\(site)\" is not a site name; use lowercase letters, digits and dashes (east, dc-2)")
+        guard SiteName.isValid(site) else {
+            printError("--site \"\(site)\" is not a site name; use \(SiteName.rule) (east, dc-2)")
             throw ExitCode(2)
         }
         let dir = URL(fileURLWithPath: data).standardizedFileURL.path

@@ -9,15 +9,17 @@ import Testing
 final class MemoryDevice: StreamingWriteDevice {
     let size: UInt64
     let isReadOnly: Bool
+    let canMultiConn: Bool
     private let bytes: NIOLockedValueBox<[UInt8]>
     let flushes = NIOLockedValueBox(0)
     /// Parts written through the streaming path, and an offset at which writing fails.
     let parts = NIOLockedValueBox(0)
     let failAt = NIOLockedValueBox<UInt64?>(nil)
 
-    init(size: Int, readOnly: Bool = false) {
+    init(size: Int, readOnly: Bool = false, multiConn: Bool = true) {
         self.size = UInt64(size)
         self.isReadOnly = readOnly
+        self.canMultiConn = multiConn
         self.bytes = NIOLockedValueBox([UInt8](repeating: 0, count: size))
     }
 
@@ -67,11 +69,17 @@ final class NBDTestClient {
     let channel = EmbeddedChannel()
     let anyDevice: any StreamingWriteDevice
     var device: MemoryDevice { anyDevice as! MemoryDevice }
-    let exports = NBDExportTable()
+    let exports: NBDExportTable
 
-    init(device: any StreamingWriteDevice = MemoryDevice(size: 1 << 20)) throws {
+    /// A client of its own table with `device` as "vm1", or of `table` as it is.
+    init(device: any StreamingWriteDevice = MemoryDevice(size: 1 << 20), sharing table: NBDExportTable? = nil) throws {
         self.anyDevice = device
-        exports.add(NBDExport(name: "vm1", description: "test volume", device: device))
+        if let table {
+            exports = table
+        } else {
+            exports = NBDExportTable()
+            exports.add(NBDExport(name: "vm1", description: "test volume", device: device))
+        }
         try channel.pipeline.syncOperations.addHandler(
             NBDConnectionHandler(exports: exports, logger: Logger(label: "test"), connectionID: "t"))
         try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
@@ -108,9 +116,11 @@ final class NBDTestClient {
     }
 
     /// Fixed newstyle, structured replies, base:allocation, GO for vm1.
-    func handshake(structured: Bool = true) throws {
-        _ = try received()  // greeting
-        try send(be(UInt32(3)))
+    func handshake(structured: Bool = true, greeted: Bool = false) throws {
+        if !greeted {
+            _ = try received()  // greeting
+            try send(be(UInt32(3)))
+        }
         if structured {
             try option(8)
             let q = Array("base:allocation".utf8)
@@ -124,6 +134,17 @@ final class NBDTestClient {
 
     func request(_ type: UInt16, flags: UInt16 = 0, cookie: UInt64 = 7, offset: UInt64, length: UInt32, payload: [UInt8] = []) throws {
         try send(be(UInt32(0x2560_9513)) + be(flags) + be(type) + be(cookie) + be(offset) + be(length) + payload)
+    }
+
+    /// (cookie, error) of every simple reply in `buffer`.
+    func simpleReplies(_ buffer: inout ByteBuffer) -> [(cookie: UInt64, error: UInt32)] {
+        var out: [(UInt64, UInt32)] = []
+        while buffer.readableBytes >= 16 {
+            #expect(buffer.readInteger(as: UInt32.self) == 0x6744_6698, "expected a simple reply")
+            let error = buffer.readInteger(as: UInt32.self)!
+            out.append((buffer.readInteger(as: UInt64.self)!, error))
+        }
+        return out
     }
 
     /// The error code of a simple reply or of a structured (error) chunk.
@@ -397,6 +418,99 @@ func be<T: FixedWidthInteger>(_ v: T) -> [UInt8] { withUnsafeBytes(of: v.bigEndi
         try c.request(1, offset: 1, length: 3, payload: [9, 9, 9])
         #expect(try c.replyError() == 0)
         #expect(c.device.byte(at: 3) == 9)
+    }
+
+    @Test(arguments: [true, false])
+    func multiConnIsAdvertisedOnlyWhenTheDeviceAllowsIt(multiConn: Bool) throws {
+        let c = try NBDTestClient(device: MemoryDevice(size: 1 << 20, multiConn: multiConn))
+        _ = try c.received()
+        try c.send(be(UInt32(3)))
+        try c.option(1, Array("vm1".utf8))   // EXPORT_NAME: size, then transmission flags
+        var b = try c.received()
+        _ = b.readInteger(as: UInt64.self)
+        let flags = b.readInteger(as: UInt16.self) ?? 0
+        #expect((flags & 0x100 != 0) == multiConn, "CAN_MULTI_CONN in 0x\(String(flags, radix: 16))")
+        #expect(flags & 0x4 != 0, "FLUSH is still offered")
+    }
+
+    @Test func devicesAllowMultipleConnectionsByDefault() {
+        #expect(StallingDevice().canMultiConn)
+    }
+
+    @Test func removingAnExportAnswersRequestsInFlightAndDisconnects() throws {
+        let device = StallingDevice()
+        let c = try NBDTestClient(device: device)
+        try c.handshake()
+        try c.request(3, cookie: 41, offset: 0, length: 0)   // FLUSH, held by the device
+        #expect(device.pending.withLockedValue { $0.count } == 1)
+
+        #expect(c.exports.remove("vm1") == 1)
+        #expect(c.exports.lookup("vm1") == nil)
+        // Before the connection's loop has run the withdrawal, a new request is already refused
+        // and does not reach the device.
+        try c.request(1, cookie: 42, offset: 0, length: 512, payload: [UInt8](repeating: 7, count: 512))
+        c.channel.embeddedEventLoop.run()
+        var b = try c.received()
+        let replies = c.simpleReplies(&b)
+        #expect(replies.map(\.cookie) == [42, 41])
+        #expect(replies.map(\.error) == [108, 108], "ESHUTDOWN")
+        #expect(device.memory.byte(at: 0) == 0)
+        #expect(!c.isOpen)
+        #expect(c.exports.clientCount("vm1") == 0)
+
+        // The device completing the flush later sends nothing more.
+        device.completeAll()
+        c.channel.embeddedEventLoop.run()
+        #expect(try c.received().readableBytes == 0)
+    }
+
+    @Test func fencingFailsEveryLaterRequestAndDisconnectsEveryClient() throws {
+        let device = StallingDevice()
+        let table = NBDExportTable()
+        table.add(NBDExport(name: "vm1", device: device))
+        let a = try NBDTestClient(device: device, sharing: table)
+        let b = try NBDTestClient(device: device, sharing: table)
+        try a.handshake()
+        try b.handshake(structured: false)
+        #expect(table.clientCount("vm1") == 2)
+        try a.request(3, cookie: 1, offset: 0, length: 0)   // FLUSH, held by the device
+
+        let reason = "vm1 was promoted at west (epoch 8)"
+        #expect(table.fence("vm1", reason: reason) == 2)
+        // The device finishing the flush before the connection heard of the fence does not
+        // make it a success, and b's next request is refused without reaching the device.
+        device.completeAll()
+        try b.request(1, cookie: 2, offset: 0, length: 512, payload: [UInt8](repeating: 9, count: 512))
+        var ra = try a.received(), rb = try b.received()
+        #expect(a.simpleReplies(&ra).map(\.error) == [108])
+        #expect(b.simpleReplies(&rb).map(\.error) == [108])
+        #expect(device.memory.byte(at: 0) == 0)
+        #expect(a.isOpen && b.isOpen, "still open until each loop runs the withdrawal")
+
+        a.channel.embeddedEventLoop.run()
+        b.channel.embeddedEventLoop.run()
+        #expect(!a.isOpen && !b.isOpen)
+        #expect(table.clientCount("vm1") == 0)
+
+        // A fenced export is offered to no one, and says why.
+        #expect(table.fenceReason("vm1") == reason)
+        #expect(table.lookup("vm1") == nil && table.all.isEmpty)
+        let c = try NBDTestClient(device: device, sharing: table)
+        _ = try c.received()
+        try c.send(be(UInt32(3)))
+        try c.option(7, be(UInt32(3)) + Array("vm1".utf8) + be(UInt16(0)))
+        var rc = try c.received()
+        let refusal = c.optionReplies(&rc)
+        #expect(refusal.map(\.type) == [0x8000_0006])
+        #expect(refusal.first.map { String(buffer: $0.data) }?.contains(reason) == true)
+        #expect(table.clientCount("vm1") == 0)
+
+        // Adding it again lifts the fence for new clients.
+        table.add(NBDExport(name: "vm1", device: device))
+        #expect(table.fenceReason("vm1") == nil)
+        try c.handshake(greeted: true)
+        try c.request(1, cookie: 3, offset: 0, length: 512, payload: [UInt8](repeating: 9, count: 512))
+        #expect(try c.replyError() == 0)
     }
 
     @Test func tooManyRequestsInFlightPauseParsingUntilSomeComplete() throws {

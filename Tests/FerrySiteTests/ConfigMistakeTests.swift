@@ -148,6 +148,74 @@ struct ConfigMistake: Sendable, CustomTestStringConvertible {
         .init(name: "volumes as a list", yaml: ConfigFixture.with(("  vm2:\n    size", "  - size"), ("  vm1:\n    size", "  - size")),
               path: "volumes", phrase: "found a list; write each volume as `vm1:`"),
 
+        // volumes.<name>.replicas
+        .init(name: "replicas as a list", yaml: ConfigFixture.withReplicas("- west"),
+              path: "volumes.vm1.replicas", phrase: "expected a map from site name to how it replicates, found a list; write each replica as `west: { mode: sync }`"),
+        .init(name: "replica given as a bare mode", yaml: ConfigFixture.withReplicas("west: semi-sync"),
+              path: "volumes.vm1.replicas.west", phrase: "expected a map with mode and its options, found \"semi-sync\"; write it as `west: { mode: semi-sync }`"),
+        .init(name: "replica mode missing", yaml: ConfigFixture.withReplicas("west: { on-peer-loss: block }"),
+              path: "volumes.vm1.replicas.west.mode", phrase: "missing; required: one of sync, semi-sync, async, scheduled, e.g. mode: sync"),
+        .init(name: "replica without fields", yaml: ConfigFixture.withReplicas("west:"),
+              path: "volumes.vm1.replicas.west.mode", phrase: "missing; required"),
+        .init(name: "replica mode unknown", yaml: ConfigFixture.withReplicas("west: { mode: synchronous }"),
+              path: "volumes.vm1.replicas.west.mode", phrase: "\"synchronous\" is not a replication mode; did you mean \"sync\"? use one of sync, semi-sync, async, scheduled"),
+        .init(name: "replica on an unknown site", yaml: ConfigFixture.withReplicas("south: { mode: sync }"),
+              path: "volumes.vm1.replicas.south", phrase: "\"south\" is neither this site (\"east\") nor a configured peer (north, west); a replica is kept by this site or one of its peers"),
+        .init(name: "replica name misspelled", yaml: ConfigFixture.withReplicas("wets: { mode: sync }"),
+              path: "volumes.vm1.replicas.wets", phrase: "did you mean \"west\"?"),
+        .init(name: "replica name invalid", yaml: ConfigFixture.withReplicas("West: { mode: sync }"),
+              path: "volumes.vm1.replicas.West", phrase: "\"West\" is not a valid site name; use 1 to 63 lowercase letters, digits and dashes, starting with a letter or digit (e.g. \"west\")"),
+        .init(name: "replica is the primary", yaml: ConfigFixture.withReplicas("east: { mode: async }"),
+              path: "volumes.vm1.replicas.east", phrase: "\"east\" is the volume's primary; replicas are the other sites"),
+        .init(name: "replica field misspelled", yaml: ConfigFixture.withReplicas("west: { mode: async, max_lag: 64M }"),
+              path: "volumes.vm1.replicas.west.max_lag", phrase: "unknown field; did you mean \"max-lag\"?"),
+        .init(name: "on-peer-loss on an async replica", yaml: ConfigFixture.withReplicas("north: { mode: async, on-peer-loss: block }"),
+              path: "volumes.vm1.replicas.north.on-peer-loss", phrase: "on-peer-loss applies only to sync and semi-sync replicas, not async; remove it, or change the mode"),
+        .init(name: "max-lag on a sync replica", yaml: ConfigFixture.withReplicas("west: { mode: sync, max-lag: 64M }"),
+              path: "volumes.vm1.replicas.west.max-lag", phrase: "max-lag applies only to async replicas, not sync; remove it, or set mode: async"),
+        .init(name: "journal-size on a scheduled replica", yaml: ConfigFixture.withReplicas("west: { mode: scheduled, every: 1h, journal-size: 4G }"),
+              path: "volumes.vm1.replicas.west.journal-size", phrase: "journal-size applies only to async replicas, not scheduled"),
+        .init(name: "every on an async replica", yaml: ConfigFixture.withReplicas("west: { mode: async, every: 1h }"),
+              path: "volumes.vm1.replicas.west.every", phrase: "every applies only to scheduled replicas, not async; remove it, or set mode: scheduled"),
+        .init(name: "on-peer-loss unknown", yaml: ConfigFixture.withReplicas("west: { mode: sync, on-peer-loss: wait }"),
+              path: "volumes.vm1.replicas.west.on-peer-loss", phrase: "\"wait\" is not an on-peer-loss policy; use one of degrade, block"),
+        .init(name: "on-lag misspelled", yaml: ConfigFixture.withReplicas("west: { mode: async, on-lag: pullahead }"),
+              path: "volumes.vm1.replicas.west.on-lag", phrase: "did you mean \"pull-ahead\"? use one of throttle, pull-ahead"),
+        .init(name: "compression unknown", yaml: ConfigFixture.withReplicas("west: { mode: sync, compression: lz4 }"),
+              path: "volumes.vm1.replicas.west.compression", phrase: "\"lz4\" is not a compression method; use one of zstd, none"),
+        .init(name: "max-lag neither size nor duration", yaml: ConfigFixture.withReplicas("west: { mode: async, max-lag: fast }"),
+              path: "volumes.vm1.replicas.west.max-lag", phrase: "\"fast\" is neither a size nor a duration; use a size such as 64M, a duration such as 30s or 5m, or both as {bytes: 64M, time: 30s}"),
+        .init(name: "max-lag as a list", yaml: ConfigFixture.withReplicas("west: { mode: async, max-lag: [64M, 30s] }"),
+              path: "volumes.vm1.replicas.west.max-lag", phrase: "found a list"),
+        .init(name: "max-lag map empty", yaml: ConfigFixture.withReplicas("west: { mode: async, max-lag: {} }"),
+              path: "volumes.vm1.replicas.west.max-lag", phrase: "give bytes, time or both"),
+        .init(name: "max-lag map with a wrong key and a bad time", yaml: ConfigFixture.withReplicas("west: { mode: async, max-lag: {bytez: 64M, time: 1.5m} }"),
+              path: "volumes.vm1.replicas.west.max-lag.time", phrase: "\"1.5m\" is not a duration; use a number followed by s, m, h or d", count: 2),
+        .init(name: "max-lag beyond the journal", yaml: ConfigFixture.withReplicas("west: { mode: async, max-lag: 2G }"),
+              path: "volumes.vm1.replicas.west.max-lag", phrase: "2G of lag cannot fit in the default journal-size of 1G, which holds what the replica has not received; lower max-lag or set journal-size: 2G or more"),
+        .init(name: "journal-size too small", yaml: ConfigFixture.withReplicas("west: { mode: async, max-lag: 5m, journal-size: 64K }"),
+              path: "volumes.vm1.replicas.west.journal-size", phrase: "is too small for a journal; give at least 1M"),
+        .init(name: "resync-rate not a rate", yaml: ConfigFixture.withReplicas("west: { mode: sync, resync-rate: fast }"),
+              path: "volumes.vm1.replicas.west.resync-rate", phrase: "\"fast\" is not a rate; give bytes per second as a size, e.g. 100M"),
+        .init(name: "scheduled without every or at", yaml: ConfigFixture.withReplicas("west: { mode: scheduled }"),
+              path: "volumes.vm1.replicas.west", phrase: "a scheduled replica needs every or at: every: 1h, or at: \"02:00\" (daily), with on: sunday (weekly)"),
+        .init(name: "scheduled with every and at", yaml: ConfigFixture.withReplicas("west: { mode: scheduled, every: 1h, at: \"02:00\" }"),
+              path: "volumes.vm1.replicas.west.at", phrase: "give every or at, not both"),
+        .init(name: "on with every", yaml: ConfigFixture.withReplicas("west: { mode: scheduled, every: 1d, on: sunday }"),
+              path: "volumes.vm1.replicas.west.on", phrase: "on goes with at (a weekly point at a time of day), not with every"),
+        .init(name: "on alone", yaml: ConfigFixture.withReplicas("west: { mode: scheduled, on: sunday }"),
+              path: "volumes.vm1.replicas.west", phrase: "a scheduled replica needs every or at"),
+        .init(name: "every under a minute", yaml: ConfigFixture.withReplicas("west: { mode: scheduled, every: 30s }"),
+              path: "volumes.vm1.replicas.west.every", phrase: "\"30s\" is 30s, shorter than a minute; give every: 1m or more (or use mode: async"),
+        .init(name: "every in words", yaml: ConfigFixture.withReplicas("west: { mode: scheduled, every: hourly }"),
+              path: "volumes.vm1.replicas.west.every", phrase: "\"hourly\" is not an interval; use a number followed by s, m, h, d or w (lowercase), e.g. 15m, 1h, 1d, 1w"),
+        .init(name: "at out of range", yaml: ConfigFixture.withReplicas("west: { mode: scheduled, at: \"24:00\" }"),
+              path: "volumes.vm1.replicas.west.at", phrase: "\"24:00\" is not a time of day; use HH:MM from 00:00 to 23:59, in quotes, e.g. at: \"02:00\""),
+        .init(name: "on misspelled", yaml: ConfigFixture.withReplicas("west: { mode: scheduled, at: \"02:00\", on: sundays }"),
+              path: "volumes.vm1.replicas.west.on", phrase: "\"sundays\" is not a day of the week; did you mean \"sunday\"? use monday … sunday or mon … sun"),
+        .init(name: "replica checked against a broken peers section", yaml: ConfigFixture.with(("peers:", "peerz:"), ("    primary: east\n", "    primary: east\n    replicas:\n      south: { mode: sync }\n")),
+              path: "volumes.vm2.primary", phrase: "nor a configured peer (there are none)", count: 3),
+
         // log-level
         .init(name: "log level abbreviated", yaml: ConfigFixture.with(("log-level: debug", "log-level: warn")),
               path: "log-level", phrase: "\"warn\" is not a log level; did you mean \"warning\"? use one of trace, debug, info, notice, warning, error, critical"),
@@ -205,5 +273,39 @@ struct ConfigMistakeTests {
         #expect(text.split(separator: "\n").count == problems.count)
         #expect(text.hasPrefix("/etc/ferry/east.yaml: site.name: \"East\" is not a valid site name"))
         #expect(text.contains("\n/etc/ferry/east.yaml: listen.nbd-sockt: unknown field; did you mean \"nbd-socket\"?\n"))
+    }
+
+    @Test("mistakes in several replicas of several volumes are all reported, in file order")
+    func manyReplicaMistakes() throws {
+        let yaml = ConfigFixture.with(("    primary: east\n", """
+                primary: east
+                replicas:
+                  west: { mode: sync, max-lag: 64M }
+                  north: { mode: asynch, on-lag: drop }
+                  south: { mode: scheduled }
+                  east: { mode: async }
+
+            """), ("    primary: west\n", """
+                primary: west
+                replicas:
+                  west: { mode: sync }
+                  east: { mode: scheduled, every: 30s, at: "02:00" }
+
+            """))
+        let error = #expect(throws: ConfigProblems.self) { try SiteConfig.parse(yaml: yaml, path: ConfigFixture.file) }
+        let problems = try #require(error).problems
+        let listing = problems.map(\.description).joined(separator: "\n")
+        #expect(problems.map(\.path) == [
+            "volumes.vm2.replicas.west",
+            "volumes.vm2.replicas.east.at", "volumes.vm2.replicas.east.every",
+            "volumes.vm1.replicas.west.max-lag",
+            "volumes.vm1.replicas.north.mode", "volumes.vm1.replicas.north.on-lag",
+            "volumes.vm1.replicas.south", "volumes.vm1.replicas.south",
+            "volumes.vm1.replicas.east",
+        ], "\(listing)")
+        #expect(problems[4].message.contains("did you mean \"async\"?"), "\(listing)")
+        // The mode is unknown, so on-lag is checked on its own, not as an option of the wrong mode.
+        #expect(problems[5].message.contains("\"drop\" is not an on-lag policy"), "\(listing)")
+        #expect(problems.allSatisfy { $0.line != nil }, "\(listing)")
     }
 }

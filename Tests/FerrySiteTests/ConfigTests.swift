@@ -45,6 +45,32 @@ enum ConfigFixture {
         return text
     }
 
+    /// The fixture with `lines`, one replica each (`west: { mode: sync }`), as vm1's replicas;
+    /// vm1's primary is east, and the peers are west and north.
+    static func withReplicas(_ lines: String...) -> String {
+        with(("    primary: east\n", "    primary: east\n    replicas:\n" + lines.map { "      \($0)\n" }.joined()))
+    }
+
+    /// The fixture with a replica of every mode and most options set.
+    static let replicated = with(("    primary: east\n", """
+            primary: east
+            replicas:
+              west: { mode: sync, on-peer-loss: block, resync-rate: 100M/s }
+              north:
+                mode: async
+                max-lag: {bytes: 128M, time: 30s}
+                on-lag: pull-ahead
+                journal-size: 4G
+                compression: none
+
+        """), ("    primary: west\n", """
+            primary: west
+            replicas:
+              east: { mode: scheduled, at: "02:00", on: Sunday }
+              north: { mode: semi-sync }
+
+        """))
+
     static func problems(_ yaml: String, path: String = file) -> [ConfigProblem] {
         do {
             _ = try SiteConfig.parse(yaml: yaml, path: path)
@@ -150,6 +176,93 @@ struct ConfigTests {
         #expect(try SiteConfig.parse(yaml: text, path: config.path) == config, "\(text)")
         #expect(text.contains("  name: \"null\"\n"))
         #expect(text.contains("    size: 12K\n"))
+    }
+
+    @Test("replicas of every mode parse with their options")
+    func parsesReplicas() throws {
+        let config = try SiteConfig.parse(yaml: ConfigFixture.replicated, path: ConfigFixture.file)
+        let vm1 = try #require(config.volume(named: "vm1"))
+        #expect(vm1.replicaNames == ["north", "west"])
+        #expect(vm1.replicas["west"] == ReplicaPolicy(mode: .sync, onPeerLoss: .block, resyncRateBytesPerSecond: 100 << 20))
+        #expect(vm1.replicas["north"] == ReplicaPolicy(mode: .async, maxLagBytes: 128 << 20, maxLagSeconds: 30,
+                                                      onLag: .pullAhead, journalSizeBytes: 4 << 30, compression: .none))
+        let vm2 = try #require(config.volume(named: "vm2"))
+        #expect(vm2.replicaNames == ["east", "north"])
+        #expect(vm2.replicas["east"] == ReplicaPolicy(mode: .scheduled, schedule: Schedule.parseAt("02:00", on: "sunday")))
+        #expect(vm2.replicas["east"]?.schedule?.description == "weekly on sunday at 02:00")
+        #expect(vm2.replicas["north"] == ReplicaPolicy(mode: .semiSync))
+        // Without replicas a volume is unreplicated, as before.
+        let plain = try SiteConfig.parse(yaml: ConfigFixture.yaml, path: ConfigFixture.file)
+        #expect(plain.volumes.allSatisfy { $0.replicas.isEmpty })
+        #expect(try SiteConfig.parse(yaml: ConfigFixture.with(("    primary: east\n", "    primary: east\n    replicas: {}\n")),
+                                     path: ConfigFixture.file) == plain)
+    }
+
+    @Test("replica options take their defaults, and max-lag reads a size, a duration or both", arguments: [
+        ("{ mode: async }", ReplicaPolicy(mode: .async, maxLagBytes: 64 << 20)),
+        ("{ mode: async, max-lag: 16M }", ReplicaPolicy(mode: .async, maxLagBytes: 16 << 20)),
+        ("{ mode: async, max-lag: 5m }", ReplicaPolicy(mode: .async, maxLagSeconds: 300)),
+        ("{ mode: async, max-lag: 64MiB }", ReplicaPolicy(mode: .async, maxLagBytes: 64 << 20)),
+        ("{ mode: async, max-lag: {time: 1h} }", ReplicaPolicy(mode: .async, maxLagSeconds: 3600)),
+        ("{ mode: async, max-lag: {bytes: 1G}, journal-size: 1G }", ReplicaPolicy(mode: .async, maxLagBytes: 1 << 30)),
+        ("{ mode: SYNC }", ReplicaPolicy(mode: .sync)),
+        ("{ mode: semi-sync, on-peer-loss: block, compression: none }",
+         ReplicaPolicy(mode: .semiSync, onPeerLoss: .block, compression: .none)),
+        ("{ mode: scheduled, every: 1h }", ReplicaPolicy(mode: .scheduled, schedule: Schedule.parseEvery("1h"))),
+        ("{ mode: scheduled, every: 90s, resync-rate: 10M }",
+         ReplicaPolicy(mode: .scheduled, resyncRateBytesPerSecond: 10 << 20, schedule: Schedule.parseEvery("90s"))),
+        ("{ mode: scheduled, at: 2:30 }", ReplicaPolicy(mode: .scheduled, schedule: Schedule.parseAt("02:30", on: nil))),
+        ("{ mode: scheduled, at: \"23:00\", on: fri }",
+         ReplicaPolicy(mode: .scheduled, schedule: Schedule.parseAt("23:00", on: "friday"))),
+    ] as [(String, ReplicaPolicy)])
+    func replicaDefaults(entry: String, policy: ReplicaPolicy) throws {
+        let config = try SiteConfig.parse(yaml: ConfigFixture.withReplicas("west: \(entry)"), path: ConfigFixture.file)
+        let parsed = try #require(config.volume(named: "vm1")?.replicas["west"])
+        #expect(parsed == policy)
+        #expect(try SiteConfig.parse(yaml: config.yaml(), path: config.path) == config, "\(config.yaml())")
+    }
+
+    @Test("yaml() writes replicas back: the options that apply and differ from their defaults")
+    func roundTripReplicas() throws {
+        let config = try SiteConfig.parse(yaml: ConfigFixture.replicated, path: ConfigFixture.file)
+        let text = config.yaml()
+        #expect(try SiteConfig.parse(yaml: text, path: config.path) == config, "\(text)")
+        #expect(text.contains("""
+                primary: east
+                replicas:
+                  north:
+                    mode: async
+                    max-lag: {bytes: 128M, time: 30s}
+                    on-lag: pull-ahead
+                    journal-size: 4G
+                    compression: none
+                  west:
+                    mode: sync
+                    on-peer-loss: block
+                    resync-rate: 100M
+
+            """), "\(text)")
+        #expect(text.contains("""
+                  east:
+                    mode: scheduled
+                    at: "02:00"
+                    on: sunday
+                  north:
+                    mode: semi-sync
+
+            """), "\(text)")
+        // A replica built in code round-trips too, with every kind of schedule and lag bound.
+        var built = config
+        built.volumes[0].replicas = [
+            "west": ReplicaPolicy(mode: .scheduled, schedule: Schedule.parseEvery("90m")),
+            "north": ReplicaPolicy(mode: .async, maxLagSeconds: 7 * 86_400, onLag: .throttle, journalSizeBytes: 3 << 20),
+        ]
+        built.volumes[1].replicas = ["east": ReplicaPolicy(mode: .scheduled, schedule: Schedule.parseAt("0:05", on: nil))]
+        let builtText = built.yaml()
+        #expect(try SiteConfig.parse(yaml: builtText, path: built.path) == built, "\(builtText)")
+        #expect(builtText.contains("        every: 90m\n"))
+        #expect(builtText.contains("        max-lag: 1w\n"))
+        #expect(builtText.contains("        at: \"00:05\"\n"))
     }
 
     @Test("relative paths are resolved against the configuration file's directory")
@@ -295,4 +408,7 @@ struct ConfigTemporaryDirectory {
     let config = try SiteConfig.parse(yaml: yaml, path: "/etc/ferry/east.yaml")
     #expect(!config.volumes.isEmpty)
     #expect(!config.peers.isEmpty)
+    // It shows replicas of every mode.
+    let modes = Set(config.volumes.flatMap { $0.replicas.values.map(\.mode) })
+    #expect(modes == Set(ReplicationMode.allCases))
 }

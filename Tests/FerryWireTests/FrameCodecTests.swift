@@ -1,5 +1,7 @@
 import FerryCore
+import Logging
 import NIOCore
+import NIOPosix
 import Testing
 
 @testable import FerryWire
@@ -21,7 +23,7 @@ struct FrameCodecTests {
         for frame in frames { try FrameEncoder.encode(frame, into: &stream) }
         #expect(stream.readableBytes == frames.reduce(0) { $0 + 20 + $1.payload.readableBytes })
 
-        let decoder = FrameDecoder(knownTypes: [.ping, FrameType(rawValue: 0x10), FrameType(rawValue: 0x11)])
+        let decoder = FrameDecoder(knownFlags: [.ping: 0, FrameType(rawValue: 0x10): 0xFFFF, FrameType(rawValue: 0x11): 1])
         var whole = stream
         var decoded: [Frame] = []
         while let frame = try decoder.nextFrame(from: &whole) { decoded.append(frame) }
@@ -113,6 +115,57 @@ struct FrameCodecTests {
         #expect(stream.readableBytes == 0)
         #expect(FrameType(rawValue: 0x80).isOptional)
         #expect(!FrameType(rawValue: 0x7F).isOptional)
+    }
+
+    @Test("a flag bit the type does not define is an error: any on link control, outside the mask on data", arguments: [
+        // (type, flags, accepted)
+        (FrameType.ping, UInt16(0), true),
+        (FrameType.ping, UInt16(1), false),
+        (FrameType.goodbye, UInt16(0x8000), false),
+        (FrameType(rawValue: 0x10), UInt16(0x5), true),
+        (FrameType(rawValue: 0x10), UInt16(0x1), true),
+        (FrameType(rawValue: 0x10), UInt16(0x2), false),
+        (FrameType(rawValue: 0x10), UInt16(0x8005), false),
+        (FrameType(rawValue: 0x11), UInt16(0x1), false),
+    ])
+    func unknownFlags(type: FrameType, flags: UInt16, accepted: Bool) throws {
+        let decoder = FrameDecoder(knownFlags: [.ping: 0, .goodbye: 0, FrameType(rawValue: 0x10): 0x5, FrameType(rawValue: 0x11): 0])
+        var wire = try encoded(Frame(type: type, flags: flags, payload: payload([1])))
+        if accepted {
+            #expect(try decoder.nextFrame(from: &wire)?.flags == flags)
+        } else {
+            #expect(throws: FrameError.unknownFlags(type, flags)) { try decoder.nextFrame(from: &wire) }
+        }
+    }
+
+    @Test("the default decoder knows the link-control types with no flags; unknown optional frames are skipped whatever their flags")
+    func defaultDecoderFlags() throws {
+        #expect(FrameDecoder().knownFlags == Dictionary(uniqueKeysWithValues: FrameType.linkControl.map { ($0, UInt16(0)) }))
+        var stream = try encoded(Frame(type: FrameType(rawValue: 0x90), flags: 0xFFFF, payload: payload([9])))
+        stream.writeImmutableBuffer(try encoded(Frame(type: .pong, flags: 0x10, payload: payload([1]))))
+        #expect(throws: FrameError.unknownFlags(.pong, 0x10)) { try FrameDecoder().nextFrame(from: &stream) }
+        #expect(FrameError.unknownFlags(.pong, 0x10).description.contains("pong frame with flags 0x10"))
+    }
+
+    @Test("send refuses a flag the frame's type does not define, before looking for a link")
+    func sendRefusesUnknownFlags() async throws {
+        let west = try SiteIdentity.generate(siteName: "west"), east = try SiteIdentity.generate(siteName: "east")
+        let links = PeerLinks(
+            identity: west, listen: (host: "127.0.0.1", port: 0),
+            peers: [PeerEndpoint(name: "east", host: "127.0.0.1", port: 1, siteID: east.siteID)],
+            group: NIOSingletons.posixEventLoopGroup, logger: Logger(label: "test"),
+            dataFrameTypes: [FrameType(rawValue: 0x10): 0x1])
+        let data = FrameType(rawValue: 0x10)
+        await #expect(throws: FrameError.unknownFlags(data, 0x3)) {
+            try await links.send(Frame(type: data, flags: 0x3), to: "east")
+        }
+        await #expect(throws: FrameError.unknownFlags(.ping, 0x1)) {
+            try await links.send(Frame(type: .ping, flags: 0x1), to: "east")
+        }
+        let error = await #expect(throws: PeerLinksError.self) {
+            try await links.send(Frame(type: data, flags: 0x1), to: "east")
+        }
+        #expect(error?.description == PeerLinksError.notConnected("east").description, "known flags pass the check")
     }
 
     @Test("link messages round-trip through frames")

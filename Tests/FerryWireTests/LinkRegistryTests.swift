@@ -24,10 +24,10 @@ struct LinkRegistryTests {
             largeName = l.siteName
             small = LinkRegistry(
                 identity: s, peers: [PeerEndpoint(name: l.siteName, host: "127.0.0.1", port: 1, siteID: l.siteID)],
-                dataFrameTypes: [], logger: log.logger(s.siteName))
+                logger: log.logger(s.siteName))
             large = LinkRegistry(
                 identity: l, peers: [PeerEndpoint(name: s.siteName, host: "127.0.0.1", port: 1, siteID: s.siteID)],
-                dataFrameTypes: [], logger: log.logger(l.siteName))
+                logger: log.logger(l.siteName))
         }
     }
 
@@ -63,10 +63,14 @@ struct LinkRegistryTests {
         #expect(sites.large.liveChannel(sites.smallName).map(ObjectIdentifier.init) == ObjectIdentifier(c1))
         #expect(sites.large.status().first?.direction == .inbound)
 
-        // At the small site: it closes c2 once c1 is up, whichever came first.
+        // At the small site: it closes c2 once c1 is up and the large site has been heard on c1
+        // since c2 came up: at once if c1 came up second, else on the large site's next ping on c1.
         if preferredFirst {
             #expect(sites.small.linkUp(sites.largeName, channel: c1, direction: .outbound).isEmpty)
-            #expect(ids(sites.small.linkUp(sites.largeName, channel: c2, direction: .inbound)) == [ObjectIdentifier(c2)])
+            #expect(sites.small.linkUp(sites.largeName, channel: c2, direction: .inbound).isEmpty)
+            #expect(sites.small.heardFrom(sites.largeName, channel: c2).isEmpty, "c2 is not the link in doubt")
+            #expect(ids(sites.small.heardFrom(sites.largeName, channel: c1)) == [ObjectIdentifier(c2)])
+            #expect(sites.small.heardFrom(sites.largeName, channel: c1).isEmpty, "closed once only")
         } else {
             #expect(sites.small.linkUp(sites.largeName, channel: c2, direction: .inbound).isEmpty)
             #expect(ids(sites.small.linkUp(sites.largeName, channel: c1, direction: .outbound)) == [ObjectIdentifier(c2)])
@@ -101,6 +105,36 @@ struct LinkRegistryTests {
         // The stale link's close does not take the peer down.
         sites.large.channelClosed(chans[0], peer: sites.smallName, error: "stale")
         #expect(sites.large.status().first?.state == .connected)
+        for channel in chans { try await channel.close() }
+        try await group.shutdownGracefully()
+    }
+}
+
+extension LinkRegistryTests {
+    /// The large-ID site crashes without its connections being closed and restarts at once. The
+    /// small site still holds the link it dialed (c1), now stale; the restarted site has no link,
+    /// so it dials (c2). The small site must not bounce c2 as a duplicate while c1 waits for
+    /// dead-link detection: the restarted site would be refused for 5-6 s.
+    @Test("a restarted larger-ID site is not bounced as a duplicate while the stale link times out")
+    func restartedPeerIsNotBounced() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let sites = try Sites(log: LogCapture())
+        let chans = try await channels(2, group: group)
+        let (c1, c2) = (chans[0], chans[1])
+        #expect(sites.small.linkUp(sites.largeName, channel: c1, direction: .outbound).isEmpty)
+
+        // The restarted large site's link comes up: kept, and used, since c1 may be dead.
+        #expect(ids(sites.small.linkUp(sites.largeName, channel: c2, direction: .inbound)).isEmpty)
+        #expect(sites.small.liveChannel(sites.largeName).map(ObjectIdentifier.init) == ObjectIdentifier(c2))
+        #expect(sites.small.status().first?.direction == .inbound)
+        // A heartbeat on the fresh link changes nothing.
+        #expect(sites.small.heardFrom(sites.largeName, channel: c2).isEmpty)
+
+        // Dead-link detection closes c1; the peer stays connected on c2 throughout.
+        sites.small.channelClosed(c1, peer: sites.largeName, error: "no frame from \(sites.largeName) for 5.0 s")
+        #expect(sites.small.status().first?.state == .connected)
+        #expect(sites.small.liveChannel(sites.largeName).map(ObjectIdentifier.init) == ObjectIdentifier(c2))
+
         for channel in chans { try await channel.close() }
         try await group.shutdownGracefully()
     }

@@ -32,7 +32,7 @@ struct PeerLinksTests {
                 peers: [PeerEndpoint(name: "east", host: "127.0.0.1", port: eastPort, siteID: eastID ?? east.siteID)],
                 group: group, logger: log.logger("west"),
                 heartbeatInterval: .milliseconds(200), deadAfter: .seconds(2),
-                dataFrameTypes: [FrameType(rawValue: 0x10)])
+                dataFrameTypes: [FrameType(rawValue: 0x10): 0x7])
         }
 
         func makeEast(westPort: Int) -> PeerLinks {
@@ -41,7 +41,7 @@ struct PeerLinksTests {
                 peers: [PeerEndpoint(name: "west", host: "127.0.0.1", port: westPort, siteID: west.siteID)],
                 group: group, logger: log.logger("east"),
                 heartbeatInterval: .milliseconds(200), deadAfter: .seconds(2),
-                dataFrameTypes: [FrameType(rawValue: 0x10)])
+                dataFrameTypes: [FrameType(rawValue: 0x10): 0x7])
         }
 
         func shutdown() async {

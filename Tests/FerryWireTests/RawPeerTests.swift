@@ -29,7 +29,7 @@ struct RawPeerTests {
                 peers: [PeerEndpoint(name: "east", host: "127.0.0.1", port: unusedPort, siteID: east.siteID)],
                 group: group, logger: log.logger("west"),
                 heartbeatInterval: .milliseconds(200), deadAfter: .seconds(2),
-                dataFrameTypes: [FrameType(rawValue: 0x10)])
+                dataFrameTypes: [FrameType(rawValue: 0x10): 0x1])
             let delivered = self.delivered
             links.onFrame = { frame in delivered.append(frame) }
             try await links.start()
@@ -108,7 +108,7 @@ struct RawPeerTests {
     }
 
     enum Corruption: String, CaseIterable, Sendable {
-        case flippedPayloadBit, unknownMandatoryType, badMagic, oversizeLength
+        case flippedPayloadBit, unknownMandatoryType, badMagic, oversizeLength, unknownDataFlag, flaggedPing
     }
 
     @Test("a bad frame on an established link closes it, and nothing in it is delivered", arguments: Corruption.allCases)
@@ -124,10 +124,11 @@ struct RawPeerTests {
             #expect(second == .helloAck(version: 1))
             #expect(await eventually(.seconds(10)) { setup.eastStatus?.state == .connected })
 
-            // A good data frame and an unknown optional one (skipped), then the bad one.
+            // A good data frame (with the one flag its type defines) and an unknown optional one
+            // (skipped, whatever its flags), then the bad one.
             let data = FrameType(rawValue: 0x10)
-            try await outbound.write(FrameEncoder.encode(Frame(type: data, payload: ByteBuffer(string: "good"))))
-            try await outbound.write(FrameEncoder.encode(Frame(type: FrameType(rawValue: 0x99), payload: ByteBuffer(string: "?"))))
+            try await outbound.write(FrameEncoder.encode(Frame(type: data, flags: 0x1, payload: ByteBuffer(string: "good"))))
+            try await outbound.write(FrameEncoder.encode(Frame(type: FrameType(rawValue: 0x99), flags: 0xFF, payload: ByteBuffer(string: "?"))))
             var bad = try FrameEncoder.encode(Frame(type: data, payload: ByteBuffer(string: "evil")))
             let expected: String
             switch corruption {
@@ -143,6 +144,12 @@ struct RawPeerTests {
             case .oversizeLength:
                 bad.setInteger(UInt32(Frame.maxPayloadSize + 1), at: 8)
                 expected = "exceeds the"
+            case .unknownDataFlag:
+                bad = try FrameEncoder.encode(Frame(type: data, flags: 0x3, payload: ByteBuffer(string: "evil")))
+                expected = "0x10 frame with flags 0x3, which sets bits this site does not know"
+            case .flaggedPing:
+                bad = try FrameEncoder.encode(Frame(type: .ping, flags: 0x1, payload: LinkMessage.ping(nonce: 1, sentAt: 1).frame().payload))
+                expected = "ping frame with flags 0x1"
             }
             try await outbound.write(bad)
             // The server says why and closes; drain whatever pings came first.
@@ -159,6 +166,43 @@ struct RawPeerTests {
         #expect(delivered.count == 1)
         #expect(delivered.first?.peer == "east")
         #expect(delivered.first?.frame.payload == ByteBuffer(string: "good"))
+        #expect(delivered.first?.frame.flags == 0x1)
+        await setup.shutdown()
+    }
+
+    @Test("RTT comes only from a pong that answers an outstanding ping, timed by the pinger's own clock")
+    func pongsAreMatchedToPings() async throws {
+        let setup = try await Setup()
+        let client = try await setup.connect()
+        try await client.executeThenClose { inbound, outbound in
+            try await outbound.write(try setup.hello(1...1))
+            var frames = inbound.makeAsyncIterator()
+            var ping: (nonce: UInt64, sentAt: UInt64)?
+            while ping == nil, let frame = try await frames.next() {   // hello, helloAck, then a ping
+                if case .ping(let nonce, let sentAt) = try LinkMessage(frame: frame) { ping = (nonce, sentAt) }
+            }
+            let (nonce, sentAt) = try #require(ping)
+            func pong(_ nonce: UInt64, _ sentAt: UInt64) async throws {
+                try await outbound.write(FrameEncoder.encode(LinkMessage.pong(nonce: nonce, sentAt: sentAt).frame()))
+            }
+
+            // A pong for a ping never sent, with a plausible sentAt: ignored, no RTT.
+            try await pong(nonce + 1000, sentAt)
+            #expect(await eventually(.seconds(5)) { setup.log.contains("west debug", "ignored a pong from east with nonce \(nonce + 1000):") })
+            #expect(setup.eastStatus?.rttMilliseconds == nil)
+
+            // The real answer with a forged sentAt of 0: the RTT is from west's own send time,
+            // not the time since west's clock started.
+            try await pong(nonce, 0)
+            #expect(await eventually(.seconds(5)) { setup.eastStatus?.rttMilliseconds != nil })
+            let rtt = try #require(setup.eastStatus?.rttMilliseconds)
+            #expect(rtt >= 0 && rtt < 2_000, "rtt \(rtt) ms")
+
+            // The same answer again: answered already, ignored.
+            try await pong(nonce, sentAt)
+            #expect(await eventually(.seconds(5)) { setup.log.contains("west debug", "ignored a pong from east with nonce \(nonce):") })
+            #expect(setup.eastStatus?.state == .connected, "an ignored pong does not close the link")
+        }
         await setup.shutdown()
     }
 

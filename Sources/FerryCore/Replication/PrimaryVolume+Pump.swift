@@ -1,0 +1,209 @@
+extension PrimaryVolume {
+    // MARK: - Keeping links busy
+
+    func windowAllows(_ session: Session, bytes: UInt64) -> Bool {
+        session.inFlightCount < config.windowItems && (session.notReceivedBytes + bytes <= config.windowBytes || session.inFlightCount == 0)
+    }
+
+    /// Sends what the peer's session has room for: journal entries, catch-up and point regions,
+    /// cut barriers, and the end of a catch-up or point.
+    mutating func pump(_ name: String, _ out: inout [Action]) {
+        guard var peer = peers[name], var session = peer.session, session.open else { return }
+        let link = session.link
+        // Async: stream the journal.
+        if peer.journaled, var cursor = session.journalCursor {
+            while cursor < journal.endPosition {
+                let entry = journal.entry(at: cursor)
+                guard windowAllows(session, bytes: entry.bytes) else { break }
+                let index = session.take()
+                if entry.isBarrier {
+                    out.append(.send(peer: name, link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: entry.seq, kind: .flush))))
+                    session.record(SentItem(index: index, kind: .barrier(.flush, seq: entry.seq), range: nil, bytes: 0))
+                    session.barrierSeqs.append((index, entry.seq))
+                    session.lastCutAt = now.monotonicNanos
+                } else {
+                    let item = ReplicationItem(epoch: config.epoch, index: index, seq: entry.seq, range: entry.range, isZero: entry.isZero)
+                    out.append(.send(peer: name, link, .write(item)))
+                    session.record(SentItem(index: index, kind: .write(seq: entry.seq), range: entry.range, bytes: entry.bytes))
+                    peer.bytesSent += entry.bytes
+                }
+                session.lastSentSeq = entry.seq
+                if config.plantedBug == .trimJournalOnSend { peer.ackedSeq = entry.seq }
+                cursor += 1
+                if session.bytesSinceCut >= config.cutBytes { cutBarrier(&session, peer: name, seq: entry.seq, &out) }
+            }
+            session.journalCursor = cursor
+            if cursor == journal.endPosition, !session.lastWasBarrier,
+               now.monotonicNanos - session.lastCutAt >= config.cutIntervalNanos {
+                cutBarrier(&session, peer: name, seq: session.lastSentSeq, &out)
+            }
+        }
+        // Sync and semi-sync: a cut now and then, so the peer makes its writes durable.
+        if peer.isDirect, session.catchUp == nil, !session.lastWasBarrier,
+           now.monotonicNanos - session.lastCutAt >= config.cutIntervalNanos {
+            cutBarrier(&session, peer: name, seq: session.lastSentSeq, &out)
+        }
+        var reads: [(Int, Bool)] = []
+        // Catch-up: read the dirty regions in lock order, then end it once all are durable.
+        if var catchUp = session.catchUp, catchUp.endIndex == nil {
+            var budget = config.windowItems - session.inFlightCount - session.readsQueued.count
+            var wrapped = false
+            if session.bytesSinceCut >= config.cutBytes { cutBarrier(&session, peer: name, seq: session.lastSentSeq, &out) }
+            while budget > 0, session.notReceivedBytes + UInt64(session.readsQueued.count) * config.regionSize < config.windowBytes {
+                guard let r = peer.dirty.firstSet(from: catchUp.cursor) else {
+                    if wrapped || catchUp.cursor == 0 { break }
+                    catchUp.cursor = 0
+                    wrapped = true
+                    continue
+                }
+                catchUp.cursor = r + 1
+                if session.regionsInFlight[r] != nil || session.readsQueued.contains(r) { continue }
+                session.readsQueued.insert(r)
+                reads.append((r, false))
+                budget -= 1
+            }
+            let allSent = peer.dirty.count == session.regionsInFlight.count + session.readsQueued.count
+            if (allSent || budget <= 0 || reads.isEmpty), session.readsQueued.count == reads.count, !session.lastWasBarrier, !peer.dirty.isEmpty {
+                cutBarrier(&session, peer: name, seq: session.lastSentSeq, &out)
+            }
+            if peer.dirty.isEmpty, session.readsQueued.isEmpty {
+                let index = session.take()
+                out.append(.send(peer: name, link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: lastAdmitted, kind: .catchUpEnd))))
+                session.record(SentItem(index: index, kind: .barrier(.catchUpEnd, seq: lastAdmitted), range: nil, bytes: 0))
+                session.lastSentSeq = max(session.lastSentSeq, lastAdmitted)
+                catchUp.endIndex = index
+                peer.dirtySince = nil
+                if peer.policy.mode == .async {
+                    // From here on the peer is streamed from the journal: every write after the
+                    // catch-up's state is journaled, and nothing before it is needed.
+                    peer.journaled = true
+                    peer.ackedSeq = lastAdmitted
+                    session.journalCursor = journal.position(after: lastAdmitted)
+                }
+            }
+            session.catchUp = catchUp
+        }
+        // Scheduled point: read its regions as of the cut, then close it with a point barrier.
+        if var point = peer.point, point.barrierIndex == nil {
+            var budget = config.windowItems - session.inFlightCount - point.readsQueued.count
+            while budget > 0, session.notReceivedBytes + UInt64(point.readsQueued.count) * config.regionSize < config.windowBytes,
+                  let r = point.regions.firstSet(from: point.cursor) {
+                point.cursor = r + 1
+                point.readsQueued.insert(r)
+                reads.append((r, true))
+                budget -= 1
+            }
+            if point.regions.firstSet(from: point.cursor) == nil, point.readsQueued.isEmpty {
+                let index = session.take()
+                out.append(.send(peer: name, link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: point.seq, kind: .point))))
+                session.record(SentItem(index: index, kind: .barrier(.point, seq: point.seq), range: nil, bytes: 0))
+                point.barrierIndex = index
+            }
+            peer.point = point
+        }
+        peer.session = session
+        peers[name] = peer
+        for (region, forPoint) in reads {
+            let ticket = nextTicket
+            nextTicket += 1
+            tickets[ticket] = .regionRead(peer: name, link, region: region, forPoint: forPoint)
+            admitInOrder(lock.enqueue(ticket, range: peer.dirty.range(ofRegion: region)), &out)
+        }
+    }
+
+    /// A region's turn in the lock came: every write before it is on the image, none after.
+    mutating func regionReadAdmitted(peer name: String, link: LinkID, region: Int, forPoint: Bool, _ out: inout [Action]) {
+        guard var peer = peers[name], var session = peer.session, session.link == link else { return }
+        let range = peer.dirty.range(ofRegion: region)
+        if forPoint {
+            guard var point = peer.point, point.readsQueued.remove(region) != nil else { return }
+            let index = session.take()
+            let item = ReplicationItem(epoch: config.epoch, index: index, seq: 0, range: range, isZero: false)
+            out.append(.sendRegion(peer: name, link, item, preserved: point.preserved.contains(region)))
+            session.record(SentItem(index: index, kind: .region(region, forPoint: true), range: range, bytes: range.length))
+            point.sent.insert(region)
+            point.bytes += range.length
+            peer.bytesSent += range.length
+            peer.point = point
+        } else {
+            guard session.readsQueued.remove(region) != nil else { return }
+            if peer.dirty.contains(region), session.regionsInFlight[region] == nil {
+                let index = session.take()
+                let item = ReplicationItem(epoch: config.epoch, index: index, seq: 0, range: range, isZero: false)
+                out.append(.sendRegion(peer: name, link, item, preserved: false))
+                session.record(SentItem(index: index, kind: .region(region, forPoint: false), range: range, bytes: range.length))
+                session.regionsInFlight[region] = index
+                peer.bytesSent += range.length
+            }
+        }
+        peer.session = session
+        peers[name] = peer
+    }
+
+    // MARK: - Timers
+
+    mutating func tickPeer(_ name: String, _ out: inout [Action]) {
+        guard var peer = peers[name] else { return }
+        if peer.policy.mode == .async, peer.journaled, peer.session == nil, isOverBound(peer) {
+            enterBitmapMode(&peer, reason: "\(name) is disconnected past its lag bound; what it misses is tracked in its bitmap", &out)
+        }
+        if peer.policy.mode == .scheduled, let session = peer.session, session.open, session.catchUp == nil, peer.point == nil,
+           peer.pointRequested || (peer.nextPointAt.map { now.wallSeconds >= $0 } ?? false) {
+            peer.point = Point(seq: lastAdmitted, cutAt: now.wallSeconds, regions: peer.dirty)
+            peer.dirty.clearAll()
+            peer.dirtySince = nil
+            peer.pointRequested = false
+            persistNeeded = true
+            setState(&peer, .sendingPoint, "sending the point at sequence \(lastAdmitted)", &out)
+        }
+        if peer.progressUnpersisted, now.monotonicNanos - peer.lastProgressPersist >= 1_000_000_000 {
+            peer.progressUnpersisted = false
+            peer.lastProgressPersist = now.monotonicNanos
+            persistNeeded = true
+        }
+        peers[name] = peer
+    }
+
+    mutating func trimJournalIfPossible(_ out: inout [Action]) {
+        guard journalEnabled, !persistNeeded, persistedToken + 1 >= nextToken else { return }
+        var through = lastAdmitted
+        for peer in peers.values where peer.policy.mode == .async && peer.journaled {
+            through = min(through, peer.ackedSeq)
+        }
+        // Entries of requests not yet answered stay: their payload is read from the journal.
+        if let oldest = requests.keys.min() { through = min(through, oldest - 1) }
+        if through > journal.trimmedThrough {
+            journal.trim(through: through)
+            out.append(.trimJournal(throughSeq: through))
+        }
+    }
+
+    // MARK: - Status
+
+    /// Each peer's link as status shows it, sorted by peer name.
+    public func status(now: Instant) -> [ReplicaLinkStatus] {
+        var copy = self
+        copy.now = now
+        return peerOrder.compactMap { name in
+            guard let peer = copy.peers[name] else { return nil }
+            let session = peer.session
+            let catchUp = session?.catchUp
+            return ReplicaLinkStatus(
+                peer: name, mode: peer.policy.mode, state: peer.state, reason: peer.reason,
+                connected: session?.open ?? false,
+                consistent: !peer.initialSyncPending && catchUp == nil,
+                lagBytes: copy.lagBytes(peer), lagSeconds: Double(copy.lagNanos(peer)) / 1e9,
+                dirtyBytes: peer.dirty.dirtyBytes, inFlightBytes: session?.unackedBytes ?? 0,
+                syncRemainingBytes: catchUp.map { _ in peer.dirty.dirtyBytes },
+                syncTotalBytes: catchUp.map { $0.totalBytes },
+                bytesSent: peer.bytesSent, lastPoint: peer.lastPoint, nextPointAt: peer.nextPointAt,
+                rpoZero: peer.isDirect && session?.open == true && catchUp == nil && peer.dirty.isEmpty)
+        }
+    }
+
+    /// The highest sequence admitted (every request up to it is on the image or being written).
+    public var admittedSequence: UInt64 { lastAdmitted }
+    /// Requests accepted and not yet answered.
+    public var pendingRequests: Int { requests.count }
+    public var isFenced: Bool { fenced }
+}

@@ -1,0 +1,299 @@
+/// The secondary's end of one volume's replication: a pure state machine (events in, actions
+/// out; DESIGN §4). The runtime (or the simulation) performs the actions and reports back.
+///
+/// Two ways to apply what arrives, decided by the link's mode:
+/// - **direct** (sync, semi-sync, and every catch-up): each item is written to the image as it
+///   arrives, in stream order; `received` is acked on arrival, `written` once applied, `durable`
+///   at each barrier after the image is flushed.
+/// - **logged** (async, scheduled): items go to the receive log (acked `received` on arrival); at a
+///   barrier the log is made durable (acked `written`: from here the group is applied even after a
+///   crash), then the items up to the barrier are applied to the image, the image flushed and the
+///   position recorded (acked `durable`). After a crash the
+///   runtime hands ``recover(log:)`` what is durable in the log, and every complete barrier group
+///   is applied again, so the image is always at a barrier state (P2), and a scheduled point is
+///   applied all or nothing.
+///
+/// Refused (with a reason, the link reset, nothing applied): an `open` with an older epoch, any
+/// item whose epoch is not the session's, a gap in the stream indexes, a client write whose
+/// sequence goes backwards, a region outside a catch-up or point.
+public struct ReplicaVolume: Sendable {
+    public enum Action: Sendable, Equatable {
+        /// Send to the primary over `link`.
+        case send(LinkID, ReplicationMessage)
+        /// Write the item's payload (or zeros) to the image now, before any later action.
+        case apply(LinkID, ReplicationItem)
+        /// Append the item (header and payload) to the receive log.
+        case appendLog(LinkID, ReplicationItem)
+        /// Append the barrier to the receive log and make the log durable; report ``logSynced(link:index:)``.
+        case syncLog(LinkID, ReplicationBarrier)
+        /// Apply the receive log's items up to the barrier `index` to the image, flush the image,
+        /// record `position` durably, then drop those log entries; report ``logApplied(link:index:)``.
+        /// After a crash midway, ``recover(log:)`` asks for it again.
+        case applyLog(LinkID?, throughIndex: UInt64, position: ReplicaPosition)
+        /// Drop every log entry not yet handed to ``applyLog`` (groups from a dead link, or
+        /// superseded by a catch-up); their barriers will not be acked.
+        case discardLogTail
+        /// Flush the image; report ``flushed(link:index:)``.
+        case flush(LinkID, index: UInt64)
+        /// Record the position durably (after the data it describes is durable).
+        case persistPosition(ReplicaPosition)
+        /// Send `refuse` and close the link.
+        case refuse(LinkID, reason: String)
+    }
+
+    private struct Session: Sendable {
+        var link: LinkID
+        var epoch: UInt64
+        var generation: UInt64
+        var logged: Bool
+        var nextIndex: UInt64 = 1
+        var lastSeq: UInt64 = 0
+        /// Inside catchUpBegin ... catchUpEnd: regions and writes are applied directly.
+        var catchingUp = false
+        /// Highest index applied to the image (direct mode).
+        var appliedIndex: UInt64 = 0
+        /// Barriers waiting for their flush, by index.
+        var barriers: [UInt64: ReplicationBarrier] = [:]
+        /// Planted bug `applyOutOfOrder`: an item held back to be applied after the next one.
+        var heldBack: ReplicationItem?
+        /// Logged: the highest barrier index handed to applyLog.
+        var applyIssuedIndex: UInt64 = 0
+        /// The index of the last catch-up begin: earlier barriers no longer describe the image.
+        var lastCatchUpBegin: UInt64 = 0
+    }
+
+    public let volume: String
+    public private(set) var position: ReplicaPosition
+    private var session: Session?
+    /// Test-only: a deliberate bug, to show the simulation's checkers catch it.
+    var plantedBug: PlantedBug?
+
+    /// `position`: as persisted. Call ``recover(log:)`` before the first link if the receive log
+    /// may hold complete barrier groups.
+    public init(volume: String, position: ReplicaPosition) {
+        self.volume = volume
+        self.position = position
+    }
+
+    /// A logged barrier group found durable in the receive log after a restart.
+    public struct LoggedBarrier: Sendable, Equatable {
+        public var index: UInt64
+        public var seq: UInt64
+        public var kind: BarrierKind
+        public init(index: UInt64, seq: UInt64, kind: BarrierKind) {
+            self.index = index
+            self.seq = seq
+            self.kind = kind
+        }
+    }
+
+    /// Applies what the receive log holds up to its last durable barrier (P2 after a crash), and
+    /// drops anything after it.
+    public mutating func recover(log barriers: [LoggedBarrier]) -> [Action] {
+        var actions: [Action] = []
+        if let last = barriers.last {
+            var next = position
+            next.appliedSeq = max(next.appliedSeq, last.seq)
+            next.consistent = true
+            next.initialized = true
+            position = next
+            actions.append(.applyLog(nil, throughIndex: last.index, position: next))
+        }
+        actions.append(.discardLogTail)
+        return actions
+    }
+
+    public var isConsistent: Bool { position.consistent }
+
+    // MARK: - Events
+
+    public mutating func linkDown(_ link: LinkID) -> [Action] {
+        guard session?.link == link else { return [] }
+        let logged = session?.logged ?? false
+        session = nil
+        // An unfinished logged group will never get its barrier from this link.
+        return logged ? [.discardLogTail] : []
+    }
+
+    public mutating func received(_ message: ReplicationMessage, on link: LinkID) -> [Action] {
+        switch message {
+        case .open(let open):
+            return opened(open, on: link)
+        case .write(let item), .region(let item):
+            guard var s = session, s.link == link else { return [] }
+            let isRegion = { if case .region = message { return true } else { return false } }()
+            if let why = check(item: item, isRegion: isRegion, session: s) { return refuse(link, why) }
+            s.nextIndex += 1
+            if !isRegion { s.lastSeq = item.seq }
+            let direct = !s.logged || s.catchingUp
+            session = s
+            if direct {
+                session?.appliedIndex = item.index
+                if plantedBug == .applyOutOfOrder {
+                    guard let held = session?.heldBack else {
+                        session?.heldBack = item
+                        return [.send(link, .ack(level: .received, index: item.index))]
+                    }
+                    session?.heldBack = nil
+                    return [.apply(link, item), .apply(link, held), .send(link, .ack(level: .received, index: item.index))]
+                }
+                return [.apply(link, item), .send(link, .ack(level: .received, index: item.index))]
+            }
+            return [.appendLog(link, item), .send(link, .ack(level: .received, index: item.index))]
+        case .barrier(let barrier):
+            guard var s = session, s.link == link else { return [] }
+            if let why = check(barrier: barrier, session: s) { return refuse(link, why) }
+            s.nextIndex += 1
+            s.lastSeq = max(s.lastSeq, barrier.seq)
+            var actions: [Action] = []
+            if let held = s.heldBack {
+                s.heldBack = nil
+                actions.append(.apply(link, held))
+            }
+            switch barrier.kind {
+            case .catchUpBegin:
+                // Logged items not yet being applied are older than anything the catch-up sends,
+                // and the primary counts them as missing (they were not acked `written`).
+                if s.logged {
+                    actions.append(.discardLogTail)
+                    s.applyIssuedIndex = barrier.index
+                }
+                s.catchingUp = true
+                s.lastCatchUpBegin = barrier.index
+                position.consistent = false
+                position.epoch = s.epoch
+                position.generation = s.generation
+                // Before the first out-of-order block lands: a crash now must not look consistent.
+                actions.append(.persistPosition(position))
+                actions.append(.send(link, .ack(level: .durable, index: barrier.index)))
+                session = s
+                return actions
+            case .catchUpEnd:
+                s.catchingUp = false
+                s.barriers[barrier.index] = barrier
+                session = s
+                return actions + [.flush(link, index: barrier.index)]
+            case .flush, .cut, .point:
+                if !s.logged || s.catchingUp {
+                    s.barriers[barrier.index] = barrier
+                    session = s
+                    return actions + [.flush(link, index: barrier.index)]
+                }
+                session = s
+                return actions + [.syncLog(link, barrier)]
+            }
+        case .position, .ack, .refuse:
+            return refuse(link, "a replica does not accept \(message) from its primary")
+        }
+    }
+
+    private mutating func opened(_ open: VolumeOpen, on link: LinkID) -> [Action] {
+        if let s = session, s.link != link {
+            // A new link replaces the old one; whatever the old one had in flight is abandoned.
+            _ = s
+        }
+        guard open.volume == volume else {
+            return refuse(link, "volume \"\(open.volume)\" is not replicated here as \"\(volume)\"")
+        }
+        guard open.epoch >= position.epoch else {
+            return refuse(link, "stale epoch \(open.epoch): this replica of \(volume) is at epoch \(position.epoch); "
+                          + "the sender is no longer the primary")
+        }
+        let logged = open.mode == .async || open.mode == .scheduled
+        var actions: [Action] = []
+        if session?.logged ?? logged { actions.append(.discardLogTail) }
+        session = Session(link: link, epoch: open.epoch, generation: open.generation, logged: logged,
+                          lastSeq: position.appliedSeq)
+        actions.append(.send(link, .position(position)))
+        return actions
+    }
+
+    /// The runtime applied the item (direct mode): ack `written`.
+    public mutating func applied(link: LinkID, index: UInt64) -> [Action] {
+        guard session?.link == link else { return [] }
+        return [.send(link, .ack(level: .written, index: index))]
+    }
+
+    /// The image flush asked for the barrier at `index` is done. One flush covers every earlier
+    /// write, so every barrier up to `index` completes with it, in order: the position moves
+    /// forward only, and a catch-up end that a newer catch-up has overtaken marks nothing consistent.
+    public mutating func flushed(link: LinkID, index: UInt64) -> [Action] {
+        guard var s = session, s.link == link else { return [] }
+        let done = s.barriers.keys.filter { $0 <= index }.sorted()
+        guard let last = done.last else { return [] }
+        var next = position
+        for key in done {
+            let barrier = s.barriers.removeValue(forKey: key)!
+            guard barrier.index > s.lastCatchUpBegin else { continue }
+            if barrier.kind == .catchUpEnd {
+                next.consistent = true
+                next.initialized = true
+                next.appliedSeq = max(next.appliedSeq, barrier.seq)
+            } else if next.consistent {
+                next.appliedSeq = max(next.appliedSeq, barrier.seq)
+            }
+        }
+        next.epoch = s.epoch
+        next.generation = s.generation
+        session = s
+        var actions: [Action] = []
+        if next != position {
+            position = next
+            actions.append(.persistPosition(next))
+        }
+        actions.append(.send(link, .ack(level: .durable, index: last)))
+        return actions
+    }
+
+    /// The receive log holds everything up to the barrier durably: ack `received`, then apply.
+    public mutating func logSynced(link: LinkID, barrier: ReplicationBarrier) -> [Action] {
+        // A later sync covers an earlier one: nothing to do for a barrier already applied.
+        guard var s = session, s.link == link, barrier.index > s.applyIssuedIndex else { return [] }
+        s.applyIssuedIndex = barrier.index
+        session = s
+        var next = position
+        next.epoch = s.epoch
+        next.generation = s.generation
+        next.appliedSeq = max(next.appliedSeq, barrier.seq)
+        next.consistent = true
+        next.initialized = true
+        position = next
+        return [.send(link, .ack(level: .written, index: barrier.index)),
+                .applyLog(link, throughIndex: barrier.index, position: next)]
+    }
+
+    /// The log group through `index` is applied, flushed and recorded.
+    public mutating func logApplied(link: LinkID?, index: UInt64) -> [Action] {
+        guard let link, session?.link == link else { return [] }
+        return [.send(link, .ack(level: .durable, index: index))]
+    }
+
+    // MARK: - Checks
+
+    private func check(item: ReplicationItem, isRegion: Bool, session s: Session) -> String? {
+        if item.epoch != s.epoch { return "item \(item.index) carries epoch \(item.epoch), the session is at epoch \(s.epoch)" }
+        if item.index != s.nextIndex { return "sequence gap: expected stream index \(s.nextIndex), got \(item.index)" }
+        if isRegion {
+            if !s.catchingUp && !s.logged { return "region \(item.range) outside a catch-up" }
+        } else if item.seq <= s.lastSeq && item.seq != 0 {
+            return "write sequence \(item.seq) does not follow \(s.lastSeq)"
+        }
+        return nil
+    }
+
+    private func check(barrier: ReplicationBarrier, session s: Session) -> String? {
+        if barrier.epoch != s.epoch { return "barrier \(barrier.index) carries epoch \(barrier.epoch), the session is at epoch \(s.epoch)" }
+        if barrier.index != s.nextIndex { return "sequence gap: expected stream index \(s.nextIndex), got \(barrier.index)" }
+        if barrier.kind == .catchUpBegin && s.catchingUp { return "catch-up begins twice" }
+        if barrier.kind == .catchUpEnd && !s.catchingUp { return "catch-up ends without beginning" }
+        return nil
+    }
+
+    private mutating func refuse(_ link: LinkID, _ reason: String) -> [Action] {
+        let logged = session?.logged ?? false
+        if session?.link == link { session = nil }
+        var actions: [Action] = [.refuse(link, reason: reason)]
+        if logged { actions.append(.discardLogTail) }
+        return actions
+    }
+}

@@ -1,0 +1,124 @@
+/// What the two ends of a volume link say to each other, as headers (DESIGN §5.1). A `write` or
+/// `region` that carries data has its payload beside it on the wire; the state machines never
+/// hold payload bytes, the runtime keeps them by stream index or sequence.
+///
+/// Every message from the primary carries the volume's epoch, and the replica refuses any whose
+/// epoch is not the session's (P4); stream indexes start at 1 on each new link and have no gaps.
+public enum ReplicationMessage: Sendable, Equatable {
+    // primary → replica
+    /// Opens a session on a new link; the replica answers with ``position(_:)`` or ``refuse(reason:)``.
+    case open(VolumeOpen)
+    /// A client write (or zeroing) in sequence order.
+    case write(ReplicationItem)
+    /// A block sent by a catch-up (initial sync, bitmap resync) or as part of a scheduled point.
+    case region(ReplicationItem)
+    /// Everything before it on the stream must be made durable and acked at `durable`.
+    case barrier(ReplicationBarrier)
+
+    // replica → primary
+    /// The replica's persisted position, answering `open`.
+    case position(ReplicaPosition)
+    /// Cumulative: every item up to `index` of this session reached `level`.
+    case ack(level: AckLevel, index: UInt64)
+    /// The replica will not take this stream; the link is reset.
+    case refuse(reason: String)
+}
+
+/// The start of a volume session.
+public struct VolumeOpen: Sendable, Equatable {
+    public var volume: String
+    public var epoch: UInt64
+    public var generation: UInt64
+    public var volumeSize: UInt64
+    public var mode: ReplicationMode
+
+    public init(volume: String, epoch: UInt64, generation: UInt64, volumeSize: UInt64, mode: ReplicationMode) {
+        self.volume = volume
+        self.epoch = epoch
+        self.generation = generation
+        self.volumeSize = volumeSize
+        self.mode = mode
+    }
+}
+
+/// A write, zeroing, or catch-up block in the stream.
+public struct ReplicationItem: Sendable, Equatable {
+    public var epoch: UInt64
+    /// Position in this session's stream (1, 2, 3, …).
+    public var index: UInt64
+    /// The primary's sequence number for a client write; 0 for a region.
+    public var seq: UInt64
+    public var range: BlockRange
+    /// The range reads as zeros afterwards; no payload.
+    public var isZero: Bool
+
+    public init(epoch: UInt64, index: UInt64, seq: UInt64, range: BlockRange, isZero: Bool) {
+        self.epoch = epoch
+        self.index = index
+        self.seq = seq
+        self.range = range
+        self.isZero = isZero
+    }
+}
+
+public enum BarrierKind: UInt8, Sendable, Equatable, CustomStringConvertible {
+    /// A client FLUSH or FUA write.
+    case flush = 1
+    /// Cut by the sender to make progress durable (and, for a logged replica, applicable).
+    case cut = 2
+    /// A catch-up starts: the replica is inconsistent until `catchUpEnd`.
+    case catchUpBegin = 3
+    /// A catch-up is complete: the replica holds the primary's state as of `seq`.
+    case catchUpEnd = 4
+    /// A scheduled point is complete: its regions are applied as one step.
+    case point = 5
+
+    public var description: String {
+        switch self {
+        case .flush: return "flush"
+        case .cut: return "cut"
+        case .catchUpBegin: return "catch-up begin"
+        case .catchUpEnd: return "catch-up end"
+        case .point: return "point"
+        }
+    }
+}
+
+public struct ReplicationBarrier: Sendable, Equatable {
+    public var epoch: UInt64
+    public var index: UInt64
+    /// Every client write with a sequence number up to `seq` is before this barrier in the stream
+    /// (or, for a point, in the point's regions).
+    public var seq: UInt64
+    public var kind: BarrierKind
+
+    public init(epoch: UInt64, index: UInt64, seq: UInt64, kind: BarrierKind) {
+        self.epoch = epoch
+        self.index = index
+        self.seq = seq
+        self.kind = kind
+    }
+}
+
+/// Where a replica is, persisted durably on its side (volume UUID and name are the runtime's).
+public struct ReplicaPosition: Sendable, Equatable, Codable {
+    public var epoch: UInt64
+    public var generation: UInt64
+    /// The last sequence whose state the image is at (valid when `consistent`).
+    public var appliedSeq: UInt64
+    /// The image equals a state of the primary (false during initial sync and catch-up).
+    public var consistent: Bool
+    /// The image has ever been consistent: an initial sync completed.
+    public var initialized: Bool
+
+    public init(epoch: UInt64 = 0, generation: UInt64 = 0, appliedSeq: UInt64 = 0, consistent: Bool = false, initialized: Bool = false) {
+        self.epoch = epoch
+        self.generation = generation
+        self.appliedSeq = appliedSeq
+        self.consistent = consistent
+        self.initialized = initialized
+    }
+
+    /// A replica that has never received anything.
+    public static let empty = ReplicaPosition()
+}

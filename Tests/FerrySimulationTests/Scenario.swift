@@ -1,0 +1,67 @@
+@testable import FerryCore
+
+/// What one seed draws: the peers and their modes, the workload, the network, and the faults.
+struct Scenario: CustomStringConvertible {
+    var seed: UInt64
+    var peers: [(name: String, policy: ReplicaPolicy)]
+    var sectors = 128
+    var sectorSize: UInt64 = 512
+    var workloadNanos: Int64
+    var queueDepth: Int
+    var netDelay: ClosedRange<Int64>
+    var linkCutsPerSecond: Double
+    var primaryCrashesPerSecond: Double
+    var replicaCrashesPerSecond: Double
+    var powerLoss: Double
+    var checkpointsPerSecond: Double
+    var bug: PlantedBug?
+
+    init(seed: UInt64, bug: PlantedBug? = nil, modes: [ReplicationMode]? = nil) {
+        self.seed = seed
+        self.bug = bug
+        var rng = SimRandom(seed: seed ^ 0x5EED)
+        let count = modes?.count ?? rng.int(1...2)
+        var peers: [(String, ReplicaPolicy)] = []
+        for i in 0..<count {
+            let mode = modes?[i] ?? rng.pick(ReplicationMode.allCases)
+            var policy = ReplicaPolicy(mode: mode)
+            switch mode {
+            case .sync, .semiSync:
+                policy.onPeerLoss = rng.chance(0.25) ? .block : .degrade
+            case .async:
+                policy.onLag = rng.chance(0.5) ? .pullAhead : .throttle
+                policy.maxLagBytes = rng.pick([8 << 10, 32 << 10, 64 << 20])
+                if rng.chance(0.3) { policy.maxLagSeconds = Int64(rng.int(1...3)) }
+            case .scheduled:
+                policy.schedule = Schedule.parseEvery(rng.pick(["1m", "2m"]))
+            }
+            peers.append((["west", "far", "vault"][i], policy))
+        }
+        self.peers = peers
+        workloadNanos = rng.nanos(1_000_000_000...4_000_000_000)
+        queueDepth = rng.int(1...8)
+        let base = rng.pick([Int64(20_000), 200_000, 2_000_000])
+        netDelay = base...(base * Int64(rng.int(1...4)))
+        let faulty = rng.chance(0.85)
+        linkCutsPerSecond = faulty ? rng.pick([0, 0.5, 2, 5]) : 0
+        primaryCrashesPerSecond = faulty ? rng.pick([0, 0, 0.3, 1]) : 0
+        replicaCrashesPerSecond = faulty ? rng.pick([0, 0, 0.3, 1]) : 0
+        powerLoss = rng.pick([0, 0.5, 1])
+        checkpointsPerSecond = rng.pick([0, 1, 3])
+    }
+
+    var description: String {
+        let modes = peers.map { p -> String in
+            var s = "\(p.name)=\(p.policy.mode.rawValue)"
+            switch p.policy.mode {
+            case .sync, .semiSync: s += "/\(p.policy.onPeerLoss.rawValue)"
+            case .async: s += "/\(p.policy.onLag.rawValue)/\(p.policy.maxLagBytes.map(String.init) ?? "-")B"
+            case .scheduled: s += "/\(p.policy.schedule.map(\.description) ?? "-")"
+            }
+            return s
+        }.joined(separator: " ")
+        return "seed \(seed): \(modes), \(workloadNanos / 1_000_000) ms, QD\(queueDepth), net \(netDelay.lowerBound / 1000)-\(netDelay.upperBound / 1000) µs, "
+            + "cuts \(linkCutsPerSecond)/s, primary crashes \(primaryCrashesPerSecond)/s, replica crashes \(replicaCrashesPerSecond)/s, "
+            + "power loss \(powerLoss)\(bug.map { ", planted bug \($0.rawValue)" } ?? "")"
+    }
+}
