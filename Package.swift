@@ -39,7 +39,7 @@ let package = Package(
         ]),
         // Images and the catalog.
         .target(name: "FerryStore", dependencies: [
-            "FerryCore", "CFerrySys",
+            "FerryCore", "CFerrySys", "CXXHash",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "GRDB", package: "GRDB.swift"),
         ]),
@@ -50,9 +50,17 @@ let package = Package(
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The volume engine at run time: executes FerryCore's replication machines on images,
+        // journals and links.
+        .target(name: "FerryVolume", dependencies: [
+            "FerryCore", "FerryStore", "FerryWire", "FerryNBD",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         // The daemon: config, services, admin API, status.
         .target(name: "FerrySite", dependencies: [
-            "FerryCore", "FerryWire", "FerryStore", "FerryNBD",
+            "FerryCore", "FerryWire", "FerryStore", "FerryNBD", "FerryVolume",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -61,7 +69,7 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
         ]),
         .executableTarget(name: "ferry", dependencies: [
-            "FerrySite", "FerryCore", "FerryWire",
+            "FerrySite", "FerryCore", "FerryWire", "CFerrySys",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 

@@ -2,6 +2,7 @@
 // which is built without it (research/swift-platform.md §4).
 #define _GNU_SOURCE 1
 #include <fcntl.h>
+#include <stdio.h>
 #include <unistd.h>
 #include <linux/falloc.h>
 #include "ferry_sys.h"
@@ -25,3 +26,5 @@ int64_t ferry_seek_data(int fd, int64_t offset) {
 int64_t ferry_seek_hole(int fd, int64_t offset) {
     return (int64_t)lseek(fd, (off_t)offset, SEEK_HOLE);
 }
+
+void ferry_stdout_line_buffered(void) { setvbuf(stdout, NULL, _IOLBF, 0); }

@@ -11,9 +11,18 @@ public enum AdminClient {
 
     /// GETs `path` and returns the status code and body.
     public static func get(socketPath: String, path: String, timeoutSeconds: Int = 10) throws -> (status: Int, body: Data) {
+        try request("GET", socketPath: socketPath, path: path, timeoutSeconds: timeoutSeconds)
+    }
+
+    /// POSTs to `path` (an action with no body) and returns the status code and body.
+    public static func post(socketPath: String, path: String, timeoutSeconds: Int = 30) throws -> (status: Int, body: Data) {
+        try request("POST", socketPath: socketPath, path: path, timeoutSeconds: timeoutSeconds)
+    }
+
+    private static func request(_ method: String, socketPath: String, path: String, timeoutSeconds: Int) throws -> (status: Int, body: Data) {
         let fd = try connect(socketPath: socketPath, timeoutSeconds: timeoutSeconds)
         defer { close(fd) }
-        let request = "GET \(path) HTTP/1.1\r\nHost: ferry\r\nConnection: close\r\n\r\n"
+        let request = "\(method) \(path) HTTP/1.1\r\nHost: ferry\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
         let sent = request.withCString { send(fd, $0, strlen($0), Int32(MSG_NOSIGNAL)) }
         guard sent == request.utf8.count else {
             throw Failure(description: "could not send to the admin socket \(socketPath): \(String(cString: strerror(errno)))")

@@ -20,7 +20,8 @@ final class AdminServer: Sendable {
         self.logger = logger
     }
 
-    func start(socketPath: String, status: @escaping @Sendable () -> SiteStatus) async throws {
+    func start(socketPath: String, status: @escaping @Sendable () -> SiteStatus,
+               action: @escaping @Sendable (_ path: String) -> (code: Int, body: Data)) async throws {
         var st = stat()
         if lstat(socketPath, &st) == 0 {
             guard (st.st_mode & S_IFMT) == S_IFSOCK else {
@@ -36,7 +37,7 @@ final class AdminServer: Sendable {
             .childChannelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
                     try channel.pipeline.syncOperations.configureHTTPServerPipeline()
-                    try channel.pipeline.syncOperations.addHandler(AdminHTTPHandler(status: status, logger: logger))
+                    try channel.pipeline.syncOperations.addHandler(AdminHTTPHandler(status: status, action: action, logger: logger))
                 }
             }
             .bind(unixDomainSocketPath: socketPath).get()
@@ -58,11 +59,13 @@ private final class AdminHTTPHandler: ChannelInboundHandler {
     typealias OutboundOut = HTTPServerResponsePart
 
     let status: @Sendable () -> SiteStatus
+    let action: @Sendable (String) -> (code: Int, body: Data)
     let logger: Logger
     var head: HTTPRequestHead?
 
-    init(status: @escaping @Sendable () -> SiteStatus, logger: Logger) {
+    init(status: @escaping @Sendable () -> SiteStatus, action: @escaping @Sendable (String) -> (code: Int, body: Data), logger: Logger) {
         self.status = status
+        self.action = action
         self.logger = logger
     }
 
@@ -83,6 +86,10 @@ private final class AdminHTTPHandler: ChannelInboundHandler {
         switch (head.method, head.uri.split(separator: "?").first ?? "") {
         case (.GET, "/v1/status"):
             body = (try? SiteStatus.encoder().encode(status())) ?? Data("{}".utf8)
+        case (.POST, let path):
+            let result = action(String(path))
+            code = HTTPResponseStatus(statusCode: result.code)
+            body = result.body
         default:
             code = .notFound
             body = Data("{\"error\": \"no route \(head.method) \(head.uri); try GET /v1/status\"}".utf8)

@@ -1,6 +1,7 @@
 import FerryCore
 import FerryNBD
 import FerryStore
+import FerryVolume
 import FerryWire
 import Foundation
 import Logging
@@ -17,35 +18,47 @@ import ServiceLifecycle
 /// links, close the admin socket.
 public final class Site: Service, Sendable {
     public let config: SiteConfig
-    private let logger: Logger
-    private let group: MultiThreadedEventLoopGroup
-    private let threadPool: NIOThreadPool
+    let logger: Logger
+    let group: MultiThreadedEventLoopGroup
+    let threadPool: NIOThreadPool
     private let startedAt = Date()
 
-    private struct Volume: Sendable {
+    struct Volume: Sendable {
         var config: VolumeConfig
         var record: VolumeRecord?
         var image: VolumeImage?
+        var primary: PrimaryVolumeRuntime?
+        var replica: ReplicaVolumeRuntime?
+        var isPrimary: Bool
+        var isReplica: Bool
     }
 
-    private struct State: Sendable {
+    struct State: Sendable {
         var identity: SiteIdentity?
+        var catalog: Catalog?
         var volumes: [Volume] = []
         var replicationAddress: String?
         var nbdAddresses: [String] = []
         var nbdURIBases: [String] = []
         var peers: PeerLinks?
+        var engine: VolumeEngine?
+        /// The last line logged per volume and kind, to keep repeats out of the log.
+        var lastErrors: [String: String] = [:]
     }
-    private let state = NIOLockedValueBox(State())
-    private let exports = NBDExportTable()
+    let state = NIOLockedValueBox(State())
+    let exports = NBDExportTable()
     private let nbd: NBDServer
     private let admin: AdminServer
     private let dataLock = NIOLockedValueBox<Int32>(-1)
+    private let ownsGroup: Bool
 
-    public init(config: SiteConfig, logger: Logger) {
+    /// - Parameter eventLoopGroup: the loops to run on; by default the site makes its own (one
+    ///   per core) and shuts them down when it stops. An injected group is left running.
+    public init(config: SiteConfig, logger: Logger, eventLoopGroup: MultiThreadedEventLoopGroup? = nil) {
         self.config = config
         self.logger = logger
-        self.group = MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        self.group = eventLoopGroup ?? MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
+        self.ownsGroup = eventLoopGroup == nil
         self.threadPool = NIOThreadPool(numberOfThreads: max(4, System.coreCount * 2))
         self.nbd = NBDServer(exports: exports, group: group, logger: logger)
         self.admin = AdminServer(group: group, logger: logger)
@@ -79,23 +92,14 @@ public final class Site: Service, Sendable {
         logger.info("site identity", metadata: ["site": "\(identity.siteName)", "id": "\(identity.siteID)"])
 
         let catalog = try Catalog(path: data + "/catalog.sqlite")
-        let volumesDir = data + "/volumes"
-        try FileManager.default.createDirectory(atPath: volumesDir, withIntermediateDirectories: true)
-        var volumes: [Volume] = []
-        for v in config.volumes {
-            guard v.primary == config.site.name else {
-                volumes.append(Volume(config: v))
-                continue
-            }
-            let (record, created) = try catalog.ensureVolume(name: v.name, sizeBytes: v.sizeBytes)
-            let image = try VolumeImage.openOrCreate(path: "\(volumesDir)/\(v.name).img", size: v.sizeBytes)
-            logger.info(created ? "volume created" : "volume opened", metadata: [
-                "volume": "\(v.name)", "size": "\(ByteSize.format(v.sizeBytes))", "uuid": "\(record.uuid)", "epoch": "\(record.epoch)"])
-            exports.add(NBDExport(name: v.name, description: "ferry volume \(v.name) (\(record.uuid))",
-                                  device: ImageBlockDevice(image: image, threadPool: threadPool)))
-            volumes.append(Volume(config: v, record: record, image: image))
+        state.withLockedValue { $0.catalog = catalog }
+        let links = PeerVolumeLinks()
+        let volumes = try openVolumes(catalog: catalog, links: links)
+        let engine = makeEngine(volumes, links: links)
+        state.withLockedValue {
+            $0.volumes = volumes
+            $0.engine = engine
         }
-        state.withLockedValue { $0.volumes = volumes }
 
         var nbdAddresses: [String] = []
         var uriBases: [String] = []
@@ -121,7 +125,10 @@ public final class Site: Service, Sendable {
             identity: identity,
             listen: (host: config.listen.replication.host, port: config.listen.replication.port),
             peers: config.peers.map { PeerEndpoint(name: $0.name, host: $0.address.host, port: $0.address.port, siteID: $0.siteID) },
-            group: group, logger: logger)
+            group: group, logger: logger, dataFrameTypes: VolumeFrame.frameTypes)
+        links.attach(peers)
+        connect(engine, to: peers)
+        engine.start(on: group.next())
         try await peers.start()
         let replicationPort = peers.boundPort ?? config.listen.replication.port
         state.withLockedValue {
@@ -129,24 +136,27 @@ public final class Site: Service, Sendable {
             $0.replicationAddress = HostPort(host: config.listen.replication.host, port: replicationPort).description
         }
 
-        try await admin.start(socketPath: config.listen.adminSocket, status: { [self] in status() })
+        try await admin.start(socketPath: config.listen.adminSocket, status: { [self] in status() },
+                              action: { [self] path in adminAction(path) })
     }
 
     private func stop() async {
         await nbd.shutdown()
-        let volumes = state.withLockedValue { $0.volumes }
+        let (volumes, engine) = state.withLockedValue { ($0.volumes, $0.engine) }
+        if let peers = state.withLockedValue({ $0.peers }) { await peers.stop() }
+        engine?.stop()
         for v in volumes {
             guard let image = v.image else { continue }
             do {
                 try image.flush()
+                markCleanShutdown(v.config.name)
             } catch {
                 logger.error("flushing volume at shutdown failed", metadata: ["volume": "\(v.config.name)", "error": "\(error)"])
             }
         }
-        if let peers = state.withLockedValue({ $0.peers }) { await peers.stop() }
         await admin.stop(socketPath: config.listen.adminSocket)
         try? await threadPool.shutdownGracefully()
-        try? await group.shutdownGracefully()
+        if ownsGroup { try? await group.shutdownGracefully() }
         unlockDataDirectory()
     }
 
@@ -157,14 +167,7 @@ public final class Site: Service, Sendable {
             name: config.site.name, siteID: s.identity?.siteID.description ?? "", pid: getpid(),
             startedAt: startedAt, configPath: config.path, dataDirectory: config.site.dataDirectory,
             replicationAddress: s.replicationAddress, nbdAddresses: s.nbdAddresses, adminSocket: config.listen.adminSocket)
-        let volumes = s.volumes.map { v -> SiteStatus.Volume in
-            let isPrimary = v.config.primary == config.site.name
-            return SiteStatus.Volume(
-                name: v.config.name, sizeBytes: v.config.sizeBytes, role: isPrimary ? "primary" : "secondary",
-                primarySite: v.config.primary, uuid: v.record?.uuid, epoch: v.record?.epoch, generation: v.record?.generation,
-                exports: isPrimary ? s.nbdURIBases.map { Self.uri(base: $0, export: v.config.name) } : [],
-                clientsConnected: isPrimary ? exports.clientCount(v.config.name) : 0)
-        }
+        let volumes = s.volumes.map { volumeStatus($0, uriBases: s.nbdURIBases) }
         return SiteStatus(site: site, peers: s.peers?.status() ?? [], volumes: volumes)
     }
 

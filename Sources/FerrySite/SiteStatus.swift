@@ -26,9 +26,82 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         public var uuid: String?
         public var epoch: Int64?
         public var generation: String?
-        /// NBD URIs the volume is exported at (empty on a secondary).
+        /// NBD URIs the volume is exported at: read-write on its primary, read-only on a replica.
         public var exports: [String]
         public var clientsConnected: Int
+        /// The image file's path on this site (nil where the site holds no copy).
+        public var image: String?
+        /// On the primary: one entry per peer the volume replicates to.
+        public var replicas: [Replica]
+        /// On a replica: where its copy is.
+        public var replicaState: ReplicaState?
+        /// The last I/O or replication error, if any.
+        public var lastError: String?
+
+        public init(name: String, sizeBytes: UInt64, role: String, primarySite: String, uuid: String?, epoch: Int64?,
+                    generation: String?, exports: [String], clientsConnected: Int, image: String? = nil,
+                    replicas: [Replica] = [], replicaState: ReplicaState? = nil, lastError: String? = nil) {
+            self.name = name
+            self.sizeBytes = sizeBytes
+            self.role = role
+            self.primarySite = primarySite
+            self.uuid = uuid
+            self.epoch = epoch
+            self.generation = generation
+            self.exports = exports
+            self.clientsConnected = clientsConnected
+            self.image = image
+            self.replicas = replicas
+            self.replicaState = replicaState
+            self.lastError = lastError
+        }
+    }
+
+    /// One peer of a volume, as its primary sees it (issue 9: these names are a contract).
+    public struct Replica: Codable, Sendable, Equatable {
+        public var peer: String
+        /// sync, semi-sync, async, scheduled.
+        public var mode: String
+        /// connecting, initial-sync, catching-up, in-sync, lagging, degraded, blocked, pull-ahead,
+        /// waiting, sending-point.
+        public var state: String
+        /// Why it is in that state, in words.
+        public var reason: String
+        public var connected: Bool
+        /// The peer's copy equals a state of the primary (false during initial sync and catch-up).
+        public var consistent: Bool
+        /// The live RPO: data bytes and seconds the peer is behind.
+        public var lagBytes: UInt64
+        public var lagSeconds: Double
+        /// Regions marked for the peer in its dirty bitmap.
+        public var dirtyBytes: UInt64
+        public var inFlightBytes: UInt64
+        /// Data bytes sent to the peer since the daemon started.
+        public var bytesSent: UInt64
+        /// Initial sync or catch-up in progress: bytes left, bytes in all.
+        public var syncRemainingBytes: UInt64?
+        public var syncTotalBytes: UInt64?
+        /// RPO is zero (a sync peer, connected, nothing dirty).
+        public var rpoZero: Bool
+        /// scheduled: the last completed point and when the next is due.
+        public var lastPoint: Point?
+        public var nextPointAt: Date?
+    }
+
+    public struct Point: Codable, Sendable, Equatable {
+        public var sequence: UInt64
+        public var cutAt: Date
+        public var completedAt: Date
+        public var bytes: UInt64
+    }
+
+    /// A replica's own view of its copy.
+    public struct ReplicaState: Codable, Sendable, Equatable {
+        public var consistent: Bool
+        public var initialized: Bool
+        public var epoch: UInt64
+        public var appliedSequence: UInt64
+        public var bytesReceived: UInt64
     }
 
     public var site: Site
@@ -72,12 +145,36 @@ extension SiteStatus {
             if v.role == "primary" {
                 line += "epoch \(v.epoch ?? 0), \(v.clientsConnected) client\(v.clientsConnected == 1 ? "" : "s")"
                 for e in v.exports { line += "\n      \(e)" }
+                for r in v.replicas { line += "\n      → " + Self.render(r, now: now) }
             } else {
                 line += "primary is \(v.primarySite)"
+                if let r = v.replicaState {
+                    line += r.consistent ? ", consistent at sequence \(r.appliedSequence)"
+                        : r.initialized ? ", catching up (inconsistent until it ends)" : ", initial sync in progress (not yet consistent)"
+                    line += ", \(ByteSize.format(r.bytesReceived)) received"
+                }
+                for e in v.exports { line += "\n      \(e) (read-only)" }
             }
+            if let e = v.lastError { line += "\n      last error: \(e)" }
             out += line + "\n"
         }
         return out
+    }
+
+    static func render(_ r: Replica, now: Date) -> String {
+        var line = "\(r.peer) \(r.mode): \(r.state)"
+        if r.mode == "sync" || r.mode == "semi-sync" { line += r.rpoZero ? " (RPO 0)" : " (RPO not 0)" }
+        line += ", lag \(ByteSize.format(r.lagBytes)) / \(String(format: "%.1f", r.lagSeconds)) s"
+        if let remaining = r.syncRemainingBytes, let total = r.syncTotalBytes, total > 0 {
+            let done = Double(total - min(total, remaining)) / Double(total) * 100
+            line += String(format: ", sync %.0f%% (%@ left)", done, ByteSize.format(remaining))
+        }
+        line += ", sent \(ByteSize.format(r.bytesSent))"
+        if !r.consistent { line += ", replica inconsistent" }
+        if let p = r.lastPoint { line += ", last point \(Self.age(from: p.completedAt, to: now)) ago (\(ByteSize.format(p.bytes)))" }
+        if let next = r.nextPointAt { line += ", next in \(Self.age(from: now, to: next))" }
+        line += "\n        \(r.reason)"
+        return line
     }
 
     static func age(from: Date, to: Date) -> String {

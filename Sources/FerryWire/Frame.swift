@@ -38,8 +38,12 @@ import NIOCore
 ///     0x04  pong      nonce u64, sentAt u64 (both copied from the ping)
 ///     0x05  goodbye   reason string (at most 1024 bytes; for the other site's log)
 ///
-/// Types 0x06 to 0x7F are for data-plane frames defined by the layers above (non-optional);
-/// 0x80 to 0xFF are optional frames.
+/// Types 0x06 to 0x7F are for data-plane frames (non-optional); 0x80 to 0xFF are optional frames.
+///
+/// ## Data-plane frames
+///
+///     type  name         flags                        payload
+///     0x10  replication  0x0001 data zstd-compressed  one VolumeFrame; layout in ReplicationFrames.swift
 ///
 /// ## Link protocol (version 1)
 ///
@@ -89,14 +93,40 @@ public struct Frame: Sendable, Equatable {
     /// Per-type bits: 0 for the link-control types; each data-plane type defines its own, and a
     /// receiver refuses bits it does not know (``FrameError/unknownFlags(_:_:)``).
     public var flags: UInt16
-    /// The payload, at most ``maxPayloadSize`` bytes. On decode, a slice of the receive buffer.
+    /// The payload, or its first part when ``payloadTail`` is set. On decode, a slice of the
+    /// receive buffer (the whole payload).
     public var payload: ByteBuffer
+    /// More payload, sent right after ``payload``: lets a sender put a large buffer it already
+    /// holds (a block of a volume) behind a few header fields without copying it into one buffer.
+    /// On the wire the two are one payload; a decoded frame never has a tail.
+    public var payloadTail: ByteBuffer?
 
-    /// A frame of `type` with `flags` and `payload`.
-    public init(type: FrameType, flags: UInt16 = 0, payload: ByteBuffer = ByteBuffer()) {
+    /// A frame of `type` with `flags` and `payload` (followed by `payloadTail`, if any).
+    public init(type: FrameType, flags: UInt16 = 0, payload: ByteBuffer = ByteBuffer(), payloadTail: ByteBuffer? = nil) {
         self.type = type
         self.flags = flags
         self.payload = payload
+        self.payloadTail = payloadTail
+    }
+
+    /// The payload's length on the wire: ``payload`` and ``payloadTail`` together.
+    public var payloadLength: Int { payload.readableBytes + (payloadTail?.readableBytes ?? 0) }
+
+    /// This frame with its payload in one buffer (a copy when there is a tail).
+    public func flattened(allocator: ByteBufferAllocator = ByteBufferAllocator()) -> Frame {
+        guard let tail = payloadTail else { return self }
+        var whole = allocator.buffer(capacity: payloadLength)
+        whole.writeImmutableBuffer(payload)
+        whole.writeImmutableBuffer(tail)
+        return Frame(type: type, flags: flags, payload: whole)
+    }
+
+    /// Frames are equal when they put the same bytes on the wire, however the payload is split.
+    public static func == (a: Frame, b: Frame) -> Bool {
+        guard a.type == b.type, a.flags == b.flags, a.payloadLength == b.payloadLength else { return false }
+        if a.payloadTail == nil, b.payloadTail == nil { return a.payload == b.payload }
+        // Tests and tools only: copies.
+        return a.flattened().payload == b.flattened().payload
     }
 }
 
@@ -125,6 +155,14 @@ public struct FrameType: RawRepresentable, Hashable, Sendable, CustomStringConve
     /// The frame types `PeerLinks` handles itself.
     public static let linkControl: Set<FrameType> = [.hello, .helloAck, .ping, .pong, .goodbye]
 
+    /// Volume replication: one ``VolumeFrame`` (a ``ReplicationMessage`` of one volume, with its
+    /// data). Flag 0x0001: the data is zstd-compressed.
+    public static let replication = FrameType(rawValue: 0x10)
+
+    /// The data-plane types this build defines, each with the flag bits it defines: what a
+    /// `PeerLinks` delivers to `onFrame` unless it is given other types.
+    public static let dataPlane: [FrameType: UInt16] = VolumeFrame.frameTypes
+
     /// Whether a receiver that does not know this type may skip the frame (type >= 0x80).
     public var isOptional: Bool { rawValue >= 0x80 }
 
@@ -135,6 +173,7 @@ public struct FrameType: RawRepresentable, Hashable, Sendable, CustomStringConve
         case .ping: return "ping"
         case .pong: return "pong"
         case .goodbye: return "goodbye"
+        case .replication: return "replication"
         default: return "0x" + String(rawValue, radix: 16)
         }
     }

@@ -90,32 +90,106 @@ public struct FrameDecoder: ByteToMessageDecoder {
     }
 }
 
-/// Writes ``Frame``s in the wire layout: header, payload, XXH3-64 of both.
+/// Writes ``Frame``s in the wire layout: header, payload, XXH3-64 of both, without copying the
+/// payload.
 ///
-/// The payload is copied once into the outgoing buffer, next to its header, so the checksum is
-/// computed over contiguous bytes.
-public struct FrameEncoder: MessageToByteEncoder {
+/// Each frame goes down the pipeline as up to four buffers: the 12-byte header, ``Frame/payload``
+/// and ``Frame/payloadTail`` as they are, and the 8-byte checksum. The checksum is computed with
+/// XXH3's streaming API over the pieces in place (one hash state per handler, reused), so a block
+/// of volume data is never copied to be framed. A piece of at most ``copyLimit`` bytes (link
+/// control, acks, the fields before the data) is copied into the buffer beside it instead: below
+/// that size a copy is cheaper than one more buffer, and one more TLS record, for the layers
+/// below. A payload over ``Frame/maxPayloadSize`` fails the write and closes the connection
+/// (``FrameError/payloadTooLargeToSend(length:)``).
+///
+/// Lives on its channel's event loop, like every handler.
+public final class FrameEncoder: ChannelOutboundHandler {
     public typealias OutboundIn = Frame
+    public typealias OutboundOut = ByteBuffer
 
-    public init() {}
+    /// Pieces of the payload up to this many bytes are copied next to the header or checksum.
+    public static let copyLimit = 1024
 
-    public func encode(data: Frame, out: inout ByteBuffer) throws {
-        try Self.encode(data, into: &out)
+    /// The XXH3 streaming state (`XXH3_state_t *`), reset for each frame.
+    private let hashState: OpaquePointer
+
+    public init() {
+        // Only fails when malloc does; nothing can go on without memory.
+        guard let state = XXH3_createState() else { fatalError("XXH3_createState: out of memory") }
+        hashState = state
     }
 
-    /// Appends `frame` to `out`. Throws ``FrameError/payloadTooLargeToSend(length:)`` for a payload
-    /// over ``Frame/maxPayloadSize``.
-    public static func encode(_ frame: Frame, into out: inout ByteBuffer) throws {
-        let length = frame.payload.readableBytes
+    deinit { XXH3_freeState(hashState) }
+
+    public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
+        let frame = unwrapOutboundIn(data)
+        var pending: ByteBuffer?
+        do {
+            try encode(frame, allocator: context.channel.allocator) { buffer in
+                // Hold each buffer back by one, so the caller's promise goes with the last.
+                if let previous = pending { context.write(wrapOutboundOut(previous), promise: nil) }
+                pending = buffer
+            }
+        } catch {
+            promise?.fail(error)
+            context.fireErrorCaught(error)
+            return
+        }
+        if let last = pending { context.write(wrapOutboundOut(last), promise: promise) }
+    }
+
+    /// Hands `emit` the buffers that put `frame` on the wire, in order; their bytes, concatenated,
+    /// are the frame. The payload buffers are handed on as they are. The channel-free core of the
+    /// handler, for tests.
+    public func encode(_ frame: Frame, allocator: ByteBufferAllocator, emit: (ByteBuffer) -> Void) throws {
+        let length = frame.payloadLength
         guard length <= Frame.maxPayloadSize else { throw FrameError.payloadTooLargeToSend(length: length) }
-        out.reserveCapacity(minimumWritableBytes: Frame.headerSize + length + Frame.trailerSize)
-        let start = out.writerIndex
+        XXH3_64bits_reset(hashState)
+        var current = allocator.buffer(capacity: Frame.headerSize + Frame.trailerSize + Self.copyLimit)
+        Self.writeHeader(of: frame, length: length, into: &current)
+        hash(current)
+        func add(_ piece: ByteBuffer) {
+            guard piece.readableBytes > 0 else { return }
+            hash(piece)
+            if piece.readableBytes <= Self.copyLimit {
+                current.writeImmutableBuffer(piece)
+            } else {
+                if current.readableBytes > 0 { emit(current) }
+                emit(piece)
+                current = allocator.buffer(capacity: Frame.trailerSize + Self.copyLimit)
+            }
+        }
+        add(frame.payload)
+        if let tail = frame.payloadTail { add(tail) }
+        current.writeInteger(XXH3_64bits_digest(hashState))
+        emit(current)
+    }
+
+    private func hash(_ buffer: ByteBuffer) {
+        buffer.withUnsafeReadableBytes { bytes in
+            _ = XXH3_64bits_update(hashState, bytes.baseAddress, bytes.count)
+        }
+    }
+
+    private static func writeHeader(of frame: Frame, length: Int, into out: inout ByteBuffer) {
         out.writeInteger(Frame.magic)
         out.writeInteger(Frame.formatVersion)
         out.writeInteger(frame.type.rawValue)
         out.writeInteger(frame.flags)
         out.writeInteger(UInt32(length))
+    }
+
+    /// Appends `frame` to `out` in one piece (copying the payload). Throws
+    /// ``FrameError/payloadTooLargeToSend(length:)`` for a payload over ``Frame/maxPayloadSize``.
+    /// For tools and tests; the channel pipeline uses the handler.
+    public static func encode(_ frame: Frame, into out: inout ByteBuffer) throws {
+        let length = frame.payloadLength
+        guard length <= Frame.maxPayloadSize else { throw FrameError.payloadTooLargeToSend(length: length) }
+        out.reserveCapacity(minimumWritableBytes: Frame.headerSize + length + Frame.trailerSize)
+        let start = out.writerIndex
+        writeHeader(of: frame, length: length, into: &out)
         out.writeImmutableBuffer(frame.payload)
+        if let tail = frame.payloadTail { out.writeImmutableBuffer(tail) }
         let offset = start - out.readerIndex
         let checksum = out.withUnsafeReadableBytes { bytes in
             XXH3_64bits(bytes.baseAddress! + offset, Frame.headerSize + length)
@@ -125,8 +199,11 @@ public struct FrameEncoder: MessageToByteEncoder {
 
     /// `frame` as a new buffer in the wire layout.
     public static func encode(_ frame: Frame, allocator: ByteBufferAllocator = ByteBufferAllocator()) throws -> ByteBuffer {
-        var out = allocator.buffer(capacity: Frame.headerSize + frame.payload.readableBytes + Frame.trailerSize)
+        var out = allocator.buffer(capacity: Frame.headerSize + frame.payloadLength + Frame.trailerSize)
         try encode(frame, into: &out)
         return out
     }
 }
+
+@available(*, unavailable)
+extension FrameEncoder: Sendable {}

@@ -99,14 +99,14 @@ public enum LinkMessage: Sendable, Equatable {
         return Frame(type: type, payload: payload)
     }
 
-    private static func read<T: FixedWidthInteger>(_: T.Type, from buffer: inout ByteBuffer, _ type: FrameType) throws -> T {
+    static func read<T: FixedWidthInteger>(_: T.Type, from buffer: inout ByteBuffer, _ type: FrameType) throws -> T {
         guard let value = buffer.readInteger(as: T.self) else {
             throw FrameError.malformedPayload(type, "payload is too short")
         }
         return value
     }
 
-    private static func readString(from buffer: inout ByteBuffer, _ type: FrameType) throws -> String {
+    static func readString(from buffer: inout ByteBuffer, _ type: FrameType) throws -> String {
         let length = try read(UInt16.self, from: &buffer, type)
         guard let bytes = buffer.readBytes(length: Int(length)) else {
             throw FrameError.malformedPayload(type, "string of \(length) bytes runs past the payload")
@@ -117,7 +117,7 @@ public enum LinkMessage: Sendable, Equatable {
         return text
     }
 
-    private static func writeString(_ text: String, to buffer: inout ByteBuffer) {
+    static func writeString(_ text: String, to buffer: inout ByteBuffer) {
         var bytes = Array(text.utf8)
         if bytes.count > maxStringBytes {
             bytes = Array(bytes.prefix(maxStringBytes))

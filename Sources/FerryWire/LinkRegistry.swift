@@ -5,7 +5,8 @@ import NIOCore
 import Synchronization
 
 /// The shared, lock-protected state of one `PeerLinks`: every open channel, each peer's link
-/// state, and the rule that picks one link when two exist.
+/// state, the rule that picks one link when two exist, and which link is each peer's current one
+/// (what the data plane is told: see ``EstablishedLink``).
 ///
 /// Connection handlers run on their channels' event loops and the dial loops run as tasks, so all
 /// of them go through here. Nothing is logged while the lock is held: methods collect the lines
@@ -17,11 +18,15 @@ final class LinkRegistry: Sendable {
     /// Configured peers by name; fixed for the registry's life.
     let peers: [String: PeerEndpoint]
 
+    /// The layer above's callbacks.
+    let handlers = LinkHandlers()
+
     private let state: Mutex<State>
 
     private struct Live {
-        var channel: any Channel
-        var direction: LinkDirection
+        var link: EstablishedLink
+        var channel: any Channel { link.channel }
+        var direction: LinkDirection { link.direction }
         /// False for a link this site dialed once the peer has dialed a newer one and until the
         /// peer is heard on this one again: the peer dials only when it has no link, so it may have
         /// restarted and lost this one (only the smaller-ID site tracks this; see `linkUp`).
@@ -42,6 +47,9 @@ final class LinkRegistry: Sendable {
         var dialing = false
         /// The error last written to the log, to keep a peer that stays down from logging every retry.
         var loggedError: String?
+        /// Why links removed by the change being applied went away, by channel; for the link-down
+        /// event when one of them was current. Emptied after each change.
+        var removalReasons: [ObjectIdentifier: String] = [:]
     }
 
     private struct State {
@@ -50,7 +58,10 @@ final class LinkRegistry: Sendable {
         var stopped = false
         /// Refusals already logged at warning level; repeats go to debug.
         var loggedRefusals: Set<String> = []
-        var frameHandler: (@Sendable (PeerFrame) -> Void)?
+        /// The next `LinkID` to give out; IDs are never reused.
+        var nextLinkID: UInt64 = 1
+        /// Each peer's current link, by the ID it is current under.
+        var currentLinks: [LinkID: EstablishedLink] = [:]
     }
 
     /// A link the caller must close, after sending `goodbye` with the reason. May be the link
@@ -147,6 +158,20 @@ final class LinkRegistry: Sendable {
         }
     }
 
+    /// A new established connection to `peer`, with a new `LinkID`; not recorded until ``linkUp(_:link:)``.
+    func makeLink(peer: String, channel: any Channel, direction: LinkDirection) -> EstablishedLink {
+        let id = state.withLock { state in
+            defer { state.nextLinkID += 1 }
+            return LinkID(state.nextLinkID)
+        }
+        return EstablishedLink(peer: peer, channel: channel, direction: direction, id: id, handlers: handlers)
+    }
+
+    /// ``linkUp(_:link:)`` for a connection made here (tests).
+    func linkUp(_ peerName: String, channel: any Channel, direction: LinkDirection) -> [LinkToClose] {
+        linkUp(peerName, link: makeLink(peer: peerName, channel: channel, direction: direction))
+    }
+
     /// A link passed the hello exchange: records it and says which links to close.
     ///
     /// proto: of two links to the same peer, both sites keep the one dialed by the site with the
@@ -163,7 +188,8 @@ final class LinkRegistry: Sendable {
     /// bounce the restarted peer for seconds. So the own link waits for a `ping` or `pong` on it
     /// (`heardFrom`), which the peer sends on every link within a heartbeat, and the fresh link
     /// is used meanwhile.
-    func linkUp(_ peerName: String, channel: any Channel, direction: LinkDirection) -> [LinkToClose] {
+    func linkUp(_ peerName: String, link: EstablishedLink) -> [LinkToClose] {
+        let channel = link.channel, direction = link.direction
         guard let endpoint = peers[peerName] else { return [LinkToClose(channel: channel, reason: "unknown peer")] }
         let preferred = Self.preferredDirection(local: localID, peer: endpoint.siteID)
         var toClose: [LinkToClose] = []
@@ -182,8 +208,9 @@ final class LinkRegistry: Sendable {
                     record.links[i].heardSinceNewerLink = false
                 }
             }
-            record.links.append(Live(channel: channel, direction: direction))
+            record.links.append(Live(link: link))
             toClose += self.closeDuplicates(&record, preferred: preferred)
+            for link in toClose { record.removalReasons[ObjectIdentifier(link.channel)] = link.reason }
         }
         return toClose
     }
@@ -201,6 +228,7 @@ final class LinkRegistry: Sendable {
                   !record.links[i].heardSinceNewerLink else { return }
             record.links[i].heardSinceNewerLink = true
             toClose = self.closeDuplicates(&record, preferred: preferred)
+            for link in toClose { record.removalReasons[ObjectIdentifier(link.channel)] = link.reason }
         }
         return toClose
     }
@@ -221,9 +249,7 @@ final class LinkRegistry: Sendable {
     }
 
     private static func chooseCurrent(_ record: inout PeerRecord, preferred: LinkDirection) {
-        let previous = record.current.map { ObjectIdentifier($0.channel) }
         record.current = record.links.last { $0.direction == preferred && $0.heardSinceNewerLink } ?? record.links.last
-        if record.current.map({ ObjectIdentifier($0.channel) }) != previous { record.rttMilliseconds = nil }
     }
 
     /// The direction of the link both sites keep when there are two: the one dialed by the site
@@ -240,6 +266,7 @@ final class LinkRegistry: Sendable {
         update(peer) { record, _ in
             guard record.links.contains(where: { ObjectIdentifier($0.channel) == id }) else { return }
             record.links.removeAll { ObjectIdentifier($0.channel) == id }
+            record.removalReasons[id] = error ?? "link closed"
             Self.chooseCurrent(&record, preferred: Self.preferredDirection(local: self.localID, peer: endpoint.siteID))
             if record.links.isEmpty { record.lastError = error ?? "link closed" }
         }
@@ -258,18 +285,16 @@ final class LinkRegistry: Sendable {
         state.withLock { $0.peers[peer]?.current?.channel }
     }
 
-    // MARK: - Frames for the layer above
+    // MARK: - The data plane
 
-    var frameHandler: (@Sendable (PeerFrame) -> Void)? {
-        get { state.withLock { $0.frameHandler } }
-        set { state.withLock { $0.frameHandler = newValue } }
+    /// The connection that is a peer's current link under `id`, if one is.
+    func currentLink(_ id: LinkID) -> EstablishedLink? {
+        state.withLock { $0.currentLinks[id] }
     }
 
-    /// Hands a data-plane frame to the frame handler; false when there is none.
-    func deliver(_ frame: PeerFrame) -> Bool {
-        guard let handler = frameHandler else { return false }
-        handler(frame)
-        return true
+    /// The ID of the peer's current link, if it has one.
+    func currentLinkID(of peer: String) -> LinkID? {
+        state.withLock { $0.peers[peer]?.current?.link.currentID }
     }
 
     // MARK: - Status
@@ -286,11 +311,35 @@ final class LinkRegistry: Sendable {
         }
     }
 
-    /// Applies `change` to a peer's record, recomputes its state and logs a state change.
+    /// Applies `change` to a peer's record, recomputes its state, moves the current link (queuing
+    /// the link-down and link-up events) and logs a state change.
     private func update(_ peer: String, _ change: (inout PeerRecord, _ stopped: Bool) -> Void) {
+        var touched: [EstablishedLink] = []
         let logLine: (Logger.Level, String)? = state.withLock { state in
             guard var record = state.peers[peer] else { return nil }
+            let previous = record.current?.link
             change(&record, state.stopped)
+            var replaced: (link: EstablishedLink, id: LinkID)?
+            if let previous, record.current?.link !== previous {
+                record.rttMilliseconds = nil
+                let channelID = ObjectIdentifier(previous.channel)
+                let reason = record.removalReasons[channelID]
+                    ?? "no longer the current link to \(peer): \(record.current.map { "a newer \($0.direction.rawValue) link is used" } ?? "none is left")"
+                if let id = previous.demote(reason: reason) {
+                    state.currentLinks[id] = nil
+                    replaced = (previous, id)
+                }
+                touched.append(previous)
+            }
+            if let next = record.current?.link, next !== previous {
+                let id = next.promote(after: replaced) {
+                    defer { state.nextLinkID += 1 }
+                    return LinkID(state.nextLinkID)
+                }
+                state.currentLinks[id] = next
+                touched.append(next)
+            }
+            record.removalReasons = [:]
             let newState: LinkState = record.current != nil ? .connected : record.dialing ? .connecting : .disconnected
             var line: (Logger.Level, String)?
             if newState != record.state {
@@ -300,7 +349,9 @@ final class LinkRegistry: Sendable {
                 // keeps when it went down, which is what an operator asks.
                 if (old == .connected) != (newState == .connected) { record.since = Date() }
                 var text = "peer link \(peer): \(old.rawValue) -> \(newState.rawValue)"
-                if let current = record.current { text += " (\(current.direction.rawValue))" }
+                if let current = record.current {
+                    text += " (\(current.direction.rawValue), \(current.link.currentID.map(String.init(describing:)) ?? "?"))"
+                }
                 if newState != .connected, let error = record.lastError { text += ": \(error)" }
                 // A peer that stays down cycles connecting/disconnected on every retry; only the
                 // first time an error is seen is worth an info line.
@@ -312,6 +363,8 @@ final class LinkRegistry: Sendable {
             state.peers[peer] = record
             return line
         }
+        // Their events are queued; each is fired on its own loop.
+        for link in touched { link.scheduleEvents() }
         if let (level, text) = logLine {
             logger.log(level: level, "\(text)", metadata: ["peer": "\(peer)"])
         }

@@ -48,6 +48,8 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     private var pings = OutstandingPings()
     /// The first explanation of why this connection is going away, for the log and status.
     private var closeReason: String?
+    /// Set once the hello exchange is done: the connection as the data plane sees it.
+    private var link: EstablishedLink?
 
     init(
         registry: LinkRegistry, direction: LinkDirection, peer: PeerEndpoint?, remoteAddress: String,
@@ -147,12 +149,14 @@ final class PeerConnectionHandler: ChannelInboundHandler {
             return
         }
         guard FrameType.linkControl.contains(frame.type) else {
-            guard case .live = phase else {
+            guard case .live = phase, let link else {
                 failProtocol("\(frame.type) frame before the hello exchange finished", context: context)
                 return
             }
-            if !registry.deliver(PeerFrame(peer: peer.name, frame: frame)) {
-                registry.logger.debug("dropped \(frame.type) frame from \(peer.name): no frame handler is set")
+            // protocol.md §6.1: only while the connection is the peer's current link.
+            if !link.deliver(frame) {
+                registry.logger.debug(
+                    "dropped \(frame.type) frame from \(peer.name) on \(link.id): not the current link, or no frame handler is set")
             }
             return
         }
@@ -225,6 +229,7 @@ final class PeerConnectionHandler: ChannelInboundHandler {
     /// duplicate it was keeping while this link was in doubt (protocol.md §4.8).
     private func heardFromPeer(_ peer: PeerEndpoint, context: ChannelHandlerContext) {
         closeLinks(registry.heardFrom(peer.name, channel: context.channel), context: context)
+        link?.fireEvents()
     }
 
     /// Says goodbye on and closes each of `links`, this connection included if it is one of them.
@@ -244,10 +249,14 @@ final class PeerConnectionHandler: ChannelInboundHandler {
         guard let peer else { return }
         phase = .live
         everLive = true
+        let link = registry.makeLink(peer: peer.name, channel: context.channel, direction: direction)
+        self.link = link
         registry.logger.debug(
-            "link to \(peer.name) up (\(direction.rawValue), protocol version \(version))",
+            "link to \(peer.name) up (\(direction.rawValue), \(link.id), protocol version \(version))",
             metadata: ["peer": "\(peer.name)"])
-        closeLinks(registry.linkUp(peer.name, channel: context.channel, direction: direction), context: context)
+        closeLinks(registry.linkUp(peer.name, link: link), context: context)
+        // Before anything the peer sends next is read: its link-up comes first.
+        link.fireEvents()
         // After linkUp: the dial loop, woken by this, must find the link registered.
         outcome?.succeed(())
     }
@@ -270,6 +279,11 @@ final class PeerConnectionHandler: ChannelInboundHandler {
         context.fireChannelInactive()
     }
 
+    func channelWritabilityChanged(context: ChannelHandlerContext) {
+        link?.writabilityChanged()
+        context.fireChannelWritabilityChanged()
+    }
+
     func handlerRemoved(context: ChannelHandlerContext) {
         tearDown(context: context)
         self.context = nil
@@ -285,6 +299,7 @@ final class PeerConnectionHandler: ChannelInboundHandler {
             ?? (registry.isStopped ? "site \(registry.localName) stopped"
                 : everLive ? "link closed by \(peerName)" : "\(peerName) closed the connection during the handshake")
         registry.channelClosed(context.channel, peer: peer?.name, error: reason)
+        link?.fireEvents()
         outcome?.fail(LinkFailure(description: reason))
     }
 

@@ -84,11 +84,14 @@ public struct PeerLinkStatus: Sendable, Codable, Equatable {
 public struct PeerFrame: Sendable {
     /// The configured name of the peer it came from.
     public var peer: String
-    /// The frame, already checked (magic, version, length, checksum).
+    /// The link it came on: up when the frame was delivered.
+    public var link: LinkID
+    /// The frame, already checked (magic, version, length, checksum, flags).
     public var frame: Frame
 
-    public init(peer: String, frame: Frame) {
+    public init(peer: String, link: LinkID, frame: Frame) {
         self.peer = peer
+        self.link = link
         self.frame = frame
     }
 }
@@ -97,7 +100,7 @@ public struct PeerFrame: Sendable {
 public enum PeerLinksError: Error, CustomStringConvertible {
     /// `send(_:to:)` named a peer that is not configured.
     case unknownPeer(String)
-    /// `send(_:to:)` found no link to the peer.
+    /// `send(_:to:)` found no current link to the peer.
     case notConnected(String)
     /// `start()` was called twice, or after `stop()`.
     case alreadyStarted

@@ -129,7 +129,7 @@ extension PeerLinks {
         let pipeline = channel.pipeline.syncOperations
         try pipeline.addHandler(tls)
         try pipeline.addHandler(ByteToMessageHandler(FrameDecoder(knownFlags: knownFlags)))
-        try pipeline.addHandler(MessageToByteHandler(FrameEncoder()))
+        try pipeline.addHandler(FrameEncoder())
         try pipeline.addHandler(handler)
     }
 

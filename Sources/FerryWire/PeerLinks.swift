@@ -19,13 +19,22 @@ import Synchronization
 /// with capped exponential backoff (200 ms doubling to 5 s, jittered). `status()` reports each
 /// peer's state; state changes are logged at info with the peer's name.
 ///
-/// ## Frames for the layer above
+/// ## The data plane (protocol.md §6.1)
 /// `PeerLinks` handles the link-control frames (``FrameType/linkControl``) itself. Frames of the
-/// types passed as `dataFrameTypes` are handed to ``onFrame``, in order for each link, once the
-/// link is up; a frame of an optional type that is in neither set is dropped, and one of a
+/// types passed as `dataFrameTypes` (by default ``FrameType/dataPlane``: volume replication) go
+/// to the layer above; a frame of an optional type that is in neither set is dropped, and one of a
 /// non-optional type in neither set closes the link (``FrameError/unknownType(_:)``). So does a
 /// frame with a flag bit its type does not define (``FrameError/unknownFlags(_:_:)``): none for
-/// link control, the mask given in `dataFrameTypes` for the others. Send with ``send(_:to:)``.
+/// link control, the mask given in `dataFrameTypes` for the others.
+///
+/// Each established connection gets a `LinkID`. Of a peer's connections, one at a time is its
+/// *current link* (the duplicate rule of protocol.md §4.8 picks it); the layer above is told with
+/// ``onLinkUp`` when a link becomes current and with ``onLinkDown`` when it stops being current or
+/// closes. For each link, on that link's event loop and in this order: up, the frames that arrive
+/// on it (``onFrame``) and writability changes, down. Frames that arrive on a connection while it
+/// is not up are dropped. A link that went down is never up again: a connection that becomes
+/// current again gets a new ID. Send with ``write(_:to:link:)``, which refuses any link that is not
+/// the peer's current one.
 public final class PeerLinks: Sendable {
     /// This site's identity, presented to every peer.
     public let identity: SiteIdentity
@@ -64,6 +73,7 @@ public final class PeerLinks: Sendable {
     ///   - deadAfter: how long a link may stay silent (no frame at all) before it is closed.
     ///   - dataFrameTypes: frame types delivered to ``onFrame``, each with the mask of the flag bits
     ///     it defines (`[type: 0]` for a type without flags); must not include link-control types.
+    ///     By default the replication frames.
     public init(
         identity: SiteIdentity,
         listen: (host: String, port: Int),
@@ -72,7 +82,7 @@ public final class PeerLinks: Sendable {
         logger: Logger,
         heartbeatInterval: Duration = .seconds(1),
         deadAfter: Duration = .seconds(5),
-        dataFrameTypes: [FrameType: UInt16] = [:]
+        dataFrameTypes: [FrameType: UInt16] = FrameType.dataPlane
     ) {
         precondition(FrameType.linkControl.isDisjoint(with: dataFrameTypes.keys),
                      "dataFrameTypes must not include link-control frame types")
@@ -91,14 +101,39 @@ public final class PeerLinks: Sendable {
     /// The port the listener is bound to, once ``start()`` returned; nil before and after.
     public var boundPort: Int? { runtime.withLock { $0.boundPort } }
 
-    /// Called with every frame of a `dataFrameTypes` type that arrives on an established link.
+    /// Called with every frame of a `dataFrameTypes` type that arrives on a link while it is up
+    /// (between its ``onLinkUp`` and ``onLinkDown``).
     ///
     /// Runs on the link's event loop, in arrival order for that link: it must not block. Hop to
     /// your own task or executor for anything slow. Set it before ``start()`` so no frame is
     /// missed; frames that arrive while it is nil are dropped (logged at debug).
     public var onFrame: (@Sendable (PeerFrame) -> Void)? {
-        get { registry.frameHandler }
-        set { registry.frameHandler = newValue }
+        get { registry.handlers.callbacks.withLock { $0.frame } }
+        set { registry.handlers.callbacks.withLock { $0.frame = newValue } }
+    }
+
+    /// Called when a connection becomes `peer`'s current link, under a `LinkID` never used before:
+    /// after the hello exchange, or when the current link switches (the duplicate rule,
+    /// protocol.md §4.8; the old one's ``onLinkDown`` is decided first). On the link's event loop,
+    /// before any of its frames; must not block. Set it before ``start()``.
+    public var onLinkUp: (@Sendable (_ peer: String, _ link: LinkID) -> Void)? {
+        get { registry.handlers.callbacks.withLock { $0.linkUp } }
+        set { registry.handlers.callbacks.withLock { $0.linkUp = newValue } }
+    }
+
+    /// Called when a link that was reported up stops being `peer`'s current link or closes, with
+    /// the reason. On the link's event loop, after its last frame; must not block. Frames sent on
+    /// it and not yet acknowledged by the layer above may be lost (protocol.md §6.1).
+    public var onLinkDown: (@Sendable (_ peer: String, _ link: LinkID, _ reason: String) -> Void)? {
+        get { registry.handlers.callbacks.withLock { $0.linkDown } }
+        set { registry.handlers.callbacks.withLock { $0.linkDown = newValue } }
+    }
+
+    /// Called when an up link's channel becomes writable (true) or stops being writable (false:
+    /// more is queued than its high-water mark). On the link's event loop; must not block.
+    public var onWritabilityChanged: (@Sendable (_ peer: String, _ link: LinkID, _ writable: Bool) -> Void)? {
+        get { registry.handlers.callbacks.withLock { $0.writabilityChanged } }
+        set { registry.handlers.callbacks.withLock { $0.writabilityChanged = newValue } }
     }
 
     /// Binds the listener and starts dialing every peer. Returns once the listener is bound.
@@ -163,21 +198,77 @@ public final class PeerLinks: Sendable {
         registry.status()
     }
 
-    /// Sends a data-plane frame to a peer over its current link.
+    // MARK: - The data plane
+
+    /// The ID of `peer`'s current link, if it has one.
+    public func currentLink(of peer: String) -> LinkID? {
+        registry.currentLinkID(of: peer)
+    }
+
+    /// Writes `frames` on `link`, in order, and flushes once; returns false, sending nothing, when
+    /// `link` is not (or no longer) `peer`'s current link.
     ///
-    /// Throws ``PeerLinksError/notConnected(_:)`` when there is no link, and the channel's error
-    /// if the write fails (the link is then closing).
+    /// Callable from any thread, and never blocks: the frames join the link's outbound queue, which
+    /// is written on its event loop (at once when called there; otherwise by one task for the
+    /// batch). Frames of calls on one link go out in the order the calls were made, whichever
+    /// threads made them. True means queued, not delivered: frames still queued or in flight when
+    /// the link goes down are lost (protocol.md §6.1).
+    ///
+    /// Each frame must be of a type this site knows with flags it defines, and at most
+    /// ``Frame/maxPayloadSize``: the caller's contract, checked in debug builds. A frame too large
+    /// fails in the encoder and closes the link; one with unknown flags makes the peer close it.
+    @discardableResult
+    public func write(_ frames: [Frame], to peer: String, link: LinkID) -> Bool {
+        assert(frames.allSatisfy { validity(of: $0) == nil }, "\(frames.compactMap { validity(of: $0) })")
+        guard let established = registry.currentLink(link), established.peer == peer else { return false }
+        return established.enqueue(frames, as: link)
+    }
+
+    /// The event loop of `link` while it is a current link: where its events and frames arrive.
+    public func eventLoop(of link: LinkID) -> (any EventLoop)? {
+        registry.currentLink(link)?.channel.eventLoop
+    }
+
+    /// Whether `link`'s channel takes more without queuing past its high-water mark; false when
+    /// `link` is not a current link.
+    public func isWritable(link: LinkID) -> Bool {
+        registry.currentLink(link)?.channel.isWritable ?? false
+    }
+
+    /// Closes `link` with `goodbye(reason)` if it is still `peer`'s current link; false otherwise.
+    /// Its ``onLinkDown`` follows, and the peer is redialed as after any lost link.
+    @discardableResult
+    public func close(peer: String, link: LinkID, reason: String) -> Bool {
+        guard let established = registry.currentLink(link), established.peer == peer else { return false }
+        logger.info("closing \(link) to \(peer): \(reason)", metadata: ["peer": "\(peer)"])
+        PeerConnectionHandler.sayGoodbyeAndClose(established.channel, reason: "\(identity.siteName) closed the link: \(reason)")
+        return true
+    }
+
+    /// Sends a data-plane frame to a peer over its current link: ``write(_:to:link:)`` for one frame
+    /// and whatever link is current. Returns once the frame is queued.
+    ///
+    /// Throws ``PeerLinksError/unknownPeer(_:)`` for a peer not configured,
+    /// ``PeerLinksError/notConnected(_:)`` when there is no link, and the ``FrameError`` when the
+    /// frame is too large or has flags its type does not define (checked here, so that the link
+    /// is not closed over it).
     public func send(_ frame: Frame, to peer: String) async throws {
         guard registry.peers[peer] != nil else { throw PeerLinksError.unknownPeer(peer) }
-        // Checked here, not only in the encoder: an encoder error would close a healthy link.
-        guard frame.payload.readableBytes <= Frame.maxPayloadSize else {
-            throw FrameError.payloadTooLargeToSend(length: frame.payload.readableBytes)
+        if let error = validity(of: frame) { throw error }
+        guard let link = registry.currentLinkID(of: peer), write([frame], to: peer, link: link) else {
+            throw PeerLinksError.notConnected(peer)
         }
-        // Likewise: a peer of this version would close the link on a flag this site does not know.
+    }
+
+    /// Why `frame` must not be sent, or nil: too large, or a flag its type does not define (a peer
+    /// of this version would close the link over it).
+    private func validity(of frame: Frame) -> FrameError? {
+        guard frame.payloadLength <= Frame.maxPayloadSize else {
+            return FrameError.payloadTooLargeToSend(length: frame.payloadLength)
+        }
         if let known = knownFrameFlags[frame.type], frame.flags & ~known != 0 {
-            throw FrameError.unknownFlags(frame.type, frame.flags)
+            return FrameError.unknownFlags(frame.type, frame.flags)
         }
-        guard let channel = registry.liveChannel(peer) else { throw PeerLinksError.notConnected(peer) }
-        try await channel.writeAndFlush(frame).get()
+        return nil
     }
 }

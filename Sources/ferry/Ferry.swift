@@ -16,7 +16,7 @@ struct Ferry: AsyncParsableCommand {
             A real site: `ferry init --site NAME --data DIR`, write a config (docs/configuration.md),
             then `ferry serve --config FILE` and `ferry status --config FILE`.
             """,
-        subcommands: [Init.self, ID.self, Serve.self, Status.self, Quickstart.self])
+        subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Quickstart.self])
 }
 
 /// Loads a config, or prints every problem and exits with status 2 (docs/configuration.md).
@@ -141,6 +141,35 @@ struct Status: ParsableCommand {
                 let status = try SiteStatus.decoder().decode(SiteStatus.self, from: body)
                 print(status.rendered(), terminator: "")
             }
+        } catch let e as AdminClient.Failure {
+            printError(e.description)
+            throw ExitCode(1)
+        }
+    }
+}
+
+struct Checkpoint: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Cut a point of a volume now and send it to its scheduled replicas (before maintenance, or to test).")
+
+    @Argument(help: "The volume.") var volume: String
+    @Option(help: "The config file of the volume's primary site.") var config: String?
+    @Option(help: "The admin socket, instead of --config.") var socket: String?
+
+    func run() throws {
+        let path: String
+        if let socket { path = socket } else if let config { path = try loadConfigOrExit(config).listen.adminSocket } else {
+            printError("say which site: --config FILE or --socket PATH")
+            throw ExitCode(2)
+        }
+        do {
+            let (code, body) = try AdminClient.post(socketPath: path, path: "/v1/volumes/\(volume)/checkpoint")
+            let object = (try? JSONSerialization.jsonObject(with: body)) as? [String: String]
+            guard code == 200 else {
+                printError(object?["error"] ?? "the daemon answered \(code): \(String(decoding: body, as: UTF8.self))")
+                throw ExitCode(1)
+            }
+            print(object?["message"] ?? "point cut")
         } catch let e as AdminClient.Failure {
             printError(e.description)
             throw ExitCode(1)

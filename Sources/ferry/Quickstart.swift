@@ -1,4 +1,5 @@
 import ArgumentParser
+import CFerrySys
 import FerryCore
 import FerrySite
 import FerryWire
@@ -16,9 +17,18 @@ struct Quickstart: AsyncParsableCommand {
     @Option(help: "Directory for the sites' data, configs and logs (default: a new temporary directory).")
     var dir: String?
     @Option(help: "Size of the demo volume.") var size: String = "1G"
+    @Option(help: "How vm1 replicates from east to west: sync, semi-sync, async or scheduled.") var mode: String = "sync"
     @Flag(help: "Print the status once and exit, stopping both sites (for scripts).") var once = false
 
     func run() async throws {
+        // Each line as it is printed, also into a pipe (`ferry quickstart | tee log`).
+        ferry_stdout_line_buffered()
+        guard let replicationMode = ReplicationMode(rawValue: mode) else {
+            printError("--mode \"\(mode)\" is not a mode; use sync, semi-sync, async or scheduled")
+            throw ExitCode(2)
+        }
+        var policy = ReplicaPolicy(mode: replicationMode)
+        if replicationMode == .scheduled { policy.schedule = Schedule.parseEvery("15m") }
         guard let sizeBytes = ByteSize.parse(size), sizeBytes > 0, sizeBytes % 4096 == 0 else {
             printError("--size \"\(size)\" is not a size; use 512M, 20G, 1T")
             throw ExitCode(2)
@@ -60,7 +70,7 @@ struct Quickstart: AsyncParsableCommand {
                                       nbdSocket: "\(data)/nbd.sock", adminSocket: "\(data)/admin.sock"),
                 peers: [PeerConfig(name: other, address: HostPort(host: "127.0.0.1", port: replication[other]!),
                                    siteID: identities[other]!.siteID)],
-                volumes: [VolumeConfig(name: "vm1", sizeBytes: sizeBytes, primary: "east")],
+                volumes: [VolumeConfig(name: "vm1", sizeBytes: sizeBytes, primary: "east", replicas: ["west": policy])],
                 logLevel: "info", path: "\(base)/\(name).yaml")
             try config.yaml().write(toFile: config.path, atomically: true, encoding: .utf8)
             configPaths[name] = config.path
@@ -99,7 +109,8 @@ struct Quickstart: AsyncParsableCommand {
                 printError("site \(dead) exited during start-up; see \(base)/\(dead).log")
                 throw ExitCode(1)
             }
-            if names.allSatisfy({ statuses[$0]?.peers.allSatisfy { $0.state == .connected } ?? false }) { break }
+            if names.allSatisfy({ statuses[$0]?.peers.allSatisfy { $0.state == .connected } ?? false }),
+               statuses["east"]?.volumes.first?.replicas.first?.connected == true { break }
             try await Task.sleep(for: .milliseconds(200))
         }
         guard let east = statuses["east"], let vm1 = east.volumes.first(where: { $0.name == "vm1" }) else {
@@ -113,16 +124,15 @@ struct Quickstart: AsyncParsableCommand {
             volume vm1 (\(ByteSize.format(sizeBytes))) is exported by east over NBD:
               \(vm1.exports.joined(separator: "\n  "))
 
-            try it (in another terminal):
-              nbdinfo \(uri)
-              qemu-img info \(uri)
-              qemu-io -f raw -c 'write -P 0xab 0 1M' -c 'read -P 0xab 0 1M' \(uri)
+            vm1 replicates from east to west in \(replicationMode.rawValue) mode\(replicationMode == .scheduled ? " (a point every 15 minutes, or now with `ferry checkpoint vm1 --config \(configPaths["east"]!)`)" : "").
+            west holds the replica at \(statuses["west"]?.volumes.first?.image ?? "?") and exports it read-only.
 
-            the sites:
-              east  config \(configPaths["east"]!)   ferry status --config \(configPaths["east"]!)
-              west  config \(configPaths["west"]!)   ferry status --config \(configPaths["west"]!)
-            kill one (kill \(children["west"]!.processIdentifier) stops west) and watch the other report the link down.
-            Replication of vm1 to west arrives with the next release.
+            see it work (in another terminal):
+              qemu-io -f raw -c 'write -P 0xab 0 1M' \(uri)          # write on east
+              ferry status --config \(configPaths["west"]!)           # west's copy: consistent, sequence, bytes received
+              ferry status --config \(configPaths["east"]!)           # east's view of west: state, lag, bytes sent
+              qemu-io -f raw -r -c 'read -P 0xab 0 1M' \(statuses["west"]?.volumes.first?.exports.first { $0.hasPrefix("nbd://") } ?? "")   # read it on west
+            kill one (kill \(children["west"]!.processIdentifier) stops west) and watch east report it.
 
             """)
         print("ready")
@@ -158,12 +168,26 @@ struct Quickstart: AsyncParsableCommand {
         return try SiteStatus.decoder().decode(SiteStatus.self, from: body)
     }
 
+    /// What a person cares about changing: links up or down, replication states, a lag crossing
+    /// 1 MiB or 1 s, clients coming and going. Figures that move all the time (RTT, exact lag)
+    /// stay in `ferry status`.
     private func summary(_ s: SiteStatus) -> String {
-        let peers = s.peers.map { p in
-            "\(p.name) \(p.state.rawValue)" + (p.state == .connected ? (p.rttMilliseconds.map { String(format: " (rtt %.2f ms)", $0) } ?? "") : "")
-        }.joined(separator: ", ")
-        let clients = s.volumes.filter { $0.role == "primary" }.map { "\($0.name): \($0.clientsConnected) NBD client\($0.clientsConnected == 1 ? "" : "s")" }
-        return (["peer " + peers] + clients).joined(separator: "; ")
+        let peers = s.peers.map { "\($0.name) \($0.state.rawValue)" }.joined(separator: ", ")
+        var parts = ["peer " + peers]
+        for v in s.volumes {
+            if v.role == "primary" {
+                var text = "\(v.name): \(v.clientsConnected) NBD client\(v.clientsConnected == 1 ? "" : "s")"
+                for r in v.replicas {
+                    text += ", → \(r.peer) \(r.state)"
+                    if r.lagBytes > 1 << 20 || r.lagSeconds > 1 { text += " (lagging)" }
+                    if !r.consistent { text += " (inconsistent)" }
+                }
+                parts.append(text)
+            } else if let r = v.replicaState {
+                parts.append("\(v.name): replica \(r.consistent ? "consistent" : r.initialized ? "catching up" : "initial sync")")
+            }
+        }
+        return parts.joined(separator: "; ")
     }
 
     private func timestamp() -> String {

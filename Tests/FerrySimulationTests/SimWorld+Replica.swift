@@ -47,9 +47,10 @@ struct ReplicaNode {
         for i in appliedPending.indices { appliedPending[i] -= 0 }
     }
 
-    /// Records up to the barrier with `index` (the first one not yet handed to applyLog).
+    /// Records up to the last untaken barrier with `index` (after a restart the log may hold
+    /// groups of several links, whose indexes repeat; recovery applies through the last).
     func groupEnd(through index: UInt64) -> Int? {
-        for i in applyIssuedCount..<log.count {
+        for i in (applyIssuedCount..<log.count).reversed() {
             if case .barrier(let b) = log[i], b.index == index { return i + 1 }
         }
         return nil

@@ -139,3 +139,45 @@ extension LinkRegistryTests {
         try await group.shutdownGracefully()
     }
 }
+
+extension LinkRegistryTests {
+    /// The dial race seen from the small site when the large site's link comes up second: its own
+    /// link (c1) is current, then in doubt while c2 is used, then trusted again once heard on.
+    /// Each switch is a down then an up, and c1 comes back under a new ID.
+    @Test("a link that becomes current again gets a new ID; down always precedes the next up")
+    func recurrentLinkGetsNewID() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let sites = try Sites(log: LogCapture())
+        let chans = try await channels(2, group: group)
+        let (c1, c2) = (chans[0], chans[1])
+        let events = Collected<String>()
+        sites.small.handlers.callbacks.withLock {
+            $0.linkUp = { _, link in events.append("up \(link.rawValue)") }
+            $0.linkDown = { _, link, reason in events.append("down \(link.rawValue): \(reason)") }
+        }
+        #expect(sites.small.linkUp(sites.largeName, channel: c1, direction: .outbound).isEmpty)
+        let first = try #require(sites.small.currentLinkID(of: sites.largeName))
+        #expect(sites.small.linkUp(sites.largeName, channel: c2, direction: .inbound).isEmpty)
+        let second = try #require(sites.small.currentLinkID(of: sites.largeName))
+        #expect(second != first)
+        #expect(sites.small.currentLink(first) == nil, "a link that is not current takes no writes")
+        #expect(ids(sites.small.heardFrom(sites.largeName, channel: c1)) == [ObjectIdentifier(c2)])
+        let third = try #require(sites.small.currentLinkID(of: sites.largeName))
+        #expect(third != first && third != second)
+        #expect(sites.small.currentLink(third)?.channel === c1)
+        sites.small.channelClosed(c2, peer: sites.largeName, error: "closed as a duplicate")
+
+        #expect(await eventually(.seconds(5)) { events.all.count == 5 })
+        let all = events.all
+        #expect(all.count == 5, "\(all)")
+        guard all.count == 5 else { return }
+        #expect(all[0] == "up \(first.rawValue)")
+        #expect(all[1].hasPrefix("down \(first.rawValue): no longer the current link"))
+        #expect(all[2] == "up \(second.rawValue)")
+        #expect(all[3].hasPrefix("down \(second.rawValue): duplicate link; keeping the one dialed by"))
+        #expect(all[4] == "up \(third.rawValue)")
+
+        for channel in chans { try await channel.close() }
+        try await group.shutdownGracefully()
+    }
+}

@@ -146,7 +146,7 @@ struct RawPeerTests {
                 expected = "exceeds the"
             case .unknownDataFlag:
                 bad = try FrameEncoder.encode(Frame(type: data, flags: 0x3, payload: ByteBuffer(string: "evil")))
-                expected = "0x10 frame with flags 0x3, which sets bits this site does not know"
+                expected = "replication frame with flags 0x3, which sets bits this site does not know"
             case .flaggedPing:
                 bad = try FrameEncoder.encode(Frame(type: .ping, flags: 0x1, payload: LinkMessage.ping(nonce: 1, sentAt: 1).frame().payload))
                 expected = "ping frame with flags 0x1"

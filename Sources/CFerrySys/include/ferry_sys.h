@@ -13,4 +13,7 @@ int64_t ferry_seek_data(int fd, int64_t offset);
 /// lseek(fd, offset, SEEK_HOLE).
 int64_t ferry_seek_hole(int fd, int64_t offset);
 /// sync_file_range flags are not needed; fdatasync is in Glibc.
+/// Makes stdout line-buffered, so each line reaches a pipe as it is printed.
+void ferry_stdout_line_buffered(void);
+
 #endif

@@ -201,6 +201,9 @@ extension PrimaryVolume {
         }
     }
 
+    /// What to persist at a clean shutdown (the sequence is exact then; no reservation is skipped).
+    public func metadataForShutdown() -> Metadata { metadata() }
+
     /// The highest sequence admitted (every request up to it is on the image or being written).
     public var admittedSequence: UInt64 { lastAdmitted }
     /// Requests accepted and not yet answered.

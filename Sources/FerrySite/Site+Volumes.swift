@@ -1,0 +1,234 @@
+import FerryCore
+import FerryNBD
+import FerryStore
+import FerryVolume
+import FerryWire
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+extension Site {
+    /// Opens every volume this site is primary or replica of: catalog record, image, and the
+    /// runtime that replicates it; exports each over NBD (read-write on the primary, read-only on a
+    /// replica).
+    func openVolumes(catalog: Catalog, links: PeerVolumeLinks) throws -> [Volume] {
+        let volumesDir = config.site.dataDirectory + "/volumes"
+        try FileManager.default.createDirectory(atPath: volumesDir, withIntermediateDirectories: true)
+        var volumes: [Volume] = []
+        for v in config.volumes {
+            let isPrimary = v.primary == config.site.name
+            let isReplica = v.replicas[config.site.name] != nil
+            guard isPrimary || isReplica else {
+                volumes.append(Volume(config: v, isPrimary: false, isReplica: false))
+                continue
+            }
+            let (record, created) = try catalog.ensureVolume(name: v.name, sizeBytes: v.sizeBytes)
+            let imagePath = "\(volumesDir)/\(v.name).img"
+            let image = try VolumeImage.openOrCreate(path: imagePath, size: v.sizeBytes)
+            warnIfThin(image, volume: v.name)
+            let stateDir = "\(volumesDir)/\(v.name).state"
+            try FileManager.default.createDirectory(atPath: stateDir, withIntermediateDirectories: true)
+            let clean = takeCleanShutdownMarker(v.name)
+            logger.info(created ? "volume created" : "volume opened", metadata: [
+                "volume": "\(v.name)", "size": "\(ByteSize.format(v.sizeBytes))", "uuid": "\(record.uuid)",
+                "epoch": "\(record.epoch)", "role": "\(isPrimary ? "primary" : "secondary")"])
+            var volume = Volume(config: v, record: record, image: image, isPrimary: isPrimary, isReplica: isReplica)
+            let onEvent: @Sendable (VolumeEvent) -> Void = { [weak self] event in self?.log(event) }
+            let description = "ferry volume \(v.name) (\(record.uuid))"
+            if isPrimary {
+                if v.replicas.isEmpty {
+                    exports.add(NBDExport(name: v.name, description: description,
+                                          device: ImageBlockDevice(image: image, threadPool: threadPool)))
+                } else {
+                    var machine = PrimaryVolume.Config(
+                        volume: v.name, volumeSize: v.sizeBytes, epoch: UInt64(max(1, record.epoch)),
+                        generation: PrimaryVolume.Config.generationNumber(record.generation), peers: v.replicas)
+                    if v.sizeBytes < machine.regionSize * 64 { machine.regionSize = max(4096, v.sizeBytes / 64 / 4096 * 4096) }
+                    let runtime = try PrimaryVolumeRuntime(
+                        name: v.name, image: image, config: machine, stateDirectory: stateDir, cleanShutdown: clean,
+                        threadPool: threadPool, links: links, logger: logger, onEvent: onEvent)
+                    if !clean { logger.warning("volume \(v.name) was not stopped cleanly: the regions it may have been writing are resent to its replicas") }
+                    volume.primary = runtime
+                    exports.add(NBDExport(name: v.name, description: description, device: runtime))
+                }
+            } else {
+                volume.replica = try ReplicaVolumeRuntime(
+                    name: v.name, image: image, stateDirectory: stateDir, threadPool: threadPool, links: links,
+                    logger: logger, onEvent: onEvent)
+                // A replica is served read-only: its primary is the only writer (P4).
+                exports.add(NBDExport(name: v.name, description: description + ", replica of \(v.primary)",
+                                      device: ImageBlockDevice(image: image, threadPool: threadPool, readOnly: true)))
+            }
+            volumes.append(volume)
+        }
+        return volumes
+    }
+
+    func makeEngine(_ volumes: [Volume], links: PeerVolumeLinks) -> VolumeEngine {
+        var primaries: [String: PrimaryVolumeRuntime] = [:]
+        var replicas: [String: ReplicaVolumeRuntime] = [:]
+        var peers: [String: Set<String>] = [:]
+        for v in volumes {
+            if let p = v.primary {
+                primaries[v.config.name] = p
+                peers[v.config.name] = Set(v.config.replicas.keys)
+            }
+            if let r = v.replica { replicas[v.config.name] = r }
+        }
+        return VolumeEngine(siteName: config.site.name, primaries: primaries, replicas: replicas,
+                            primaryPeers: peers, links: links, logger: logger)
+    }
+
+    /// Routes link events and replication frames to the volumes.
+    func connect(_ engine: VolumeEngine, to peers: PeerLinks) {
+        let logger = self.logger
+        peers.onLinkUp = { peer, link in engine.linkUp(peer: peer, link: link) }
+        peers.onLinkDown = { peer, link, _ in engine.linkDown(peer: peer, link: link) }
+        peers.onFrame = { frame in
+            do {
+                let volumeFrame = try VolumeFrame(frame: frame.frame)
+                engine.received(volumeFrame, from: frame.peer, link: frame.link)
+            } catch {
+                logger.warning("closing the link to \(frame.peer): bad replication frame: \(error)")
+                peers.close(peer: frame.peer, link: frame.link, reason: "bad replication frame: \(error)")
+            }
+        }
+    }
+
+    func log(_ event: VolumeEvent) {
+        switch event.kind {
+        case .linkState, .info:
+            logger.info("\(event.message)", metadata: ["volume": "\(event.volume)"])
+        case .ioError, .refused:
+            let repeated = state.withLockedValue { s -> Bool in
+                defer { s.lastErrors[event.volume] = event.message }
+                return s.lastErrors[event.volume] == event.message
+            }
+            if !repeated { logger.error("\(event.message)", metadata: ["volume": "\(event.volume)"]) }
+        case .fenced:
+            logger.critical("volume \(event.volume) fenced: \(event.message); it no longer accepts writes here",
+                            metadata: ["volume": "\(event.volume)"])
+            exports.fence(event.volume, reason: event.message)
+        }
+    }
+
+    // MARK: - Clean shutdown
+
+    private func cleanMarker(_ volume: String) -> String {
+        config.site.dataDirectory + "/volumes/\(volume).state/clean-shutdown"
+    }
+
+    /// True when the last run stopped cleanly; the marker is removed so a crash from now on is seen.
+    func takeCleanShutdownMarker(_ volume: String) -> Bool {
+        let path = cleanMarker(volume)
+        let existed = FileManager.default.fileExists(atPath: path)
+        if existed { try? FileManager.default.removeItem(atPath: path) }
+        // A volume never started before has nothing in flight: treat it as clean.
+        let fresh = !FileManager.default.fileExists(atPath: config.site.dataDirectory + "/volumes/\(volume).state/primary.meta")
+        return existed || fresh
+    }
+
+    func markCleanShutdown(_ volume: String) {
+        _ = FileManager.default.createFile(atPath: cleanMarker(volume), contents: Data())
+    }
+
+    /// A thin (sparse) volume larger than the free space of its filesystem fails with ENOSPC once
+    /// it fills up: say so at start-up rather than in the middle of a guest's write.
+    func warnIfThin(_ image: VolumeImage, volume: String) {
+        var fs = statvfs()
+        guard statvfs(image.path, &fs) == 0 else { return }
+        let free = UInt64(fs.f_bavail) * UInt64(fs.f_frsize)
+        var st = stat()
+        guard stat(image.path, &st) == 0 else { return }
+        let allocated = UInt64(st.st_blocks) * 512
+        if image.size > allocated, image.size - allocated > free {
+            logger.warning("volume \(volume) is \(ByteSize.format(image.size)) but only \(ByteSize.format(allocated)) is allocated and its filesystem has \(ByteSize.format(free)) free: writes will fail with ENOSPC before the volume is full")
+        }
+    }
+}
+
+/// `VolumeLinks` over the site's `PeerLinks`.
+final class PeerVolumeLinks: VolumeLinks {
+    private let peers = NIOLockedValueBox<PeerLinks?>(nil)
+
+    func attach(_ links: PeerLinks) { peers.withLockedValue { $0 = links } }
+
+    @discardableResult
+    func send(_ frames: [VolumeFrame], to peer: String, link: LinkID) -> Bool {
+        guard let links = peers.withLockedValue({ $0 }), !frames.isEmpty else { return false }
+        return links.write(frames.map { $0.frame() }, to: peer, link: link)
+    }
+
+    func close(peer: String, link: LinkID, reason: String) {
+        peers.withLockedValue { $0 }?.close(peer: peer, link: link, reason: reason)
+    }
+}
+
+extension Site {
+    func volumeStatus(_ v: Volume, uriBases: [String]) -> SiteStatus.Volume {
+        let exportsHere = v.isPrimary || v.isReplica
+        var status = SiteStatus.Volume(
+            name: v.config.name, sizeBytes: v.config.sizeBytes, role: v.isPrimary ? "primary" : "secondary",
+            primarySite: v.config.primary, uuid: v.record?.uuid, epoch: v.record?.epoch, generation: v.record?.generation,
+            exports: exportsHere ? uriBases.map { Self.uri(base: $0, export: v.config.name) } : [],
+            clientsConnected: exportsHere ? exports.clientCount(v.config.name) : 0,
+            image: v.image?.path)
+        if let runtime = v.primary {
+            status.replicas = runtime.status().map(Self.replicaStatus)
+            status.lastError = runtime.lastError
+        }
+        if let runtime = v.replica {
+            let p = runtime.position
+            status.replicaState = SiteStatus.ReplicaState(consistent: p.consistent, initialized: p.initialized, epoch: p.epoch,
+                                                          appliedSequence: p.appliedSeq, bytesReceived: runtime.bytesReceived)
+            status.lastError = runtime.lastError
+        }
+        return status
+    }
+}
+
+extension Site {
+    /// `POST /v1/volumes/NAME/checkpoint`: a point now for the volume's scheduled peers.
+    func adminAction(_ path: String) -> (code: Int, body: Data) {
+        func reply(_ code: Int, _ key: String, _ text: String) -> (code: Int, body: Data) {
+            let body = (try? JSONSerialization.data(withJSONObject: [key: text])) ?? Data()
+            return (code, body)
+        }
+        let parts = path.split(separator: "/").map(String.init)
+        guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", parts[3] == "checkpoint" else {
+            return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/checkpoint")
+        }
+        let name = parts[2]
+        guard let volume = state.withLockedValue({ $0.volumes.first { $0.config.name == name } }) else {
+            return reply(404, "error", "no volume \"\(name)\" is configured on site \(config.site.name)")
+        }
+        guard let runtime = volume.primary else {
+            return reply(409, "error", "site \(config.site.name) is not the primary of \(name) (its primary is \(volume.config.primary)); run checkpoint there")
+        }
+        let scheduled = volume.config.replicas.filter { $0.value.mode == .scheduled }.keys.sorted()
+        guard !scheduled.isEmpty else {
+            return reply(409, "error", "volume \(name) has no scheduled replica; its replicas are \(volume.config.replicaNames.joined(separator: ", ")), which replicate continuously")
+        }
+        runtime.checkpoint()
+        return reply(200, "message", "cut a point of \(name) for \(scheduled.joined(separator: ", ")); `ferry status` shows it complete as the last point")
+    }
+}
+
+extension Site {
+    static func replicaStatus(_ r: ReplicaLinkStatus) -> SiteStatus.Replica {
+        var point: SiteStatus.Point?
+        if let p = r.lastPoint {
+            point = SiteStatus.Point(sequence: p.seq, cutAt: Date(timeIntervalSince1970: Double(p.cutAtSeconds)),
+                                     completedAt: Date(timeIntervalSince1970: Double(p.completedAtSeconds)), bytes: p.bytes)
+        }
+        var next: Date?
+        if let at = r.nextPointAt { next = Date(timeIntervalSince1970: Double(at)) }
+        return SiteStatus.Replica(
+            peer: r.peer, mode: r.mode.rawValue, state: r.state.rawValue, reason: r.reason, connected: r.connected,
+            consistent: r.consistent, lagBytes: r.lagBytes, lagSeconds: r.lagSeconds, dirtyBytes: r.dirtyBytes,
+            inFlightBytes: r.inFlightBytes, bytesSent: r.bytesSent, syncRemainingBytes: r.syncRemainingBytes,
+            syncTotalBytes: r.syncTotalBytes, rpoZero: r.rpoZero, lastPoint: point, nextPointAt: next)
+    }
+}

@@ -1,0 +1,247 @@
+import FerryCore
+import FerryNBD
+import FerryStore
+import FerryWire
+import Logging
+import NIOCore
+import NIOPosix
+
+extension PrimaryVolumeRuntime {
+    /// Runs `event` on the machine under the lock, plans its actions, then does the deferred work.
+    func handle(_ event: (inout Core) -> [PrimaryVolume.Action]) {
+        let work = core.withLockedValue { core -> DeferredWork in
+            var work = DeferredWork()
+            plan(event(&core), core: &core, work: &work)
+            return work
+        }
+        perform(work)
+    }
+
+    /// Under the lock: everything whose order matters.
+    func plan(_ actions: [PrimaryVolume.Action], core: inout Core, work: inout DeferredWork) {
+        var frames: [(peer: String, link: LinkID, frames: [VolumeFrame])] = []
+        func queue(_ frame: VolumeFrame, _ peer: String, _ link: LinkID) {
+            if let last = frames.indices.last, frames[last].peer == peer, frames[last].link == link {
+                frames[last].frames.append(frame)
+            } else {
+                frames.append((peer, link, [frame]))
+            }
+        }
+        for action in actions {
+            switch action {
+            case .executeLocal(let seq):
+                guard let io = core.pending[seq] else { continue }
+                switch io.kind {
+                case .write(let data): work.localWrites.append((seq, io.range!.offset, data))
+                case .zero: work.offloaded.append(seq)
+                case .flush: break
+                }
+            case .flushLocal(let seq):
+                work.offloaded.append(seq)
+            case .appendJournal(let entry):
+                var payload: ByteBuffer?
+                if case .write(let data)? = core.pending[entry.seq]?.kind { payload = data }
+                do {
+                    try journalLock.withLock { try journal?.append(entry, payload: payload) }
+                } catch {
+                    noteError(&core, work: &work, "appending to the journal failed: \(error)")
+                }
+            case .trimJournal(let through):
+                do {
+                    try journalLock.withLock { try journal?.trim(through: through) }
+                } catch {
+                    noteError(&core, work: &work, "trimming the journal failed: \(error)")
+                }
+            case .persist(let token, let metadata):
+                if core.persistRunning {
+                    core.persistQueued = (token, metadata)
+                } else {
+                    core.persistRunning = true
+                    work.persistNow = (token, metadata)
+                }
+            case .send(let peer, let link, let message):
+                var payload: ByteBuffer?
+                if case .write(let item) = message, !item.isZero {
+                    if case .write(let data)? = core.pending[item.seq]?.kind {
+                        payload = data
+                    } else {
+                        payload = try? journalLock.withLock { try journal?.payload(seq: item.seq) }
+                        if payload == nil {
+                            noteError(&core, work: &work, "write \(item.seq) for \(peer) is no longer in the journal; closing the link")
+                            work.closes.append((peer, link, "internal: journal entry missing"))
+                            continue
+                        }
+                    }
+                }
+                queue(VolumeFrame(volume: name, message: message, payload: payload), peer, link)
+            case .sendRegion(let peer, let link, var item, let fromPreserved):
+                var data: ByteBuffer?
+                if fromPreserved {
+                    data = core.preserved[peer]?[item.range.offset]
+                } else if image.extents(offset: item.range.offset, length: item.range.length).allSatisfy(\.isHole) {
+                    item.isZero = true   // a hole goes as zeroing: no data on the wire
+                } else {
+                    data = try? image.read(offset: item.range.offset, length: Int(item.range.length), allocator: ByteBufferAllocator())
+                }
+                if !item.isZero, let buffer = data, buffer.readableBytesView.allSatisfy({ $0 == 0 }) {
+                    item.isZero = true
+                    data = nil
+                }
+                if !item.isZero && data == nil {
+                    noteError(&core, work: &work, "reading \(item.range) for \(peer) failed; closing the link")
+                    work.closes.append((peer, link, "internal: read failed"))
+                    continue
+                }
+                queue(VolumeFrame(volume: name, message: .region(item), payload: data), peer, link)
+            case .preserve(let peer, let range):
+                if let data = try? image.read(offset: range.offset, length: Int(range.length), allocator: ByteBufferAllocator()) {
+                    core.preserved[peer, default: [:]][range.offset] = data
+                }
+            case .dropPreserved(let peer):
+                core.preserved[peer] = nil
+            case .complete(let seq, let error):
+                guard let io = core.pending.removeValue(forKey: seq), let promise = io.promise else { continue }
+                work.completions.append((promise, error.map(BlockDeviceErrorBox.init(message:))))
+            case .closeLink(let peer, let link, let reason):
+                work.closes.append((peer, link, reason))
+            case .fence(let reason):
+                core.fenced = true
+                work.events.append(VolumeEvent(volume: name, kind: .fenced, message: reason))
+            case .stateChanged(let peer, let state, let reason):
+                work.events.append(VolumeEvent(volume: name, kind: .linkState(peer: peer, state: state),
+                                               message: "volume \(name) → \(peer): \(state.rawValue): \(reason)"))
+            }
+        }
+        for batch in frames {
+            core.bytesSent[batch.peer, default: 0] += batch.frames.reduce(0) { $0 + UInt64($1.payload?.readableBytes ?? 0) }
+            var encoded: [VolumeFrame] = batch.frames
+            if var encoder = core.encoders[batch.peer] {
+                encoded = batch.frames.map { encoder.prepare($0) }
+                core.encoders[batch.peer] = encoder
+            }
+            links.send(encoded, to: batch.peer, link: batch.link)
+        }
+    }
+
+    func noteError(_ core: inout Core, work: inout DeferredWork, _ message: String) {
+        core.lastError = message
+        work.events.append(VolumeEvent(volume: name, kind: .ioError, message: "volume \(name): \(message)"))
+    }
+
+    /// After the lock: local writes, offloads, persists, answers, events.
+    func perform(_ work: DeferredWork) {
+        guard !work.isEmpty else { return }
+        for event in work.events { onEvent(event) }
+        for close in work.closes { links.close(peer: close.peer, link: close.link, reason: close.reason) }
+        for (promise, error) in work.completions {
+            if let error {
+                promise.fail(error.message.hasPrefix("fenced") ? BlockDeviceError.fenced : BlockDeviceError.io(errno: 5))
+            } else {
+                promise.succeed(())
+            }
+        }
+        if !work.localWrites.isEmpty {
+            var results: [(UInt64, String?)] = []
+            for w in work.localWrites {
+                do {
+                    try image.write(offset: w.offset, data: w.data)
+                    results.append((w.seq, nil))
+                } catch {
+                    results.append((w.seq, "\(reportIOError(error, doing: "write"))"))
+                }
+            }
+            let now = clock.now()
+            handle { core in results.flatMap { core.machine.localDone(seq: $0.0, error: $0.1, now: now) } }
+        }
+        for seq in work.offloaded { offload(seq) }
+        if let (token, metadata) = work.persistNow { startPersist(token: token, metadata: metadata) }
+    }
+
+    /// Zeroing and flushing go to the thread pool; the machine hears when they are done.
+    func offload(_ seq: UInt64) {
+        guard let io = core.withLockedValue({ $0.pending[seq] }) else { return }
+        let image = self.image
+        let journal = self.journal
+        let journalLock = self.journalLock
+        threadPool.submit { [self] state in
+            var failure: String?
+            do {
+                guard case .active = state else { throw BlockDeviceError.shuttingDown }
+                switch io.kind {
+                case .zero(let mayPunchHole):
+                    let range = io.range!
+                    var done = false
+                    if mayPunchHole { done = try image.punchHole(offset: range.offset, length: range.length) }
+                    if !done { done = try image.zeroRangeFast(offset: range.offset, length: range.length) }
+                    if !done { try image.writeZeroBytes(offset: range.offset, length: range.length) }
+                case .flush:
+                    try image.flush()
+                    try journalLock.withLock { try journal?.sync() }
+                case .write:
+                    break
+                }
+            } catch {
+                failure = "\(self.reportIOError(error, doing: "flush or zero"))"
+            }
+            let now = self.clock.now()
+            self.handle { $0.machine.localDone(seq: seq, error: failure, now: now) }
+        }
+    }
+
+    /// Metadata persists run one at a time, in token order; a persist asked for meanwhile is
+    /// coalesced into the next (it carries the newest state and the highest token).
+    func startPersist(token: UInt64, metadata: PrimaryVolume.Metadata) {
+        let file = metadataFile
+        threadPool.submit { [self] _ in
+            do {
+                try file.store(metadata)
+            } catch {
+                // Not acknowledged: whatever waits for it keeps waiting. Retry (with the newest
+                // state, if another persist was asked for meanwhile) after a pause.
+                self.logger.error("volume \(self.name): persisting replication metadata failed (retrying in 1 s): \(error)")
+                let retry = self.core.withLockedValue { core -> (UInt64, PrimaryVolume.Metadata) in
+                    defer { core.persistQueued = nil }
+                    return core.persistQueued ?? (token, metadata)
+                }
+                sleep(1)
+                self.startPersist(token: retry.0, metadata: retry.1)
+                return
+            }
+            let now = self.clock.now()
+            var next: (UInt64, PrimaryVolume.Metadata)?
+            self.handle { core in
+                if let queued = core.persistQueued {
+                    core.persistQueued = nil
+                    next = queued
+                } else {
+                    core.persistRunning = false
+                }
+                return core.machine.persisted(token: token, now: now)
+            }
+            if let next { self.startPersist(token: next.0, metadata: next.1) }
+        }
+    }
+
+    /// Logs an I/O error (rate-limited), keeps it for status, and maps it for the NBD client.
+    @discardableResult
+    func reportIOError(_ error: any Error, doing what: String) -> any Error {
+        let mapped = Self.deviceError(error)
+        let message = "\(what) failed: \(error)"
+        let now = clock.now().monotonicNanos
+        let log = core.withLockedValue { core -> Bool in
+            core.lastError = message
+            guard now - core.lastErrorLogged > 1_000_000_000 else { return false }
+            core.lastErrorLogged = now
+            return true
+        }
+        if log { logger.error("volume \(name): \(message)") }
+        return mapped
+    }
+
+    static func deviceError(_ error: any Error) -> any Error {
+        if let e = error as? BlockDeviceError { return e }
+        if let e = error as? StoreError, let code = e.errno { return BlockDeviceError.io(errno: code) }
+        if error is NIOThreadPoolError.ThreadPoolInactive { return BlockDeviceError.shuttingDown }
+        return BlockDeviceError.io(errno: 5)
+    }
+}

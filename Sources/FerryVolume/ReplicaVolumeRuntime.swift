@@ -1,0 +1,266 @@
+import FerryCore
+import FerryNBD
+import FerryStore
+import FerryWire
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// A volume on a secondary: the replica image, its receive log and persisted position, running
+/// FerryCore's ``ReplicaVolume`` machine (DESIGN §5.1).
+///
+/// Frames are handled under one lock in arrival order. What must follow the stream's order is done
+/// under it: writes to the image (direct items, and a logged group when its barrier is durable in
+/// the log), log appends, the position when it must be durable before the next write (a catch-up
+/// begins). fdatasync of the image and of the log run on the thread pool and report back; the
+/// position recorded after a logged group is stored with a version, so a slower, older store
+/// never overwrites a newer one.
+public final class ReplicaVolumeRuntime: Sendable {
+    public let name: String
+    public let image: VolumeImage
+    let threadPool: NIOThreadPool
+    let links: any VolumeLinks
+    let logger: Logger
+    let onEvent: @Sendable (VolumeEvent) -> Void
+    let receiveLog: ReceiveLog
+    let logLock = NIOLock()
+    let positionFile: MetadataFile<ReplicaPosition>
+    let positionStore = NIOLockedValueBox<UInt64>(0)   // the version last stored
+    let core: NIOLockedValueBox<Core>
+
+    struct Core: Sendable {
+        var machine: ReplicaVolume
+        var nextVersion: UInt64 = 1
+        /// Logged groups applied to the image whose flush and position store are queued or running, in order.
+        var completions: [(link: LinkID?, index: UInt64, position: ReplicaPosition, version: UInt64)] = []
+        var completionRunning = false
+        var lastError: String?
+        var decoder = ReplicationFrameEncoder(compress: false)
+        var bytesReceived: UInt64 = 0
+        /// Which peer each link belongs to (learned from the frames).
+        var linkPeers: [LinkID: String] = [:]
+    }
+
+    public init(name: String, image: VolumeImage, stateDirectory: String, threadPool: NIOThreadPool,
+                links: any VolumeLinks, logger: Logger, onEvent: @escaping @Sendable (VolumeEvent) -> Void) throws {
+        self.name = name
+        self.image = image
+        self.threadPool = threadPool
+        self.links = links
+        self.logger = logger
+        self.onEvent = onEvent
+        self.positionFile = try MetadataFile(path: stateDirectory + "/replica.position")
+        let position = try positionFile.load() ?? .empty
+        let (log, barriers) = try ReceiveLog.open(path: stateDirectory + "/receive.log")
+        self.receiveLog = log
+        var machine = ReplicaVolume(volume: name, position: position)
+        let actions = machine.recover(log: barriers)
+        self.core = NIOLockedValueBox(Core(machine: machine))
+        if !barriers.isEmpty {
+            logger.info("volume \(name): applying \(barriers.count) barrier group(s) left in the receive log after a restart")
+        }
+        handle(payload: nil) { _ in actions }
+    }
+
+    /// The persisted position (what the primary is told when a link opens).
+    public var position: ReplicaPosition { core.withLockedValue { $0.machine.position } }
+    public var lastError: String? { core.withLockedValue { $0.lastError } }
+    public var bytesReceived: UInt64 { core.withLockedValue { $0.bytesReceived } }
+
+    /// A frame for this volume from `peer` on `link`.
+    public func received(_ message: ReplicationMessage, payload: ByteBuffer?, from peer: String, link: LinkID) {
+        handle(payload: payload) { core in
+            core.linkPeers[link] = peer
+            if let payload { core.bytesReceived += UInt64(payload.readableBytes) }
+            return core.machine.received(message, on: link)
+        }
+    }
+
+    public func linkDown(link: LinkID) {
+        handle(payload: nil) { core in
+            defer { core.linkPeers[link] = nil }
+            return core.machine.linkDown(link)
+        }
+    }
+
+    /// Stops cleanly: the image and the log are made durable.
+    public func stop() {
+        do {
+            try image.flush()
+            try logLock.withLock { try receiveLog.sync() }
+        } catch {
+            logger.error("volume \(name): flushing the replica at shutdown failed: \(error)")
+        }
+    }
+
+    // MARK: - Actions
+
+    func handle(payload: ByteBuffer?, _ event: (inout Core) -> [ReplicaVolume.Action]) {
+        var offloads: [@Sendable () -> Void] = []
+        var closes: [(LinkID, String)] = []
+        var peersOfCloses: [String] = []
+        core.withLockedValue { core in
+            var queue = event(&core)
+            var frames: [LinkID: [VolumeFrame]] = [:]
+            var order: [LinkID] = []
+            var acks: [LinkID: [AckLevel: UInt64]] = [:]
+            var i = 0
+            while i < queue.count {
+                let action = queue[i]
+                i += 1
+                switch action {
+                case .send(let link, let message):
+                    if case .ack(let level, let index) = message {
+                        // Acks are cumulative: one per level per batch is enough.
+                        if acks[link] == nil { order.append(link) }
+                        acks[link, default: [:]][level] = max(acks[link]?[level] ?? 0, index)
+                    } else {
+                        if frames[link] == nil && acks[link] == nil { order.append(link) }
+                        frames[link, default: []].append(VolumeFrame(volume: name, message: message, payload: nil))
+                    }
+                case .apply(let link, let item):
+                    do {
+                        try write(item, payload: payload)
+                        queue.append(contentsOf: core.machine.applied(link: link, index: item.index))
+                    } catch {
+                        fail(&core, "applying \(item.range) failed: \(error)")
+                        closes.append((link, "replica \(name) cannot write its image: \(error)"))
+                    }
+                case .appendLog(let link, let item):
+                    do {
+                        try logLock.withLock { try receiveLog.append(item, payload: item.isZero ? nil : payload) }
+                    } catch {
+                        fail(&core, "appending to the receive log failed: \(error)")
+                        closes.append((link, "replica \(name) cannot write its receive log: \(error)"))
+                    }
+                case .syncLog(let link, let barrier):
+                    do {
+                        try logLock.withLock { try receiveLog.appendBarrier(barrier) }
+                    } catch {
+                        fail(&core, "appending to the receive log failed: \(error)")
+                        closes.append((link, "replica \(name) cannot write its receive log: \(error)"))
+                        continue
+                    }
+                    offloads.append { [self] in
+                        do {
+                            try logLock.withLock { try receiveLog.sync() }
+                        } catch {
+                            logger.error("volume \(name): syncing the receive log failed: \(error)")
+                            return
+                        }
+                        handle(payload: nil) { $0.machine.logSynced(link: link, barrier: barrier) }
+                    }
+                case .applyLog(let link, let through, let position):
+                    do {
+                        // In stream order, under the lock: nothing later may reach the image first.
+                        let group = try logLock.withLock { try receiveLog.takeGroup(throughBarrierIndex: through) }
+                        for (item, data) in group { try write(item, payload: data) }
+                    } catch {
+                        fail(&core, "applying the receive log failed: \(error)")
+                        if let link { closes.append((link, "replica \(name) cannot apply its receive log: \(error)")) }
+                        continue
+                    }
+                    let version = core.nextVersion
+                    core.nextVersion += 1
+                    core.completions.append((link, through, position, version))
+                    if !core.completionRunning {
+                        core.completionRunning = true
+                        offloads.append { [self] in completeGroups() }
+                    }
+                case .discardLogTail:
+                    do {
+                        try logLock.withLock { try receiveLog.discardUntaken() }
+                    } catch {
+                        fail(&core, "trimming the receive log failed: \(error)")
+                    }
+                case .flush(let link, let index):
+                    offloads.append { [self] in
+                        do {
+                            try image.flush()
+                        } catch {
+                            logger.error("volume \(name): flushing the replica image failed: \(error)")
+                            return
+                        }
+                        handle(payload: nil) { $0.machine.flushed(link: link, index: index) }
+                    }
+                case .persistPosition(let position):
+                    let version = core.nextVersion
+                    core.nextVersion += 1
+                    do {
+                        try store(position, version: version)
+                    } catch {
+                        fail(&core, "recording the replica position failed: \(error)")
+                    }
+                case .refuse(let link, let reason):
+                    logger.warning("volume \(name): refusing the stream on \(link): \(reason)")
+                    onEvent(VolumeEvent(volume: name, kind: .refused(peer: ""), message: "volume \(name): refused the stream: \(reason)"))
+                    if frames[link] == nil && acks[link] == nil { order.append(link) }
+                    frames[link, default: []].append(VolumeFrame(volume: name, message: .refuse(reason: reason), payload: nil))
+                    closes.append((link, "volume \(name): \(reason)"))
+                }
+            }
+            for link in order {
+                var out = frames[link] ?? []
+                for level in AckLevel.allCases { if let index = acks[link]?[level] { out.append(VolumeFrame(volume: name, message: .ack(level: level, index: index), payload: nil)) } }
+                links.send(out, to: core.linkPeers[link] ?? "", link: link)
+            }
+            peersOfCloses = closes.map { core.linkPeers[$0.0] ?? "" }
+        }
+        for (i, (link, reason)) in closes.enumerated() { links.close(peer: peersOfCloses[i], link: link, reason: reason) }
+        for work in offloads { threadPool.submit { _ in work() } }
+    }
+
+    /// One at a time, in order: flush the image, store the group's position, drop its log records.
+    func completeGroups() {
+        while true {
+            guard let next = core.withLockedValue({ $0.completions.first }) else { return }
+            do {
+                try image.flush()
+                try store(next.position, version: next.version)
+                try logLock.withLock { try receiveLog.releaseGroup() }
+            } catch {
+                logger.error("volume \(name): completing a receive-log group failed: \(error)")
+            }
+            handle(payload: nil) { core in
+                core.completions.removeFirst()
+                if core.completions.isEmpty { core.completionRunning = false }
+                return core.machine.logApplied(link: next.link, index: next.index)
+            }
+            if core.withLockedValue({ !$0.completionRunning }) { return }
+        }
+    }
+
+    func store(_ position: ReplicaPosition, version: UInt64) throws {
+        try positionStore.withLockedValue { stored in
+            guard version > stored else { return }
+            try positionFile.store(position)
+            stored = version
+        }
+    }
+
+    func write(_ item: ReplicationItem, payload: ByteBuffer?) throws {
+        if item.isZero {
+            if try !image.punchHole(offset: item.range.offset, length: item.range.length),
+               try !image.zeroRangeFast(offset: item.range.offset, length: item.range.length) {
+                try image.writeZeroBytes(offset: item.range.offset, length: item.range.length)
+            }
+        } else {
+            guard let payload, UInt64(payload.readableBytes) == item.range.length else {
+                throw ReplicaError("item \(item.index) for \(item.range) arrived without its \(item.range.length) bytes")
+            }
+            try image.write(offset: item.range.offset, data: payload)
+        }
+    }
+
+    func fail(_ core: inout Core, _ message: String) {
+        core.lastError = message
+        logger.error("volume \(name): \(message)")
+        onEvent(VolumeEvent(volume: name, kind: .ioError, message: "volume \(name): \(message)"))
+    }
+}
+
+struct ReplicaError: Error, CustomStringConvertible {
+    var description: String
+    init(_ description: String) { self.description = description }
+}

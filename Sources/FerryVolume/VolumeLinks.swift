@@ -1,0 +1,42 @@
+import FerryCore
+import FerryWire
+import Foundation
+import NIOCore
+
+/// What a volume runtime needs from the peer links: ordered, non-blocking sends on one link, and
+/// closing a link. FerrySite adapts `PeerLinks` to it; tests can plug in their own.
+public protocol VolumeLinks: Sendable {
+    /// Queues `frames` on `link` in call order and flushes once. False (nothing sent) when `link`
+    /// is no longer the peer's current link.
+    @discardableResult
+    func send(_ frames: [VolumeFrame], to peer: String, link: LinkID) -> Bool
+    /// Closes `link` with `reason` (sent to the other side).
+    func close(peer: String, link: LinkID, reason: String)
+}
+
+/// The clocks a runtime reads: monotonic for lags and timers, wall for schedules and records.
+public struct VolumeClock: Sendable {
+    public var now: @Sendable () -> Instant
+
+    public init(now: @escaping @Sendable () -> Instant) { self.now = now }
+
+    /// The real clocks.
+    public static let system = VolumeClock {
+        Instant(monotonicNanos: Int64(DispatchTime.now().uptimeNanoseconds),
+                wallSeconds: Int64(Date().timeIntervalSince1970))
+    }
+}
+
+/// Something a runtime reports for the log and status: a link's state change, an I/O error.
+public struct VolumeEvent: Sendable {
+    public enum Kind: Sendable {
+        case linkState(peer: String, state: ReplicaLinkState)
+        case ioError
+        case fenced
+        case refused(peer: String)
+        case info
+    }
+    public var volume: String
+    public var kind: Kind
+    public var message: String
+}
