@@ -94,7 +94,7 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ]),
         .testTarget(name: "FerrySiteTests", dependencies: ["FerrySite"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["FerryCore", "FerrySite"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["FerryCore", "FerrySite", "FerryWire", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "Logging", package: "swift-log")]),
     ],
     swiftLanguageModes: [.v6]
 )

@@ -45,7 +45,7 @@ extension Site {
                     var machine = PrimaryVolume.Config(
                         volume: v.name, volumeSize: v.sizeBytes, epoch: UInt64(max(1, record.epoch)),
                         generation: PrimaryVolume.Config.generationNumber(record.generation), peers: v.replicas)
-                    if v.sizeBytes < machine.regionSize * 64 { machine.regionSize = max(4096, v.sizeBytes / 64 / 4096 * 4096) }
+                    machine.regionSize = PrimaryVolume.Config.regionSize(forVolumeSize: v.sizeBytes)
                     let runtime = try PrimaryVolumeRuntime(
                         name: v.name, image: image, config: machine, stateDirectory: stateDir, cleanShutdown: clean,
                         threadPool: threadPool, links: links, logger: logger, onEvent: onEvent)

@@ -251,7 +251,10 @@ extension PrimaryVolume {
             peer.session = session
             opened(&peer, position: position, &out)
         case .ack(let level, let index):
-            guard session.open, index < session.nextIndex else {
+            // Before `position` an ack can only be a leftover of the link layer's switch-over
+            // (protocol.md §6.1): ignore it.
+            guard session.open else { break }
+            guard index < session.nextIndex else {
                 out.append(.closeLink(peer: name, link, reason: "ack for stream index \(index) that was never sent"))
                 dropSession(&peer, link: link, &out)
                 break

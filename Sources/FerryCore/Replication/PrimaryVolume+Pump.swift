@@ -47,6 +47,14 @@ extension PrimaryVolume {
         // Catch-up: read the dirty regions in lock order, then end it once all are durable.
         if var catchUp = session.catchUp, catchUp.endIndex == nil {
             var budget = config.windowItems - session.inFlightCount - session.readsQueued.count
+            if let rate = peer.policy.resyncRateBytesPerSecond, rate > 0 {
+                // A token bucket of a tenth of a second's worth (at least one region).
+                let capacity = max(Double(config.regionSize), Double(rate) / 10)
+                let elapsed = Double(now.monotonicNanos - (peer.resyncRefilledAt ?? now.monotonicNanos)) / 1e9
+                peer.resyncTokens = min(capacity, peer.resyncTokens + Double(rate) * max(0, elapsed))
+                peer.resyncRefilledAt = now.monotonicNanos
+                budget = min(budget, Int(peer.resyncTokens / Double(config.regionSize)))
+            }
             var wrapped = false
             if session.bytesSinceCut >= config.cutBytes { cutBarrier(&session, peer: name, seq: session.lastSentSeq, &out) }
             while budget > 0, session.notReceivedBytes + UInt64(session.readsQueued.count) * config.regionSize < config.windowBytes {
@@ -61,6 +69,7 @@ extension PrimaryVolume {
                 session.readsQueued.insert(r)
                 reads.append((r, false))
                 budget -= 1
+                if peer.policy.resyncRateBytesPerSecond != nil { peer.resyncTokens -= Double(config.regionSize) }
             }
             let allSent = peer.dirty.count == session.regionsInFlight.count + session.readsQueued.count
             if (allSent || budget <= 0 || reads.isEmpty), session.readsQueued.count == reads.count, !session.lastWasBarrier, !peer.dirty.isEmpty {

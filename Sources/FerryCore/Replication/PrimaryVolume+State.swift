@@ -239,6 +239,9 @@ struct PeerState: Sendable {
     var reason = "not connected yet"
     var bytesSent: UInt64 = 0
     var lastAckAt: Int64?
+    /// `resync-rate`: bytes the catch-up may still read now (a token bucket refilled with time).
+    var resyncTokens: Double = 0
+    var resyncRefilledAt: Int64?
     /// Catch-up progress changed since the bitmap was last persisted.
     var progressUnpersisted = false
     var lastProgressPersist: Int64 = 0

@@ -20,6 +20,16 @@
 /// is ignored.
 public struct PrimaryVolume: Sendable {
     public struct Config: Sendable {
+        /// The dirty-bitmap region size for a volume of `size` bytes: small enough that a point or
+        /// a catch-up sends little more than what changed (4 KiB for volumes up to 2 GiB), large
+        /// enough that the bitmap stays at most 2^19 bits (64 KiB) however big the volume (1 MiB
+        /// regions at 512 GiB and above).
+        public static func regionSize(forVolumeSize size: UInt64) -> UInt64 {
+            var region: UInt64 = 4096
+            while region < (1 << 20), size / region > (1 << 19) { region <<= 1 }
+            return region
+        }
+
         public var volume: String
         public var volumeSize: UInt64
         public var epoch: UInt64
@@ -79,11 +89,15 @@ public struct PrimaryVolume: Sendable {
         public var lastSeq: UInt64
         /// No sequence above this has been given out.
         public var sequenceCeiling: UInt64
-        public init(activityLog: [Int] = [], peers: [String: Peer] = [:], lastSeq: UInt64 = 0, sequenceCeiling: UInt64 = 0) {
+        /// The bitmaps' region size (a bitmap of another granularity is not trusted).
+        public var regionSize: UInt64
+        public init(activityLog: [Int] = [], peers: [String: Peer] = [:], lastSeq: UInt64 = 0, sequenceCeiling: UInt64 = 0,
+                    regionSize: UInt64 = 0) {
             self.activityLog = activityLog
             self.peers = peers
             self.lastSeq = lastSeq
             self.sequenceCeiling = sequenceCeiling
+            self.regionSize = regionSize
         }
     }
 
@@ -202,7 +216,7 @@ public struct PrimaryVolume: Sendable {
             let saved = metadata.peers[name]
             var dirty = DirtyBitmap(volumeSize: config.volumeSize, regionSize: config.regionSize, words: saved?.dirtyWords ?? [])
             let initialPending = saved?.initialSyncPending ?? true
-            if saved == nil { dirty.setAll() }
+            if saved == nil || (metadata.regionSize != 0 && metadata.regionSize != config.regionSize) { dirty.setAll() }
             if !cleanShutdown {
                 for extent in activityLog { dirty.set(extentRange(extent)) }
             }
@@ -433,7 +447,8 @@ public struct PrimaryVolume: Sendable {
             peerMeta[name] = Metadata.Peer(dirtyWords: dirty.words, initialSyncPending: peer.initialSyncPending,
                                            lastPoint: peer.lastPoint, journaled: peer.journaled)
         }
-        return Metadata(activityLog: activityLog.sorted(), peers: peerMeta, lastSeq: lastSeq, sequenceCeiling: sequenceCeiling)
+        return Metadata(activityLog: activityLog.sorted(), peers: peerMeta, lastSeq: lastSeq, sequenceCeiling: sequenceCeiling,
+                        regionSize: config.regionSize)
     }
 
     func isSatisfied(_ wait: Pending.Wait) -> Bool {

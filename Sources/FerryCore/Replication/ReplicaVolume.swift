@@ -120,7 +120,7 @@ public struct ReplicaVolume: Sendable {
         case .open(let open):
             return opened(open, on: link)
         case .write(let item), .region(let item):
-            guard var s = session, s.link == link else { return [] }
+            guard var s = session, s.link == link else { return refuseWithoutSession(link) }
             let isRegion = { if case .region = message { return true } else { return false } }()
             if let why = check(item: item, isRegion: isRegion, session: s) { return refuse(link, why) }
             s.nextIndex += 1
@@ -141,7 +141,7 @@ public struct ReplicaVolume: Sendable {
             }
             return [.appendLog(link, item), .send(link, .ack(level: .received, index: item.index))]
         case .barrier(let barrier):
-            guard var s = session, s.link == link else { return [] }
+            guard var s = session, s.link == link else { return refuseWithoutSession(link) }
             if let why = check(barrier: barrier, session: s) { return refuse(link, why) }
             s.nextIndex += 1
             s.lastSeq = max(s.lastSeq, barrier.seq)
@@ -287,6 +287,12 @@ public struct ReplicaVolume: Sendable {
         if barrier.kind == .catchUpBegin && s.catchingUp { return "catch-up begins twice" }
         if barrier.kind == .catchUpEnd && !s.catchingUp { return "catch-up ends without beginning" }
         return nil
+    }
+
+    /// Stream data on a link with no session (its `open` was lost in a link switch-over, or it
+    /// belongs to an older session): refused, so the primary resets the link and opens again.
+    private func refuseWithoutSession(_ link: LinkID) -> [Action] {
+        [.refuse(link, reason: "no replication session on this link for \(volume); the stream must start with open")]
     }
 
     private mutating func refuse(_ link: LinkID, _ reason: String) -> [Action] {

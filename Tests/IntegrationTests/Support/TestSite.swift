@@ -47,6 +47,8 @@ final class TestSite {
         var name: String
         var size: String
         var primary: String
+        /// `replicas:` entries as YAML flow maps by site, e.g. `["west": "{ mode: sync }"]`.
+        var replicas: [String: String] = [:]
     }
 
     /// Writes the site's config: peers pinned to the given IDs, volumes, NBD on TCP and a socket.
@@ -70,7 +72,13 @@ final class TestSite {
         }
         if !volumes.isEmpty {
             yaml += "volumes:\n"
-            for v in volumes { yaml += "  \(v.name):\n    size: \(v.size)\n    primary: \(v.primary)\n" }
+            for v in volumes {
+                yaml += "  \(v.name):\n    size: \(v.size)\n    primary: \(v.primary)\n"
+                if !v.replicas.isEmpty {
+                    yaml += "    replicas:\n"
+                    for (site, policy) in v.replicas.sorted(by: { $0.key < $1.key }) { yaml += "      \(site): \(policy)\n" }
+                }
+            }
         }
         yaml += extra
         try yaml.write(toFile: configPath, atomically: true, encoding: .utf8)

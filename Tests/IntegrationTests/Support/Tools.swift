@@ -94,7 +94,10 @@ final class TempDir {
         var template = Array("/tmp/ferry-it-XXXXXX".utf8CString)
         path = mkdtemp(&template).map { String(decoding: UnsafeRawBufferPointer(start: $0, count: strlen($0)), as: UTF8.self) } ?? "/tmp/ferry-it-fallback-\(getpid())"
     }
-    deinit { try? FileManager.default.removeItem(atPath: path) }
+    /// Kept (for logs) when FERRY_KEEP_TEST_DIRS is set.
+    deinit {
+        if ProcessInfo.processInfo.environment["FERRY_KEEP_TEST_DIRS"] == nil { try? FileManager.default.removeItem(atPath: path) }
+    }
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago.

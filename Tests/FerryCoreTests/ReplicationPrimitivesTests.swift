@@ -1,0 +1,44 @@
+import Testing
+@testable import FerryCore
+
+struct IntervalLockTests {
+    @Test func admitsInOrderAndHoldsBackOverlaps() {
+        var lock = IntervalLock()
+        let a = lock.enqueue(1, range: BlockRange(offset: 0, length: 4096))
+        // Disjoint: admitted at once.
+        let b = lock.enqueue(2, range: BlockRange(offset: 8192, length: 4096))
+        // Overlaps 1: waits, and so does everything after it (admission is in order).
+        let c = lock.enqueue(3, range: BlockRange(offset: 2048, length: 4096))
+        let d = lock.enqueue(4, range: BlockRange(offset: 65536, length: 4096))
+        let e = lock.enqueue(5, range: nil)
+        let f = lock.release(2)
+        let g = lock.release(1)
+        #expect(a == [1] && b == [2] && c == [] && d == [] && e == [] && f == [])
+        #expect(g == [3, 4, 5])
+        #expect(lock.isHeld(3) && lock.isHeld(4) && !lock.isHeld(5))
+    }
+}
+
+struct DirtyBitmapTests {
+    @Test func setsClearsAndFindsRegions() {
+        var bitmap = DirtyBitmap(volumeSize: 1 << 20, regionSize: 65536)
+        #expect(bitmap.regionCount == 16)
+        let added = bitmap.set(BlockRange(offset: 65535, length: 2))
+        #expect(added == 2)
+        #expect(bitmap.count == 2 && bitmap.contains(0) && bitmap.contains(1))
+        #expect(bitmap.firstSet(from: 1) == 1)
+        #expect(bitmap.firstSet(from: 2) == nil)
+        let cleared = bitmap.clearRegion(0)
+        #expect(cleared)
+        #expect(bitmap.dirtyBytes == 65536)
+        let copy = DirtyBitmap(volumeSize: 1 << 20, regionSize: 65536, words: bitmap.words)
+        #expect(copy == bitmap)
+        bitmap.setAll()
+        #expect(bitmap.count == 16)
+    }
+
+    @Test(arguments: [(UInt64(256) << 20, UInt64(4096)), (UInt64(20) << 30, UInt64(65536)), (UInt64(4) << 40, UInt64(1) << 20)])
+    func regionSizeKeepsTheBitmapSmall(_ size: UInt64, _ expected: UInt64) {
+        #expect(PrimaryVolume.Config.regionSize(forVolumeSize: size) == expected)
+    }
+}
