@@ -6,7 +6,7 @@
 SWIFT ?= swift
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BUILD_PKGS := pkg-config libzstd-dev libxxhash-dev libsqlite3-dev
-TEST_PKGS := qemu-utils libnbd-bin nbdkit fio
+TEST_PKGS := qemu-utils libnbd-bin nbdkit fio strace
 BENCH_PKGS := $(TEST_PKGS)
 QUICKSTART_ARGS ?=
 

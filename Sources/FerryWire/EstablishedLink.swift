@@ -19,8 +19,9 @@ final class LinkHandlers: Sendable {
 /// One connection to a peer that passed the hello exchange, as the data plane sees it: the events
 /// the layer above is told, the frames it is handed, and the frames it sends.
 ///
-/// **Events.** The `LinkRegistry` decides, under its lock, when a connection becomes the peer's
-/// current link (``promote(nextID:)``) and when it stops being it (``demote(reason:)``); each
+/// **Events.** The `LinkRegistry`'s ``PeerLinkTable`` decides, under its lock, when a connection
+/// becomes the peer's current link (``promote(as:after:)``) and when it stops being it
+/// (``demote(reason:)``); each
 /// decision is queued here as an event, in decision order. The events are fired on the
 /// connection's event loop only (``fireEvents()``, called by its handler before anything it
 /// delivers, and by a task for decisions taken elsewhere), so the layer above sees, for each
@@ -28,9 +29,10 @@ final class LinkHandlers: Sendable {
 /// switches, the new link's up waits until the old link's down has been fired (on its own loop),
 /// so the layer above never sees two links of one peer up at once.
 ///
-/// **IDs.** A connection gets a `LinkID` when it is established. If it stops being current while
-/// still open and later becomes current again (the dial race of protocol.md §4.8), it gets a new
-/// ID: an ID that was reported down is never reported up again.
+/// **IDs.** A connection gets a `LinkID` when it is established (``connection``, the table's name
+/// for it). If it stops being current while still open and later becomes current again (the dial
+/// race of protocol.md §4.8), the table gives it a new ID: an ID that was reported down is never
+/// reported up again.
 ///
 /// **Sending.** ``enqueue(_:as:)`` may be called from any thread: under this link's lock it checks
 /// that the ID is still current and appends the frames to an outbound queue, which is drained on
@@ -40,6 +42,8 @@ final class EstablishedLink: Sendable {
     let peer: String
     let channel: any Channel
     let direction: LinkDirection
+    /// The ID the connection got when it was established: how the ``PeerLinkTable`` names it.
+    let connection: LinkID
     private let handlers: LinkHandlers
     private let state: Mutex<State>
 
@@ -52,7 +56,6 @@ final class EstablishedLink: Sendable {
     private struct State {
         /// The ID last given to this connection.
         var id: LinkID
-        var hasBeenCurrent = false
         /// The registry's view: the ID under which this connection is the peer's current link.
         var currentID: LinkID?
         /// Decided, not yet fired.
@@ -74,6 +77,7 @@ final class EstablishedLink: Sendable {
         self.peer = peer
         self.channel = channel
         self.direction = direction
+        self.connection = id
         self.handlers = handlers
         self.state = Mutex(State(id: id))
     }
@@ -86,19 +90,15 @@ final class EstablishedLink: Sendable {
 
     // MARK: - Decisions (called by the registry, under its lock)
 
-    /// This connection becomes the peer's current link, replacing `after` (the previous current
-    /// link and the ID it was demoted from, if any); returns the ID it is current under. `nextID`
-    /// gives a fresh ID, taken only if the connection was current before.
-    func promote(after: (link: EstablishedLink, id: LinkID)?, nextID: () -> LinkID) -> LinkID {
-        let id = state.withLock { state in
-            if state.hasBeenCurrent { state.id = nextID() }
-            state.hasBeenCurrent = true
-            state.currentID = state.id
-            state.events.append(.up(state.id, after: after))
-            return state.id
+    /// This connection becomes the peer's current link under `id`, replacing `after` (the previous
+    /// current link and the ID it was demoted from, if any).
+    func promote(as id: LinkID, after: (link: EstablishedLink, id: LinkID)?) {
+        state.withLock { state in
+            state.id = id
+            state.currentID = id
+            state.events.append(.up(id, after: after))
         }
         after?.link.state.withLock { $0.waiters.append(self) }
-        return id
     }
 
     /// This connection stops being the peer's current link; returns the ID it was current under.

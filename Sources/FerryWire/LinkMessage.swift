@@ -70,6 +70,29 @@ public enum LinkMessage: Sendable, Equatable {
         }
     }
 
+    /// The message as the peer-link state machines see it (`hello`'s site name is dropped).
+    public var control: LinkControlMessage {
+        switch self {
+        case .hello(let hello): return .hello(versions: hello.versions, siteID: hello.siteID)
+        case .helloAck(let version): return .helloAck(version: version)
+        case .ping(let nonce, let sentAt): return .ping(nonce: nonce, sentAt: sentAt)
+        case .pong(let nonce, let sentAt): return .pong(nonce: nonce, sentAt: sentAt)
+        case .goodbye(let reason): return .goodbye(reason: reason)
+        }
+    }
+
+    /// A state machine's message on the wire; `siteName` goes into a `hello`.
+    public init(_ control: LinkControlMessage, siteName: String) {
+        switch control {
+        case .hello(let versions, let siteID):
+            self = .hello(Hello(versions: versions, siteName: siteName, siteID: siteID))
+        case .helloAck(let version): self = .helloAck(version: version)
+        case .ping(let nonce, let sentAt): self = .ping(nonce: nonce, sentAt: sentAt)
+        case .pong(let nonce, let sentAt): self = .pong(nonce: nonce, sentAt: sentAt)
+        case .goodbye(let reason): self = .goodbye(reason: reason)
+        }
+    }
+
     /// This message as a frame.
     public func frame(allocator: ByteBufferAllocator = ByteBufferAllocator()) -> Frame {
         var payload = allocator.buffer(capacity: 64)
@@ -137,8 +160,6 @@ public enum LinkVersion {
 
     /// The highest version in both ranges, or nil when they do not overlap.
     public static func negotiate(_ local: ClosedRange<UInt16>, _ remote: ClosedRange<UInt16>) -> UInt16? {
-        let low = Swift.max(local.lowerBound, remote.lowerBound)
-        let high = Swift.min(local.upperBound, remote.upperBound)
-        return low <= high ? high : nil
+        PeerConnectionMachine.negotiate(local, remote)
     }
 }

@@ -26,24 +26,6 @@ public struct PeerEndpoint: Sendable, Hashable, Codable {
     }
 }
 
-/// Which site opened a link's TCP connection.
-public enum LinkDirection: String, Sendable, Codable {
-    /// The peer dialed this site.
-    case inbound
-    /// This site dialed the peer.
-    case outbound
-}
-
-/// A peer link's state as `status()` reports it.
-public enum LinkState: String, Sendable, Codable {
-    /// A dial is in progress: TCP connect, TLS or the hello exchange.
-    case connecting
-    /// A link is up and passed the hello exchange.
-    case connected
-    /// No link and no dial in progress (waiting to retry, or stopped).
-    case disconnected
-}
-
 /// One peer's link as seen from this site, for `ferry status` and the admin API.
 public struct PeerLinkStatus: Sendable, Codable, Equatable {
     /// The peer's configured name.

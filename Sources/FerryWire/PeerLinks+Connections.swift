@@ -53,32 +53,28 @@ extension PeerLinks {
             }
     }
 
-    /// Dials `peer` whenever it has no link, until stopped.
+    /// Dials `peer` whenever it has no link, until stopped: executes a ``DialSchedule``.
     func dialLoop(_ peer: PeerEndpoint, context: NIOSSLContext) async {
         let registry = self.registry
-        var backoff = Backoff(base: .milliseconds(200), cap: .seconds(5))
+        var schedule = DialSchedule()
         var rng = SystemRandomNumberGenerator()
-        var lastWaited: ObjectIdentifier?
         while !Task.isCancelled, !registry.isStopped {
-            // A link in either direction: nothing to dial until it goes.
-            if let live = registry.liveChannel(peer.name) {
-                if lastWaited == ObjectIdentifier(live) {
-                    // Closed, but the registry has not heard yet; do not spin.
-                    try? await Task.sleep(for: .milliseconds(20))
+            let live = registry.liveLink(peer.name)
+            switch schedule.next(currentLink: live?.id) {
+            case .waitForLink(_, let pause):
+                // Closed, but the registry has not heard yet: do not spin.
+                if let pause { try? await Task.sleep(for: pause) }
+                if let live { try? await live.channel.closeFuture.get() }
+                schedule.linkClosed()
+            case .dial:
+                registry.dialStarted(peer.name)
+                let cameUp = await dialOnce(peer, context: context)
+                if Task.isCancelled || registry.isStopped { return }
+                do {
+                    try await Task.sleep(for: schedule.dialFinished(linkCameUp: cameUp, using: &rng))
+                } catch {
+                    return
                 }
-                lastWaited = ObjectIdentifier(live)
-                try? await live.closeFuture.get()
-                // The link was up: a failure to re-establish it starts from the base delay.
-                backoff.reset()
-                continue
-            }
-            registry.dialStarted(peer.name)
-            if await dialOnce(peer, context: context) { backoff.reset() }
-            if Task.isCancelled || registry.isStopped { break }
-            do {
-                try await Task.sleep(for: backoff.next(using: &rng))
-            } catch {
-                break
             }
         }
     }

@@ -30,6 +30,10 @@ final class ProxiedPair {
 
     /// Stops both daemons (by PID), then the proxies.
     func stop() {
+        if let keep = ProcessInfo.processInfo.environment["KEEP_LOGS"] { // DEBUG
+            try? FileManager.default.copyItem(atPath: east.logPath, toPath: keep + "-east-\(getpid())-\(Int.random(in: 0..<1_000_000)).log")
+            try? FileManager.default.copyItem(atPath: west.logPath, toPath: keep + "-west-\(getpid())-\(Int.random(in: 0..<1_000_000)).log")
+        }
         if east.isRunning { east.stop() }
         if west.isRunning { west.stop() }
         link.stop()
@@ -88,9 +92,10 @@ struct ReplicationFaultTests {
     /// P5: an async replica's lag is visible while the link is stalled, then slowed, and drains
     /// to 0 once the link is well again, leaving identical images.
     @Test func asyncLagGrowsWhileTheLinkIsStalledOrSlowAndDrainsAfter() throws {
-        let pair = try ProxiedPair(replica: "{ mode: async }")
-        try pair.start()
+        // Uncompressed, so that the bytes through the proxies can be counted against the writes.
+        let pair = try ProxiedPair(replica: "{ mode: async, compression: none }")
         defer { pair.stop() }
+        try pair.start()
         pair.waitInSync()
 
         // Stalled (kept short of the links' 5 s dead-peer timeout): the writes complete at once, and
@@ -125,7 +130,7 @@ struct ReplicationFaultTests {
         let drainedAgain = eventually(.seconds(30)) { pair.replica.map { $0.lagBytes == 0 && $0.state == "in-sync" } ?? false }
         #expect(drainedAgain, "lag did not drain after the delay\n\(pair.diagnostics)")
         pair.waitIdentical()
-        #expect(pair.link.bytesForwarded >= forwardedBefore + (2 << 20) / 2, "the writes did not go through the proxies")
+        #expect(pair.link.bytesForwarded >= forwardedBefore + (2 << 20), "the writes did not go through the proxies")
         #expect(pair.west.isRunning && pair.east.isRunning)
     }
 
@@ -133,8 +138,8 @@ struct ReplicationFaultTests {
     /// says so in status and its log, and catches west up from the bitmap once the link moves.
     @Test func asyncPullAheadPastMaxLagThenCatchesUp() throws {
         let pair = try ProxiedPair(replica: "{ mode: async, max-lag: 1M, on-lag: pull-ahead }")
-        try pair.start()
         defer { pair.stop() }
+        try pair.start()
         pair.waitInSync()
 
         pair.link.stall()
@@ -164,8 +169,8 @@ struct ReplicationFaultTests {
     /// RPO no longer 0 and the missed regions in the bitmap; healed, west catches up.
     @Test func syncDegradesWhenCutAndCatchesUpWhenHealed() throws {
         let pair = try ProxiedPair(replica: "{ mode: sync, on-peer-loss: degrade }")
-        try pair.start()
         defer { pair.stop() }
+        try pair.start()
         pair.waitInSync()
         #expect(pair.replica?.rpoZero == true)
 
@@ -199,8 +204,8 @@ struct ReplicationFaultTests {
     @Test func syncBlocksWhenCutAndTheWriteCompletesWhenHealed() throws {
         let qemuIO = try requireTool("qemu-io", package: "qemu-utils")
         let pair = try ProxiedPair(replica: "{ mode: sync, on-peer-loss: block }")
-        try pair.start()
         defer { pair.stop() }
+        try pair.start()
         pair.waitInSync()
 
         pair.link.cut()
