@@ -5,10 +5,12 @@
     Wherever a config is asked for, `socket:PATH` reads the admin socket directly instead of
     running `ferry status --json` (the same JSON; much cheaper to poll several times a second).
 
-    replication-watch.py wait  --config EAST.yaml [--drained] [--timeout S]
+    replication-watch.py wait  --config EAST.yaml [--drained] [--timeout S] [--progress S]
+                                       [--interval S] [--trace FILE]
         Wait until every replica of every volume the site is primary of is `in-sync` and
         consistent (with --drained also lagBytes, inFlightBytes and dirtyBytes 0). Prints the
-        seconds it took. Exit 1 on timeout, with the last status on stderr.
+        seconds it took. Exit 1 on timeout, with the last status on stderr. --trace appends each
+        poll ({"t": unix time, "replicas": {...}}) to a file.
 
     replication-watch.py poll  --config EAST.yaml --out SAMPLES.jsonl [--interval 1]
         Until SIGTERM/SIGINT: once per interval, append one JSON line
@@ -95,15 +97,27 @@ def settled(r, drained):
     return True
 
 
-def wait(config, drained, timeout, interval=0.2, on_sample=None):
-    """Seconds until every replica is settled; raises TimeoutError (with the last view)."""
+def wait(config, drained, timeout, interval=0.2, on_sample=None, progress=0, trace=None):
+    """Seconds until every replica is settled; raises TimeoutError (with the last view).
+    With progress > 0, prints a line on stderr every `progress` seconds."""
     t0 = time.monotonic()
+    shown = t0
     last = None
     while True:
         try:
             last = replicas(status(config))
             if on_sample:
                 on_sample(last)
+            if trace:
+                trace.write(json.dumps({"t": time.time(), "replicas": {
+                    k: {x: r.get(x) for x in KEEP} for k, r in last.items()}}) + "\n")
+                trace.flush()
+            if progress and time.monotonic() - shown >= progress:
+                shown = time.monotonic()
+                print("  %4.0f s: " % (shown - t0) + ", ".join(
+                    "%s %s%s" % (k, r.get("state"), "" if r.get("syncRemainingBytes") is None
+                                 else " (%s MiB left)" % mib(r["syncRemainingBytes"]))
+                    for k, r in sorted(last.items())), file=sys.stderr)
             if all(settled(r, drained) for r in last.values()):
                 return time.monotonic() - t0
         except (RuntimeError, OSError, subprocess.TimeoutExpired, json.JSONDecodeError) as e:
@@ -119,7 +133,9 @@ KEEP = ("state", "consistent", "connected", "lagBytes", "lagSeconds", "dirtyByte
 
 def cmd_wait(a):
     try:
-        print("%.2f" % wait(a.config, a.drained, a.timeout))
+        trace = open(a.trace, "a") if a.trace else None
+        print("%.2f" % wait(a.config, a.drained, a.timeout, interval=a.interval,
+                            progress=a.progress, trace=trace))
     except TimeoutError as e:
         print("replication-watch: replicas not %s after %.0f s:\n%s"
               % ("drained" if a.drained else "in sync", a.timeout, e), file=sys.stderr)
@@ -295,6 +311,9 @@ def main():
     p.add_argument("--config", required=True)
     p.add_argument("--drained", action="store_true")
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--progress", type=float, default=0, help="print progress every N seconds")
+    p.add_argument("--interval", type=float, default=0.2, help="seconds between polls")
+    p.add_argument("--trace", help="append every poll to this JSON-lines file")
     p = sub.add_parser("poll")
     p.add_argument("--config", required=True)
     p.add_argument("--out", required=True)

@@ -154,7 +154,9 @@ EAST_PID=$!
 up west "$WEST_PID"
 up east "$EAST_PID"
 echo "east (pid $EAST_PID) and west (pid $WEST_PID) up; waiting for the replicas to be in sync" >&2
-t=$(python3 "$WATCH" wait --config "$WORK/east.yaml" --timeout 300) || { tail -n 20 "$WORK/east.log" >&2; exit 1; }
+# Even empty volumes get a first full copy (holes go as zeroing); allow for a slow machine.
+t=$(python3 "$WATCH" wait --config "socket:$WORK/east/admin.sock" --timeout 3600 --progress 30) \
+    || { tail -n 20 "$WORK/east.log" >&2; exit 1; }
 echo "replicas in sync after ${t}s" >&2
 
 mkdir -p "$WORK/mirror"

@@ -22,8 +22,8 @@ public struct PrimaryVolume: Sendable {
     public struct Config: Sendable {
         /// The dirty-bitmap region size for a volume of `size` bytes: small enough that a point or
         /// a catch-up sends little more than what changed (4 KiB for volumes up to 2 GiB), large
-        /// enough that the bitmap stays at most 2^19 bits (64 KiB) however big the volume (1 MiB
-        /// regions at 512 GiB and above).
+        /// enough that the bitmap stays at 2^19 bits (64 KiB) up to 512 GiB; regions stop growing
+        /// at 1 MiB, so a 4 TiB volume has 2^22 (512 KiB of bitmap).
         public static func regionSize(forVolumeSize size: UInt64) -> UInt64 {
             var region: UInt64 = 4096
             while region < (1 << 20), size / region > (1 << 19) { region <<= 1 }
@@ -41,13 +41,17 @@ public struct PrimaryVolume: Sendable {
         public var extentSize: UInt64 = 4 << 20
         /// Extents the activity log may hold before the primary checkpoints on its own.
         public var activityLogCapacity: Int = 256
-        /// Items in flight per link before further sends queue.
-        public var windowItems: Int = 1024
-        /// Bytes in flight per link before further sends queue.
-        public var windowBytes: UInt64 = 64 << 20
+        /// Bulk items (journal entries, catch-up and point regions) in flight per link before
+        /// more wait. Client writes to sync and semi-sync peers are never held by the window:
+        /// the client's queue depth bounds them.
+        public var windowItems: Int = 512
+        /// Bulk bytes in flight per link. All volumes to a peer share one TLS connection, so this
+        /// bounds how long a sync write of another volume (or a heartbeat) can queue behind bulk
+        /// traffic: 8 MiB is 8 ms at 1 GB/s, 0.7 s at 100 Mbit/s (BENCHMARKS.md, "links under load").
+        public var windowBytes: UInt64 = 8 << 20
         /// A barrier is cut after this many bytes on a stream, so acks become durable and the
         /// primary can forget what it sent.
-        public var cutBytes: UInt64 = 16 << 20
+        public var cutBytes: UInt64 = 4 << 20
         /// ... or when the stream has been idle-ish this long with something uncut.
         public var cutIntervalNanos: Int64 = 50_000_000
         /// Sequence numbers reserved at a time: the reservation is persisted before a number in
