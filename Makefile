@@ -7,10 +7,11 @@ SWIFT ?= swift
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BUILD_PKGS := pkg-config libzstd-dev libxxhash-dev libsqlite3-dev
 TEST_PKGS := qemu-utils libnbd-bin nbdkit fio strace
-BENCH_PKGS := $(TEST_PKGS)
+BENCH_PKGS := $(sort $(TEST_PKGS) qemu-utils qemu-system-common nbdkit libnbd-bin fio iproute2)
+BENCH_ARGS ?=
 QUICKSTART_ARGS ?=
 
-.PHONY: quickstart test build release bench simulate deps-build deps-test clean-data
+.PHONY: quickstart test build release bench bench-replication simulate deps-build deps-test clean-data
 
 define apt_install
 	@missing=""; for p in $(1); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -50,6 +51,19 @@ simulate: deps-build
 release: deps-build
 	$(SWIFT) build -c release --scratch-path .build-release
 
+# Benchmarks (BENCHMARKS.md), on the release build; each prints its own tables.
+#   make bench               NBD server vs nbdkit and qemu-nbd, then bench-replication
+#   make bench-replication   replication modes vs QEMU's sync mirror, then initial sync and catch-up
+#   make bench BENCH_ARGS="-r 15 -R 3 -m"   (options for nbd.sh and replication.sh)
+# qemu-system-common has qemu-storage-daemon (for the sync mirror), libnbd-bin has nbdcopy.
+FERRY_RELEASE_BIN := $(CURDIR)/.build-release/release/ferry
 bench: release
 	$(call apt_install,$(BENCH_PKGS))
-	./Benchmarks/nbd.sh
+	FERRY_BIN=$(FERRY_RELEASE_BIN) ./Benchmarks/nbd.sh $(BENCH_ARGS)
+	FERRY_BIN=$(FERRY_RELEASE_BIN) ./Benchmarks/replication.sh $(BENCH_ARGS)
+	FERRY_BIN=$(FERRY_RELEASE_BIN) ./Benchmarks/sync-rates.sh
+
+bench-replication: release
+	$(call apt_install,$(BENCH_PKGS))
+	FERRY_BIN=$(FERRY_RELEASE_BIN) ./Benchmarks/replication.sh $(BENCH_ARGS)
+	FERRY_BIN=$(FERRY_RELEASE_BIN) ./Benchmarks/sync-rates.sh

@@ -160,8 +160,9 @@ echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/
 pair a "$MODE"
 serve "$E_CONF"; A_EAST=$SERVED
 echo "(a) writing every other 1 MiB of $SIZE on east (west not started yet)" >&2
+# rw=write:1m writes 1 MiB, skips 1 MiB; io_size stops it at the end instead of wrapping round.
 run_fg fio --name=half --ioengine=nbd --uri="$URI" --rw=write:1m --bs=1m --iodepth=8 \
-    --size="$BYTES" --direct=1 --output-format=json --output="$WORK/half.json" >"$WORK/half.log" 2>&1 \
+    --size="$BYTES" --io_size=$((BYTES / 2)) --direct=1 --output-format=json --output="$WORK/half.json" >"$WORK/half.log" 2>&1 \
     || { cat "$WORK/half.log" >&2; die "fio failed"; }
 DATA=$(fio_bytes "$WORK/half.json")
 cp --sparse=always "$E_IMG" "$WORK/src.img"
@@ -234,8 +235,10 @@ EOF
 pair b sync
 serve "$W_CONF"; B_WEST=$SERVED
 serve "$E_CONF"; B_EAST=$SERVED
-echo "(b) waiting for the sync replica's first copy" >&2
+echo "(b) waiting for the sync replica's first copy (the volume is empty: all holes)" >&2
+T0=$(now)
 timed_wait "$WORK/b0.trace" || die "the sync replica never got in sync"
+B_FIRST=$(sub "$(now)" "$T0")
 stop "$B_WEST"
 for _ in $(seq 600); do
     [ "$(field "$(replica)" connected)" = "False" ] && break
@@ -263,9 +266,9 @@ TC=$(first_connected "$WORK/b.trace")
 B_SAME=no; cmp -s "$E_IMG" "$W_IMG" && B_SAME=yes
 
 python3 - "$DIRTY" "$BYTES" "$B_STATE" "$B_MARKED" "$S0" "$S1" "$(sub "$T1" "$T0")" \
-    "$([ -n "$TC" ] && sub "$TC" "$T0" || echo "?")" "$B_SAME" <<'EOF'
+    "$([ -n "$TC" ] && sub "$TC" "$T0" || echo "?")" "$B_SAME" "$B_FIRST" <<'EOF'
 import sys
-dirty, size, state, marked, s0, s1, secs, link, same = sys.argv[1:]
+dirty, size, state, marked, s0, s1, secs, link, same, first = sys.argv[1:]
 dirty, size, marked, s0, s1, secs = int(dirty), int(size), int(marked or 0), int(s0), int(s1), float(secs)
 sent = s1 - s0
 ratio = sent / dirty
@@ -273,6 +276,7 @@ print()
 print("(b) catch-up of a sync replica: west stopped, %d random 4 KiB blocks written on east "
       "(%.1f MiB, %.1f%% of the volume, no block twice), west started again"
       % (dirty // 4096, dirty / 1048576, 100 * dirty / size))
+print("  (before: the first copy of the still empty volume, all holes, took %s s)" % first)
 print("  east while west was down: state %s, %.1f MiB marked dirty (%.2fx the bytes written)"
       % (state, marked / 1048576, marked / dirty))
 print("  catch-up: %.1f MiB sent = %.3fx the dirty bytes written (target <= 1.05x: %s)"

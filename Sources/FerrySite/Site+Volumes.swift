@@ -81,6 +81,33 @@ extension Site {
                             primaryPeers: peers, links: links, logger: logger)
     }
 
+    /// A watchdog for the link layer: a peer whose current link was never reported up to the
+    /// volumes (seen after duplicate-link switch-overs under load) would never replicate; after
+    /// four checks two seconds apart the link is reset, and both sites dial again.
+    func watchLinks(_ engine: VolumeEngine, peers: PeerLinks, on loop: any EventLoop) {
+        guard !engine.isEmpty else { return }
+        let strikes = NIOLockedValueBox<[String: Int]>([:])
+        let logger = self.logger
+        let names = config.peers.map(\.name)
+        loop.scheduleRepeatedTask(initialDelay: .seconds(2), delay: .seconds(2)) { _ in
+            for peer in names {
+                guard let current = peers.currentLink(of: peer), engine.reportedLink(peer) != current else {
+                    strikes.withLockedValue { $0[peer] = 0 }
+                    continue
+                }
+                let count = strikes.withLockedValue { s -> Int in
+                    s[peer, default: 0] += 1
+                    return s[peer]!
+                }
+                if count >= 4 {
+                    strikes.withLockedValue { $0[peer] = 0 }
+                    logger.warning("peer link \(peer): \(current) is up but was never reported to the volumes; resetting it")
+                    _ = peers.close(peer: peer, link: current, reason: "link reset: it was never reported up to the volume engine")
+                }
+            }
+        }
+    }
+
     /// Routes link events and replication frames to the volumes.
     func connect(_ engine: VolumeEngine, to peers: PeerLinks) {
         let logger = self.logger

@@ -129,6 +129,7 @@ public final class Site: Service, Sendable {
         links.attach(peers)
         connect(engine, to: peers)
         engine.start(on: group.next())
+        watchLinks(engine, peers: peers, on: group.next())
         try await peers.start()
         let replicationPort = peers.boundPort ?? config.listen.replication.port
         state.withLockedValue {

@@ -5,6 +5,7 @@ import FerryVolume
 import FerryWire
 import Foundation
 import Logging
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
 
@@ -23,6 +24,12 @@ final class VolumeEngine: Sendable {
     let primaryPeers: [String: Set<String>]
     let links: any VolumeLinks
     let logger: Logger
+    /// Link events reach the runtimes in order, but never synchronously from inside the link
+    /// layer: a runtime may be the one whose send made the link close (NIO can fire
+    /// channelInactive from inside a flush), and it would re-enter its own lock.
+    private let linkEvents = DispatchQueue(label: "ferry.volume-link-events")
+    /// The link each peer was last reported up on (nil after its down).
+    private let upLinks = NIOLockedValueBox<[String: LinkID]>([:])
 
     init(siteName: String, primaries: [String: PrimaryVolumeRuntime], replicas: [String: ReplicaVolumeRuntime],
          primaryPeers: [String: Set<String>], links: any VolumeLinks, logger: Logger) {
@@ -37,17 +44,26 @@ final class VolumeEngine: Sendable {
     var isEmpty: Bool { primaries.isEmpty && replicas.isEmpty }
 
     func linkUp(peer: String, link: LinkID) {
-        for (volume, runtime) in primaries where primaryPeers[volume]?.contains(peer) == true {
-            runtime.linkUp(peer: peer, link: link)
+        upLinks.withLockedValue { $0[peer] = link }
+        linkEvents.async { [self] in
+            for (volume, runtime) in primaries where primaryPeers[volume]?.contains(peer) == true {
+                runtime.linkUp(peer: peer, link: link)
+            }
         }
     }
 
     func linkDown(peer: String, link: LinkID) {
-        for (volume, runtime) in primaries where primaryPeers[volume]?.contains(peer) == true {
-            runtime.linkDown(peer: peer, link: link)
+        upLinks.withLockedValue { if $0[peer] == link { $0[peer] = nil } }
+        linkEvents.async { [self] in
+            for (volume, runtime) in primaries where primaryPeers[volume]?.contains(peer) == true {
+                runtime.linkDown(peer: peer, link: link)
+            }
+            for runtime in replicas.values { runtime.linkDown(link: link) }
         }
-        for runtime in replicas.values { runtime.linkDown(link: link) }
     }
+
+    /// The link `peer` was last reported up on, if it is still up.
+    func reportedLink(_ peer: String) -> LinkID? { upLinks.withLockedValue { $0[peer] } }
 
     /// A replication frame from `peer`. A malformed frame resets the link (the caller closes it).
     func received(_ frame: VolumeFrame, from peer: String, link: LinkID) {

@@ -30,10 +30,6 @@ final class ProxiedPair {
 
     /// Stops both daemons (by PID), then the proxies.
     func stop() {
-        if let keep = ProcessInfo.processInfo.environment["KEEP_LOGS"] { // DEBUG
-            try? FileManager.default.copyItem(atPath: east.logPath, toPath: keep + "-east-\(getpid())-\(Int.random(in: 0..<1_000_000)).log")
-            try? FileManager.default.copyItem(atPath: west.logPath, toPath: keep + "-west-\(getpid())-\(Int.random(in: 0..<1_000_000)).log")
-        }
         if east.isRunning { east.stop() }
         if west.isRunning { west.stop() }
         link.stop()
@@ -45,9 +41,22 @@ final class ProxiedPair {
     }
 
     var diagnostics: String {
-        "west as east sees it: \(replica.map { "\($0)" } ?? "no status")\n"
+        func links(_ site: TestSite) -> String {
+            (try? site.status())?.peers.map { "\($0.name) \($0.state.rawValue) \($0.direction.map { "\($0)" } ?? "")" }.joined(separator: ", ") ?? "no status"
+        }
+        return "west as east sees it: \(replica.map { "\($0)" } ?? "no status")\n"
+            + "peer links: east → \(links(east)); west → \(links(west))\n"
             + "proxies: \(link.bytesForwarded) bytes forwarded, \(link.bytesHeld) held, \(link.liveConnections) connections\n"
-            + "east log:\n\(east.log(tail: 25))\nwest log:\n\(west.log(tail: 25))"
+            + "east log:\n\(logTail(east))\nwest log:\n\(logTail(west))"
+    }
+
+    /// The last log lines, with the repeated "dropped replication frame" lines counted, not shown.
+    func logTail(_ site: TestSite) -> String {
+        let lines = site.log().split(separator: "\n")
+        let drops = lines.filter { $0.contains("dropped replication frame") }
+        var tail = lines.filter { !$0.contains("dropped replication frame") }.suffix(25).joined(separator: "\n")
+        if let first = drops.first { tail += "\n(\(drops.count) lines like: \(first))" }
+        return tail
     }
 
     /// Waits until west is connected, consistent, in sync and not behind.
@@ -235,7 +244,7 @@ struct ReplicationFaultTests {
 
         pair.link.heal()
         let answered = eventually(.seconds(60)) { !writer.isRunning }
-        #expect(answered, "the write was not answered after the heal\n\(pair.diagnostics)")
+        #expect(answered, "the write was not answered after the heal; qemu-io so far: \((try? String(contentsOfFile: out, encoding: .utf8)) ?? "")\n\(pair.diagnostics)")
         if answered {
             let output = (try? String(contentsOfFile: out, encoding: .utf8)) ?? ""
             #expect(writer.terminationStatus == 0 && output.contains("wrote 65536/65536 bytes"), "qemu-io: \(output)")

@@ -260,6 +260,7 @@ extension PrimaryVolume {
                 break
             }
             peer.lastAckAt = now.monotonicNanos
+            peer.session?.lastProgressAt = now.monotonicNanos
             acked(&peer, level: level, index: index, &out)
         case .refuse(let reason):
             out.append(.closeLink(peer: name, link, reason: "refused: \(reason)"))

@@ -153,6 +153,19 @@ extension PrimaryVolume {
 
     mutating func tickPeer(_ name: String, _ out: inout [Action]) {
         guard var peer = peers[name] else { return }
+        if peer.session?.lastProgressAt ?? 0 < 0 { peer.session?.lastProgressAt = now.monotonicNanos }
+        if let session = peer.session {
+            let waitingForOpen = !session.open && now.monotonicNanos - session.startedAt > config.sessionTimeoutNanos
+            let stalled = session.open && session.inFlightCount > 0
+                && now.monotonicNanos - session.lastProgressAt > config.sessionTimeoutNanos
+            if waitingForOpen || stalled {
+                let why = waitingForOpen ? "\(name) did not answer open" : "\(name) acked nothing"
+                let reason = "\(why) for \(config.sessionTimeoutNanos / 1_000_000_000) s; resetting the link"
+                out.append(.closeLink(peer: name, session.link, reason: reason))
+                dropSession(&peer, link: session.link, &out)
+                setState(&peer, peer.state, reason, &out)
+            }
+        }
         if peer.policy.mode == .async, peer.journaled, peer.session == nil, isOverBound(peer) {
             enterBitmapMode(&peer, reason: "\(name) is disconnected past its lag bound; what it misses is tracked in its bitmap", &out)
         }

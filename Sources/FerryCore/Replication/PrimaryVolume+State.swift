@@ -130,9 +130,15 @@ struct Session: Sendable {
     /// Barriers sent, index → sequence, until acked `received` (for the journal position).
     var barrierSeqs: [(index: UInt64, seq: UInt64)] = []
 
+    /// When the session began, and when the peer last acked anything (for the session watchdogs).
+    var startedAt: Int64
+    var lastProgressAt: Int64
+
     init(link: LinkID, now: Int64) {
         self.link = link
         self.lastCutAt = now
+        self.startedAt = now
+        self.lastProgressAt = now
     }
 
     func acked(_ level: AckLevel) -> UInt64 {
@@ -153,6 +159,8 @@ struct Session: Sendable {
     var inFlightCount: Int { notReceived.count - notReceivedHead }
 
     mutating func record(_ item: SentItem) {
+        // The stall watchdog counts from when something is first in flight (set at the next tick).
+        if inFlightCount == 0 { lastProgressAt = -1 }
         unacked.append(item)
         unackedBytes += item.bytes
         notReceived.append((item.index, item.bytes))

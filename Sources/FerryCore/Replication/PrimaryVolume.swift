@@ -57,6 +57,10 @@ public struct PrimaryVolume: Sendable {
         /// Sequence numbers reserved at a time: the reservation is persisted before a number in
         /// it is used, so after a crash the primary continues above every number it ever gave out.
         public var sequenceReservation: UInt64 = 1 << 20
+        /// A session whose peer has not answered `open` within this long, or that has items in
+        /// flight and no ack for this long, is reset (the link closed and redialed): a frame lost
+        /// in a link switch-over must not stall replication for good.
+        public var sessionTimeoutNanos: Int64 = 15_000_000_000
         /// Test-only: a deliberate bug, to show the simulation's checkers catch it.
         var plantedBug: PlantedBug?
 
