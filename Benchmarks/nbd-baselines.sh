@@ -15,12 +15,17 @@
 #   -o, --keep-json DIR    copy every raw fio JSON result into DIR
 #   -m, --markdown         print the table as Markdown instead of plain text
 #   -H, --hook CMD         (added) run `CMD before JOB SERVER URI RUNDIR` before each fio run and
-#                          `CMD after JOB SERVER URI RUNDIR` after it, for every server. The
-#                          after-hook is where a caller waits until background work the run left
-#                          behind (an async replica's backlog) is done, so that it does not bleed
-#                          into the next row; nothing is timed while a hook runs. A failing hook is
-#                          reported and the run goes on. RUNDIR is fio's working directory for
-#                          that run; it holds fio.json and, with -w, the *.postrun.txt files.
+#                          `CMD after JOB SERVER URI RUNDIR` after it, for every server (CMD is
+#                          split on spaces). The after-hook is where a caller waits until
+#                          background work the run left behind (an async replica's backlog) is
+#                          done, so that it does not bleed into the next row; nothing is timed
+#                          while a hook runs. With a hook, each [section] of a job file runs as
+#                          its own fio process (--section), with `CMD drain ...` in between, so
+#                          the unmeasured prefill of randread-4k-qd32 cannot leave a backlog
+#                          behind for the measured reads either (each fio job has its own NBD
+#                          connection anyway; the table uses the last section). A failing hook
+#                          is reported and the run goes on. RUNDIR is fio's working directory
+#                          for the run: fio.N.json per section, with -w the *.postrun.txt files.
 #   -w, --count-writes LIST (added) comma-separated server names (TCP URIs only). fio's own byte
 #                          counts leave out the ramp; for these servers each fio job also gets an
 #                          exec_postrun that records the server-side TCP counters of its connection
@@ -234,14 +239,17 @@ render_counted() {
 written_bytes() {
     python3 - "$1" <<'PYEOF'
 import json, os, re, sys
+import glob
 rundir = sys.argv[1]
-text = open(os.path.join(rundir, "fio.json")).read()
-data = json.loads(text[text.index("{"):])
+jobs = []
+for path in sorted(glob.glob(os.path.join(rundir, "fio.*.json"))):
+    text = open(path).read()
+    jobs += json.loads(text[text.index("{"):])["jobs"]
 def size(v):
     m = re.fullmatch(r"(\d+)([kmgKMG]?)(i?[bB])?", str(v))
     return int(m.group(1)) * {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}[m.group(2).lower()]
 total = 0
-for job in data["jobs"]:
+for job in jobs:
     opts, name = job.get("job options", {}), job["jobname"]
     if "write" not in opts.get("rw", ""):
         continue
@@ -254,6 +262,9 @@ for job in data["jobs"]:
 print(total)
 PYEOF
 }
+
+# sections_of JOBFILE: the job sections of a fio job file, in order (not [global]).
+sections_of() { sed -n 's/^\[\(.*\)\][[:space:]]*$/\1/p' "$1" | grep -vx global; }
 
 # run_hook PHASE JOB NAME URI RUNDIR
 run_hook() {
@@ -292,16 +303,28 @@ for job in "${JOB_LIST[@]}"; do
         fi
         run_hook before "$job" "$name" "$uri" "$rundir"
         echo "running $job against $name ($uri)" >&2
-        # fio runs in the background and we `wait` for it: a trapped signal
-        # interrupts `wait` at once (bash would otherwise skip the INT trap
-        # because fio catches SIGINT and exits normally). It runs in RUNDIR,
-        # where exec_postrun writes its files.
-        (cd "$rundir" && NBD_URI=$uri exec fio --output-format=json --output="$out" "$jobfile") \
-            >"$WORK/fio.$job.$name.log" 2>&1 &
-        FIO_PID=$!
-        rc=0; wait "$FIO_PID" || rc=$?
-        FIO_PID=""
-        cp "$out" "$rundir/fio.json" 2>/dev/null || true
+        # With a hook, a job file's sections run one fio process each, with the hook's `drain`
+        # phase in between: randread-4k-qd32's unmeasured prefill leaves an async replica a
+        # backlog that would otherwise be drained while the reads are measured. Each fio job
+        # has its own NBD connection either way; the table uses the last section's result.
+        sections=("")
+        [ -n "$HOOK" ] && mapfile -t sections < <(sections_of "$jobfile")
+        rc=0
+        for k in "${!sections[@]}"; do
+            sec=${sections[$k]}
+            if [ "$k" -gt 0 ]; then run_hook drain "$job" "$name" "$uri" "$rundir"; fi
+            # fio runs in the background and we `wait` for it: a trapped signal
+            # interrupts `wait` at once (bash would otherwise skip the INT trap
+            # because fio catches SIGINT and exits normally). It runs in RUNDIR,
+            # where exec_postrun writes its files.
+            (cd "$rundir" && NBD_URI=$uri exec fio --output-format=json --output="$rundir/fio.$k.json" \
+                ${sec:+"--section=$sec"} "$jobfile") >>"$WORK/fio.$job.$name.log" 2>&1 &
+            FIO_PID=$!
+            wait "$FIO_PID" || rc=$?
+            FIO_PID=""
+            [ "$rc" -eq 0 ] || break
+        done
+        cp "$rundir/fio.$k.json" "$out" 2>/dev/null || true
         if [ "$rc" -eq 0 ] && counted "$name"; then
             written_bytes "$rundir" >"$rundir/written" || rm -f "$rundir/written"
         fi

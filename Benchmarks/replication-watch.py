@@ -16,12 +16,14 @@
         Until SIGTERM/SIGINT: once per interval, append one JSON line
         {"t": unix time, "replicas": {"VOLUME/PEER": {state, lagBytes, lagSeconds, ...}}}.
 
-    replication-watch.py hook  before|after JOB SERVER URI RUNDIR
+    replication-watch.py hook  before|drain|after JOB SERVER URI RUNDIR
         The -H hook of Benchmarks/nbd-baselines.sh. Environment: FERRY_BIN, FERRY_BENCH_CONFIG
         (east's config), FERRY_BENCH_STATE (a directory), FERRY_BENCH_VOLUMES
         ("server=volume,..."; servers not listed only get the drain wait). `before` notes the
-        volume's bytesSent; `after` waits until every replica is drained (so an async backlog
-        does not run into the next row; FERRY_BENCH_DRAIN_TIMEOUT, default 900 s), then appends
+        volume's bytesSent; `drain` (between the sections of one job file, e.g. after the
+        randread prefill) and `after` wait until every replica is drained (so an async backlog
+        does not run into what is measured next; FERRY_BENCH_DRAIN_TIMEOUT, default 900 s);
+        `after` then appends
         {job, server, volume, written, sent, drain seconds, max lag seen} to
         STATE/records.jsonl.
 
@@ -182,7 +184,11 @@ def cmd_hook(a):
             json.dump({"t": time.time(), "sent": sent_of(reps, volume) if volume else 0}, f)
         return 0
     t_end = time.time()
-    peak = {"lagBytes": 0, "lagSeconds": 0.0}
+    peak_file = os.path.join(a.rundir, "hook-peak.json")
+    try:
+        peak = json.load(open(peak_file))
+    except (OSError, ValueError):
+        peak = {"lagBytes": 0, "lagSeconds": 0.0}
 
     def note(reps):
         for k, r in reps.items():
@@ -197,6 +203,10 @@ def cmd_hook(a):
         print("replication-watch: after %s on %s, replicas not drained in %.0f s:\n%s"
               % (a.job, a.server, timeout, e), file=sys.stderr)
         drain = None
+    if a.phase == "drain":   # between two sections of one job file: note the peak, go on
+        with open(peak_file, "w") as f:
+            json.dump(peak, f)
+        return 0 if drain is not None else 1
     if not volume:
         return 0 if drain is not None else 1
     before = json.load(open(mark))
@@ -319,7 +329,7 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--interval", type=float, default=1.0)
     p = sub.add_parser("hook")
-    p.add_argument("phase", choices=["before", "after"])
+    p.add_argument("phase", choices=["before", "drain", "after"])
     p.add_argument("job")
     p.add_argument("server")
     p.add_argument("uri")

@@ -23,14 +23,15 @@
 #    options; see its header) with the five extra servers. Its -H hook (replication-watch.py hook)
 #    waits before and after every fio run until every replica on east is in-sync with nothing
 #    lagging, in flight or dirty -- so the async volume's backlog is drained before the next row
-#    starts and never runs into it -- and records, for the replicated rows, the bytes written
-#    (counted exactly from the fio connection, ramp included: -w) and the bytes Ferry sent;
+#    starts and never runs into it; the same wait sits between randread's unmeasured prefill and
+#    the measured reads (the copy runs a job file's sections as separate fio processes when it
+#    has a hook) -- and records, for the replicated rows, the bytes written (counted exactly
+#    from the fio connection, ramp included: -w) and the bytes Ferry sent;
 #  * prints the table, then per replicated row: written vs sent, the max lag seen (lagBytes,
 #    lagSeconds) and how long the backlog took to drain; then checks that each replica image is
 #    identical to east's (cmp);
 #  * stops everything it started by PID -- also on error, Ctrl-C or SIGTERM.
-# Caveat: the randread job's unmeasured 1 GiB prefill is part of the same fio run, so on
-# ferry-async the prefill's backlog drains while the reads are measured.
+# Setup takes a while: even empty volumes get a first full copy before the replicas are in sync.
 # Measure on an otherwise idle machine; repeat before believing a ratio.
 set -euo pipefail
 
@@ -176,10 +177,10 @@ POLL_PID=$!
 mkdir -p "$WORK/state"
 export FERRY_BENCH_CONFIG="socket:$WORK/east/admin.sock"
 export FERRY_BENCH_STATE="$WORK/state"
-export FERRY_BENCH_VOLUMES="ferry=plain,ferry-sync=sync,ferry-semi=semi,ferry-async=async"
+export FERRY_BENCH_VOLUMES="ferry-sync=sync,ferry-semi=semi,ferry-async=async"
 U="nbd://127.0.0.1:$EAST_NBD"
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ferry $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- Sources 2>/dev/null || echo '+local changes')" >&2
-"$BASELINES" "${PASS[@]}" -H "python3 $WATCH hook" -w ferry,ferry-sync,ferry-semi,ferry-async \
+"$BASELINES" "${PASS[@]}" -H "python3 $WATCH hook" -w ferry-sync,ferry-semi,ferry-async \
     ferry="$U/plain" ferry-sync="$U/sync" ferry-semi="$U/semi" ferry-async="$U/async" \
     qemu-mirror="$(cat "$WORK/mirror.uri")" &
 BASE_PID=$!

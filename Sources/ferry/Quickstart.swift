@@ -128,7 +128,7 @@ struct Quickstart: AsyncParsableCommand {
             west holds the replica at \(statuses["west"]?.volumes.first?.image ?? "?") and exports it read-only.
 
             see it work (in another terminal):
-              nbdinfo \(uri)                                         # what east exports
+              nbdinfo \(uri)
               qemu-io -f raw -c 'write -P 0xab 0 1M' \(uri)          # write on east
               ferry status --config \(configPaths["west"]!)           # west's copy: consistent, sequence, bytes received
               ferry status --config \(configPaths["east"]!)           # east's view of west: state, lag, bytes sent
