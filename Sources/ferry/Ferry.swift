@@ -29,6 +29,14 @@ func loadConfigOrExit(_ path: String) throws -> SiteConfig {
     }
 }
 
+/// The admin socket named by `--socket`, or by the config given with `--config`.
+func adminSocket(config: String?, socket: String?) throws -> String {
+    if let socket { return socket }
+    if let config { return try loadConfigOrExit(config).listen.adminSocket }
+    printError("say which site: --config FILE or --socket PATH")
+    throw ExitCode(2)
+}
+
 func printError(_ message: String) {
     FileHandle.standardError.write(Data("ferry: \(message)\n".utf8))
 }
@@ -124,11 +132,7 @@ struct Status: ParsableCommand {
     @Flag(help: "Print the JSON the admin API returns.") var json = false
 
     func run() throws {
-        let path: String
-        if let socket { path = socket } else if let config { path = try loadConfigOrExit(config).listen.adminSocket } else {
-            printError("say which site: --config FILE or --socket PATH")
-            throw ExitCode(2)
-        }
+        let path = try adminSocket(config: config, socket: socket)
         do {
             let (code, body) = try AdminClient.get(socketPath: path, path: "/v1/status")
             guard code == 200 else {
@@ -157,11 +161,7 @@ struct Checkpoint: ParsableCommand {
     @Option(help: "The admin socket, instead of --config.") var socket: String?
 
     func run() throws {
-        let path: String
-        if let socket { path = socket } else if let config { path = try loadConfigOrExit(config).listen.adminSocket } else {
-            printError("say which site: --config FILE or --socket PATH")
-            throw ExitCode(2)
-        }
+        let path = try adminSocket(config: config, socket: socket)
         do {
             let (code, body) = try AdminClient.post(socketPath: path, path: "/v1/volumes/\(volume)/checkpoint")
             let object = (try? JSONSerialization.jsonObject(with: body)) as? [String: String]
