@@ -222,12 +222,16 @@ public final class ReplicaVolumeRuntime: Sendable {
             } catch {
                 logger.error("volume \(name): completing a receive-log group failed: \(error)")
             }
+            // Whether this loop goes on is decided under the lock, with the removal: a group
+            // queued meanwhile either sees the loop running or starts a new one, never both.
+            var more = false
             handle(payload: nil) { core in
                 core.completions.removeFirst()
-                if core.completions.isEmpty { core.completionRunning = false }
+                more = !core.completions.isEmpty
+                if !more { core.completionRunning = false }
                 return core.machine.logApplied(link: next.link, index: next.index)
             }
-            if core.withLockedValue({ !$0.completionRunning }) { return }
+            if !more { return }
         }
     }
 
