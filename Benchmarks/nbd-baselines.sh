@@ -24,7 +24,8 @@
 #                          the unmeasured prefill of randread-4k-qd32 cannot leave a backlog
 #                          behind for the measured reads either (each fio job has its own NBD
 #                          connection anyway; the table uses the last section). A failing hook
-#                          is reported and the run goes on. RUNDIR is fio's working directory
+#                          is reported and the run goes on; a hook exiting with status 99 stops
+#                          the run (as an error). RUNDIR is fio's working directory
 #                          for the run: fio.N.json per section, with -w the *.postrun.txt files.
 #   -w, --count-writes LIST (added) comma-separated server names (TCP URIs only). fio's own byte
 #                          counts leave out the ramp; for these servers each fio job also gets an
@@ -139,7 +140,8 @@ PIDS=()
 FIO_PID=""
 cleanup() {
     local rc=$? pid i
-    trap - EXIT INT TERM
+    trap - EXIT
+    trap '' INT TERM    # (added) a second signal must not cut the cleanup short
     if [ -n "$FIO_PID" ]; then
         kill -TERM "$FIO_PID" 2>/dev/null || true
         wait "$FIO_PID" 2>/dev/null || true
@@ -269,7 +271,10 @@ sections_of() { sed -n 's/^\[\(.*\)\][[:space:]]*$/\1/p' "$1" | grep -vx global;
 # run_hook PHASE JOB NAME URI RUNDIR
 run_hook() {
     [ -n "$HOOK" ] || return 0
-    $HOOK "$@" || echo "nbd-baselines: hook '$HOOK $*' failed (status $?); going on" >&2
+    local rc=0
+    $HOOK "$@" || rc=$?
+    [ "$rc" -ne 99 ] || die "hook '$HOOK $*' stopped the run (status 99)"
+    [ "$rc" -eq 0 ] || echo "nbd-baselines: hook '$HOOK $*' failed (status $rc); going on" >&2
 }
 
 # ---------------------------------------------------------------- main

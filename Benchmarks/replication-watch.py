@@ -9,7 +9,8 @@
                                        [--interval S] [--trace FILE]
         Wait until every replica of every volume the site is primary of is `in-sync` and
         consistent (with --drained also lagBytes, inFlightBytes and dirtyBytes 0). Prints the
-        seconds it took. Exit 1 on timeout, with the last status on stderr. --trace appends each
+        seconds it took. Exit 1 on timeout, with the last status on stderr; exit 99 as soon as a
+        site named in FERRY_BENCH_PIDS ("east=PID,west=PID") has exited. --trace appends each
         poll ({"t": unix time, "replicas": {...}}) to a file.
 
     replication-watch.py poll  --config EAST.yaml --out SAMPLES.jsonl [--interval 1]
@@ -23,6 +24,7 @@
         volume's bytesSent; `drain` (between the sections of one job file, e.g. after the
         randread prefill) and `after` wait until every replica is drained (so an async backlog
         does not run into what is measured next; FERRY_BENCH_DRAIN_TIMEOUT, default 900 s);
+        Exit 99 (nbd-baselines.sh then stops the run) when a site of FERRY_BENCH_PIDS exited.
         `after` then appends
         {job, server, volume, written, sent, drain seconds, max lag seen} to
         STATE/records.jsonl.
@@ -99,13 +101,37 @@ def settled(r, drained):
     return True
 
 
+class SiteDied(Exception):
+    pass
+
+
+def dead_sites():
+    """Sites named in FERRY_BENCH_PIDS ("east=PID,west=PID") that are gone (or zombies)."""
+    gone = []
+    for item in os.environ.get("FERRY_BENCH_PIDS", "").split(","):
+        if "=" not in item:
+            continue
+        name, pid = item.split("=", 1)
+        try:
+            with open("/proc/%d/stat" % int(pid)) as f:
+                if f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+                    gone.append("%s (pid %s)" % (name, pid))
+        except (OSError, ValueError):
+            gone.append("%s (pid %s)" % (name, pid))
+    return gone
+
+
 def wait(config, drained, timeout, interval=0.2, on_sample=None, progress=0, trace=None):
-    """Seconds until every replica is settled; raises TimeoutError (with the last view).
-    With progress > 0, prints a line on stderr every `progress` seconds."""
+    """Seconds until every replica is settled; raises TimeoutError (with the last view), or
+    SiteDied when a site of FERRY_BENCH_PIDS is gone. With progress > 0, prints a line on stderr
+    every `progress` seconds."""
     t0 = time.monotonic()
     shown = t0
     last = None
     while True:
+        gone = dead_sites()
+        if gone:
+            raise SiteDied(", ".join(gone) + " exited")
         try:
             last = replicas(status(config))
             if on_sample:
@@ -138,6 +164,9 @@ def cmd_wait(a):
         trace = open(a.trace, "a") if a.trace else None
         print("%.2f" % wait(a.config, a.drained, a.timeout, interval=a.interval,
                             progress=a.progress, trace=trace))
+    except SiteDied as e:
+        print("replication-watch: %s; see its log" % e, file=sys.stderr)
+        return 99
     except TimeoutError as e:
         print("replication-watch: replicas not %s after %.0f s:\n%s"
               % ("drained" if a.drained else "in sync", a.timeout, e), file=sys.stderr)
@@ -178,7 +207,11 @@ def cmd_hook(a):
     mark = os.path.join(a.rundir, "hook-before.json")
     if a.phase == "before":
         # Nothing may be pending before a row starts (the previous after-hook waited).
-        wait(config, True, float(os.environ.get("FERRY_BENCH_DRAIN_TIMEOUT", "900")))
+        try:
+            wait(config, True, float(os.environ.get("FERRY_BENCH_DRAIN_TIMEOUT", "900")))
+        except SiteDied as e:
+            print("replication-watch: %s; stopping the run" % e, file=sys.stderr)
+            return 99
         reps = replicas(status(config))
         with open(mark, "w") as f:
             json.dump({"t": time.time(), "sent": sent_of(reps, volume) if volume else 0}, f)
@@ -199,6 +232,10 @@ def cmd_hook(a):
     timeout = float(os.environ.get("FERRY_BENCH_DRAIN_TIMEOUT", "900"))
     try:
         drain = wait(config, True, timeout, on_sample=note)
+    except SiteDied as e:
+        print("replication-watch: after %s on %s: %s; stopping the run" % (a.job, a.server, e),
+              file=sys.stderr)
+        return 99
     except TimeoutError as e:
         print("replication-watch: after %s on %s, replicas not drained in %.0f s:\n%s"
               % (a.job, a.server, timeout, e), file=sys.stderr)

@@ -79,12 +79,19 @@ stop() {
 }
 cleanup() {
     local rc=$?
-    trap - EXIT INT TERM
+    trap - EXIT
+    trap '' INT TERM    # a second signal must not cut the cleanup short
     stop "$BASE_PID" 60          # nbd-baselines.sh stops its own fio and servers
     stop "$POLL_PID"
     stop "$MIRROR_PID" 90        # cancels the mirror job, quits qemu-storage-daemon, stops nbdkit
     stop "$EAST_PID"
     stop "$WEST_PID"
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; then
+        local keep
+        keep=$(mktemp -d /tmp/ferry-repl-logs-XXXXXX)
+        find "$WORK" -name '*.log' -size -64M -exec cp --parents {} "$keep" \; 2>/dev/null || true
+        echo "replication.sh: failed (status $rc); logs kept in $keep" >&2
+    fi
     rm -rf "$WORK"
     exit "$rc"
 }
@@ -154,10 +161,11 @@ WEST_PID=$!
 EAST_PID=$!
 up west "$WEST_PID"
 up east "$EAST_PID"
+export FERRY_BENCH_PIDS="east=$EAST_PID,west=$WEST_PID"   # waits stop at once if one exits
 echo "east (pid $EAST_PID) and west (pid $WEST_PID) up; waiting for the replicas to be in sync" >&2
 # Even empty volumes get a first full copy (holes go as zeroing); allow for a slow machine.
 t=$(python3 "$WATCH" wait --config "socket:$WORK/east/admin.sock" --timeout 3600 --progress 30) \
-    || { tail -n 20 "$WORK/east.log" >&2; exit 1; }
+    || { tail -n 20 "$WORK/east.log" "$WORK/west.log" >&2; exit 1; }
 echo "replicas in sync after ${t}s" >&2
 
 mkdir -p "$WORK/mirror"

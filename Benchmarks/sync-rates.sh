@@ -75,9 +75,16 @@ stop() {
 }
 cleanup() {
     local rc=$? i
-    trap - EXIT INT TERM
+    trap - EXIT
+    trap '' INT TERM    # a second signal must not cut the cleanup short
     stop "$CHILD"
     for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do stop "${PIDS[$i]}"; done
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 130 ] && [ "$rc" -ne 143 ]; then
+        local keep
+        keep=$(mktemp -d /tmp/ferry-syncrates-logs-XXXXXX)
+        find "$WORK" -name '*.log' -size -64M -exec cp --parents {} "$keep" \; 2>/dev/null || true
+        echo "sync-rates.sh: failed (status $rc); logs kept in $keep" >&2
+    fi
     rm -rf "$WORK"
     exit "$rc"
 }
@@ -139,11 +146,13 @@ serve() {
 }
 # replica: east's status entry for vm1's replica, as JSON.
 replica() { python3 "$WATCH" get --config "$E_SOCK" vm1 west; }
-# timed_wait TRACE [--drained]: wait (polling every 0.1 s) until the replica is in sync.
+# timed_wait TRACE [--drained]: wait (polling every 0.1 s) until the replica is in sync; gives
+# up at once if east or west exits (replication-watch.py checks the PIDs).
 timed_wait() {
     local trace=$1; shift
-    run_fg python3 "$WATCH" wait --config "$E_SOCK" --interval 0.1 --timeout 3600 --progress 30 \
-        --trace "$trace" "$@" >/dev/null
+    FERRY_BENCH_PIDS="east=$CUR_EAST,west=$CUR_WEST" \
+        run_fg python3 "$WATCH" wait --config "$E_SOCK" --interval 0.1 --timeout 3600 --progress 30 \
+        --trace "$trace" "$@" >/dev/null || { tail -n 30 "${E_CONF%.yaml}.log" "${W_CONF%.yaml}.log" >&2; return 1; }
 }
 # first_connected TRACE: unix time of the first poll that saw the replica connected
 first_connected() { python3 -c 'import json, sys
@@ -158,7 +167,7 @@ echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/
 
 # ------------------------------------------------------------------ (a) initial sync
 pair a "$MODE"
-serve "$E_CONF"; A_EAST=$SERVED
+serve "$E_CONF"; A_EAST=$SERVED; CUR_EAST=$SERVED
 echo "(a) writing every other 1 MiB of $SIZE on east (west not started yet)" >&2
 # rw=write:1m writes 1 MiB, skips 1 MiB; io_size stops it at the end instead of wrapping round.
 run_fg fio --name=half --ioengine=nbd --uri="$URI" --rw=write:1m --bs=1m --iodepth=8 \
@@ -170,7 +179,7 @@ ALLOC=$(( $(stat -c %b "$WORK/src.img") * 512 ))
 sync
 echo "(a) starting west; waiting for the initial sync ($MODE replica)" >&2
 T0=$(now)
-serve "$W_CONF"; A_WEST=$SERVED
+serve "$W_CONF"; A_WEST=$SERVED; CUR_WEST=$SERVED
 timed_wait "$WORK/a.trace" || die "the initial sync did not finish"
 T1=$(now)
 FERRY_S=$(sub "$T1" "$T0")
@@ -233,8 +242,8 @@ EOF
 
 # ------------------------------------------------------------------ (b) catch-up
 pair b sync
-serve "$W_CONF"; B_WEST=$SERVED
-serve "$E_CONF"; B_EAST=$SERVED
+serve "$W_CONF"; B_WEST=$SERVED; CUR_WEST=$SERVED
+serve "$E_CONF"; B_EAST=$SERVED; CUR_EAST=$SERVED
 echo "(b) waiting for the sync replica's first copy (the volume is empty: all holes)" >&2
 T0=$(now)
 timed_wait "$WORK/b0.trace" || die "the sync replica never got in sync"
@@ -257,7 +266,7 @@ B_STATE=$(field "$R" state); B_MARKED=$(field "$R" dirtyBytes); S0=$(field "$R" 
 sync
 echo "(b) starting west; waiting for the catch-up" >&2
 T0=$(now)
-serve "$W_CONF"; B_WEST=$SERVED
+serve "$W_CONF"; B_WEST=$SERVED; CUR_WEST=$SERVED
 timed_wait "$WORK/b.trace" --drained || die "the catch-up did not finish"
 T1=$(now)
 R=$(replica)

@@ -37,7 +37,8 @@ struct DirtyBitmapTests {
         #expect(bitmap.count == 16)
     }
 
-    @Test(arguments: [(UInt64(256) << 20, UInt64(4096)), (UInt64(20) << 30, UInt64(65536)), (UInt64(4) << 40, UInt64(1) << 20)])
+    @Test(arguments: [(UInt64(256) << 20, UInt64(4096)), (UInt64(1) << 30, UInt64(16384)), (UInt64(20) << 30, UInt64(512) << 10),
+                      (UInt64(4) << 40, UInt64(1) << 20)])
     func regionSizeKeepsTheBitmapSmall(_ size: UInt64, _ expected: UInt64) {
         #expect(PrimaryVolume.Config.regionSize(forVolumeSize: size) == expected)
     }

@@ -21,12 +21,13 @@
 public struct PrimaryVolume: Sendable {
     public struct Config: Sendable {
         /// The dirty-bitmap region size for a volume of `size` bytes: small enough that a point or
-        /// a catch-up sends little more than what changed (4 KiB for volumes up to 2 GiB), large
-        /// enough that the bitmap stays at 2^19 bits (64 KiB) up to 512 GiB; regions stop growing
-        /// at 1 MiB, so a 4 TiB volume has 2^22 (512 KiB of bitmap).
+        /// a catch-up sends little more than what changed (4 KiB for volumes up to 256 MiB), large
+        /// enough that a volume has at most 2^16 regions up to 64 GiB: a catch-up sends one item per
+        /// region (adjacent regions are not yet coalesced into one item), so more regions cost CPU
+        /// per byte. Regions stop growing at 1 MiB (a 4 TiB volume has 2^22).
         public static func regionSize(forVolumeSize size: UInt64) -> UInt64 {
             var region: UInt64 = 4096
-            while region < (1 << 20), size / region > (1 << 19) { region <<= 1 }
+            while region < (1 << 20), size / region > (1 << 16) { region <<= 1 }
             return region
         }
 
