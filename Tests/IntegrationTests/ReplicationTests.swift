@@ -31,7 +31,7 @@ struct ReplicationTests {
     @Test(arguments: ["sync", "semi-sync"])
     func acknowledgedWritesSurviveKill9OfThePrimary(_ mode: String) throws {
         let fio = try requireTool("fio", package: "fio")
-        let sites = try ReplicationSites(replicas: ["west": "{ mode: \(mode) }"])
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: \(mode) }"], size: "64M")
         try sites.startAll()
         defer { sites.stopAll() }
         sites.waitInSync()
