@@ -187,7 +187,7 @@ export FERRY_BENCH_CONFIG="socket:$WORK/east/admin.sock"
 export FERRY_BENCH_STATE="$WORK/state"
 export FERRY_BENCH_VOLUMES="ferry-sync=sync,ferry-semi=semi,ferry-async=async"
 U="nbd://127.0.0.1:$EAST_NBD"
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ferry $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- Sources 2>/dev/null || echo '+local changes')" >&2
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ferry $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- Sources 2>/dev/null || echo '+local changes') (binary built $(date -u -r "$FERRY_BIN" +%Y-%m-%dT%H:%MZ))" >&2
 "$BASELINES" "${PASS[@]}" -H "python3 $WATCH hook" -w ferry-sync,ferry-semi,ferry-async \
     ferry="$U/plain" ferry-sync="$U/sync" ferry-semi="$U/semi" ferry-async="$U/async" \
     qemu-mirror="$(cat "$WORK/mirror.uri")" &

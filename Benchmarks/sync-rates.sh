@@ -163,7 +163,7 @@ for line in open(sys.argv[1]):
 else:
     print("")' "$1"; }
 
-echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ferry $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- Sources 2>/dev/null || echo '+local changes'), $(fio --version), $(nbdkit --version), nbdcopy $(nbdcopy --version | head -1 | awk '{print $2}')"
+echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ferry $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- Sources 2>/dev/null || echo '+local changes') (binary built $(date -u -r "$FERRY_BIN" +%Y-%m-%dT%H:%MZ)), $(fio --version), $(nbdkit --version), nbdcopy $(nbdcopy --version | head -1 | awk '{print $2}')"
 
 # ------------------------------------------------------------------ (a) initial sync
 pair a "$MODE"
