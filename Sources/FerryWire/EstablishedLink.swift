@@ -201,16 +201,18 @@ final class EstablishedLink: Sendable {
 
     // MARK: - Outbound (any thread)
 
-    private enum EnqueueResult { case refused, queued, drainHere, scheduleDrain }
+    private enum EnqueueResult { case refused, queued, scheduleDrain }
 
     /// Queues `frames` for sending if `id` is still the current ID; false (nothing queued) if not.
+    ///
+    /// Never writes to the channel before returning, even on the connection's own loop: callers
+    /// send while holding their own locks (to keep frames in their machine's order), and a write
+    /// and flush through TLS can read and deliver inbound frames, which call back into them.
     func enqueue(_ frames: [Frame], as id: LinkID) -> Bool {
-        let onLoop = channel.eventLoop.inEventLoop
         let result = state.withLock { state -> EnqueueResult in
             guard state.currentID == id else { return .refused }
             state.outbound.append(contentsOf: frames)
             if state.draining { return .queued }  // the drain in progress on the loop takes them
-            if onLoop { return .drainHere }
             if state.drainScheduled { return .queued }
             state.drainScheduled = true
             return .scheduleDrain
@@ -218,7 +220,6 @@ final class EstablishedLink: Sendable {
         switch result {
         case .refused: return false
         case .queued: break
-        case .drainHere: drain()
         case .scheduleDrain: channel.eventLoop.execute { [self] in drain() }
         }
         return true

@@ -87,11 +87,12 @@ struct ReplicationTests {
         _ = eventually(.seconds(30)) { (sites.replica("west")?.bytesSent ?? 0) > sentBefore + (16 << 20) }
         sites.west.kill9()
         background.waitUntilExit()
-        #expect(background.terminationStatus == 0, "writes on east failed while west was down")
+        #expect(background.terminationStatus == 0, "writes on east failed while west was down\neast log:\n\(sites.east.log(tail: 40))")
+        try #require(sites.east.isRunning, "east exited while west was down\neast log:\n\(sites.east.log(tail: 60))")
         try sites.west.start()
         let resumed = eventually(.seconds(90)) { (try? sites.imagesIdentical()) == true && sites.replica("west")?.state == "in-sync" }
         #expect(resumed, "west did not catch up after kill -9: \(String(describing: sites.replica("west")))\nwest log:\n\(sites.west.log(tail: 30))")
-        let sent = (sites.replica("west")?.bytesSent ?? 0) - sentBefore
+        let sent = Int64(sites.replica("west")?.bytesSent ?? 0) - Int64(sentBefore)
         // 64 MiB were written; a full copy would be the whole 256 MiB volume (128 MiB of it data).
         #expect(sent < 128 << 20, "west got \(sent) bytes for 64 MiB of writes: that is a full copy")
         print("async: 64 MiB written while west was killed and restarted; \(sent >> 20) MiB sent to west")
