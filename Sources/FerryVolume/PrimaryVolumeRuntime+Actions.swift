@@ -77,7 +77,7 @@ extension PrimaryVolumeRuntime {
             case .sendRegion(let peer, let link, var item, let fromPreserved):
                 var data: ByteBuffer?
                 if fromPreserved {
-                    data = core.preserved[peer]?[item.range.offset]
+                    data = Self.preservedCopy(of: item.range, in: core.preserved[peer] ?? [:])
                 } else if image.extents(offset: item.range.offset, length: item.range.length).allSatisfy(\.isHole) {
                     item.isZero = true   // a hole goes as zeroing: no data on the wire
                 } else {
@@ -121,6 +121,19 @@ extension PrimaryVolumeRuntime {
             }
             links.send(encoded, to: batch.peer, link: batch.link)
         }
+    }
+
+    /// `range` put together from the copies of its regions kept for a point (nil if one is missing).
+    static func preservedCopy(of range: BlockRange, in copies: [UInt64: ByteBuffer]) -> ByteBuffer? {
+        if let whole = copies[range.offset], whole.readableBytes == range.length { return whole }
+        var buffer = ByteBufferAllocator().buffer(capacity: Int(range.length))
+        var offset = range.offset
+        while offset < range.end {
+            guard var copy = copies[offset], copy.readableBytes > 0 else { return nil }
+            offset += UInt64(copy.readableBytes)
+            buffer.writeBuffer(&copy)
+        }
+        return offset == range.end ? buffer : nil
     }
 
     func noteError(_ core: inout Core, work: inout DeferredWork, _ message: String) {

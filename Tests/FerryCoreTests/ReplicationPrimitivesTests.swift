@@ -37,7 +37,19 @@ struct DirtyBitmapTests {
         #expect(bitmap.count == 16)
     }
 
-    @Test(arguments: [(UInt64(256) << 20, UInt64(4096)), (UInt64(1) << 30, UInt64(16384)), (UInt64(20) << 30, UInt64(512) << 10),
+    @Test func runsOfDirtyRegionsStopAtACleanRegionTheLimitOrTheEnd() {
+        var bitmap = DirtyBitmap(volumeSize: 10 * 4096 + 100, regionSize: 4096)   // 11 regions, the last short
+        for r in [1, 2, 3, 5, 8, 9, 10] { bitmap.setRegion(r) }
+        #expect(bitmap.run(from: 1, limit: 100) == 1..<4)
+        #expect(bitmap.run(from: 1, limit: 2) == 1..<3)
+        #expect(bitmap.run(from: 0, limit: 100).isEmpty)
+        #expect(bitmap.run(from: 1, limit: 100, stop: { $0 == 3 }) == 1..<3)
+        #expect(bitmap.run(from: 8, limit: 100) == 8..<11)
+        #expect(bitmap.range(ofRegions: 8..<11) == BlockRange(offset: 8 * 4096, length: 2 * 4096 + 100))
+        #expect(bitmap.range(ofRegions: 5..<6) == bitmap.range(ofRegion: 5))
+    }
+
+    @Test(arguments: [(UInt64(256) << 20, UInt64(4096)), (UInt64(1) << 30, UInt64(4096)), (UInt64(20) << 30, UInt64(128) << 10),
                       (UInt64(4) << 40, UInt64(1) << 20)])
     func regionSizeKeepsTheBitmapSmall(_ size: UInt64, _ expected: UInt64) {
         #expect(PrimaryVolume.Config.regionSize(forVolumeSize: size) == expected)

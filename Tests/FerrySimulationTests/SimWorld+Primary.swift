@@ -83,8 +83,17 @@ extension SimWorld {
                 let (first, count) = sectorsOf(item.range)
                 var stamps = primaryDisk.read(first, count)
                 if fromPreserved {
-                    guard let copy = preserved[peer]?[item.range.offset] else { fail("no preserved copy of \(item.range) for \(peer)"); return }
-                    stamps = copy
+                    // A run of regions copied aside one by one.
+                    stamps = []
+                    var offset = item.range.offset
+                    while offset < item.range.end {
+                        guard let copy = preserved[peer]?[offset], !copy.isEmpty else {
+                            fail("no preserved copy at \(offset) of \(item.range) for \(peer)")
+                            return
+                        }
+                        stamps += copy
+                        offset += UInt64(copy.count) * sectorSize
+                    }
                 }
                 sendToReplica(peer, link, .region(item), stamps)
             case .preserve(let peer, let range):

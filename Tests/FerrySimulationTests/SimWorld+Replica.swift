@@ -211,6 +211,10 @@ extension SimWorld {
         node.incarnation += 1
         node.disk.crash(powerLoss: powerLoss, &rng)
         if powerLoss {
+            // Writes it had only written (acked, not flushed) are gone: a double failure, which P1
+            // does not cover. From now on only what a flush made durable is still required of it,
+            // until the primary's catch-up brings it back.
+            requiredApplied[name] = requiredDurable[name]
             let keep = node.durableLogCount + rng.int(0...(node.log.count - node.durableLogCount))
             node.log.removeLast(node.log.count - keep)
         }

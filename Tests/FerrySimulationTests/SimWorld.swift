@@ -89,6 +89,9 @@ final class SimWorld {
         var config = PrimaryVolume.Config(volume: "vm1", volumeSize: UInt64(scenario.sectors) * scenario.sectorSize,
                                           epoch: 1, generation: 1, peers: peers)
         config.regionSize = 4096
+        // Runs of one region up to the whole volume (a function of the seed, not a draw, so the
+        // other draws of a seed stay as they were).
+        config.runBytes = [4096, 8192, 16384, 1 << 20][Int(scenario.seed % 4)]
         config.extentSize = 16384
         config.activityLogCapacity = 2
         config.windowItems = 16

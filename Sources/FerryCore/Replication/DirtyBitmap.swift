@@ -89,6 +89,22 @@ public struct DirtyBitmap: Sendable, Equatable {
         count = words.reduce(0) { $0 + $1.nonzeroBitCount }
     }
 
+    /// The regions after `start` in `start`'s run of set regions, at most `limit` of them with
+    /// `start` (0 when `start` is not set), stopping at the first region `stop` accepts.
+    public func run(from start: Int, limit: Int, stop: (Int) -> Bool = { _ in false }) -> Range<Int> {
+        var end = start
+        let count = regionCount
+        while end < count, end - start < limit, contains(end), !stop(end) { end += 1 }
+        return start..<end
+    }
+
+    /// The byte range of regions `regions` (the last one may be short).
+    public func range(ofRegions regions: Range<Int>) -> BlockRange {
+        let first = range(ofRegion: regions.lowerBound)
+        let last = range(ofRegion: regions.upperBound - 1)
+        return BlockRange(offset: first.offset, length: last.end - first.offset)
+    }
+
     /// The first set region at or after `start`, if any.
     public func firstSet(from start: Int) -> Int? {
         var wordIndex = start >> 6

@@ -355,8 +355,8 @@ extension PrimaryVolume {
         if level == .durable {
             for item in session.popDurable(through: index) {
                 switch item.kind {
-                case .region(let r, forPoint: false):
-                    if session.regionsInFlight[r] == item.index {
+                case .regions(let run, forPoint: false):
+                    for r in run where session.regionsInFlight[r] == item.index {
                         session.regionsInFlight[r] = nil
                         peer.dirty.clearRegion(r)
                         peer.progressUnpersisted = true

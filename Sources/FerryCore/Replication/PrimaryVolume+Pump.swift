@@ -43,36 +43,48 @@ extension PrimaryVolume {
            now.monotonicNanos - session.lastCutAt >= config.cutIntervalNanos {
             cutBarrier(&session, peer: name, seq: session.lastSentSeq, &out)
         }
-        var reads: [(Int, Bool)] = []
-        // Catch-up: read the dirty regions in lock order, then end it once all are durable.
+        var reads: [(regions: Range<Int>, forPoint: Bool)] = []
+        let maxRun = max(1, Int(config.runBytes / config.regionSize))
+        // Catch-up: read runs of dirty regions in lock order, then end it once all are durable.
         if var catchUp = session.catchUp, catchUp.endIndex == nil {
-            var budget = config.windowItems - session.inFlightCount - session.readsQueued.count
+            var budget = config.windowItems - session.inFlightCount - session.readRuns
+            let limited = (peer.policy.resyncRateBytesPerSecond ?? 0) > 0
             if let rate = peer.policy.resyncRateBytesPerSecond, rate > 0 {
                 // A token bucket of a tenth of a second's worth (at least one region).
                 let capacity = max(Double(config.regionSize), Double(rate) / 10)
                 let elapsed = Double(now.monotonicNanos - (peer.resyncRefilledAt ?? now.monotonicNanos)) / 1e9
                 peer.resyncTokens = min(capacity, peer.resyncTokens + Double(rate) * max(0, elapsed))
                 peer.resyncRefilledAt = now.monotonicNanos
-                budget = min(budget, Int(peer.resyncTokens / Double(config.regionSize)))
             }
             var wrapped = false
+            var queuedNow = 0
             if session.bytesSinceCut >= config.cutBytes { cutBarrier(&session, peer: name, seq: session.lastSentSeq, &out) }
             while budget > 0, session.notReceivedBytes + UInt64(session.readsQueued.count) * config.regionSize < config.windowBytes {
+                if limited, peer.resyncTokens < Double(config.regionSize) { break }
                 guard let r = peer.dirty.firstSet(from: catchUp.cursor) else {
                     if wrapped || catchUp.cursor == 0 { break }
                     catchUp.cursor = 0
                     wrapped = true
                     continue
                 }
-                catchUp.cursor = r + 1
-                if session.regionsInFlight[r] != nil || session.readsQueued.contains(r) { continue }
-                session.readsQueued.insert(r)
-                reads.append((r, false))
+                if session.regionsInFlight[r] != nil || session.readsQueued.contains(r) {
+                    catchUp.cursor = r + 1
+                    continue
+                }
+                let limit = limited ? min(maxRun, max(1, Int(peer.resyncTokens / Double(config.regionSize)))) : maxRun
+                let run = peer.dirty.run(from: r, limit: limit) { [session] in
+                    session.regionsInFlight[$0] != nil || session.readsQueued.contains($0)
+                }
+                catchUp.cursor = run.upperBound
+                for region in run { session.readsQueued.insert(region) }
+                session.readRuns += 1
+                queuedNow += run.count
+                reads.append((run, false))
                 budget -= 1
-                if peer.policy.resyncRateBytesPerSecond != nil { peer.resyncTokens -= Double(config.regionSize) }
+                if limited { peer.resyncTokens -= Double(UInt64(run.count) * config.regionSize) }
             }
             let allSent = peer.dirty.count == session.regionsInFlight.count + session.readsQueued.count
-            if (allSent || budget <= 0 || reads.isEmpty), session.readsQueued.count == reads.count, !session.lastWasBarrier, !peer.dirty.isEmpty {
+            if (allSent || budget <= 0 || reads.isEmpty), session.readsQueued.count == queuedNow, !session.lastWasBarrier, !peer.dirty.isEmpty {
                 cutBarrier(&session, peer: name, seq: session.lastSentSeq, &out)
             }
             if peer.dirty.isEmpty, session.readsQueued.isEmpty {
@@ -92,14 +104,16 @@ extension PrimaryVolume {
             }
             session.catchUp = catchUp
         }
-        // Scheduled point: read its regions as of the cut, then close it with a point barrier.
+        // Scheduled point: read its runs of regions as of the cut, then close it with a point barrier.
         if var point = peer.point, point.barrierIndex == nil {
-            var budget = config.windowItems - session.inFlightCount - point.readsQueued.count
+            var budget = config.windowItems - session.inFlightCount - point.readRuns
             while budget > 0, session.notReceivedBytes + UInt64(point.readsQueued.count) * config.regionSize < config.windowBytes,
                   let r = point.regions.firstSet(from: point.cursor) {
-                point.cursor = r + 1
-                point.readsQueued.insert(r)
-                reads.append((r, true))
+                let run = point.regions.run(from: r, limit: maxRun)
+                point.cursor = run.upperBound
+                for region in run { point.readsQueued.insert(region) }
+                point.readRuns += 1
+                reads.append((run, true))
                 budget -= 1
             }
             if point.regions.firstSet(from: point.cursor) == nil, point.readsQueued.isEmpty {
@@ -112,36 +126,59 @@ extension PrimaryVolume {
         }
         peer.session = session
         peers[name] = peer
-        for (region, forPoint) in reads {
+        for (regions, forPoint) in reads {
             let ticket = nextTicket
             nextTicket += 1
-            tickets[ticket] = .regionRead(peer: name, link, region: region, forPoint: forPoint)
-            admitInOrder(lock.enqueue(ticket, range: peer.dirty.range(ofRegion: region)), &out)
+            tickets[ticket] = .regionRead(peer: name, link, regions: regions, forPoint: forPoint)
+            admitInOrder(lock.enqueue(ticket, range: peer.dirty.range(ofRegions: regions)), &out)
         }
     }
 
-    /// A region's turn in the lock came: every write before it is on the image, none after.
-    mutating func regionReadAdmitted(peer name: String, link: LinkID, region: Int, forPoint: Bool, _ out: inout [Action]) {
+    /// A run's turn in the lock came: every write before it is on the image, none after. Sends
+    /// what of it still needs sending, as items of adjacent regions.
+    mutating func regionReadAdmitted(peer name: String, link: LinkID, regions run: Range<Int>, forPoint: Bool, _ out: inout [Action]) {
         guard var peer = peers[name], var session = peer.session, session.link == link else { return }
-        let range = peer.dirty.range(ofRegion: region)
+        /// Splits `run` into the sub-runs `key` maps to the same value (nil: not sent).
+        func pieces<K: Equatable>(_ key: (Int) -> K?) -> [(Range<Int>, K)] {
+            var result: [(Range<Int>, K)] = []
+            var start = run.lowerBound
+            while start < run.upperBound {
+                var end = start + 1
+                let k = key(start)
+                while end < run.upperBound, key(end) == k { end += 1 }
+                if let k { result.append((start..<end, k)) }
+                start = end
+            }
+            return result
+        }
         if forPoint {
-            guard var point = peer.point, point.readsQueued.remove(region) != nil else { return }
-            let index = session.take()
-            let item = ReplicationItem(epoch: config.epoch, index: index, seq: 0, range: range, isZero: false)
-            out.append(.sendRegion(peer: name, link, item, preserved: point.preserved.contains(region)))
-            session.record(SentItem(index: index, kind: .region(region, forPoint: true), range: range, bytes: range.length))
-            point.sent.insert(region)
-            point.bytes += range.length
-            peer.bytesSent += range.length
+            guard var point = peer.point, point.readsQueued.contains(run.lowerBound) else { return }
+            for r in run { point.readsQueued.remove(r) }
+            point.readRuns -= 1
+            // Regions copied aside before a later write go from the copies, the rest from the image.
+            for (piece, preserved) in pieces({ point.preserved.contains($0) }) {
+                let range = peer.dirty.range(ofRegions: piece)
+                let index = session.take()
+                let item = ReplicationItem(epoch: config.epoch, index: index, seq: 0, range: range, isZero: false)
+                out.append(.sendRegion(peer: name, link, item, preserved: preserved))
+                session.record(SentItem(index: index, kind: .regions(piece, forPoint: true), range: range, bytes: range.length))
+                for r in piece { point.sent.insert(r) }
+                point.bytes += range.length
+                peer.bytesSent += range.length
+            }
             peer.point = point
         } else {
-            guard session.readsQueued.remove(region) != nil else { return }
-            if peer.dirty.contains(region), session.regionsInFlight[region] == nil {
+            guard session.readsQueued.contains(run.lowerBound) else { return }
+            for r in run { session.readsQueued.remove(r) }
+            session.readRuns -= 1
+            let wanted = pieces { r in peer.dirty.contains(r) && session.regionsInFlight[r] == nil ? true : nil }
+            for (piece, _) in wanted {
+                let range = peer.dirty.range(ofRegions: piece)
                 let index = session.take()
                 let item = ReplicationItem(epoch: config.epoch, index: index, seq: 0, range: range, isZero: false)
                 out.append(.sendRegion(peer: name, link, item, preserved: false))
-                session.record(SentItem(index: index, kind: .region(region, forPoint: false), range: range, bytes: range.length))
-                session.regionsInFlight[region] = index
+                session.record(SentItem(index: index, kind: .regions(piece, forPoint: false), range: range, bytes: range.length))
+                for r in piece { session.regionsInFlight[r] = index }
                 peer.bytesSent += range.length
             }
         }
@@ -193,7 +230,7 @@ extension PrimaryVolume {
             through = min(through, peer.ackedSeq)
         }
         // Entries of requests not yet answered stay: their payload is read from the journal.
-        if let oldest = requests.keys.min() { through = min(through, oldest - 1) }
+        if let oldest = requestOrder.first { through = min(through, oldest - 1) }
         if through > journal.trimmedThrough {
             journal.trim(through: through)
             out.append(.trimJournal(throughSeq: through))

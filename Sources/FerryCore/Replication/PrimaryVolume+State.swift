@@ -91,7 +91,7 @@ struct Journal: Sendable {
 struct SentItem: Sendable {
     enum Kind: Sendable, Equatable {
         case write(seq: UInt64)
-        case region(Int, forPoint: Bool)
+        case regions(Range<Int>, forPoint: Bool)
         case barrier(BarrierKind, seq: UInt64)
     }
     var index: UInt64
@@ -125,8 +125,9 @@ struct Session: Sendable {
     var catchUp: CatchUp?
     /// Catch-up regions sent and not yet durable, by region → stream index.
     var regionsInFlight: [Int: UInt64] = [:]
-    /// Regions waiting in the lock to be read.
+    /// Regions waiting in the lock to be read, and how many reads (runs of regions) that is.
     var readsQueued: Set<Int> = []
+    var readRuns = 0
     /// Barriers sent, index → sequence, until acked `received` (for the journal position).
     var barrierSeqs: [(index: UInt64, seq: UInt64)] = []
 
@@ -219,6 +220,7 @@ struct Point: Sendable {
     var cursor = 0
     var sent: Set<Int> = []
     var readsQueued: Set<Int> = []
+    var readRuns = 0
     /// Regions copied aside before a later write changed them.
     var preserved: Set<Int> = []
     var bytes: UInt64 = 0

@@ -20,14 +20,14 @@
 /// is ignored.
 public struct PrimaryVolume: Sendable {
     public struct Config: Sendable {
-        /// The dirty-bitmap region size for a volume of `size` bytes: small enough that a point or
-        /// a catch-up sends little more than what changed (4 KiB for volumes up to 256 MiB), large
-        /// enough that a volume has at most 2^16 regions up to 64 GiB: a catch-up sends one item per
-        /// region (adjacent regions are not yet coalesced into one item), so more regions cost CPU
-        /// per byte. Regions stop growing at 1 MiB (a 4 TiB volume has 2^22).
+        /// The dirty-bitmap region size for a volume of `size` bytes: 4 KiB (a point or a catch-up
+        /// sends no more than the blocks that changed) for volumes up to 1 GiB; past that, as small
+        /// as keeps a volume at 2^18 regions (a 32 KiB bitmap per peer, persisted with the
+        /// metadata), up to 1 MiB (a 4 TiB volume has 2^22). Adjacent dirty regions go as one item
+        /// (``runBytes``), so small regions cost no more per byte sent.
         public static func regionSize(forVolumeSize size: UInt64) -> UInt64 {
             var region: UInt64 = 4096
-            while region < (1 << 20), size / region > (1 << 16) { region <<= 1 }
+            while region < (1 << 20), size / region > (1 << 18) { region <<= 1 }
             return region
         }
 
@@ -38,6 +38,8 @@ public struct PrimaryVolume: Sendable {
         public var peers: [String: ReplicaPolicy]
         /// Dirty-bitmap granularity.
         public var regionSize: UInt64 = 64 << 10
+        /// Adjacent dirty regions are read and sent as one item of up to this many bytes.
+        public var runBytes: UInt64 = 1 << 20
         /// Activity-log granularity.
         public var extentSize: UInt64 = 4 << 20
         /// Extents the activity log may hold before the primary checkpoints on its own.
@@ -168,6 +170,8 @@ public struct PrimaryVolume: Sendable {
         /// Checkpoint (flush) only: waits for durability everywhere before the activity log is trimmed.
         var checkpointWaits: [Wait] = []
         var clientAnswered = false
+        /// Its place in the lock while it holds one.
+        var ticket: IntervalLock.Ticket?
     }
 
     var config: Config
@@ -176,6 +180,10 @@ public struct PrimaryVolume: Sendable {
     /// Highest sequence admitted by the lock: every request up to it is admitted (a prefix).
     var lastAdmitted: UInt64
     var requests: [UInt64: Pending] = [:]
+    /// The keys of `requests`, ascending (sequences are given out in order).
+    var requestOrder: [UInt64] = []
+    /// Flushes admitted and not yet issued locally (``issueFlushes`` has work only then).
+    var flushesWaiting = 0
     var lock = IntervalLock()
     var nextTicket: IntervalLock.Ticket = 1
     var tickets: [IntervalLock.Ticket: TicketOwner] = [:]
@@ -202,7 +210,7 @@ public struct PrimaryVolume: Sendable {
 
     enum TicketOwner: Sendable {
         case request(UInt64)
-        case regionRead(peer: String, LinkID, region: Int, forPoint: Bool)
+        case regionRead(peer: String, LinkID, regions: Range<Int>, forPoint: Bool)
     }
 
     /// Starts from what was persisted. `cleanShutdown` false (a crash): every extent in the
@@ -290,6 +298,7 @@ public struct PrimaryVolume: Sendable {
             }
         }
         requests[seq] = pending
+        requestOrder.append(seq)
         gate.append((seq, token))
         drainGate(&out)
         finish(&out)
@@ -306,6 +315,7 @@ public struct PrimaryVolume: Sendable {
             token = nextToken
         }
         requests[seq] = Pending(kind: .internalFlush, range: nil, fua: false)
+        requestOrder.append(seq)
         internalCheckpointRunning = true
         gate.append((seq, token))
         drainGate(&out)
@@ -319,6 +329,7 @@ public struct PrimaryVolume: Sendable {
             let ticket = nextTicket
             nextTicket += 1
             tickets[ticket] = .request(seq)
+            if requests[seq]?.range != nil { requests[seq]?.ticket = ticket }
             admitInOrder(lock.enqueue(ticket, range: requests[seq]?.range), &out)
             i += 1
         }
@@ -347,9 +358,9 @@ public struct PrimaryVolume: Sendable {
             lastAdmitted = max(lastAdmitted, seq)
             admitRequest(seq, &out)
             if requests[seq]?.range == nil { tickets[ticket] = nil }
-        case .regionRead(let peer, let link, let region, let forPoint):
+        case .regionRead(let peer, let link, let regions, let forPoint):
             tickets[ticket] = nil
-            regionReadAdmitted(peer: peer, link: link, region: region, forPoint: forPoint, &out)
+            regionReadAdmitted(peer: peer, link: link, regions: regions, forPoint: forPoint, &out)
             admitInOrder(lock.release(ticket), &out)
         }
     }
@@ -383,6 +394,7 @@ public struct PrimaryVolume: Sendable {
             persistNeeded = true
             request.waits.append(.persist(nextToken))
             requests[seq] = request
+            flushesWaiting += 1
             issueFlushes(&out)
         }
     }
@@ -390,13 +402,14 @@ public struct PrimaryVolume: Sendable {
     /// A flush is issued once every request before it has finished locally: fdatasync covers
     /// only writes that completed.
     mutating func issueFlushes(_ out: inout [Action]) {
-        let firstUnfinished = requests.filter { !$0.value.localDone && ($0.value.kind == .write || $0.value.kind == .zero) }.keys.min()
-        for seq in requests.keys.sorted() {
-            guard var request = requests[seq], request.admitted, !request.localIssued,
-                  request.kind == .flush || request.kind == .internalFlush else { continue }
-            if let first = firstUnfinished, first < seq { break }
+        guard flushesWaiting > 0 else { return }
+        for seq in requestOrder {
+            guard var request = requests[seq] else { continue }
+            if (request.kind == .write || request.kind == .zero) && !request.localDone { break }
+            guard request.admitted, !request.localIssued, request.kind == .flush || request.kind == .internalFlush else { continue }
             request.localIssued = true
             requests[seq] = request
+            flushesWaiting -= 1
             out.append(.flushLocal(seq: seq))
         }
     }
@@ -415,8 +428,10 @@ public struct PrimaryVolume: Sendable {
                 persistNeeded = true
             }
         }
+        let ticket = request.ticket
+        request.ticket = nil
         requests[seq] = request
-        if request.range != nil, let ticket = tickets.first(where: { if case .request(seq) = $0.value { return true } else { return false } })?.key {
+        if let ticket {
             tickets[ticket] = nil
             admitInOrder(lock.release(ticket), &out)
         }
@@ -478,7 +493,9 @@ public struct PrimaryVolume: Sendable {
 
     mutating func completeReady(_ out: inout [Action]) {
         var checkpointDone: [UInt64] = []
-        for seq in requests.keys.sorted() {
+        var removed = false
+        defer { if removed { requestOrder.removeAll { requests[$0] == nil } } }
+        for seq in requestOrder {
             guard var request = requests[seq], request.admitted, request.localDone else { continue }
             if !request.clientAnswered {
                 let ackEarly = config.plantedBug == .ackBeforePeer && request.kind == .write
@@ -493,6 +510,7 @@ public struct PrimaryVolume: Sendable {
                 checkpointDone.append(seq)
             }
             requests[seq] = nil
+            removed = true
             if request.kind == .internalFlush { internalCheckpointRunning = false }
         }
         for seq in checkpointDone { trimActivityLog(before: seq) }
