@@ -59,6 +59,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     var resumeScheduled = false
     var inReadBurst = false
     var needsFlush = false
+    var flushScheduled = false
     /// DISC received or server shutting down: no new work; close when `inFlight` reaches 0.
     var draining = false
     var shuttingDown = false
@@ -242,10 +243,22 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         sent.futureResult.assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 
-    /// Writes a reply; flushes now unless a read burst is in progress (then at readComplete).
+    /// Writes a reply. Flushes at the end of a read burst when one is in progress; otherwise on
+    /// the next turn of the event loop, so that replies to requests a device completes together
+    /// (a replicated volume answers a batch of writes when one ack arrives) leave in one write.
     func send(_ buffer: ByteBuffer) {
         context.write(wrapOutboundOut(buffer), promise: nil)
-        if inReadBurst { needsFlush = true } else { context.flush() }
+        needsFlush = true
+        if !inReadBurst, !flushScheduled {
+            flushScheduled = true
+            context.eventLoop.assumeIsolated().execute {
+                self.flushScheduled = false
+                if self.needsFlush, self.phase != .closed {
+                    self.needsFlush = false
+                    self.context.flush()
+                }
+            }
+        }
     }
 
     /// Begins a graceful stop: no new requests are accepted (they get ESHUTDOWN); the connection

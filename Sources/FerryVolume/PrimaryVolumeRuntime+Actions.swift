@@ -146,13 +146,7 @@ extension PrimaryVolumeRuntime {
         guard !work.isEmpty else { return }
         for event in work.events { onEvent(event) }
         for close in work.closes { links.close(peer: close.peer, link: close.link, reason: close.reason) }
-        for (promise, error) in work.completions {
-            if let error {
-                promise.fail(error.message.hasPrefix("fenced") ? BlockDeviceError.fenced : BlockDeviceError.io(errno: 5))
-            } else {
-                promise.succeed(())
-            }
-        }
+        Self.complete(work.completions)
         if !work.localWrites.isEmpty {
             var results: [(UInt64, String?)] = []
             for w in work.localWrites {
@@ -168,6 +162,33 @@ extension PrimaryVolumeRuntime {
         }
         for seq in work.offloaded { offload(seq) }
         if let (token, metadata) = work.persistNow { startPersist(token: token, metadata: metadata) }
+    }
+
+    /// Answers requests, one task per event loop rather than one per request: an ack that
+    /// answers 32 writes of one NBD connection wakes its loop once, and the replies go out together.
+    static func complete(_ completions: [(EventLoopPromise<Void>, BlockDeviceErrorBox?)]) {
+        @Sendable func answer(_ batch: [(EventLoopPromise<Void>, BlockDeviceErrorBox?)]) {
+            for (promise, error) in batch {
+                if let error {
+                    promise.fail(error.message.hasPrefix("fenced") ? BlockDeviceError.fenced : BlockDeviceError.io(errno: 5))
+                } else {
+                    promise.succeed(())
+                }
+            }
+        }
+        guard completions.count > 1 else { return answer(completions) }
+        var byLoop: [(any EventLoop, [(EventLoopPromise<Void>, BlockDeviceErrorBox?)])] = []
+        for completion in completions {
+            let loop = completion.0.futureResult.eventLoop
+            if let i = byLoop.firstIndex(where: { $0.0 === loop }) {
+                byLoop[i].1.append(completion)
+            } else {
+                byLoop.append((loop, [completion]))
+            }
+        }
+        for (loop, batch) in byLoop {
+            if loop.inEventLoop { answer(batch) } else { loop.execute { answer(batch) } }
+        }
     }
 
     /// Zeroing and flushing go to the thread pool; the machine hears when they are done.

@@ -303,6 +303,15 @@ public struct ReplicationFrameEncoder: Sendable {
     public private(set) var wireDataBytes: UInt64 = 0
 
     private let compressor: ZstdCompressor?
+    /// Payloads still to send as they are before trying compression again, and how many the next
+    /// failure makes it skip: after a payload that did not compress, the next 1, then 2, 4, ...
+    /// up to ``maxSkip`` go uncompressed, so a stream of incompressible data (random, encrypted,
+    /// already compressed) costs one compression attempt in `maxSkip` payloads instead of each one.
+    private var skipRemaining = 0
+    private var nextSkip = 1
+    static let maxSkip = 64
+    /// Compression attempts made (for tests and status).
+    public private(set) var attempts: UInt64 = 0
 
     public init(compress: Bool, level: Int32 = 1) {
         self.compress = compress
@@ -311,15 +320,27 @@ public struct ReplicationFrameEncoder: Sendable {
     }
 
     /// `frame`, with its data compressed for the wire if that saves at least 1/8 of it
-    /// (``VolumeFrame/compressedPayload``); otherwise unchanged.
+    /// (``VolumeFrame/compressedPayload``); otherwise unchanged. Payloads after ones that did not
+    /// compress are sent as they are without trying (see ``attempts``).
     public mutating func prepare(_ frame: VolumeFrame, allocator: ByteBufferAllocator = ByteBufferAllocator()) -> VolumeFrame {
         guard let data = frame.payload else { return frame }
         dataBytes += UInt64(data.readableBytes)
         var prepared = frame
         prepared.compressedPayload = nil
-        // At most 7/8 of the input, so a result that fits saves at least 1/8.
-        if let compressor, let packed = compressor.compress(data, limit: data.readableBytes * 7 / 8, allocator: allocator) {
-            prepared.compressedPayload = packed
+        if let compressor {
+            if skipRemaining > 0 {
+                skipRemaining -= 1
+            } else {
+                attempts += 1
+                // At most 7/8 of the input, so a result that fits saves at least 1/8.
+                if let packed = compressor.compress(data, limit: data.readableBytes * 7 / 8, allocator: allocator) {
+                    prepared.compressedPayload = packed
+                    nextSkip = 1
+                } else {
+                    skipRemaining = nextSkip
+                    nextSkip = min(nextSkip * 2, Self.maxSkip)
+                }
+            }
         }
         wireDataBytes += UInt64((prepared.compressedPayload ?? data).readableBytes)
         return prepared

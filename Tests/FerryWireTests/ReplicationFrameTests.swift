@@ -102,6 +102,20 @@ struct ReplicationFrameTests {
         #expect(plain.frame(for: text).flags == 0)
     }
 
+    @Test("after data that does not compress, the encoder backs off: 1, 2, 4 ... up to 64 payloads go as they are untried")
+    func compressionBacksOffOnNoise() {
+        var encoder = ReplicationFrameEncoder(compress: true)
+        let noise = VolumeFrame(volume: "v", message: .write(Self.item(4096)), payload: Self.noise(4096))
+        let text = VolumeFrame(volume: "v", message: .write(Self.item(4096)), payload: Self.text(4096))
+        for _ in 0..<1000 { _ = encoder.prepare(noise) }
+        // 1 + 2 + 4 + 8 + 16 + 32 + 64 + 64 ...: about 1000 / 65 attempts once at the ceiling.
+        #expect(encoder.attempts > 10 && encoder.attempts < 30, "\(encoder.attempts) attempts for 1000 incompressible payloads")
+        // Compressible data is compressed again within the back-off, and then every time.
+        var compressed = 0
+        for _ in 0..<200 where encoder.prepare(text).compressedPayload != nil { compressed += 1 }
+        #expect(compressed >= 200 - 64)
+    }
+
     @Test("the encoder hands the data on as it is: header, data, checksum")
     func dataIsNotCopied() throws {
         let data = Self.noise(100_000)

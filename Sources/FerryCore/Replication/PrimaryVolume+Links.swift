@@ -3,10 +3,11 @@ extension PrimaryVolume {
 
     mutating func routeWrite(seq: UInt64, range: BlockRange, isZero: Bool, fua: Bool, peer name: String,
                              request: inout Pending, _ out: inout [Action]) {
-        guard var peer = peers[name] else { return }
+        guard var peer = takePeer(name) else { return }
         switch peer.policy.mode {
         case .sync, .semiSync:
             if var session = peer.session, session.open {
+                peer.session = nil   // `session` alone holds its arrays: appending copies nothing
                 let index = session.take()
                 let item = ReplicationItem(epoch: config.epoch, index: index, seq: seq, range: range, isZero: isZero)
                 out.append(.send(peer: name, session.link, .write(item)))
@@ -64,10 +65,11 @@ extension PrimaryVolume {
     }
 
     mutating func routeFlush(seq: UInt64, peer name: String, request: inout Pending, _ out: inout [Action]) {
-        guard var peer = peers[name] else { return }
+        guard var peer = takePeer(name) else { return }
         switch peer.policy.mode {
         case .sync, .semiSync:
             if var session = peer.session, session.open {
+                peer.session = nil
                 let index = session.take()
                 out.append(.send(peer: name, session.link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: seq, kind: .flush))))
                 session.record(SentItem(index: index, kind: .barrier(.flush, seq: seq), range: nil, bytes: 0))
@@ -232,10 +234,11 @@ extension PrimaryVolume {
     public mutating func received(_ message: ReplicationMessage, peer name: String, link: LinkID, now: Instant) -> [Action] {
         self.now = now
         var out: [Action] = []
-        guard var peer = peers[name], var session = peer.session, session.link == link else { return out }
+        guard peers[name]?.session?.link == link, var peer = takePeer(name) else { return out }
+        let isOpen = peer.session!.open
         switch message {
         case .position(let position):
-            guard !session.open else {
+            guard !isOpen else {
                 out.append(.closeLink(peer: name, link, reason: "position sent twice"))
                 dropSession(&peer, link: link, &out)
                 break
@@ -247,14 +250,13 @@ extension PrimaryVolume {
                 dropSession(&peer, link: link, &out)
                 break
             }
-            session.open = true
-            peer.session = session
+            peer.session!.open = true
             opened(&peer, position: position, &out)
         case .ack(let level, let index):
             // Before `position` an ack can only be a leftover of the link layer's switch-over
             // (protocol.md §6.1): ignore it.
-            guard session.open else { break }
-            guard index < session.nextIndex else {
+            guard isOpen else { break }
+            guard index < peer.session!.nextIndex else {
                 out.append(.closeLink(peer: name, link, reason: "ack for stream index \(index) that was never sent"))
                 dropSession(&peer, link: link, &out)
                 break
@@ -336,6 +338,7 @@ extension PrimaryVolume {
 
     mutating func acked(_ peer: inout PeerState, level: AckLevel, index: UInt64, _ out: inout [Action]) {
         guard var session = peer.session else { return }
+        peer.session = nil
         switch level {
         case .received: session.ackedReceived = max(session.ackedReceived, index)
         case .written: session.ackedWritten = max(session.ackedWritten, index)

@@ -8,7 +8,9 @@ extension PrimaryVolume {
     /// Sends what the peer's session has room for: journal entries, catch-up and point regions,
     /// cut barriers, and the end of a catch-up or point.
     mutating func pump(_ name: String, _ out: inout [Action]) {
-        guard var peer = peers[name], var session = peer.session, session.open else { return }
+        guard peers[name]?.session?.open == true, var peer = takePeer(name) else { return }
+        var session = peer.session!
+        peer.session = nil   // `session` alone holds its arrays: appending copies nothing
         let link = session.link
         // Async: stream the journal.
         if peer.journaled, var cursor = session.journalCursor {
@@ -137,7 +139,9 @@ extension PrimaryVolume {
     /// A run's turn in the lock came: every write before it is on the image, none after. Sends
     /// what of it still needs sending, as items of adjacent regions.
     mutating func regionReadAdmitted(peer name: String, link: LinkID, regions run: Range<Int>, forPoint: Bool, _ out: inout [Action]) {
-        guard var peer = peers[name], var session = peer.session, session.link == link else { return }
+        guard peers[name]?.session?.link == link, var peer = takePeer(name) else { return }
+        var session = peer.session!
+        peer.session = nil
         /// Splits `run` into the sub-runs `key` maps to the same value (nil: not sent).
         func pieces<K: Equatable>(_ key: (Int) -> K?) -> [(Range<Int>, K)] {
             var result: [(Range<Int>, K)] = []
@@ -189,7 +193,7 @@ extension PrimaryVolume {
     // MARK: - Timers
 
     mutating func tickPeer(_ name: String, _ out: inout [Action]) {
-        guard var peer = peers[name] else { return }
+        guard var peer = takePeer(name) else { return }
         if peer.session?.lastProgressAt ?? 0 < 0 { peer.session?.lastProgressAt = now.monotonicNanos }
         if let session = peer.session {
             let waitingForOpen = !session.open && now.monotonicNanos - session.startedAt > config.sessionTimeoutNanos

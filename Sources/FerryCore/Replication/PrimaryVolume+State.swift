@@ -288,3 +288,12 @@ public struct ReplicaLinkStatus: Sendable, Equatable {
     /// RPO is zero: a sync peer with a session and nothing dirty.
     public var rpoZero: Bool
 }
+
+extension PrimaryVolume {
+    /// `name`'s state, taken out of `peers` for a change: a copy left in the dictionary would
+    /// share the state's arrays (its bitmap, its session's sent items), so every change to them
+    /// would copy them whole. The caller puts it back (`peers[name] = peer`) on every path.
+    mutating func takePeer(_ name: String) -> PeerState? {
+        peers.removeValue(forKey: name)
+    }
+}
