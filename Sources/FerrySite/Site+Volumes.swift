@@ -191,6 +191,12 @@ final class PeerVolumeLinks: VolumeLinks {
     func close(peer: String, link: LinkID, reason: String) {
         peers.withLockedValue { $0 }?.close(peer: peer, link: link, reason: reason)
     }
+
+    func afterCurrentTurn(of link: LinkID, _ work: @escaping @Sendable () -> Void) -> Bool {
+        guard let loop = peers.withLockedValue({ $0 })?.eventLoop(of: link) else { return false }
+        loop.execute(work)
+        return true
+    }
 }
 
 extension Site {

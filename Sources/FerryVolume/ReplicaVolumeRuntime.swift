@@ -40,6 +40,10 @@ public final class ReplicaVolumeRuntime: Sendable {
         var bytesReceived: UInt64 = 0
         /// Which peer each link belongs to (learned from the frames).
         var linkPeers: [LinkID: String] = [:]
+        /// Acks not yet sent, by link and level (acks are cumulative: the highest is enough), and
+        /// the links with a send of them scheduled: one ack per level per read burst.
+        var pendingAcks: [LinkID: [AckLevel: UInt64]] = [:]
+        var ackSendScheduled: Set<LinkID> = []
     }
 
     public init(name: String, image: VolumeImage, stateDirectory: String, threadPool: NIOThreadPool,
@@ -79,7 +83,11 @@ public final class ReplicaVolumeRuntime: Sendable {
 
     public func linkDown(link: LinkID) {
         handle(payload: nil) { core in
-            defer { core.linkPeers[link] = nil }
+            defer {
+                core.linkPeers[link] = nil
+                core.pendingAcks[link] = nil
+                core.ackSendScheduled.remove(link)
+            }
             return core.machine.linkDown(link)
         }
     }
@@ -100,11 +108,11 @@ public final class ReplicaVolumeRuntime: Sendable {
         var offloads: [@Sendable () -> Void] = []
         var closes: [(LinkID, String)] = []
         var peersOfCloses: [String] = []
+        var ackSends: [LinkID] = []
         core.withLockedValue { core in
             var queue = event(&core)
             var frames: [LinkID: [VolumeFrame]] = [:]
             var order: [LinkID] = []
-            var acks: [LinkID: [AckLevel: UInt64]] = [:]
             var i = 0
             while i < queue.count {
                 let action = queue[i]
@@ -112,11 +120,12 @@ public final class ReplicaVolumeRuntime: Sendable {
                 switch action {
                 case .send(let link, let message):
                     if case .ack(let level, let index) = message {
-                        // Acks are cumulative: one per level per batch is enough.
-                        if acks[link] == nil { order.append(link) }
-                        acks[link, default: [:]][level] = max(acks[link]?[level] ?? 0, index)
+                        // Acks are cumulative: sent once the link's loop is done with what it is
+                        // reading, one per level, however many frames that was.
+                        core.pendingAcks[link, default: [:]][level] = max(core.pendingAcks[link]?[level] ?? 0, index)
+                        if core.ackSendScheduled.insert(link).inserted { ackSends.append(link) }
                     } else {
-                        if frames[link] == nil && acks[link] == nil { order.append(link) }
+                        if frames[link] == nil { order.append(link) }
                         frames[link, default: []].append(VolumeFrame(volume: name, message: message, payload: nil))
                     }
                 case .apply(let link, let item):
@@ -195,20 +204,31 @@ public final class ReplicaVolumeRuntime: Sendable {
                 case .refuse(let link, let reason):
                     logger.warning("volume \(name): refusing the stream on \(link): \(reason)")
                     onEvent(VolumeEvent(volume: name, kind: .refused(peer: ""), message: "volume \(name): refused the stream: \(reason)"))
-                    if frames[link] == nil && acks[link] == nil { order.append(link) }
+                    if frames[link] == nil { order.append(link) }
                     frames[link, default: []].append(VolumeFrame(volume: name, message: .refuse(reason: reason), payload: nil))
                     closes.append((link, "volume \(name): \(reason)"))
                 }
             }
             for link in order {
-                var out = frames[link] ?? []
-                for level in AckLevel.allCases { if let index = acks[link]?[level] { out.append(VolumeFrame(volume: name, message: .ack(level: level, index: index), payload: nil)) } }
-                links.send(out, to: core.linkPeers[link] ?? "", link: link)
+                links.send(frames[link] ?? [], to: core.linkPeers[link] ?? "", link: link)
             }
             peersOfCloses = closes.map { core.linkPeers[$0.0] ?? "" }
         }
         for (i, (link, reason)) in closes.enumerated() { links.close(peer: peersOfCloses[i], link: link, reason: reason) }
+        for link in ackSends where !links.afterCurrentTurn(of: link, { [self] in sendAcks(link) }) { sendAcks(link) }
         for work in offloads { threadPool.submit { _ in work() } }
+    }
+
+    /// Sends the acks gathered for `link` since the last send.
+    func sendAcks(_ link: LinkID) {
+        core.withLockedValue { core in
+            core.ackSendScheduled.remove(link)
+            guard let acks = core.pendingAcks.removeValue(forKey: link), let peer = core.linkPeers[link] else { return }
+            let frames = AckLevel.allCases.compactMap { level in
+                acks[level].map { VolumeFrame(volume: name, message: .ack(level: level, index: $0), payload: nil) }
+            }
+            links.send(frames, to: peer, link: link)
+        }
     }
 
     /// One at a time, in order: flush the image, store the group's position, drop its log records.

@@ -12,6 +12,14 @@ public protocol VolumeLinks: Sendable {
     func send(_ frames: [VolumeFrame], to peer: String, link: LinkID) -> Bool
     /// Closes `link` with `reason` (sent to the other side).
     func close(peer: String, link: LinkID, reason: String)
+    /// Schedules `work` on `link`'s event loop, to run once what it is doing now is done (after
+    /// the frames it is reading). False, and nothing scheduled, when `link` is not a current link:
+    /// the caller does the work itself. The default schedules nothing.
+    func afterCurrentTurn(of link: LinkID, _ work: @escaping @Sendable () -> Void) -> Bool
+}
+
+extension VolumeLinks {
+    public func afterCurrentTurn(of link: LinkID, _ work: @escaping @Sendable () -> Void) -> Bool { false }
 }
 
 /// The clocks a runtime reads: monotonic for lags and timers, wall for schedules and records.

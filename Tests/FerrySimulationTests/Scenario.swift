@@ -37,6 +37,11 @@ struct Scenario: CustomStringConvertible {
             }
             peers.append((["west", "far", "vault"][i], policy))
         }
+        // A resync rate on every third seed's first peer (a function of the seed, not a draw, so
+        // the other draws stay as they were): catch-ups then wait for the token bucket.
+        if seed % 3 == 0, !peers.isEmpty {
+            peers[0].1.resyncRateBytesPerSecond = [UInt64(8 << 10), 64 << 10, 1 << 20][Int(seed / 3 % 3)]
+        }
         self.peers = peers
         workloadNanos = rng.nanos(1_000_000_000...4_000_000_000)
         queueDepth = rng.int(1...8)
@@ -58,6 +63,7 @@ struct Scenario: CustomStringConvertible {
             case .async: s += "/\(p.policy.onLag.rawValue)/\(p.policy.maxLagBytes.map(String.init) ?? "-")B"
             case .scheduled: s += "/\(p.policy.schedule.map(\.description) ?? "-")"
             }
+            if let rate = p.policy.resyncRateBytesPerSecond { s += " resync-rate \(rate)B/s" }
             return s
         }.joined(separator: " ")
         return "seed \(seed): \(modes), \(workloadNanos / 1_000_000) ms, QD\(queueDepth), net \(netDelay.lowerBound / 1000)-\(netDelay.upperBound / 1000) µs, "

@@ -51,9 +51,10 @@ extension PrimaryVolume {
         if var catchUp = session.catchUp, catchUp.endIndex == nil {
             var budget = config.windowItems - session.inFlightCount - session.readRuns
             let limited = (peer.policy.resyncRateBytesPerSecond ?? 0) > 0
+            var capacity = Double.infinity
             if let rate = peer.policy.resyncRateBytesPerSecond, rate > 0 {
                 // A token bucket of a tenth of a second's worth (at least one region).
-                let capacity = max(Double(config.regionSize), Double(rate) / 10)
+                capacity = max(Double(config.regionSize), Double(rate) / 10)
                 let elapsed = Double(now.monotonicNanos - (peer.resyncRefilledAt ?? now.monotonicNanos)) / 1e9
                 peer.resyncTokens = min(capacity, peer.resyncTokens + Double(rate) * max(0, elapsed))
                 peer.resyncRefilledAt = now.monotonicNanos
@@ -73,10 +74,15 @@ extension PrimaryVolume {
                     catchUp.cursor = r + 1
                     continue
                 }
-                let limit = limited ? min(maxRun, max(1, Int(peer.resyncTokens / Double(config.regionSize)))) : maxRun
+                // A run stays inside one block of `runBytes`, so that holes laid out in such blocks
+                // (as file systems allocate) go as zeroing rather than inside a run of data; and
+                // within what the token bucket can ever hold, so a slow rate still sends it.
+                var limit = maxRun - r % maxRun
+                if limited { limit = min(limit, max(1, Int(capacity / Double(config.regionSize)))) }
                 let run = peer.dirty.run(from: r, limit: limit) { [session] in
                     session.regionsInFlight[$0] != nil || session.readsQueued.contains($0)
                 }
+                if limited, peer.resyncTokens < Double(UInt64(run.count) * config.regionSize) { break }
                 catchUp.cursor = run.upperBound
                 for region in run { session.readsQueued.insert(region) }
                 session.readRuns += 1
@@ -111,7 +117,7 @@ extension PrimaryVolume {
             var budget = config.windowItems - session.inFlightCount - point.readRuns
             while budget > 0, session.notReceivedBytes + UInt64(point.readsQueued.count) * config.regionSize < config.windowBytes,
                   let r = point.regions.firstSet(from: point.cursor) {
-                let run = point.regions.run(from: r, limit: maxRun)
+                let run = point.regions.run(from: r, limit: maxRun - r % maxRun)
                 point.cursor = run.upperBound
                 for region in run { point.readsQueued.insert(region) }
                 point.readRuns += 1

@@ -499,14 +499,14 @@ public struct PrimaryVolume: Sendable {
             guard var request = requests[seq], request.admitted, request.localDone else { continue }
             if !request.clientAnswered {
                 let ackEarly = config.plantedBug == .ackBeforePeer && request.kind == .write
-                guard ackEarly || request.waits.allSatisfy(isSatisfied) else { continue }
+                guard ackEarly || request.waits.allSatisfy({ isSatisfied($0) }) else { continue }
                 request.clientAnswered = true
                 if request.kind != .internalFlush {
                     out.append(.complete(seq: seq, error: request.error))
                 }
             }
             if request.kind == .flush || request.kind == .internalFlush {
-                guard request.checkpointWaits.allSatisfy(isSatisfied) else { requests[seq] = request; continue }
+                guard request.checkpointWaits.allSatisfy({ isSatisfied($0) }) else { requests[seq] = request; continue }
                 checkpointDone.append(seq)
             }
             requests[seq] = nil
