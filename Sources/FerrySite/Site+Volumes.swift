@@ -192,6 +192,11 @@ final class PeerVolumeLinks: VolumeLinks {
         peers.withLockedValue { $0 }?.close(peer: peer, link: link, reason: reason)
     }
 
+    func isBacklogged(link: LinkID) -> Bool {
+        guard let links = peers.withLockedValue({ $0 }), links.eventLoop(of: link) != nil else { return false }
+        return !links.isWritable(link: link)
+    }
+
     func afterCurrentTurn(of link: LinkID, _ work: @escaping @Sendable () -> Void) -> Bool {
         guard let loop = peers.withLockedValue({ $0 })?.eventLoop(of: link) else { return false }
         loop.execute(work)

@@ -16,10 +16,14 @@ public protocol VolumeLinks: Sendable {
     /// the frames it is reading). False, and nothing scheduled, when `link` is not a current link:
     /// the caller does the work itself. The default schedules nothing.
     func afterCurrentTurn(of link: LinkID, _ work: @escaping @Sendable () -> Void) -> Bool
+    /// Whether `link` has more queued than its socket takes (the link, not the sender, is the
+    /// bottleneck): then compressing data is worth its CPU. The default says no.
+    func isBacklogged(link: LinkID) -> Bool
 }
 
 extension VolumeLinks {
     public func afterCurrentTurn(of link: LinkID, _ work: @escaping @Sendable () -> Void) -> Bool { false }
+    public func isBacklogged(link: LinkID) -> Bool { false }
 }
 
 /// The clocks a runtime reads: monotonic for lags and timers, wall for schedules and records.

@@ -41,7 +41,7 @@ public struct VolumeFrame: Sendable, Equatable {
     /// The data of a `write` or `region` that is not zero: exactly `range.length` bytes. Nil for
     /// every other message and for zeroing items.
     public var payload: ByteBuffer?
-    /// The data as zstd compressed it, when ``ReplicationFrameEncoder/prepare(_:)`` found that
+    /// The data as zstd compressed it, when ``ReplicationFrameEncoder/prepare(_:worthTrying:allocator:)`` found that
     /// worth it; it then goes on the wire instead of ``payload``. Nil on a decoded frame.
     public internal(set) var compressedPayload: ByteBuffer?
 
@@ -322,12 +322,16 @@ public struct ReplicationFrameEncoder: Sendable {
     /// `frame`, with its data compressed for the wire if that saves at least 1/8 of it
     /// (``VolumeFrame/compressedPayload``); otherwise unchanged. Payloads after ones that did not
     /// compress are sent as they are without trying (see ``attempts``).
-    public mutating func prepare(_ frame: VolumeFrame, allocator: ByteBufferAllocator = ByteBufferAllocator()) -> VolumeFrame {
+    ///
+    /// `worthTrying` false sends the data as it is without trying (the caller knows the link has
+    /// room to spare, so compressing would only cost CPU).
+    public mutating func prepare(_ frame: VolumeFrame, worthTrying: Bool = true,
+                                 allocator: ByteBufferAllocator = ByteBufferAllocator()) -> VolumeFrame {
         guard let data = frame.payload else { return frame }
         dataBytes += UInt64(data.readableBytes)
         var prepared = frame
         prepared.compressedPayload = nil
-        if let compressor {
+        if let compressor, worthTrying {
             if skipRemaining > 0 {
                 skipRemaining -= 1
             } else {
@@ -346,7 +350,7 @@ public struct ReplicationFrameEncoder: Sendable {
         return prepared
     }
 
-    /// `frame` prepared (``prepare(_:allocator:)``) and encoded (``VolumeFrame/frame(allocator:)``).
+    /// `frame` prepared (``prepare(_:worthTrying:allocator:)``) and encoded (``VolumeFrame/frame(allocator:)``).
     public mutating func frame(for frame: VolumeFrame, allocator: ByteBufferAllocator = ByteBufferAllocator()) -> Frame {
         prepare(frame, allocator: allocator).frame(allocator: allocator)
     }

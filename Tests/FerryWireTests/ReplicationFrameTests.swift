@@ -97,6 +97,10 @@ struct ReplicationFrameTests {
         #expect(encoder.prepare(noise).compressedPayload == nil)
         #expect(encoder.dataBytes == 2 * 65536)
         #expect(encoder.wireDataBytes == 65536 + UInt64(packed.compressedPayload!.readableBytes))
+        // Not tried when the caller says the link has room to spare; tried when it has not.
+        var fresh = ReplicationFrameEncoder(compress: true)
+        #expect(fresh.prepare(text, worthTrying: false).compressedPayload == nil)
+        #expect(fresh.prepare(text).compressedPayload != nil)
         var plain = ReplicationFrameEncoder(compress: false)
         #expect(plain.prepare(text).compressedPayload == nil)
         #expect(plain.frame(for: text).flags == 0)
