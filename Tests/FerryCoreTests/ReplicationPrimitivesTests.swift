@@ -37,6 +37,24 @@ struct DirtyBitmapTests {
         #expect(bitmap.count == 16)
     }
 
+    @Test func journalLagCountsOnlyLiveEntriesAlsoAfterTrimmedOnesAreDropped() {
+        var journal = Journal()
+        func entry(_ seq: UInt64) -> JournalEntry {
+            JournalEntry(seq: seq, range: BlockRange(offset: seq * 4096, length: 4096), isZero: false, isBarrier: false, atNanos: Int64(seq))
+        }
+        for seq in UInt64(1)...10_000 { journal.append(entry(seq)) }
+        #expect(journal.bytes(after: 0) == 10_000 * 4096)
+        // Trimming 6,000 of 10,000 drops them from memory (more than 4,096 dead, over half).
+        journal.trim(through: 6_000)
+        #expect(journal.bytes(after: 6_000) == 4_000 * 4096, "a peer right at the trim point lags by what is live")
+        #expect(journal.bytes(after: 8_000) == 2_000 * 4096)
+        #expect(journal.bytes(after: 10_000) == 0)
+        for seq in UInt64(10_001)...20_000 { journal.append(entry(seq)) }
+        journal.trim(through: 16_000)
+        #expect(journal.bytes(after: 16_000) == 4_000 * 4096)
+        #expect(journal.bytes(after: 19_999) == 4096)
+    }
+
     @Test func runsOfDirtyRegionsStopAtACleanRegionTheLimitOrTheEnd() {
         var bitmap = DirtyBitmap(volumeSize: 10 * 4096 + 100, regionSize: 4096)   // 11 regions, the last short
         for r in [1, 2, 3, 5, 8, 9, 10] { bitmap.setRegion(r) }

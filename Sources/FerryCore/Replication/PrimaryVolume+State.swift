@@ -61,7 +61,9 @@ struct Journal: Sendable {
     func bytes(after seq: UInt64) -> UInt64 {
         let p = position(after: seq) - base
         guard p < entries.count else { return 0 }
-        let before = p > 0 ? cumulative[p - 1] : 0
+        // `cumulative` counts from the first entry ever appended, also after trimmed entries are
+        // dropped from memory: what came before entries[p] is cumulative[p] less its own bytes.
+        let before = cumulative[p] - entries[p].bytes
         return (cumulative.last ?? 0) - before
     }
 
