@@ -241,7 +241,10 @@ public final class PeerLinks: Sendable {
     public func close(peer: String, link: LinkID, reason: String) -> Bool {
         guard let established = registry.currentLink(link), established.peer == peer else { return false }
         logger.info("closing \(link) to \(peer): \(reason)", metadata: ["peer": "\(peer)"])
-        PeerConnectionHandler.sayGoodbyeAndClose(established.channel, reason: "\(identity.siteName) closed the link: \(reason)")
+        // As a task on the link's loop, so that it goes after the drain of frames written before
+        // it (``write(_:to:link:)`` drains in a task too): a `refuse` reaches the peer before goodbye.
+        let channel = established.channel, goodbye = "\(identity.siteName) closed the link: \(reason)"
+        channel.eventLoop.execute { PeerConnectionHandler.sayGoodbyeAndClose(channel, reason: goodbye) }
         return true
     }
 
