@@ -126,7 +126,7 @@ extension Site {
 
     func log(_ event: VolumeEvent) {
         switch event.kind {
-        case .linkState, .info:
+        case .linkState:
             logger.info("\(event.message)", metadata: ["volume": "\(event.volume)"])
         case .ioError, .refused:
             let repeated = state.withLockedValue { s -> Bool in

@@ -20,12 +20,11 @@ struct DeferredWork: Sendable {
     var offloaded: [UInt64] = []           // zero or flush requests for the thread pool, by seq
     var completions: [(EventLoopPromise<Void>, BlockDeviceErrorBox?)] = []
     var persistNow: (token: UInt64, metadata: PrimaryVolume.Metadata)?
-    var trimJournalThrough: UInt64?
     var events: [VolumeEvent] = []
     var closes: [(peer: String, link: LinkID, reason: String)] = []
 
     var isEmpty: Bool {
-        localWrites.isEmpty && offloaded.isEmpty && completions.isEmpty && persistNow == nil && trimJournalThrough == nil
+        localWrites.isEmpty && offloaded.isEmpty && completions.isEmpty && persistNow == nil
             && events.isEmpty && closes.isEmpty
     }
 }

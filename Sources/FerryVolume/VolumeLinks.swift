@@ -46,7 +46,6 @@ public struct VolumeEvent: Sendable {
         case ioError
         case fenced
         case refused(peer: String)
-        case info
     }
     public var volume: String
     public var kind: Kind

@@ -110,7 +110,7 @@ extension PrimaryVolume {
         if peer.lastDirtyToken == 0 { peer.lastDirtyToken = persistedToken }
     }
 
-    mutating func markDirty(_ range: BlockRange, peer name: String, persistForReply: Bool) {
+    mutating func markDirty(_ range: BlockRange, peer name: String) {
         guard var peer = peers[name] else { return }
         markDirty(range, in: &peer)
         peers[name] = peer

@@ -424,7 +424,7 @@ public struct PrimaryVolume: Sendable {
             request.error = error
             // The local image did not take it but peers may have: resync its regions from here.
             if let range = request.range {
-                for name in peerOrder { markDirty(range, peer: name, persistForReply: false) }
+                for name in peerOrder { markDirty(range, peer: name) }
                 persistNeeded = true
             }
         }

@@ -187,11 +187,9 @@ public struct ReplicaVolume: Sendable {
         }
     }
 
+    /// A new link's `open` replaces any session on an older link; what that one had in flight is
+    /// abandoned (the primary resends what it did not see acked).
     private mutating func opened(_ open: VolumeOpen, on link: LinkID) -> [Action] {
-        if let s = session, s.link != link {
-            // A new link replaces the old one; whatever the old one had in flight is abandoned.
-            _ = s
-        }
         guard open.volume == volume else {
             return refuse(link, "volume \"\(open.volume)\" is not replicated here as \"\(volume)\"")
         }
