@@ -212,8 +212,8 @@ final class EstablishedLink: Sendable {
         let result = state.withLock { state -> EnqueueResult in
             guard state.currentID == id else { return .refused }
             state.outbound.append(contentsOf: frames)
-            if state.draining { return .queued }  // the drain in progress on the loop takes them
-            if state.drainScheduled { return .queued }
+            // A drain in progress on the loop, or one already scheduled, takes them.
+            if state.draining || state.drainScheduled { return .queued }
             state.drainScheduled = true
             return .scheduleDrain
         }

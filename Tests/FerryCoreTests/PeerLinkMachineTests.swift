@@ -9,18 +9,6 @@ private struct FakeClock {
     mutating func advance(_ amount: Duration) { nanos += amount.nanoseconds }
 }
 
-/// A seeded generator (SplitMix64), so a schedule replays.
-private struct SeededRandom: RandomNumberGenerator {
-    var state: UInt64
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
-}
-
 private let smallID = SiteID(bytes: [UInt8](repeating: 0x11, count: 32))!
 private let largeID = SiteID(bytes: [UInt8](repeating: 0xEE, count: 32))!
 private let strangerID = SiteID(bytes: [UInt8](repeating: 0x77, count: 32))!
@@ -479,7 +467,7 @@ struct DialScheduleTests {
     @Test("failed dials back off from 100–200 ms up to 2.5–5 s; a link that came up resets it")
     func backoff() {
         var schedule = DialSchedule()
-        var rng = SeededRandom(state: 42)
+        var rng = SeededRandom(seed: 42)
         let windows: [ClosedRange<Duration>] = [
             .milliseconds(100) ... .milliseconds(200), .milliseconds(200) ... .milliseconds(400),
             .milliseconds(400) ... .milliseconds(800), .milliseconds(800) ... .milliseconds(1600),
@@ -499,7 +487,7 @@ struct DialScheduleTests {
     @Test("with a link, wait for it; after it closes the backoff starts again from the base")
     func waitsForLink() {
         var schedule = DialSchedule()
-        var rng = SeededRandom(state: 7)
+        var rng = SeededRandom(seed: 7)
         for _ in 0..<5 { _ = schedule.dialFinished(linkCameUp: false, using: &rng) }
         #expect(schedule.backoff.attempt == 5)
         #expect(schedule.next(currentLink: LinkID(3)) == .waitForLink(LinkID(3), pause: nil))
@@ -517,7 +505,7 @@ struct DialScheduleTests {
     func replays() {
         func delays(seed: UInt64) -> [Duration] {
             var schedule = DialSchedule()
-            var rng = SeededRandom(state: seed)
+            var rng = SeededRandom(seed: seed)
             return (0..<8).map { _ in schedule.dialFinished(linkCameUp: false, using: &rng) }
         }
         #expect(delays(seed: 5) == delays(seed: 5))

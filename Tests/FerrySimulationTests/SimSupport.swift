@@ -1,16 +1,11 @@
 @testable import FerryCore
 
-/// SplitMix64: small, fast, and the same on every machine, so a seed replays exactly.
+/// FerryCore's ``SeededRandom`` (SplitMix64, so a seed replays exactly) with the draws a
+/// schedule makes.
 struct SimRandom: RandomNumberGenerator {
-    var state: UInt64
-    init(seed: UInt64) { state = seed }
-    mutating func next() -> UInt64 {
-        state &+= 0x9E37_79B9_7F4A_7C15
-        var z = state
-        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-        return z ^ (z >> 31)
-    }
+    private var base: SeededRandom
+    init(seed: UInt64) { base = SeededRandom(seed: seed) }
+    mutating func next() -> UInt64 { base.next() }
     mutating func chance(_ p: Double) -> Bool { Double(next() >> 11) / Double(1 << 53) < p }
     mutating func int(_ range: ClosedRange<Int>) -> Int { Int.random(in: range, using: &self) }
     mutating func nanos(_ range: ClosedRange<Int64>) -> Int64 { Int64.random(in: range, using: &self) }

@@ -39,24 +39,11 @@ struct ReceiveLogModelTests {
         }
     }
 
-    /// SplitMix64: the same schedule for the same seed on every machine.
-    struct Random {
-        var state: UInt64
-        mutating func next() -> UInt64 {
-            state &+= 0x9E37_79B9_7F4A_7C15
-            var z = state
-            z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
-            z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
-            return z ^ (z >> 31)
-        }
-        mutating func int(_ range: ClosedRange<Int>) -> Int { range.lowerBound + Int(next() % UInt64(range.count)) }
-    }
-
     @Test(arguments: 1...24 as ClosedRange<UInt64>)
     func scheduleMatchesTheSimulationModel(seed: UInt64) throws {
         let dir = TemporaryDirectory()
         let path = dir.file("receive.log")
-        var rng = Random(state: seed)
+        var rng = SeededRandom(seed: seed)
         var model = Model()
         var (log, _) = try ReceiveLog.open(path: path)
         var nextIndex: UInt64 = 1
@@ -133,4 +120,9 @@ struct ReceiveLogModelTests {
             if model.log.isEmpty { #expect(log.bytes == 0, where_) }
         }
     }
+}
+
+private extension SeededRandom {
+    /// A number in `range`, by modulo (how these schedules were drawn from the start).
+    mutating func int(_ range: ClosedRange<Int>) -> Int { range.lowerBound + Int(next() % UInt64(range.count)) }
 }

@@ -1,0 +1,16 @@
+/// SplitMix64: a small, fast generator that gives the same numbers for the same seed on every
+/// machine. FerryCore's machines take their randomness as a parameter; tests and the simulation
+/// pass this one so that a seed replays exactly.
+public struct SeededRandom: RandomNumberGenerator, Sendable {
+    public var state: UInt64
+
+    public init(seed: UInt64) { state = seed }
+
+    public mutating func next() -> UInt64 {
+        state &+= 0x9E37_79B9_7F4A_7C15
+        var z = state
+        z = (z ^ (z >> 30)) &* 0xBF58_476D_1CE4_E5B9
+        z = (z ^ (z >> 27)) &* 0x94D0_49BB_1331_11EB
+        return z ^ (z >> 31)
+    }
+}
