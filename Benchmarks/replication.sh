@@ -42,6 +42,8 @@ MIRROR="$SHARED/bench/qemu-sync-mirror.py"
 BASELINES="$HERE/nbd-baselines.sh"
 WATCH="$HERE/replication-watch.py"
 die() { echo "replication.sh: $*" >&2; exit 2; }
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"   # ferry_binary, stop, port
 [ -f "$MIRROR" ] || die "$MIRROR not found; set FERRY_SHARED to the shared/ directory"
 export FERRY_SHARED="$SHARED"
 
@@ -60,23 +62,10 @@ for tool in fio nbdkit qemu-nbd qemu-storage-daemon python3 ss cmp; do
 done
 
 cd "$ROOT"
-if [ -z "${FERRY_BIN:-}" ]; then
-    swift build -c release --scratch-path .build-release >&2
-    FERRY_BIN="$ROOT/.build-release/release/ferry"
-fi
-export FERRY_BIN
+ferry_binary
 
 WORK="$(mktemp -d /tmp/ferry-repl-XXXXXX)"
 EAST_PID="" WEST_PID="" MIRROR_PID="" POLL_PID="" BASE_PID=""
-# stop PID [SECONDS]: SIGTERM, wait up to SECONDS (default 30), then SIGKILL.
-stop() {
-    local pid=$1 i
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq $((${2:-30} * 10))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
 cleanup() {
     local rc=$?
     trap - EXIT
@@ -99,7 +88,6 @@ trap cleanup EXIT
 trap 'echo "replication.sh: interrupted" >&2; exit 130' INT
 trap 'echo "replication.sh: terminated" >&2; exit 143' TERM
 
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 EAST_REPL=$(port); EAST_NBD=$(port); WEST_REPL=$(port); WEST_NBD=$(port)
 for s in east west; do "$FERRY_BIN" init --site "$s" --data "$WORK/$s" >/dev/null; done
 EAST_ID=$("$FERRY_BIN" id --data "$WORK/east" | cut -d' ' -f1)

@@ -32,6 +32,8 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 ROOT="$(cd "$HERE/.." && pwd)"
 WATCH="$HERE/replication-watch.py"
 die() { echo "sync-rates.sh: $*" >&2; exit 2; }
+# shellcheck source=lib.sh
+. "$HERE/lib.sh"   # ferry_binary, stop, port
 
 MODE=async
 SIZE=1G
@@ -55,24 +57,12 @@ for tool in fio nbdkit nbdcopy python3 cmp; do
 done
 
 cd "$ROOT"
-if [ -z "${FERRY_BIN:-}" ]; then
-    swift build -c release --scratch-path .build-release >&2
-    FERRY_BIN="$ROOT/.build-release/release/ferry"
-fi
-export FERRY_BIN
+ferry_binary
 
 WORK="$(mktemp -d /tmp/ferry-syncrates-XXXXXX)"
 cd "$WORK"     # fio and nbdcopy run here
 PIDS=()          # every long-running child, stopped in reverse order by cleanup
 CHILD=""         # the foreground tool (fio, nbdcopy) while it runs
-stop() {
-    local pid=$1 i
-    [ -n "$pid" ] || return 0
-    kill -TERM "$pid" 2>/dev/null || return 0
-    for i in $(seq 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null || true
-    wait "$pid" 2>/dev/null || true
-}
 cleanup() {
     local rc=$? i
     trap - EXIT
@@ -96,7 +86,6 @@ trap 'echo "sync-rates.sh: terminated" >&2; exit 143' TERM
 run_fg() { "$@" & CHILD=$!; local rc=0; wait "$CHILD" || rc=$?; CHILD=""; return "$rc"; }
 now() { date +%s.%N; }
 sub() { python3 -c 'import sys; print("%.2f" % (float(sys.argv[1]) - float(sys.argv[2])))' "$1" "$2"; }
-port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 # fio_bytes JSON: bytes fio wrote (all jobs)
 fio_bytes() { python3 -c 'import json, sys
 t = open(sys.argv[1]).read(); d = json.loads(t[t.index("{"):])
