@@ -98,6 +98,9 @@ final class SimWorld {
         config.windowBytes = 32 << 10
         config.cutBytes = 16 << 10
         config.cutIntervalNanos = 20_000_000
+        // Sync and semi-sync cuts: often, seldom, or never within a schedule (seed-derived too).
+        config.directCutBytes = [16 << 10, 64 << 10, 1 << 30][Int(scenario.seed % 3)]
+        config.directCutIntervalNanos = [20_000_000, 100_000_000, 1_000_000_000][Int(scenario.seed / 3 % 3)]
         config.sequenceReservation = 50
         config.plantedBug = scenario.bug
         self.config = config

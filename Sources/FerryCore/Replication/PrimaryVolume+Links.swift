@@ -22,7 +22,7 @@ extension PrimaryVolume {
                     session.record(SentItem(index: b, kind: .barrier(.flush, seq: seq), range: nil, bytes: 0))
                     session.lastCutAt = now.monotonicNanos
                     if peer.policy.mode == .sync { level = .durable; waitIndex = b }
-                } else if session.bytesSinceCut >= config.cutBytes {
+                } else if session.bytesSinceCut >= config.directCutBytes {
                     cutBarrier(&session, peer: name, seq: seq, &out)
                 }
                 request.waits.append(.ack(peer: name, session.link, index: waitIndex, level: level))

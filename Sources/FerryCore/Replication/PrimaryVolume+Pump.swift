@@ -42,7 +42,7 @@ extension PrimaryVolume {
         }
         // Sync and semi-sync: a cut now and then, so the peer makes its writes durable.
         if peer.isDirect, session.catchUp == nil, !session.lastWasBarrier,
-           now.monotonicNanos - session.lastCutAt >= config.cutIntervalNanos {
+           now.monotonicNanos - session.lastCutAt >= config.directCutIntervalNanos {
             cutBarrier(&session, peer: name, seq: session.lastSentSeq, &out)
         }
         var reads: [(regions: Range<Int>, forPoint: Bool)] = []

@@ -57,6 +57,13 @@ public struct PrimaryVolume: Sendable {
         public var cutBytes: UInt64 = 4 << 20
         /// ... or when the stream has been idle-ish this long with something uncut.
         public var cutIntervalNanos: Int64 = 50_000_000
+        /// The cut for sync and semi-sync peers, whose writes the replica applies as they arrive:
+        /// a cut there costs an fdatasync of the replica's image, so it comes only after this many
+        /// bytes or this long (the kernel's own writeback runs every 5 s). What a cut bounds is
+        /// what the primary resends after the replica loses power: at most this much. Every 4 MiB,
+        /// the replica's flushes took a third of its CPU at 4 KiB writes (BENCHMARKS.md, sync).
+        public var directCutBytes: UInt64 = 256 << 20
+        public var directCutIntervalNanos: Int64 = 1_000_000_000
         /// Sequence numbers reserved at a time: the reservation is persisted before a number in
         /// it is used, so after a crash the primary continues above every number it ever gave out.
         public var sequenceReservation: UInt64 = 1 << 20
