@@ -11,6 +11,7 @@ import Glibc
 public final class NBDServer: Sendable {
     public let exports: NBDExportTable
     private let group: any EventLoopGroup
+    private let connectionLoop: (any EventLoop)?
     private let logger: Logger
 
     private struct State {
@@ -21,9 +22,12 @@ public final class NBDServer: Sendable {
     }
     private let state = NIOLockedValueBox(State())
 
-    public init(exports: NBDExportTable, group: any EventLoopGroup, logger: Logger) {
+    /// - Parameter connectionLoop: if given, every client connection runs on this loop of `group`
+    ///   (listeners stay on `group`); by default connections are spread over `group`.
+    public init(exports: NBDExportTable, group: any EventLoopGroup, connectionLoop: (any EventLoop)? = nil, logger: Logger) {
         self.exports = exports
         self.group = group
+        self.connectionLoop = connectionLoop
         self.logger = logger
     }
 
@@ -52,7 +56,7 @@ public final class NBDServer: Sendable {
     public var connectionCount: Int { state.withLockedValue { $0.connections.count } }
 
     private func bootstrap() -> ServerBootstrap {
-        ServerBootstrap(group: group)
+        ServerBootstrap(group: group, childGroup: connectionLoop ?? group)
             .serverChannelOption(.backlog, value: 256)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.socketOption(.tcp_nodelay), value: 1)

@@ -20,6 +20,7 @@ public final class Site: Service, Sendable {
     public let config: SiteConfig
     let logger: Logger
     let group: MultiThreadedEventLoopGroup
+    let linkLoop: any EventLoop
     let threadPool: NIOThreadPool
     private let startedAt = Date()
 
@@ -60,7 +61,13 @@ public final class Site: Service, Sendable {
         self.group = eventLoopGroup ?? MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         self.ownsGroup = eventLoopGroup == nil
         self.threadPool = NIOThreadPool(numberOfThreads: max(4, System.coreCount * 2))
-        self.nbd = NBDServer(exports: exports, group: group, logger: logger)
+        // Peer links live on one loop. On a machine of two cores or fewer the NBD connections
+        // live there too: a sync write's frame and its ack then need no hop between threads,
+        // each of which (an eventfd write and a wake-up) cost a tenth of a QD1 sync write there
+        // (BENCHMARKS.md, sync). With more cores, connections spread over every loop.
+        self.linkLoop = group.next()
+        let loops = Array(group.makeIterator()).count
+        self.nbd = NBDServer(exports: exports, group: group, connectionLoop: loops <= 2 ? linkLoop : nil, logger: logger)
         self.admin = AdminServer(group: group, logger: logger)
     }
 
@@ -125,7 +132,7 @@ public final class Site: Service, Sendable {
             identity: identity,
             listen: (host: config.listen.replication.host, port: config.listen.replication.port),
             peers: config.peers.map { PeerEndpoint(name: $0.name, host: $0.address.host, port: $0.address.port, siteID: $0.siteID) },
-            group: group, logger: logger, dataFrameTypes: VolumeFrame.frameTypes)
+            group: group, linkLoop: linkLoop, logger: logger, dataFrameTypes: VolumeFrame.frameTypes)
         links.attach(peers)
         connect(engine, to: peers)
         engine.start(on: group.next())

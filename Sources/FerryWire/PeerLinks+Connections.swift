@@ -35,7 +35,7 @@ extension PeerLinks {
     func makeServerBootstrap(context: NIOSSLContext) -> ServerBootstrap {
         let registry = self.registry
         let settings = connectionSettings
-        return ServerBootstrap(group: group)
+        return ServerBootstrap(group: group, childGroup: connectionGroup)
             .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
             .childChannelOption(.tcpOption(.tcp_nodelay), value: 1)
             .childChannelInitializer { channel in
@@ -84,7 +84,7 @@ extension PeerLinks {
         let registry = self.registry
         let settings = connectionSettings
         let outcome = group.next().makePromise(of: Void.self)
-        let bootstrap = ClientBootstrap(group: group)
+        let bootstrap = ClientBootstrap(group: connectionGroup)
             .connectTimeout(.seconds(5))
             .channelOption(.tcpOption(.tcp_nodelay), value: 1)
             .channelInitializer { channel in

@@ -44,6 +44,8 @@ public final class PeerLinks: Sendable {
     private let listenHost: String
     private let listenPort: Int
     let group: any EventLoopGroup
+    /// Where connections live: one loop when the site asks for it (``init``'s `linkLoop`).
+    let connectionGroup: any EventLoopGroup
     private let logger: Logger
     let heartbeat: TimeAmount
     let deadAfter: TimeAmount
@@ -69,6 +71,8 @@ public final class PeerLinks: Sendable {
     ///   - listen: where to accept peers; port 0 picks a free port (see ``boundPort``).
     ///   - peers: the peer sites to dial and to accept, each with its pinned site ID.
     ///   - group: the event loops for all connections.
+    ///   - linkLoop: if given, every link lives on this loop of `group` (the site puts its NBD
+    ///     connections there too, so a sync write and its ack need no hop between threads).
     ///   - heartbeatInterval: how often to ping each linked peer.
     ///   - deadAfter: how long a link may stay silent (no frame at all) before it is closed.
     ///   - dataFrameTypes: frame types delivered to ``onFrame``, each with the mask of the flag bits
@@ -79,6 +83,7 @@ public final class PeerLinks: Sendable {
         listen: (host: String, port: Int),
         peers: [PeerEndpoint],
         group: any EventLoopGroup,
+        linkLoop: (any EventLoop)? = nil,
         logger: Logger,
         heartbeatInterval: Duration = .seconds(1),
         deadAfter: Duration = .seconds(5),
@@ -91,6 +96,7 @@ public final class PeerLinks: Sendable {
         self.listenHost = listen.host
         self.listenPort = listen.port
         self.group = group
+        self.connectionGroup = linkLoop ?? group
         self.logger = logger
         self.heartbeat = .nanoseconds(max(1_000_000, heartbeatInterval.nanoseconds))
         self.deadAfter = .nanoseconds(max(1_000_000, deadAfter.nanoseconds))
