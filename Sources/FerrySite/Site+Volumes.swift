@@ -18,13 +18,19 @@ extension Site {
         try FileManager.default.createDirectory(atPath: volumesDir, withIntermediateDirectories: true)
         var volumes: [Volume] = []
         for v in config.volumes {
-            let isPrimary = v.primary == config.site.name
-            let isReplica = v.replicas[config.site.name] != nil
-            guard isPrimary || isReplica else {
+            guard v.sites.contains(config.site.name) else {
                 volumes.append(Volume(config: v, isPrimary: false, isReplica: false))
                 continue
             }
             let (record, created) = try catalog.ensureVolume(name: v.name, sizeBytes: v.sizeBytes)
+            // A role taken at run time (promote, demote) outlives the config's `primary:`.
+            let isPrimary = record.role.map { $0 == "primary" || $0 == "fenced" } ?? (v.primary == config.site.name)
+            let isReplica = !isPrimary
+            if let role = record.role, role != "fenced", role != (v.primary == config.site.name ? "primary" : "secondary") {
+                let command = role == "primary" ? "promote" : "demote"
+                logger.warning("volume \(v.name): this site is its \(role) since a `ferry \(command)`, while the config names \(v.primary) as primary; the live role stands (make the configs agree)")
+            }
+            let peers = v.peers(whenPrimaryIs: config.site.name)
             let imagePath = "\(volumesDir)/\(v.name).img"
             let image = try VolumeImage.openOrCreate(path: imagePath, size: v.sizeBytes)
             warnIfThin(image, volume: v.name)
@@ -38,13 +44,13 @@ extension Site {
             let onEvent: @Sendable (VolumeEvent) -> Void = { [weak self] event in self?.log(event) }
             let description = "ferry volume \(v.name) (\(record.uuid))"
             if isPrimary {
-                if v.replicas.isEmpty {
+                if peers.isEmpty {
                     exports.add(NBDExport(name: v.name, description: description,
                                           device: ImageBlockDevice(image: image, threadPool: threadPool)))
                 } else {
                     var machine = PrimaryVolume.Config(
                         volume: v.name, volumeSize: v.sizeBytes, epoch: UInt64(max(1, record.epoch)),
-                        generation: PrimaryVolume.Config.generationNumber(record.generation), peers: v.replicas)
+                        generation: PrimaryVolume.Config.generationNumber(record.generation), peers: peers)
                     machine.regionSize = PrimaryVolume.Config.regionSize(forVolumeSize: v.sizeBytes)
                     let runtime = try PrimaryVolumeRuntime(
                         name: v.name, image: image, config: machine, stateDirectory: stateDir, cleanShutdown: clean,
@@ -52,13 +58,17 @@ extension Site {
                     if !clean { logger.warning("volume \(v.name) was not stopped cleanly: the regions it may have been writing are resent to its replicas") }
                     volume.primary = runtime
                     exports.add(NBDExport(name: v.name, description: description, device: runtime))
+                    if record.role == "fenced" {
+                        runtime.fence(reason: "fenced before the last restart: another site holds a newer epoch of \(v.name); "
+                                      + "run `ferry demote \(v.name)` here to rejoin as its secondary")
+                    }
                 }
             } else {
                 volume.replica = try ReplicaVolumeRuntime(
                     name: v.name, image: image, stateDirectory: stateDir, threadPool: threadPool, links: links,
                     logger: logger, onEvent: onEvent)
                 // A replica is served read-only: its primary is the only writer (P4).
-                exports.add(NBDExport(name: v.name, description: description + ", replica of \(v.primary)",
+                exports.add(NBDExport(name: v.name, description: description + ", secondary",
                                       device: ImageBlockDevice(image: image, threadPool: threadPool, readOnly: true)))
             }
             volumes.append(volume)
@@ -73,7 +83,7 @@ extension Site {
         for v in volumes {
             if let p = v.primary {
                 primaries[v.config.name] = p
-                peers[v.config.name] = Set(v.config.replicas.keys)
+                peers[v.config.name] = Set(v.config.peers(whenPrimaryIs: config.site.name).keys)
             }
             if let r = v.replica { replicas[v.config.name] = r }
         }
@@ -138,6 +148,12 @@ extension Site {
             logger.critical("volume \(event.volume) fenced: \(event.message); it no longer accepts writes here",
                             metadata: ["volume": "\(event.volume)"])
             exports.fence(event.volume, reason: event.message)
+            // Kept across restarts: until demoted, this site takes no writes for the volume again.
+            do {
+                try state.withLockedValue { $0.catalog }?.setRole(name: event.volume, role: "fenced")
+            } catch {
+                logger.error("volume \(event.volume): recording the fence in the catalog failed: \(error)")
+            }
         }
     }
 
@@ -206,16 +222,29 @@ final class PeerVolumeLinks: VolumeLinks {
 
 extension Site {
     func volumeStatus(_ v: Volume, uriBases: [String]) -> SiteStatus.Volume {
+        let me = config.site.name
         let exportsHere = v.isPrimary || v.isReplica
+        // The live view: this site when it is the primary; else the configured primary, or, when
+        // that is this (demoted) site, the only other holder if there is one.
+        let others = v.config.sites.subtracting([me]).sorted()
+        let primarySite = v.isPrimary ? me : v.config.primary != me ? v.config.primary : others.count == 1 ? others[0] : v.config.primary
         var status = SiteStatus.Volume(
             name: v.config.name, sizeBytes: v.config.sizeBytes, role: v.isPrimary ? "primary" : "secondary",
-            primarySite: v.config.primary, uuid: v.record?.uuid, epoch: v.record?.epoch, generation: v.record?.generation,
+            primarySite: primarySite, uuid: v.record?.uuid, epoch: v.record?.epoch, generation: v.record?.generation,
             exports: exportsHere ? uriBases.map { Self.uri(base: $0, export: v.config.name) } : [],
             clientsConnected: exportsHere ? exports.clientCount(v.config.name) : 0,
             image: v.image?.path)
         if let runtime = v.primary {
             status.replicas = runtime.status().map(Self.replicaStatus)
             status.lastError = runtime.lastError
+            status.fenced = runtime.isFenced ? exports.fenceReason(v.config.name) ?? "another site holds a newer epoch" : nil
+        }
+        if exportsHere, v.isPrimary != (v.config.primary == me) {
+            status.roleNote = v.isPrimary
+                ? "\(me) is the primary since `ferry promote` (epoch \(v.record?.epoch ?? 0)) while the config names \(v.config.primary); "
+                    + "in every site's config make \(me) its primary and \(v.config.primary) a replica"
+                : "\(me) is a secondary since `ferry demote` while the config names it primary; "
+                    + "in every site's config make the promoted site its primary and \(me) a replica"
         }
         if let runtime = v.replica {
             let p = runtime.position
@@ -234,11 +263,15 @@ extension Site {
             let body = (try? JSONSerialization.data(withJSONObject: [key: text])) ?? Data()
             return (code, body)
         }
-        let parts = path.split(separator: "/").map(String.init)
-        guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", parts[3] == "checkpoint" else {
-            return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/checkpoint")
+        let pieces = path.split(separator: "?", maxSplits: 1)
+        let query = pieces.count > 1 ? pieces[1].split(separator: "&").map(String.init) : []
+        let parts = pieces.first.map { $0.split(separator: "/").map(String.init) } ?? []
+        guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", ["checkpoint", "promote", "demote"].contains(parts[3]) else {
+            return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/{checkpoint,promote,demote}")
         }
         let name = parts[2]
+        if parts[3] == "promote" { return promote(name, force: query.contains("force=1")) }
+        if parts[3] == "demote" { return demote(name) }
         guard let volume = state.withLockedValue({ $0.volumes.first { $0.config.name == name } }) else {
             return reply(404, "error", "no volume \"\(name)\" is configured on site \(config.site.name)")
         }

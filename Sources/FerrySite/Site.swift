@@ -48,6 +48,8 @@ public final class Site: Service, Sendable {
     }
     let state = NIOLockedValueBox(State())
     let exports = NBDExportTable()
+    /// How volume runtimes reach their peers (attached to the peer links at start).
+    let volumeLinks = PeerVolumeLinks()
     private let nbd: NBDServer
     private let admin: AdminServer
     private let dataLock = NIOLockedValueBox<Int32>(-1)
@@ -100,7 +102,7 @@ public final class Site: Service, Sendable {
 
         let catalog = try Catalog(path: data + "/catalog.sqlite")
         state.withLockedValue { $0.catalog = catalog }
-        let links = PeerVolumeLinks()
+        let links = volumeLinks
         let volumes = try openVolumes(catalog: catalog, links: links)
         let engine = makeEngine(volumes, links: links)
         state.withLockedValue {

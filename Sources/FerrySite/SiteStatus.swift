@@ -37,6 +37,12 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         public var replicaState: ReplicaState?
         /// The last I/O or replication error, if any.
         public var lastError: String?
+        /// Why this site takes no writes for the volume although it was its primary (another site
+        /// holds a newer epoch), if so.
+        public var fenced: String?
+        /// Where the live role differs from the config's `primary:` (after promote or demote), and
+        /// how to make the config agree.
+        public var roleNote: String?
 
         public init(name: String, sizeBytes: UInt64, role: String, primarySite: String, uuid: String?, epoch: Int64?,
                     generation: String?, exports: [String], clientsConnected: Int, image: String? = nil,
@@ -155,6 +161,8 @@ extension SiteStatus {
                 }
                 for e in v.exports { line += "\n      \(e) (read-only)" }
             }
+            if let f = v.fenced { line += "\n      FENCED: \(f)" }
+            if let n = v.roleNote { line += "\n      note: \(n)" }
             if let e = v.lastError { line += "\n      last error: \(e)" }
             out += line + "\n"
         }

@@ -18,35 +18,41 @@ import NIOPosix
 /// refusal naming the volume, and nothing is applied.
 final class VolumeEngine: Sendable {
     let siteName: String
-    let primaries: [String: PrimaryVolumeRuntime]
-    let replicas: [String: ReplicaVolumeRuntime]
-    /// For each volume this site is primary of: the peers it replicates to.
-    let primaryPeers: [String: Set<String>]
     let links: any VolumeLinks
     let logger: Logger
+    /// Which runtime serves each volume; changed by promote and demote.
+    private let tables: NIOLockedValueBox<Tables>
     /// Link events reach the runtimes in order, but never synchronously from inside the link
     /// layer: a runtime may be the one whose send made the link close (NIO can fire
     /// channelInactive from inside a flush), and it would re-enter its own lock.
     private let linkEvents = DispatchQueue(label: "ferry.volume-link-events")
     /// The link each peer was last reported up on (nil after its down).
     private let upLinks = NIOLockedValueBox<[String: LinkID]>([:])
+    /// Where primary runtimes run their timers (set by ``start(on:)``).
+    private let timerLoop = NIOLockedValueBox<(any EventLoop)?>(nil)
+
+    struct Tables: Sendable {
+        var primaries: [String: PrimaryVolumeRuntime]
+        var replicas: [String: ReplicaVolumeRuntime]
+        /// For each volume this site is primary of: the peers it replicates to.
+        var primaryPeers: [String: Set<String>]
+    }
 
     init(siteName: String, primaries: [String: PrimaryVolumeRuntime], replicas: [String: ReplicaVolumeRuntime],
          primaryPeers: [String: Set<String>], links: any VolumeLinks, logger: Logger) {
         self.siteName = siteName
-        self.primaries = primaries
-        self.replicas = replicas
-        self.primaryPeers = primaryPeers
+        self.tables = NIOLockedValueBox(Tables(primaries: primaries, replicas: replicas, primaryPeers: primaryPeers))
         self.links = links
         self.logger = logger
     }
 
-    var isEmpty: Bool { primaries.isEmpty && replicas.isEmpty }
+    var isEmpty: Bool { tables.withLockedValue { $0.primaries.isEmpty && $0.replicas.isEmpty } }
 
     func linkUp(peer: String, link: LinkID) {
         upLinks.withLockedValue { $0[peer] = link }
         linkEvents.async { [self] in
-            for (volume, runtime) in primaries where primaryPeers[volume]?.contains(peer) == true {
+            let t = tables.withLockedValue { $0 }
+            for (volume, runtime) in t.primaries where t.primaryPeers[volume]?.contains(peer) == true {
                 runtime.linkUp(peer: peer, link: link)
             }
         }
@@ -55,10 +61,11 @@ final class VolumeEngine: Sendable {
     func linkDown(peer: String, link: LinkID) {
         upLinks.withLockedValue { if $0[peer] == link { $0[peer] = nil } }
         linkEvents.async { [self] in
-            for (volume, runtime) in primaries where primaryPeers[volume]?.contains(peer) == true {
+            let t = tables.withLockedValue { $0 }
+            for (volume, runtime) in t.primaries where t.primaryPeers[volume]?.contains(peer) == true {
                 runtime.linkDown(peer: peer, link: link)
             }
-            for runtime in replicas.values { runtime.linkDown(link: link) }
+            for runtime in t.replicas.values { runtime.linkDown(link: link) }
         }
     }
 
@@ -67,18 +74,33 @@ final class VolumeEngine: Sendable {
 
     /// A replication frame from `peer`. A malformed frame resets the link (the caller closes it).
     func received(_ frame: VolumeFrame, from peer: String, link: LinkID) {
-        if let runtime = primaries[frame.volume] {
+        let (primary, replica) = tables.withLockedValue { ($0.primaries[frame.volume], $0.replicas[frame.volume]) }
+        if let runtime = primary {
             switch frame.message {
             case .position, .ack, .refuse:
                 runtime.received(frame.message, from: peer, link: link)
-            case .open, .write, .region, .barrier:
-                // Two sites both think they are primary: refuse; failover (issue 10) decides.
+            case .open(let open) where open.epoch > runtime.epoch:
+                // The peer was promoted after this site: it holds the newer epoch, and this site
+                // stops taking writes before anything else (P4).
+                let reason = "\(peer) holds epoch \(open.epoch) of \(frame.volume), newer than this site's \(runtime.epoch): "
+                    + "it was promoted; run `ferry demote \(frame.volume)` here to rejoin as its secondary"
+                if !runtime.isFenced { runtime.fence(reason: reason) }
+                refuse(frame.volume, peer: peer, link: link,
+                       "site \(siteName) was the primary of \(frame.volume) at epoch \(runtime.epoch) and is now fenced; "
+                       + "it rejoins as a secondary after `ferry demote \(frame.volume)` there")
+            case .open:
+                // A site still on an older epoch (a former primary back after a promotion here):
+                // the position it gets names this site's newer epoch, and it fences itself.
+                let position = ReplicaPosition(epoch: runtime.epoch)
+                logger.warning("volume \(frame.volume): \(peer) opened a stream at an older epoch; answering with epoch \(runtime.epoch) so it fences itself")
+                links.send([VolumeFrame(volume: frame.volume, message: .position(position), payload: nil)], to: peer, link: link)
+            case .write, .region, .barrier:
                 refuse(frame.volume, peer: peer, link: link,
                        "site \(siteName) is the primary of volume \(frame.volume) and does not take a stream for it")
             }
             return
         }
-        if let runtime = replicas[frame.volume] {
+        if let runtime = replica {
             runtime.received(frame.message, payload: frame.payload, from: peer, link: link)
             return
         }
@@ -93,12 +115,45 @@ final class VolumeEngine: Sendable {
     }
 
     func start(on loop: any EventLoop) {
-        for runtime in primaries.values { runtime.start(on: loop) }
+        timerLoop.withLockedValue { $0 = loop }
+        for runtime in tables.withLockedValue({ Array($0.primaries.values) }) { runtime.start(on: loop) }
     }
 
+    /// The replica of `volume` stops and `runtime` becomes its primary, replicating to `peers`;
+    /// peers whose links are up are told at once.
+    func becomePrimary(_ volume: String, runtime: PrimaryVolumeRuntime, peers: Set<String>) {
+        let replica = tables.withLockedValue { t -> ReplicaVolumeRuntime? in
+            t.primaries[volume] = runtime
+            t.primaryPeers[volume] = peers
+            return t.replicas.removeValue(forKey: volume)
+        }
+        replica?.stop()
+        if let loop = timerLoop.withLockedValue({ $0 }) { runtime.start(on: loop) }
+        let up = upLinks.withLockedValue { $0 }
+        linkEvents.async {
+            for peer in peers.sorted() { if let link = up[peer] { runtime.linkUp(peer: peer, link: link) } }
+        }
+    }
+
+    /// The primary of `volume` stops (after its writes are flushed) and `runtime` takes the
+    /// stream from whichever peer opens one.
+    /// Called with nil first, to stop the primary before the replica's state is prepared.
+    func becomeSecondary(_ volume: String, runtime: ReplicaVolumeRuntime?) {
+        let primary = tables.withLockedValue { t -> PrimaryVolumeRuntime? in
+            t.replicas[volume] = runtime
+            t.primaryPeers[volume] = nil
+            return t.primaries.removeValue(forKey: volume)
+        }
+        primary?.stop()
+    }
+
+    func primary(_ volume: String) -> PrimaryVolumeRuntime? { tables.withLockedValue { $0.primaries[volume] } }
+    func replica(_ volume: String) -> ReplicaVolumeRuntime? { tables.withLockedValue { $0.replicas[volume] } }
+
     func stop() {
-        for runtime in primaries.values { runtime.stop() }
-        for runtime in replicas.values { runtime.stop() }
+        let t = tables.withLockedValue { $0 }
+        for runtime in t.primaries.values { runtime.stop() }
+        for runtime in t.replicas.values { runtime.stop() }
     }
 }
 

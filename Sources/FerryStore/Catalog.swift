@@ -14,14 +14,23 @@ public struct VolumeRecord: Codable, Equatable, Sendable, FetchableRecord, Persi
     /// The current generation's ID: one span of history under one primary.
     public var generation: String
     public var createdAt: Date
+    /// The role this site took at run time (`primary` after `ferry promote`, `secondary` after
+    /// `ferry demote`), which outlives restarts and the config's `primary:`; nil: the config decides.
+    public var role: String?
+    /// The generations this site's image descends from, oldest first, as JSON
+    /// (``FerryCore/GenerationRecord``); empty until the first promotion or demotion.
+    public var history: String
 
-    public init(name: String, uuid: String, sizeBytes: Int64, epoch: Int64, generation: String, createdAt: Date) {
+    public init(name: String, uuid: String, sizeBytes: Int64, epoch: Int64, generation: String, createdAt: Date,
+                role: String? = nil, history: String = "[]") {
         self.name = name
         self.uuid = uuid
         self.sizeBytes = sizeBytes
         self.epoch = epoch
         self.generation = generation
         self.createdAt = createdAt
+        self.role = role
+        self.history = history
     }
 }
 
@@ -59,7 +68,37 @@ public final class Catalog: Sendable {
                 t.column("createdAt", .datetime).notNull()
             }
         }
+        m.registerMigration("v2-roles") { db in
+            try db.alter(table: "volume") { t in
+                t.add(column: "role", .text)
+                t.add(column: "history", .text).notNull().defaults(to: "[]")
+            }
+        }
         return m
+    }
+
+    /// Records `role` alone (`fenced`: another site holds a newer epoch; kept so that a restart
+    /// does not take writes again before the link says so).
+    public func setRole(name: String, role: String) throws {
+        try db.write { db in
+            try db.execute(sql: "UPDATE volume SET role = ? WHERE name = ?", arguments: [role, name])
+        }
+    }
+
+    /// Records a role change of this site for `name` in one transaction: the role, the epoch, the
+    /// current generation and the history. A promotion calls it before anything is exported
+    /// read-write, so a crash after it restarts in the new role (never the old one).
+    public func setRole(name: String, role: String, epoch: Int64, generation: String, history: String) throws {
+        try db.write { db in
+            guard var record = try VolumeRecord.fetchOne(db, key: name) else {
+                throw StoreError("record role", path: name, detail: "the catalog has no volume \(name)")
+            }
+            record.role = role
+            record.epoch = epoch
+            record.generation = generation
+            record.history = history
+            try record.update(db)
+        }
     }
 
     public func volume(named name: String) throws -> VolumeRecord? {

@@ -176,6 +176,15 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
         handle { $0.machine.received(message, peer: peer, link: link, now: now) }
     }
 
+    /// The epoch this primary writes in.
+    public var epoch: UInt64 { core.withLockedValue { $0.machine.epoch } }
+    public var isFenced: Bool { core.withLockedValue { $0.fenced } }
+
+    /// Stops taking writes: another site holds a newer epoch (P4).
+    public func fence(reason: String) {
+        handle { $0.machine.fence(reason: reason) }
+    }
+
     /// `ferry checkpoint`: a point now for every scheduled peer.
     public func checkpoint() {
         let now = clock.now()

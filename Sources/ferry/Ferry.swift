@@ -16,7 +16,7 @@ struct Ferry: AsyncParsableCommand {
             A real site: `ferry init --site NAME --data DIR`, write a config (docs/configuration.md),
             then `ferry serve --config FILE` and `ferry status --config FILE`.
             """,
-        subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Quickstart.self])
+        subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Promote.self, Demote.self, Quickstart.self])
 }
 
 /// Loads a config, or prints every problem and exits with status 2 (docs/configuration.md).
@@ -161,18 +161,56 @@ struct Checkpoint: ParsableCommand {
     @Option(help: "The admin socket, instead of --config.") var socket: String?
 
     func run() throws {
-        let path = try adminSocket(config: config, socket: socket)
-        do {
-            let (code, body) = try AdminClient.post(socketPath: path, path: "/v1/volumes/\(volume)/checkpoint")
-            let object = (try? JSONSerialization.jsonObject(with: body)) as? [String: String]
-            guard code == 200 else {
-                printError(object?["error"] ?? "the daemon answered \(code): \(String(decoding: body, as: UTF8.self))")
-                throw ExitCode(1)
-            }
-            print(object?["message"] ?? "point cut")
-        } catch let e as AdminClient.Failure {
-            printError(e.description)
+        try postVolumeAction("/v1/volumes/\(volume)/checkpoint", config: config, socket: socket, done: "point cut")
+    }
+}
+
+/// POSTs an admin action and prints the daemon's message; exit 1 with its error otherwise.
+func postVolumeAction(_ route: String, config: String?, socket: String?, done: String) throws {
+    let path = try adminSocket(config: config, socket: socket)
+    do {
+        let (code, body) = try AdminClient.post(socketPath: path, path: route)
+        let object = (try? JSONSerialization.jsonObject(with: body)) as? [String: String]
+        guard code == 200 else {
+            printError(object?["error"] ?? "the daemon answered \(code): \(String(decoding: body, as: UTF8.self))")
             throw ExitCode(1)
         }
+        print(object?["message"] ?? done)
+    } catch let e as AdminClient.Failure {
+        printError(e.description)
+        throw ExitCode(1)
+    }
+}
+
+struct Promote: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Make this site the primary of a volume it holds a replica of (failover).",
+        discussion: """
+            Refuses while the current primary is reachable (demote it there first) or while the replica \
+            is not consistent (initial sync or catch-up running). The site takes a new epoch: a former \
+            primary that comes back is fenced and takes no writes until it is demoted.
+            """)
+
+    @Argument(help: "The volume.") var volume: String
+    @Flag(help: "Promote even though the current primary is reachable or the replica is not consistent.") var force = false
+    @Option(help: "The config file of the site to promote.") var config: String?
+    @Option(help: "The admin socket, instead of --config.") var socket: String?
+
+    func run() throws {
+        try postVolumeAction("/v1/volumes/\(volume)/promote" + (force ? "?force=1" : ""), config: config, socket: socket, done: "promoted")
+    }
+}
+
+struct Demote: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Make this site a secondary of a volume it is primary of (after a failover, or before one).",
+        discussion: "Refuses while NBD clients are connected. The image is flushed and served read-only; the next primary copies the volume here.")
+
+    @Argument(help: "The volume.") var volume: String
+    @Option(help: "The config file of the site to demote.") var config: String?
+    @Option(help: "The admin socket, instead of --config.") var socket: String?
+
+    func run() throws {
+        try postVolumeAction("/v1/volumes/\(volume)/demote", config: config, socket: socket, done: "demoted")
     }
 }

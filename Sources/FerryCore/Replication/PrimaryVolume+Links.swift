@@ -244,8 +244,10 @@ extension PrimaryVolume {
                 break
             }
             if position.epoch > config.epoch {
-                fenced = true
-                out.append(.fence(reason: "\(name) holds epoch \(position.epoch) of \(config.volume), newer than this site's \(config.epoch)"))
+                if !fenced {
+                    fenced = true
+                    out.append(.fence(reason: "\(name) holds epoch \(position.epoch) of \(config.volume), newer than this site's \(config.epoch)"))
+                }
                 out.append(.closeLink(peer: name, link, reason: "stale epoch \(config.epoch)"))
                 dropSession(&peer, link: link, &out)
                 break

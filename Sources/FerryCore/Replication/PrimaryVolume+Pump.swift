@@ -278,4 +278,14 @@ extension PrimaryVolume {
     /// Requests accepted and not yet answered.
     public var pendingRequests: Int { requests.count }
     public var isFenced: Bool { fenced }
+    /// The epoch this primary writes in.
+    public var epoch: UInt64 { config.epoch }
+
+    /// Another site holds a newer epoch of the volume (P4): from now on every write and flush is
+    /// refused. Requests already admitted finish; nothing new reaches the image or a peer.
+    public mutating func fence(reason: String) -> [Action] {
+        guard !fenced else { return [] }
+        fenced = true
+        return [.fence(reason: reason)]
+    }
 }

@@ -53,13 +53,13 @@ final class ReplicationSites {
 
     /// Runs `qemu-io` commands against east's vm1 (or `uri`).
     @discardableResult
-    func qemuIO(_ commands: [String], uri: String? = nil, readOnly: Bool = false) throws -> RunResult {
+    func qemuIO(_ commands: [String], uri: String? = nil, readOnly: Bool = false, expect: Int32? = 0) throws -> RunResult {
         let qemuIO = try requireTool("qemu-io", package: "qemu-utils")
         var args = ["-f", "raw"]
         if readOnly { args.append("-r") }
         for c in commands { args += ["-c", c] }
         args.append(uri ?? east.unixURI("vm1"))
-        return try run(qemuIO, args)
+        return try run(qemuIO, args, expect: expect)
     }
 
     /// `cmp` of east's and `peer`'s images.

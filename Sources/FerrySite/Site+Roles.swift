@@ -1,0 +1,193 @@
+import FerryCore
+import FerryNBD
+import FerryStore
+import FerryVolume
+import Foundation
+
+extension VolumeConfig {
+    /// The peers a primary at `site` replicates to: the configured replicas when `site` is the
+    /// configured primary; after a promotion of a replica, the other replicas plus the configured
+    /// primary, which takes the promoted site's own policy (the link is mirrored).
+    public func peers(whenPrimaryIs site: String) -> [String: ReplicaPolicy] {
+        guard site != primary else { return replicas }
+        var peers = replicas
+        if let mine = peers.removeValue(forKey: site) { peers[primary] = mine }
+        return peers
+    }
+
+    /// Every site that holds this volume.
+    var sites: Set<String> { Set(replicas.keys).union([primary]) }
+}
+
+extension Site {
+    typealias AdminReply = (code: Int, body: Data)
+
+    static func reply(_ code: Int, _ key: String, _ text: String) -> AdminReply {
+        ((code, (try? JSONSerialization.data(withJSONObject: [key: text])) ?? Data()))
+    }
+
+    /// The sites that may be serving `volume` as its primary right now, seen from this site: the
+    /// configured primary, or every other holder once this site was the primary itself.
+    private func possiblePrimaries(of v: VolumeConfig) -> [String] {
+        let me = config.site.name
+        return v.primary == me ? v.sites.subtracting([me]).sorted() : [v.primary]
+    }
+
+    /// `POST /v1/volumes/NAME/promote[?force=1]`: this secondary becomes the volume's primary in
+    /// a new epoch and generation, and exports it read-write.
+    func promote(_ name: String, force: Bool) -> AdminReply {
+        let me = config.site.name
+        let (volumeIndex, volumes, catalog, engine) = state.withLockedValue { s in
+            (s.volumes.firstIndex { $0.config.name == name }, s.volumes, s.catalog, s.engine)
+        }
+        guard let i = volumeIndex, let catalog, let engine else {
+            return Self.reply(404, "error", "no volume \"\(name)\" is configured on site \(me)")
+        }
+        let volume = volumes[i]
+        guard volume.isPrimary || volume.isReplica, let record = volume.record, let image = volume.image else {
+            return Self.reply(409, "error", "site \(me) holds no copy of \(name) (its sites are \(volume.config.sites.sorted().joined(separator: ", ")))")
+        }
+        if let primary = engine.primary(name) {
+            return Self.reply(409, "error", "site \(me) is already the primary of \(name) (epoch \(primary.epoch)); nothing changed")
+        }
+        guard let replica = engine.replica(name) else {
+            return Self.reply(409, "error", "volume \(name) is not replicated, so there is nothing to promote")
+        }
+        let position = replica.position
+        if !position.consistent && !force {
+            let why = position.initialized
+                ? "a catch-up is writing it out of order (applied up to sequence \(position.appliedSeq))"
+                : "its initial sync has not completed"
+            return Self.reply(409, "error", "the replica of \(name) here is not consistent: \(why). Promoting it would serve "
+                + "a state no site ever had. Wait until `ferry status` shows it in sync, or promote it as it is with --force "
+                + "(a file system on it may need repair)")
+        }
+        let reachable = possiblePrimaries(of: volume.config).filter { engine.reportedLink($0) != nil }
+        if !reachable.isEmpty && !force {
+            return Self.reply(409, "error", "\(reachable.joined(separator: " and ")) \(reachable.count == 1 ? "is" : "are") reachable "
+                + "and may still be the primary of \(name): promoting here would make two sites take writes. Demote it there "
+                + "first (`ferry demote \(name)` on \(reachable[0])), or, if it no longer serves the volume, use --force")
+        }
+
+        // The new epoch and generation are recorded before anything is served read-write: a crash
+        // from here on restarts as the primary, never as the secondary it was.
+        let epoch = max(UInt64(max(record.epoch, 0)), position.epoch) + 1
+        let generation = UUID().uuidString.lowercased()
+        let generationID = PrimaryVolume.Config.generationNumber(generation)
+        var history = (try? JSONDecoder().decode([GenerationRecord].self, from: Data(record.history.utf8))) ?? []
+        if history.isEmpty, position.initialized {
+            history.append(GenerationRecord(id: position.generation, epoch: position.epoch, branchSeq: 0))
+        }
+        history.append(GenerationRecord(id: generationID, epoch: epoch, branchSeq: position.appliedSeq))
+        let historyJSON = String(decoding: (try? JSONEncoder().encode(history)) ?? Data("[]".utf8), as: UTF8.self)
+        let stateDir = config.site.dataDirectory + "/volumes/\(name).state"
+        let peers = volume.config.peers(whenPrimaryIs: me)
+        let runtime: PrimaryVolumeRuntime
+        do {
+            // A fresh primary state: sequences continue above what this replica applied, and every
+            // peer starts from a full copy (failback by changed regions only is still to come).
+            let metaPath = stateDir + "/primary.meta"
+            try? FileManager.default.removeItem(atPath: stateDir + "/journal")
+            var machine = PrimaryVolume.Config(volume: name, volumeSize: volume.config.sizeBytes, epoch: epoch,
+                                               generation: generationID, peers: peers)
+            machine.regionSize = PrimaryVolume.Config.regionSize(forVolumeSize: volume.config.sizeBytes)
+            try MetadataFile<PrimaryVolume.Metadata>(path: metaPath).store(
+                PrimaryVolume.Metadata(lastSeq: position.appliedSeq, sequenceCeiling: position.appliedSeq, regionSize: machine.regionSize))
+            try catalog.setRole(name: name, role: "primary", epoch: Int64(epoch), generation: generation, history: historyJSON)
+            runtime = try PrimaryVolumeRuntime(
+                name: name, image: image, config: machine, stateDirectory: stateDir, cleanShutdown: true,
+                threadPool: threadPool, links: volumeLinks, logger: logger,
+                onEvent: { [weak self] event in self?.log(event) })
+        } catch {
+            return Self.reply(500, "error", "promoting \(name) failed: \(error)")
+        }
+        engine.becomePrimary(name, runtime: runtime, peers: Set(peers.keys))
+        exports.add(NBDExport(name: name, description: "ferry volume \(name) (\(record.uuid))", device: runtime))
+        let updated = try? catalog.volume(named: name)
+        state.withLockedValue { s in
+            guard let j = s.volumes.firstIndex(where: { $0.config.name == name }) else { return }
+            s.volumes[j].primary = runtime
+            s.volumes[j].replica = nil
+            s.volumes[j].isPrimary = true
+            if let updated { s.volumes[j].record = updated }
+        }
+        logger.notice("volume \(name) promoted", metadata: [
+            "epoch": "\(epoch)", "generation": "\(generation)", "branch": "\(position.appliedSeq)", "forced": "\(force)"])
+        let uris = state.withLockedValue { $0.nbdURIBases }.map { Self.uri(base: $0, export: name) }
+        var lines = ["promoted \(name) on \(me): epoch \(epoch), new generation \(generation) branching at sequence \(position.appliedSeq)"]
+        if force && !position.consistent { lines.append("forced: the image was not consistent; check the file system on it before use") }
+        lines.append("exported read-write at \(uris.joined(separator: " and "))")
+        if !peers.isEmpty {
+            lines.append("replicating to \(peers.keys.sorted().joined(separator: ", ")) (a full copy each, once they are reachable and secondary)")
+        }
+        lines.append("a former primary that returns is fenced: it takes no writes until `ferry demote \(name)` there")
+        lines.append("to undo: `ferry demote \(name)` here, then `ferry promote \(name)` on the site that should serve it")
+        return Self.reply(200, "message", lines.joined(separator: "\n"))
+    }
+
+    /// `POST /v1/volumes/NAME/demote`: this primary flushes, stops its export and becomes a
+    /// secondary that takes a full copy from the next primary that opens a stream to it.
+    func demote(_ name: String) -> AdminReply {
+        let me = config.site.name
+        let (volumeIndex, volumes, catalog, engine) = state.withLockedValue { s in
+            (s.volumes.firstIndex { $0.config.name == name }, s.volumes, s.catalog, s.engine)
+        }
+        guard let i = volumeIndex, let catalog, let engine else {
+            return Self.reply(404, "error", "no volume \"\(name)\" is configured on site \(me)")
+        }
+        let volume = volumes[i]
+        guard let record = volume.record, let image = volume.image, volume.isPrimary || volume.isReplica else {
+            return Self.reply(409, "error", "site \(me) holds no copy of \(name)")
+        }
+        guard engine.primary(name) != nil else {
+            if engine.replica(name) != nil {
+                return Self.reply(409, "error", "site \(me) is already a secondary of \(name); nothing changed")
+            }
+            return Self.reply(409, "error", "volume \(name) is not replicated: demoting it would leave no site serving it")
+        }
+        let clients = exports.clientCount(name)
+        guard clients == 0 else {
+            return Self.reply(409, "error", "\(clients) NBD client\(clients == 1 ? " is" : "s are") connected to \(name): "
+                + "stop them first (shut the VM down, or disconnect it); nothing changed")
+        }
+        let stateDir = config.site.dataDirectory + "/volumes/\(name).state"
+        let runtime: ReplicaVolumeRuntime
+        do {
+            try image.flush()
+            var history = (try? JSONDecoder().decode([GenerationRecord].self, from: Data(record.history.utf8))) ?? []
+            if history.isEmpty {
+                history.append(GenerationRecord(id: PrimaryVolume.Config.generationNumber(record.generation),
+                                                epoch: UInt64(max(1, record.epoch)), branchSeq: 0))
+            }
+            let historyJSON = String(decoding: (try? JSONEncoder().encode(history)) ?? Data("[]".utf8), as: UTF8.self)
+            exports.remove(name)
+            engine.becomeSecondary(name, runtime: nil)
+            // The next primary decides what this image holds: until then it is not a replica of anything.
+            try? FileManager.default.removeItem(atPath: stateDir + "/replica.position")
+            try? FileManager.default.removeItem(atPath: stateDir + "/receive.log")
+            try catalog.setRole(name: name, role: "secondary", epoch: record.epoch, generation: record.generation, history: historyJSON)
+            runtime = try ReplicaVolumeRuntime(
+                name: name, image: image, stateDirectory: stateDir, threadPool: threadPool, links: volumeLinks,
+                logger: logger, onEvent: { [weak self] event in self?.log(event) })
+        } catch {
+            return Self.reply(500, "error", "demoting \(name) failed: \(error)")
+        }
+        engine.becomeSecondary(name, runtime: runtime)
+        exports.add(NBDExport(name: name, description: "ferry volume \(name) (\(record.uuid)), secondary",
+                              device: ImageBlockDevice(image: image, threadPool: threadPool, readOnly: true)))
+        let updated = try? catalog.volume(named: name)
+        state.withLockedValue { s in
+            guard let j = s.volumes.firstIndex(where: { $0.config.name == name }) else { return }
+            s.volumes[j].primary = nil
+            s.volumes[j].replica = runtime
+            s.volumes[j].isPrimary = false
+            if let updated { s.volumes[j].record = updated }
+        }
+        logger.notice("volume \(name) demoted: now a secondary", metadata: ["epoch": "\(record.epoch)"])
+        return Self.reply(200, "message", [
+            "demoted \(name) on \(me): flushed, export now read-only, no writes taken here",
+            "the primary that streams to this site next (the promoted one) copies the volume here in full",
+            "to undo: `ferry promote \(name)` here (with --force while no primary has copied to it)",
+        ].joined(separator: "\n"))
+    }
+}

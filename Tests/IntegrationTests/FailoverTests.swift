@@ -1,0 +1,103 @@
+import FerrySite
+import Foundation
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Failover between real daemons (issue 10): promote after `kill -9` of the primary, fencing of
+/// the old primary when it returns, demote and the copy back.
+@Suite(.serialized)
+struct FailoverTests {
+    func vm1(_ site: TestSite) -> SiteStatus.Volume? {
+        (try? site.status())?.volumes.first { $0.name == "vm1" }
+    }
+
+    /// `ferry` with the site's config; returns the result without failing on a non-zero exit.
+    func ferry(_ args: [String], _ site: TestSite) throws -> RunResult {
+        try run(try ferryBinary(), args + ["--config", site.configPath], expect: nil)
+    }
+
+    @Test func promoteAfterKill9OfTheSyncPrimaryServesEveryAcknowledgedWriteAndFencesTheOldPrimary() throws {
+        let fio = try requireTool("fio", package: "fio")
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+
+        // Bad input first: nothing may change.
+        let unknown = try ferry(["promote", "nosuch"], sites.west)
+        #expect(unknown.status == 1 && unknown.stderr.contains("no volume \"nosuch\""), "\(unknown.stderr)")
+        let whilePrimaryUp = try ferry(["promote", "vm1"], sites.west)
+        #expect(whilePrimaryUp.status == 1 && whilePrimaryUp.stderr.contains("east is reachable"), "\(whilePrimaryUp.stderr)")
+        let alreadyPrimary = try ferry(["promote", "vm1"], sites.east)
+        #expect(alreadyPrimary.status == 1 && alreadyPrimary.stderr.contains("already the primary"), "\(alreadyPrimary.stderr)")
+        let demoteWithoutReplica = try ferry(["demote", "vm1"], sites.west)
+        #expect(demoteWithoutReplica.status == 1 && demoteWithoutReplica.stderr.contains("already a secondary"), "\(demoteWithoutReplica.stderr)")
+        #expect(vm1(sites.west)?.role == "secondary" && vm1(sites.west)?.epoch == 1)
+
+        // Verified writes through east; east dies mid-run.
+        let dir = sites.dir.path
+        let writer = Process()
+        writer.executableURL = URL(fileURLWithPath: fio)
+        writer.currentDirectoryURL = URL(fileURLWithPath: dir)
+        writer.arguments = [
+            "--name=crash", "--ioengine=nbd", "--uri=\(sites.east.uri("vm1"))", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+            "--size=48m", "--verify=crc32c", "--do_verify=0", "--verify_state_save=1", "--time_based", "--runtime=60",
+            "--output=\(dir)/fio-write.log",
+        ]
+        writer.standardOutput = FileHandle.nullDevice
+        writer.standardError = FileHandle.nullDevice
+        try writer.run()
+        defer { if writer.isRunning { kill(writer.processIdentifier, SIGKILL); writer.waitUntilExit() } }
+        let busy = eventually(.seconds(60)) { (sites.replica("west")?.bytesSent ?? 0) > 16 << 20 }
+        #expect(busy, "fio did not get going: \(String(describing: sites.replica("west")))")
+        sites.east.kill9()
+        writer.waitUntilExit()
+        #expect(FileManager.default.fileExists(atPath: dir + "/local-crash-0-verify.state"), "fio saved no verify state")
+
+        // Promote west once it has noticed east is gone.
+        var promoted: RunResult?
+        let done = eventually(.seconds(30)) {
+            let r = try? ferry(["promote", "vm1"], sites.west)
+            promoted = r
+            return r?.status == 0
+        }
+        #expect(done, "promote failed: \(promoted?.stderr ?? "")\nwest log:\n\(sites.west.log(tail: 20))")
+        #expect(promoted?.stdout.contains("promoted vm1 on west: epoch 2") == true, "\(promoted?.stdout ?? "")")
+        #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 2, "\(String(describing: vm1(sites.west)))")
+
+        // Every write fio was told about is served by west's export, read over NBD.
+        let verify = try run("/bin/sh", ["-c", "cd '\(dir)' && exec '\(fio)' --name=crash --ioengine=nbd "
+            + "--uri='\(sites.west.uri("vm1"))' --rw=randwrite --bs=4k --size=48m --verify=crc32c "
+            + "--verify_only=1 --verify_state_load=1 --verify_fatal=1 --output=fio-verify.log"], expect: nil)
+        let report = (try? String(contentsOfFile: "\(dir)/fio-verify.log", encoding: .utf8)) ?? ""
+        #expect(verify.status == 0 && !report.contains("verify: bad"),
+                "an acknowledged write is missing on the promoted west:\n\(report.suffix(2000))\n\(verify.output.suffix(1000))")
+        // West takes writes now, and keeps its role across a restart.
+        try sites.qemuIO(["write -P 0x5a 60M 64k"], uri: sites.west.unixURI("vm1"))
+        sites.west.stop()
+        try sites.west.start()
+        #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 2, "the promotion did not survive a restart")
+
+        // The old primary comes back: it learns of epoch 2 and takes no writes (P4).
+        try sites.east.start()
+        let fenced = eventually(.seconds(60)) { sites.east.log().contains("vm1 fenced") }
+        #expect(fenced, "east was not fenced:\n\(sites.east.log(tail: 30))")
+        let write = try sites.qemuIO(["write -P 0x77 0 4k"], uri: sites.east.unixURI("vm1"), expect: nil)
+        #expect(write.status != 0, "the fenced old primary took a write: \(write.output)")
+
+        // Demoted, it takes a copy from west and ends byte-identical to it.
+        let demoted = try ferry(["demote", "vm1"], sites.east)
+        #expect(demoted.status == 0, "demote failed: \(demoted.stderr)\n\(sites.east.log(tail: 20))")
+        #expect(vm1(sites.east)?.role == "secondary")
+        let back = eventually(.seconds(120)) {
+            guard let r = vm1(sites.west)?.replicas.first(where: { $0.peer == "east" }) else { return false }
+            return r.connected && r.consistent && r.state == "in-sync"
+        }
+        #expect(back, "east did not catch up from west: \(String(describing: vm1(sites.west)?.replicas))\nwest:\n\(sites.west.log(tail: 20))\neast:\n\(sites.east.log(tail: 20))")
+        sites.west.stop()
+        sites.east.stop()
+        #expect(try sites.imagesIdentical(), "east's image differs from the promoted west's after failback")
+    }
+}
