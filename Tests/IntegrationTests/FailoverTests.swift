@@ -56,14 +56,19 @@ struct FailoverTests {
         writer.waitUntilExit()
         #expect(FileManager.default.fileExists(atPath: dir + "/local-crash-0-verify.state"), "fio saved no verify state")
 
-        // Promote west once it has noticed east is gone.
+        // Promote west once it has noticed east is gone; time it until the export answers a write.
         var promoted: RunResult?
+        var started = ContinuousClock.now
         let done = eventually(.seconds(30)) {
+            started = ContinuousClock.now
             let r = try? ferry(["promote", "vm1"], sites.west)
             promoted = r
             return r?.status == 0
         }
         #expect(done, "promote failed: \(promoted?.stderr ?? "")\nwest log:\n\(sites.west.log(tail: 20))")
+        try sites.qemuIO(["write -P 0x33 62M 4k"], uri: sites.west.uri("vm1"))
+        let rto = ContinuousClock.now - started
+        print("failover: `ferry promote` to the promoted export answering a write: \(rto)")
         #expect(promoted?.stdout.contains("promoted vm1 on west: epoch 2") == true, "\(promoted?.stdout ?? "")")
         #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 2, "\(String(describing: vm1(sites.west)))")
 
@@ -79,6 +84,21 @@ struct FailoverTests {
         sites.west.stop()
         try sites.west.start()
         #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 2, "the promotion did not survive a restart")
+
+        // Demote refuses while a client is connected (qemu-io holds the export for a while).
+        let holder = Process()
+        holder.executableURL = URL(fileURLWithPath: try requireTool("qemu-io", package: "qemu-utils"))
+        holder.arguments = ["-f", "raw", "-r", "-c", "sleep 20000", sites.west.uri("vm1")]
+        holder.standardOutput = FileHandle.nullDevice
+        holder.standardError = FileHandle.nullDevice
+        try holder.run()
+        defer { if holder.isRunning { kill(holder.processIdentifier, SIGKILL); holder.waitUntilExit() } }
+        #expect(eventually(.seconds(10)) { vm1(sites.west)?.clientsConnected == 1 }, "the holding client did not connect")
+        let busyDemote = try ferry(["demote", "vm1"], sites.west)
+        #expect(busyDemote.status == 1 && busyDemote.stderr.contains("1 NBD client is connected"), "\(busyDemote.stderr)")
+        #expect(vm1(sites.west)?.role == "primary")
+        kill(holder.processIdentifier, SIGKILL)
+        holder.waitUntilExit()
 
         // The old primary comes back: it learns of epoch 2 and takes no writes (P4).
         try sites.east.start()
@@ -99,5 +119,25 @@ struct FailoverTests {
         sites.west.stop()
         sites.east.stop()
         #expect(try sites.imagesIdentical(), "east's image differs from the promoted west's after failback")
+    }
+
+    /// A replica in the middle of its initial sync is not promoted (it holds a state no site
+    /// ever had), and nothing changes.
+    @Test func promoteRefusesAnInconsistentReplica() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: async, resync-rate: 2M }"], size: "64M")
+        try sites.east.start()
+        defer { sites.stopAll() }
+        try sites.qemuIO(["write -P 0x11 0 32M"])
+        try sites.west.start()
+        let syncing = eventually(.seconds(30)) {
+            guard let r = vm1(sites.west)?.replicaState else { return false }
+            return r.bytesReceived > 0 && !r.consistent
+        }
+        #expect(syncing, "west's initial sync did not start: \(String(describing: vm1(sites.west)))")
+        sites.east.kill9()
+        let refused = try ferry(["promote", "vm1"], sites.west)
+        #expect(refused.status == 1 && refused.stderr.contains("not consistent") && refused.stderr.contains("--force"),
+                "\(refused.stdout)\(refused.stderr)")
+        #expect(vm1(sites.west)?.role == "secondary" && vm1(sites.west)?.epoch == 1, "a refused promote changed something")
     }
 }
