@@ -3,6 +3,7 @@ import FerryNBD
 import FerryStore
 import FerryVolume
 import Foundation
+import NIOCore
 
 extension VolumeConfig {
     /// The peers a primary at `site` replicates to: the configured replicas when `site` is the
@@ -35,18 +36,32 @@ extension Site {
 
     /// `POST /v1/volumes/NAME/promote[?force=1]`: this secondary becomes the volume's primary in
     /// a new epoch and generation, and exports it read-write.
+    /// What a role change of `name` works on, or the reply refusing it (an unknown volume, or
+    /// one this site holds no copy of).
+    private func roleChange(_ name: String) -> Result<RoleContext, RoleRefusal> {
+        let me = config.site.name
+        let (volume, catalog, engine) = state.withLockedValue { s in (s.volumes.first { $0.config.name == name }, s.catalog, s.engine) }
+        guard let volume, let catalog, let engine else {
+            return .failure(RoleRefusal(reply: Self.reply(404, "error", "no volume \"\(name)\" is configured on site \(me)")))
+        }
+        guard volume.isPrimary || volume.isReplica, let record = volume.record, let image = volume.image else {
+            return .failure(RoleRefusal(reply: Self.reply(409, "error",
+                "site \(me) holds no copy of \(name) (its sites are \(volume.config.sites.sorted().joined(separator: ", ")))")))
+        }
+        return .success((volume, record, image, catalog, engine))
+    }
+
+    struct RoleRefusal: Error { var reply: AdminReply }
+    typealias RoleContext = (volume: Volume, record: VolumeRecord, image: VolumeImage, catalog: Catalog, engine: VolumeEngine)
+
     func promote(_ name: String, force: Bool) -> AdminReply {
         let me = config.site.name
-        let (volumeIndex, volumes, catalog, engine) = state.withLockedValue { s in
-            (s.volumes.firstIndex { $0.config.name == name }, s.volumes, s.catalog, s.engine)
+        let context: RoleContext
+        switch roleChange(name) {
+        case .success(let c): context = c
+        case .failure(let refusal): return refusal.reply
         }
-        guard let i = volumeIndex, let catalog, let engine else {
-            return Self.reply(404, "error", "no volume \"\(name)\" is configured on site \(me)")
-        }
-        let volume = volumes[i]
-        guard volume.isPrimary || volume.isReplica, let record = volume.record, let image = volume.image else {
-            return Self.reply(409, "error", "site \(me) holds no copy of \(name) (its sites are \(volume.config.sites.sorted().joined(separator: ", ")))")
-        }
+        let (volume, record, image, catalog, engine) = context
         if let primary = engine.primary(name) {
             return Self.reply(409, "error", "site \(me) is already the primary of \(name) (epoch \(primary.epoch)); nothing changed")
         }
@@ -129,16 +144,12 @@ extension Site {
     /// secondary that takes a full copy from the next primary that opens a stream to it.
     func demote(_ name: String) -> AdminReply {
         let me = config.site.name
-        let (volumeIndex, volumes, catalog, engine) = state.withLockedValue { s in
-            (s.volumes.firstIndex { $0.config.name == name }, s.volumes, s.catalog, s.engine)
+        let context: RoleContext
+        switch roleChange(name) {
+        case .success(let c): context = c
+        case .failure(let refusal): return refusal.reply
         }
-        guard let i = volumeIndex, let catalog, let engine else {
-            return Self.reply(404, "error", "no volume \"\(name)\" is configured on site \(me)")
-        }
-        let volume = volumes[i]
-        guard let record = volume.record, let image = volume.image, volume.isPrimary || volume.isReplica else {
-            return Self.reply(409, "error", "site \(me) holds no copy of \(name)")
-        }
+        let (_, record, image, catalog, engine) = context
         guard engine.primary(name) != nil else {
             if engine.replica(name) != nil {
                 return Self.reply(409, "error", "site \(me) is already a secondary of \(name); nothing changed")
@@ -152,15 +163,29 @@ extension Site {
         }
         let stateDir = config.site.dataDirectory + "/volumes/\(name).state"
         let runtime: ReplicaVolumeRuntime
+        let keptAside: KeptAside?
+        // No client may attach from here on; until the role changes, a failure puts it back.
+        let previous = exports.lookup(name)
+        exports.remove(name)
         do {
+            // What the next primary's copy would overwrite without anyone having it: kept aside
+            // first, with the image flushed (P6).
+            let divergent = engine.primary(name)?.unreplicatedRanges() ?? []
             try image.flush()
+            do {
+                keptAside = try divergent.isEmpty ? nil
+                    : keepAside(divergent, of: name, image: image, epoch: record.epoch, generation: record.generation)
+            } catch {
+                if let previous { exports.add(previous) }
+                return Self.reply(500, "error", "demoting \(name) failed while keeping its unreplicated blocks aside "
+                                  + "(nothing changed; the volume is still primary here): \(error)")
+            }
             var history = (try? JSONDecoder().decode([GenerationRecord].self, from: Data(record.history.utf8))) ?? []
             if history.isEmpty {
                 history.append(GenerationRecord(id: PrimaryVolume.Config.generationNumber(record.generation),
                                                 epoch: UInt64(max(1, record.epoch)), branchSeq: 0))
             }
             let historyJSON = String(decoding: (try? JSONEncoder().encode(history)) ?? Data("[]".utf8), as: UTF8.self)
-            exports.remove(name)
             engine.becomeSecondary(name, runtime: nil)
             // The next primary decides what this image holds: until then it is not a replica of anything.
             try? FileManager.default.removeItem(atPath: stateDir + "/replica.position")
@@ -170,6 +195,7 @@ extension Site {
                 name: name, image: image, stateDirectory: stateDir, threadPool: threadPool, links: volumeLinks,
                 logger: logger, onEvent: { [weak self] event in self?.log(event) })
         } catch {
+            if engine.primary(name) != nil, let previous { exports.add(previous) }
             return Self.reply(500, "error", "demoting \(name) failed: \(error)")
         }
         engine.becomeSecondary(name, runtime: runtime)
@@ -184,10 +210,81 @@ extension Site {
             if let updated { s.volumes[j].record = updated }
         }
         logger.notice("volume \(name) demoted: now a secondary", metadata: ["epoch": "\(record.epoch)"])
-        return Self.reply(200, "message", [
-            "demoted \(name) on \(me): flushed, export now read-only, no writes taken here",
-            "the primary that streams to this site next (the promoted one) copies the volume here in full",
-            "to undo: `ferry promote \(name)` here (with --force while no primary has copied to it)",
-        ].joined(separator: "\n"))
+        var lines = ["demoted \(name) on \(me): flushed, export now read-only, no writes taken here"]
+        if let k = keptAside {
+            lines.append("kept aside \(ByteSize.format(k.bytes)) in \(k.ranges.count) range\(k.ranges.count == 1 ? "" : "s") this site may hold "
+                         + "and its peers may not (written here after they last confirmed): \(k.image); `ferry diverged \(name)` lists them")
+        }
+        lines.append("the primary that streams to this site next (the promoted one) copies the volume here in full")
+        lines.append("to undo: `ferry promote \(name)` here (with --force while no primary has copied to it)")
+        return Self.reply(200, "message", lines.joined(separator: "\n"))
+    }
+
+    /// Blocks set aside by a demotion: a sparse image of the volume's size holding only `ranges`
+    /// at their own offsets, and a JSON file describing it next to it.
+    struct KeptAside: Codable {
+        var volume: String
+        var epoch: Int64
+        var generation: String
+        var keptAt: Date
+        var image: String
+        var bytes: UInt64
+        var ranges: [Range]
+        struct Range: Codable { var offset: UInt64; var length: UInt64 }
+    }
+
+    static func divergedDirectory(data: String, volume: String) -> String { data + "/volumes/\(volume).state/diverged" }
+
+    /// Copies `ranges` of `image` into a new kept-aside image under the volume's state directory.
+    func keepAside(_ ranges: [BlockRange], of volume: String, image: VolumeImage, epoch: Int64, generation: String) throws -> KeptAside {
+        let dir = Self.divergedDirectory(data: config.site.dataDirectory, volume: volume)
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let stamp = ISO8601DateFormatter().string(from: Date()).replacingOccurrences(of: ":", with: "")
+        let base = "\(dir)/epoch\(epoch)-\(stamp)"
+        let copy = try VolumeImage.openOrCreate(path: base + ".img", size: image.size)
+        var bytes: UInt64 = 0
+        for range in ranges {
+            var offset = range.offset
+            while offset < range.end {
+                let length = Int(min(1 << 20, range.end - offset))
+                try copy.write(offset: offset, data: try image.read(offset: offset, length: length, allocator: ByteBufferAllocator()))
+                offset += UInt64(length)
+            }
+            bytes += range.length
+        }
+        try copy.flush()
+        let kept = KeptAside(volume: volume, epoch: epoch, generation: generation, keptAt: Date(), image: base + ".img",
+                             bytes: bytes, ranges: ranges.map { KeptAside.Range(offset: $0.offset, length: $0.length) })
+        let encoder = JSONEncoder()
+        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
+        encoder.dateEncodingStrategy = .iso8601
+        try encoder.encode(kept).write(to: URL(fileURLWithPath: base + ".json"), options: .atomic)
+        logger.notice("volume \(volume): kept aside \(bytes) bytes in \(ranges.count) ranges before demotion", metadata: ["file": "\(base).img"])
+        return kept
+    }
+
+    /// `POST /v1/volumes/NAME/diverged`: what demotions of this site kept aside for `name`.
+    func diverged(_ name: String) -> AdminReply {
+        guard state.withLockedValue({ $0.volumes.contains { $0.config.name == name } }) else {
+            return Self.reply(404, "error", "no volume \"\(name)\" is configured on site \(config.site.name)")
+        }
+        let dir = Self.divergedDirectory(data: config.site.dataDirectory, volume: name)
+        let files = ((try? FileManager.default.contentsOfDirectory(atPath: dir)) ?? []).filter { $0.hasSuffix(".json") }.sorted()
+        let decoder = JSONDecoder()
+        decoder.dateDecodingStrategy = .iso8601
+        let kept = files.compactMap { try? decoder.decode(KeptAside.self, from: Data(contentsOf: URL(fileURLWithPath: "\(dir)/\($0)"))) }
+        guard !kept.isEmpty else {
+            return Self.reply(200, "message", "nothing of \(name) was kept aside on \(config.site.name)")
+        }
+        var lines: [String] = []
+        for k in kept {
+            lines.append("\(k.image): \(ByteSize.format(k.bytes)) in \(k.ranges.count) range\(k.ranges.count == 1 ? "" : "s"), "
+                         + "kept \(ISO8601DateFormatter().string(from: k.keptAt)) when this site left epoch \(k.epoch)")
+            for r in k.ranges.prefix(20) { lines.append("  offset \(r.offset) length \(r.length)") }
+            if k.ranges.count > 20 { lines.append("  … \(k.ranges.count - 20) more in \(k.image.dropLast(4)).json") }
+        }
+        lines.append("each file is a sparse image of the whole volume holding only these ranges at their own offsets "
+                     + "(qemu-img, losetup or nbdkit can serve it)")
+        return Self.reply(200, "message", lines.joined(separator: "\n"))
     }
 }

@@ -266,12 +266,13 @@ extension Site {
         let pieces = path.split(separator: "?", maxSplits: 1)
         let query = pieces.count > 1 ? pieces[1].split(separator: "&").map(String.init) : []
         let parts = pieces.first.map { $0.split(separator: "/").map(String.init) } ?? []
-        guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", ["checkpoint", "promote", "demote"].contains(parts[3]) else {
-            return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/{checkpoint,promote,demote}")
+        guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", ["checkpoint", "promote", "demote", "diverged"].contains(parts[3]) else {
+            return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/{checkpoint,promote,demote,diverged}")
         }
         let name = parts[2]
         if parts[3] == "promote" { return promote(name, force: query.contains("force=1")) }
         if parts[3] == "demote" { return demote(name) }
+        if parts[3] == "diverged" { return diverged(name) }
         guard let volume = state.withLockedValue({ $0.volumes.first { $0.config.name == name } }) else {
             return reply(404, "error", "no volume \"\(name)\" is configured on site \(config.site.name)")
         }

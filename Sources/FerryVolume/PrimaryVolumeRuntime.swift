@@ -180,6 +180,9 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
     public var epoch: UInt64 { core.withLockedValue { $0.machine.epoch } }
     public var isFenced: Bool { core.withLockedValue { $0.fenced } }
 
+    /// What this site holds that a peer may lack (``PrimaryVolume/unreplicatedRanges()``).
+    public func unreplicatedRanges() -> [BlockRange] { core.withLockedValue { $0.machine.unreplicatedRanges() } }
+
     /// Stops taking writes: another site holds a newer epoch (P4).
     public func fence(reason: String) {
         handle { $0.machine.fence(reason: reason) }

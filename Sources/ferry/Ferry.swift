@@ -16,7 +16,7 @@ struct Ferry: AsyncParsableCommand {
             A real site: `ferry init --site NAME --data DIR`, write a config (docs/configuration.md),
             then `ferry serve --config FILE` and `ferry status --config FILE`.
             """,
-        subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Promote.self, Demote.self, Quickstart.self])
+        subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Promote.self, Demote.self, Diverged.self, Quickstart.self])
 }
 
 /// Loads a config, or prints every problem and exits with status 2 (docs/configuration.md).
@@ -198,6 +198,19 @@ struct Promote: ParsableCommand {
 
     func run() throws {
         try postVolumeAction("/v1/volumes/\(volume)/promote" + (force ? "?force=1" : ""), config: config, socket: socket, done: "promoted")
+    }
+}
+
+struct Diverged: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List the blocks of a volume this site kept aside when it was demoted (written here, maybe never replicated).")
+
+    @Argument(help: "The volume.") var volume: String
+    @Option(help: "The site's config file.") var config: String?
+    @Option(help: "The admin socket, instead of --config.") var socket: String?
+
+    func run() throws {
+        try postVolumeAction("/v1/volumes/\(volume)/diverged", config: config, socket: socket, done: "")
     }
 }
 

@@ -13,6 +13,17 @@ struct FailoverTests {
         (try? site.status())?.volumes.first { $0.name == "vm1" }
     }
 
+    /// Waits until the promoted west has east, demoted, connected, consistent and caught up.
+    func waitEastInSyncFromWest(_ sites: ReplicationSites, sourceLocation: SourceLocation = #_sourceLocation) {
+        let back = eventually(.seconds(120)) {
+            guard let r = vm1(sites.west)?.replicas.first(where: { $0.peer == "east" }) else { return false }
+            return r.connected && r.consistent && r.state == "in-sync" && r.lagBytes == 0
+        }
+        let detail = "east did not catch up from west: \(String(describing: vm1(sites.west)?.replicas))\nwest:\n"
+            + "\(sites.west.log(tail: 20))\neast:\n\(sites.east.log(tail: 20))"
+        #expect(back, "\(detail)", sourceLocation: sourceLocation)
+    }
+
     /// `ferry` with the site's config; returns the result without failing on a non-zero exit.
     func ferry(_ args: [String], _ site: TestSite) throws -> RunResult {
         try run(try ferryBinary(), args + ["--config", site.configPath], expect: nil)
@@ -38,17 +49,7 @@ struct FailoverTests {
 
         // Verified writes through east; east dies mid-run.
         let dir = sites.dir.path
-        let writer = Process()
-        writer.executableURL = URL(fileURLWithPath: fio)
-        writer.currentDirectoryURL = URL(fileURLWithPath: dir)
-        writer.arguments = [
-            "--name=crash", "--ioengine=nbd", "--uri=\(sites.east.uri("vm1"))", "--rw=randwrite", "--bs=4k", "--iodepth=16",
-            "--size=48m", "--verify=crc32c", "--do_verify=0", "--verify_state_save=1", "--time_based", "--runtime=60",
-            "--output=\(dir)/fio-write.log",
-        ]
-        writer.standardOutput = FileHandle.nullDevice
-        writer.standardError = FileHandle.nullDevice
-        try writer.run()
+        let writer = try startVerifiedWriter(fio, uri: sites.east.uri("vm1"), dir: dir)
         defer { if writer.isRunning { kill(writer.processIdentifier, SIGKILL); writer.waitUntilExit() } }
         let busy = eventually(.seconds(60)) { (sites.replica("west")?.bytesSent ?? 0) > 16 << 20 }
         #expect(busy, "fio did not get going: \(String(describing: sites.replica("west")))")
@@ -111,14 +112,58 @@ struct FailoverTests {
         let demoted = try ferry(["demote", "vm1"], sites.east)
         #expect(demoted.status == 0, "demote failed: \(demoted.stderr)\n\(sites.east.log(tail: 20))")
         #expect(vm1(sites.east)?.role == "secondary")
-        let back = eventually(.seconds(120)) {
-            guard let r = vm1(sites.west)?.replicas.first(where: { $0.peer == "east" }) else { return false }
-            return r.connected && r.consistent && r.state == "in-sync"
-        }
-        #expect(back, "east did not catch up from west: \(String(describing: vm1(sites.west)?.replicas))\nwest:\n\(sites.west.log(tail: 20))\neast:\n\(sites.east.log(tail: 20))")
+        waitEastInSyncFromWest(sites)
         sites.west.stop()
         sites.east.stop()
         #expect(try sites.imagesIdentical(), "east's image differs from the promoted west's after failback")
+    }
+
+    /// P6: what the old primary wrote that its async replica never got is kept aside when it is
+    /// demoted, byte for byte, before the promoted site's copy overwrites it; the listing names it.
+    @Test func demotedPrimaryKeepsAsideWhatItsReplicaNeverGot() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: async }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        try sites.qemuIO(["write -P 0x41 0 1M"])
+        sites.waitInSync()
+        // West goes away; east writes what west will never get, then dies.
+        sites.west.stop()
+        try sites.qemuIO(["write -P 0x42 8M 256k"])
+        sites.east.kill9()
+
+        try sites.west.start()
+        let promoted = try ferry(["promote", "vm1"], sites.west)
+        #expect(promoted.status == 0, "promote failed: \(promoted.stderr)\n\(sites.west.log(tail: 20))")
+        try sites.qemuIO(["write -P 0x43 16M 64k"], uri: sites.west.unixURI("vm1"))
+
+        try sites.east.start()
+        #expect(eventually(.seconds(60)) { vm1(sites.east)?.fenced != nil }, "east was not fenced:\n\(sites.east.log(tail: 20))")
+        let demoted = try ferry(["demote", "vm1"], sites.east)
+        #expect(demoted.status == 0 && demoted.stdout.contains("kept aside"), "\(demoted.stdout)\(demoted.stderr)")
+        let listing = try ferry(["diverged", "vm1"], sites.east)
+        #expect(listing.status == 0 && listing.stdout.contains(".img:"), "\(listing.stdout)\(listing.stderr)")
+
+        // The kept-aside image holds east's 0x42 blocks at their own offsets.
+        let dir = sites.east.dataDirectory + "/volumes/vm1.state/diverged"
+        let json = try #require(try FileManager.default.contentsOfDirectory(atPath: dir).first { $0.hasSuffix(".json") })
+        let meta = try #require(try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/\(json)"))) as? [String: Any])
+        let ranges = (meta["ranges"] as? [[String: Any]]) ?? []
+        let covered = ranges.contains { r in
+            let offset = (r["offset"] as? Int) ?? -1, length = (r["length"] as? Int) ?? 0
+            return offset <= 8 << 20 && offset + length >= (8 << 20) + (256 << 10)
+        }
+        #expect(covered, "the kept-aside ranges do not cover east's unreplicated write: \(ranges)")
+        let keptImage = try #require(meta["image"] as? String)
+        let check = try run(try requireTool("qemu-io", package: "qemu-utils"),
+                            ["-f", "raw", "-r", "-c", "read -P 0x42 8M 256k", keptImage], expect: nil)
+        #expect(check.status == 0 && !check.output.contains("Pattern verification failed"), "kept-aside bytes differ: \(check.output)")
+
+        // Then east takes west's copy: byte-identical to west (which never had 0x42).
+        waitEastInSyncFromWest(sites)
+        sites.west.stop()
+        sites.east.stop()
+        #expect(try sites.imagesIdentical(), "east differs from west after the copy back")
     }
 
     /// A replica in the middle of its initial sync is not promoted (it holds a state no site

@@ -9,23 +9,6 @@ import Glibc
 /// again with real processes, real clients and `kill -9`.
 @Suite(.serialized)
 struct ReplicationTests {
-    /// Starts fio writing verified 4 KiB blocks at QD16 to east's vm1 in `dir` (its verify state
-    /// is saved there when it stops).
-    func startVerifiedWriter(_ fio: String, uri: String, dir: String, size: String = "48m") throws -> Process {
-        let p = Process()
-        p.executableURL = URL(fileURLWithPath: fio)
-        p.currentDirectoryURL = URL(fileURLWithPath: dir)
-        p.arguments = [
-            "--name=crash", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--iodepth=16",
-            "--size=\(size)", "--verify=crc32c", "--do_verify=0", "--verify_state_save=1", "--time_based", "--runtime=60",
-            "--output=\(dir)/fio-write.log",
-        ]
-        p.standardOutput = FileHandle.nullDevice
-        p.standardError = FileHandle.nullDevice
-        try p.run()
-        return p
-    }
-
     /// Sync and semi-sync (P1): fio writes verified blocks through east; east is killed with
     /// `kill -9` mid-run; every write fio was told about is then on west's image.
     @Test(arguments: ["sync", "semi-sync"])

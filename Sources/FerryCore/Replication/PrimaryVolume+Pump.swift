@@ -281,6 +281,34 @@ extension PrimaryVolume {
     /// The epoch this primary writes in.
     public var epoch: UInt64 { config.epoch }
 
+    /// What this site holds that a peer may lack, merged and in volume order: each peer's dirty
+    /// regions, a scheduled point's regions, what a journaled peer has not acknowledged, and what
+    /// a live session has not had acked durable. A primary that is demoted keeps these blocks
+    /// aside before another site's copy overwrites them (P6).
+    public func unreplicatedRanges() -> [BlockRange] {
+        var all = DirtyBitmap(volumeSize: config.volumeSize, regionSize: config.regionSize)
+        for peer in peers.values {
+            all.formUnion(peer.dirty)
+            if let point = peer.point { all.formUnion(point.regions) }
+            if peer.journaled {
+                for entry in journal.live(after: max(peer.ackedSeq, journal.trimmedThrough)) where !entry.isBarrier && entry.range.length > 0 {
+                    _ = all.set(entry.range)
+                }
+            }
+            for item in peer.session?.pendingItems ?? [] {
+                if let range = item.range, range.length > 0 { _ = all.set(range) }
+            }
+        }
+        var ranges: [BlockRange] = []
+        var next = 0
+        while let first = all.firstSet(from: next) {
+            let run = all.run(from: first, limit: Int.max)
+            ranges.append(all.range(ofRegions: run))
+            next = run.upperBound
+        }
+        return ranges
+    }
+
     /// Another site holds a newer epoch of the volume (P4): from now on every write and flush is
     /// refused. Requests already admitted finish; nothing new reaches the image or a peer.
     public mutating func fence(reason: String) -> [Action] {

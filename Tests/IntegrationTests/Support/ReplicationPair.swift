@@ -68,3 +68,20 @@ final class ReplicationSites {
         return result.status == 0
     }
 }
+
+/// Starts fio writing verified 4 KiB blocks at QD16 to east's vm1 in `dir` (its verify state
+/// is saved there when it stops).
+func startVerifiedWriter(_ fio: String, uri: String, dir: String, size: String = "48m") throws -> Process {
+    let p = Process()
+    p.executableURL = URL(fileURLWithPath: fio)
+    p.currentDirectoryURL = URL(fileURLWithPath: dir)
+    p.arguments = [
+        "--name=crash", "--ioengine=nbd", "--uri=\(uri)", "--rw=randwrite", "--bs=4k", "--iodepth=16",
+        "--size=\(size)", "--verify=crc32c", "--do_verify=0", "--verify_state_save=1", "--time_based", "--runtime=60",
+        "--output=\(dir)/fio-write.log",
+    ]
+    p.standardOutput = FileHandle.nullDevice
+    p.standardError = FileHandle.nullDevice
+    try p.run()
+    return p
+}
