@@ -52,6 +52,17 @@ extension Site {
     }
 
     struct RoleRefusal: Error { var reply: AdminReply }
+
+    /// The generation history recorded for a volume (oldest first; empty before any role change).
+    static func history(_ record: VolumeRecord) -> [GenerationRecord] {
+        (try? JSONDecoder().decode([GenerationRecord].self, from: Data(record.history.utf8))) ?? []
+    }
+
+    /// The generations a volume's current one descends from.
+    static func ancestors(_ record: VolumeRecord) -> Set<UInt64> {
+        let current = PrimaryVolume.Config.generationNumber(record.generation)
+        return Set(history(record).map(\.id)).subtracting([current])
+    }
     typealias RoleContext = (volume: Volume, record: VolumeRecord, image: VolumeImage, catalog: Catalog, engine: VolumeEngine)
 
     func promote(_ name: String, force: Bool) -> AdminReply {
@@ -89,7 +100,7 @@ extension Site {
         let epoch = max(UInt64(max(record.epoch, 0)), position.epoch) + 1
         let generation = UUID().uuidString.lowercased()
         let generationID = PrimaryVolume.Config.generationNumber(generation)
-        var history = (try? JSONDecoder().decode([GenerationRecord].self, from: Data(record.history.utf8))) ?? []
+        var history = Self.history(record)
         if history.isEmpty, position.initialized {
             history.append(GenerationRecord(id: position.generation, epoch: position.epoch, branchSeq: 0))
         }
@@ -106,8 +117,19 @@ extension Site {
             var machine = PrimaryVolume.Config(volume: name, volumeSize: volume.config.sizeBytes, epoch: epoch,
                                                generation: generationID, peers: peers)
             machine.regionSize = PrimaryVolume.Config.regionSize(forVolumeSize: volume.config.sizeBytes)
+            machine.ancestors = Set(history.map(\.id)).subtracting([generationID])
+            // The site this replica followed holds the same image up to the branch, except what it
+            // wrote that never arrived here (it says which when it rejoins): it starts with a clean
+            // bitmap, so failback sends only what differs. Any other peer gets a full copy.
+            var metaPeers: [String: PrimaryVolume.Metadata.Peer] = [:]
+            let candidates = possiblePrimaries(of: volume.config)
+            if position.consistent && position.initialized, candidates.count == 1, let followed = candidates.first, peers[followed] != nil {
+                let empty = DirtyBitmap(volumeSize: volume.config.sizeBytes, regionSize: machine.regionSize)
+                metaPeers[followed] = PrimaryVolume.Metadata.Peer(dirtyWords: empty.words, initialSyncPending: false, lastPoint: nil)
+            }
             try MetadataFile<PrimaryVolume.Metadata>(path: metaPath).store(
-                PrimaryVolume.Metadata(lastSeq: position.appliedSeq, sequenceCeiling: position.appliedSeq, regionSize: machine.regionSize))
+                PrimaryVolume.Metadata(peers: metaPeers, lastSeq: position.appliedSeq, sequenceCeiling: position.appliedSeq,
+                                       regionSize: machine.regionSize))
             try catalog.setRole(name: name, role: "primary", epoch: Int64(epoch), generation: generation, history: historyJSON)
             runtime = try PrimaryVolumeRuntime(
                 name: name, image: image, config: machine, stateDirectory: stateDir, cleanShutdown: true,
@@ -180,16 +202,21 @@ extension Site {
                 return Self.reply(500, "error", "demoting \(name) failed while keeping its unreplicated blocks aside "
                                   + "(nothing changed; the volume is still primary here): \(error)")
             }
-            var history = (try? JSONDecoder().decode([GenerationRecord].self, from: Data(record.history.utf8))) ?? []
+            var history = Self.history(record)
             if history.isEmpty {
                 history.append(GenerationRecord(id: PrimaryVolume.Config.generationNumber(record.generation),
                                                 epoch: UInt64(max(1, record.epoch)), branchSeq: 0))
             }
             let historyJSON = String(decoding: (try? JSONEncoder().encode(history)) ?? Data("[]".utf8), as: UTF8.self)
             engine.becomeSecondary(name, runtime: nil)
-            // The next primary decides what this image holds: until then it is not a replica of anything.
-            try? FileManager.default.removeItem(atPath: stateDir + "/replica.position")
+            // Not consistent until a primary has caught it up: on this generation's line, needing
+            // what it kept aside to be overwritten (a full copy when that list is too long).
+            let needs = keptAside?.ranges.map { BlockRange(offset: $0.offset, length: $0.length) } ?? []
+            let fits = needs.count <= ReplicaPosition.maxNeeds
             try? FileManager.default.removeItem(atPath: stateDir + "/receive.log")
+            try MetadataFile<ReplicaPosition>(path: stateDir + "/replica.position").store(ReplicaPosition(
+                epoch: UInt64(max(1, record.epoch)), generation: PrimaryVolume.Config.generationNumber(record.generation),
+                appliedSeq: 0, consistent: false, initialized: fits, needs: fits && !needs.isEmpty ? needs : nil))
             try catalog.setRole(name: name, role: "secondary", epoch: record.epoch, generation: record.generation, history: historyJSON)
             runtime = try ReplicaVolumeRuntime(
                 name: name, image: image, stateDirectory: stateDir, threadPool: threadPool, links: volumeLinks,

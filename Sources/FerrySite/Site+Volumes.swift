@@ -52,6 +52,7 @@ extension Site {
                         volume: v.name, volumeSize: v.sizeBytes, epoch: UInt64(max(1, record.epoch)),
                         generation: PrimaryVolume.Config.generationNumber(record.generation), peers: peers)
                     machine.regionSize = PrimaryVolume.Config.regionSize(forVolumeSize: v.sizeBytes)
+                    machine.ancestors = Self.ancestors(record)
                     let runtime = try PrimaryVolumeRuntime(
                         name: v.name, image: image, config: machine, stateDirectory: stateDir, cleanShutdown: clean,
                         threadPool: threadPool, links: links, logger: logger, onEvent: onEvent)

@@ -22,8 +22,9 @@ import Synchronization
 ///     3 region      the same as write                                                 41 + data
 ///     4 barrier     epoch u64, index u64, seq u64, kind u8                            25
 ///                   (kind: 1 flush, 2 cut, 3 catch-up begin, 4 catch-up end, 5 point)
-///     5 position    epoch u64, generation u64, applied seq u64, consistent u8,        26
-///                   initialized u8
+///     5 position    epoch u64, generation u64, applied seq u64, consistent u8,        30 + 16N
+///                   initialized u8, needs u32 N, then N × (offset u64, length u64)
+///                   (N at most 65,536: ranges a demoted primary wrote that it needs sent again)
 ///     6 ack         level u8 (1 received, 2 written, 3 durable), index u64            9
 ///     7 refuse      reason string (the sender cuts it to 1024 bytes)                  2 + R
 ///
@@ -153,8 +154,24 @@ public struct VolumeFrame: Sendable, Equatable {
         case .position:
             let epoch = try u64(), generation = try u64(), applied = try u64()
             let consistent = try bool("the consistent flag"), initialized = try bool("the initialized flag")
+            guard let count = p.readInteger(as: UInt32.self) else {
+                throw FrameError.malformedPayload(type, "position ends before its count of needed ranges")
+            }
+            guard count <= ReplicaPosition.maxNeeds else {
+                throw FrameError.malformedPayload(type, "position needs \(count) ranges, more than \(ReplicaPosition.maxNeeds)")
+            }
+            var needs: [BlockRange] = []
+            needs.reserveCapacity(Int(count))
+            for _ in 0..<count {
+                let offset = try u64(), length = try u64()
+                guard length > 0, offset <= UInt64.max - length else {
+                    throw FrameError.malformedPayload(type, "position needs an invalid range at \(offset) of \(length) bytes")
+                }
+                needs.append(BlockRange(offset: offset, length: length))
+            }
             message = .position(ReplicaPosition(epoch: epoch, generation: generation, appliedSeq: applied,
-                                                consistent: consistent, initialized: initialized))
+                                                consistent: consistent, initialized: initialized,
+                                                needs: count == 0 ? nil : needs))
         case .ack:
             let levelByte = try u8()
             guard let level = AckLevel(rawValue: levelByte) else {
@@ -215,6 +232,9 @@ public struct VolumeFrame: Sendable, Equatable {
             fields.writeMultipleIntegers(
                 position.epoch, position.generation, position.appliedSeq,
                 UInt8(position.consistent ? 1 : 0), UInt8(position.initialized ? 1 : 0))
+            let needs = (position.needs ?? []).prefix(ReplicaPosition.maxNeeds)
+            fields.writeInteger(UInt32(needs.count))
+            for r in needs { fields.writeMultipleIntegers(r.offset, r.length) }
         case .ack(let level, let index):
             fields.writeInteger(Kind.ack.rawValue)
             writeVolume(&fields)

@@ -48,6 +48,8 @@ struct ReplicationFrameTests {
         VolumeFrame(volume: "vm1", message: .position(ReplicaPosition(epoch: 7, generation: 9, appliedSeq: 99, consistent: true, initialized: true))),
         VolumeFrame(volume: "vm1", message: .position(ReplicaPosition(epoch: 1, generation: 2, appliedSeq: 3, consistent: false, initialized: true))),
         VolumeFrame(volume: "vm1", message: .position(.empty)),
+        VolumeFrame(volume: "vm1", message: .position(ReplicaPosition(epoch: 1, generation: 2, appliedSeq: 0, consistent: false, initialized: true,
+                                                                      needs: [BlockRange(offset: 0, length: 4096), BlockRange(offset: 8 << 20, length: 1 << 20)]))),
         VolumeFrame(volume: "vm1", message: .ack(level: .received, index: 1)),
         VolumeFrame(volume: "vm1", message: .ack(level: .written, index: .max)),
         VolumeFrame(volume: "vm1", message: .ack(level: .durable, index: 0)),
@@ -206,7 +208,7 @@ struct ReplicationFrameTests {
         case compressedZeroItem, compressedBarrier, compressedAck
         case decompressedShorter, decompressedLonger, contentSizeNotStated, garbageAfterZstdFrame, notZstd
         case barrierShort, unknownBarrierKind
-        case positionLong, consistentNotBoolean
+        case positionLong, consistentNotBoolean, positionWithoutNeedsCount, tooManyNeeds, emptyNeed
         case ackShort, unknownAckLevel
         case refuseRunsPast, refuseTrailing
     }
@@ -272,9 +274,15 @@ struct ReplicationFrameTests {
         case .unknownBarrierKind:
             return (raw(kind: 4) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(0)) }, "unknown barrier kind 0")
         case .positionLong:
-            return (raw(kind: 5) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(1), UInt8(1), UInt8(1)) }, "1 unexpected bytes")
+            return (raw(kind: 5) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(1), UInt8(1), UInt32(0), UInt8(1)) }, "1 unexpected bytes")
         case .consistentNotBoolean:
-            return (raw(kind: 5) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(7), UInt8(1)) }, "the consistent flag is 7")
+            return (raw(kind: 5) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(7), UInt8(1), UInt32(0)) }, "the consistent flag is 7")
+        case .positionWithoutNeedsCount:
+            return (raw(kind: 5) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(1), UInt8(1)) }, "before its count of needed ranges")
+        case .tooManyNeeds:
+            return (raw(kind: 5) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(0), UInt8(1), UInt32(65_537)) }, "more than 65536")
+        case .emptyNeed:
+            return (raw(kind: 5) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(0), UInt8(1), UInt32(1), UInt64(4096), UInt64(0)) }, "an invalid range at 4096 of 0 bytes")
         case .ackShort:
             return (raw(kind: 6) { $0.writeMultipleIntegers(UInt8(1), UInt32(1)) }, "payload is too short")
         case .unknownAckLevel:

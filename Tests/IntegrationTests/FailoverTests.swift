@@ -166,6 +166,45 @@ struct FailoverTests {
         #expect(try sites.imagesIdentical(), "east differs from west after the copy back")
     }
 
+    /// Failback (P6): the returning primary gets only what differs — what the promoted site wrote
+    /// since the branch, and what it had itself written past it — not a full copy.
+    @Test func failbackSendsOnlyWhatChanged() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        // 48 MiB both sites hold; the flush empties east's activity log.
+        try sites.qemuIO(["write -P 0x61 0 48M", "flush"])
+        try sites.qemuIO(["write -P 0x62 60M 64k"])
+        sites.waitInSync()
+        sites.east.kill9()
+        var promoted: RunResult?
+        #expect(eventually(.seconds(30)) { promoted = try? ferry(["promote", "vm1"], sites.west); return promoted?.status == 0 },
+                "promote failed: \(promoted?.stderr ?? "")")
+        try sites.qemuIO(["write -P 0x63 40M 64k"], uri: sites.west.unixURI("vm1"))
+        let sentBefore = vm1(sites.west)?.replicas.first { $0.peer == "east" }?.bytesSent ?? 0
+
+        try sites.east.start()
+        #expect(eventually(.seconds(60)) { vm1(sites.east)?.fenced != nil }, "east was not fenced")
+        let demoted = try ferry(["demote", "vm1"], sites.east)
+        #expect(demoted.status == 0, "\(demoted.stderr)")
+        waitEastInSyncFromWest(sites)
+        let sent = (vm1(sites.west)?.replicas.first { $0.peer == "east" }?.bytesSent ?? 0) - sentBefore
+        let dir = sites.east.dataDirectory + "/volumes/vm1.state/diverged"
+        // (Nothing is kept aside when east's last writes were all flushed to west before it died.)
+        let json = (try? FileManager.default.contentsOfDirectory(atPath: dir))?.first { $0.hasSuffix(".json") }
+        let meta = try json.flatMap { try JSONSerialization.jsonObject(with: Data(contentsOf: URL(fileURLWithPath: "\(dir)/\($0)"))) as? [String: Any] }
+        let kept = UInt64((meta?["bytes"] as? Int) ?? 0)
+        let changed = kept + (64 << 10)
+        print("failback: \(sent) bytes sent to the returning east for \(kept) bytes it kept aside + 65536 written on west "
+              + "(\(String(format: "%.3f", Double(sent) / Double(changed)))x); a full copy would send 48 MiB or more")
+        #expect(sent > 0 && Double(sent) <= 1.1 * Double(changed), "failback sent \(sent) bytes for \(changed) changed")
+        #expect(sent < 16 << 20, "failback sent \(sent) bytes: a full copy, not the changed regions")
+        sites.west.stop()
+        sites.east.stop()
+        #expect(try sites.imagesIdentical(), "east differs from west after failback")
+    }
+
     /// A replica in the middle of its initial sync is not promoted (it holds a state no site
     /// ever had), and nothing changes.
     @Test func promoteRefusesAnInconsistentReplica() throws {

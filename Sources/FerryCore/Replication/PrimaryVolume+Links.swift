@@ -281,7 +281,18 @@ extension PrimaryVolume {
 
     mutating func opened(_ peer: inout PeerState, position: ReplicaPosition, _ out: inout [Action]) {
         let sameHistory = position.initialized && position.generation == config.generation
-        if !sameHistory && !peer.initialSyncPending {
+        let sharedPast = position.initialized && config.ancestors.contains(position.generation)
+        if sharedPast && !peer.initialSyncPending {
+            // A former primary (demoted) on the line this generation branched from: it lacks what
+            // this site wrote since the branch (its bitmap and, for an async peer, the journal
+            // since the branch), and what it wrote itself past the branch must be overwritten.
+            for range in position.needs ?? [] { markDirty(range, in: &peer) }
+            if peer.journaled {
+                peer.journaled = false
+                for entry in journal.live(after: journal.trimmedThrough) where !entry.isBarrier { markDirty(entry.range, in: &peer) }
+            }
+            persistNeeded = true
+        } else if !sameHistory && !peer.initialSyncPending {
             // A new or emptied replica (or, until failover decides better, another history): a full copy.
             peer.dirty.setAll()
             peer.initialSyncPending = true

@@ -36,6 +36,9 @@ public struct PrimaryVolume: Sendable {
         public var epoch: UInt64
         public var generation: UInt64
         public var peers: [String: ReplicaPolicy]
+        /// The generations this one descends from (its history without itself): a peer whose
+        /// image is on one of them holds a shared past, and gets only what differs (failback).
+        public var ancestors: Set<UInt64> = []
         /// Dirty-bitmap granularity.
         public var regionSize: UInt64 = 64 << 10
         /// Adjacent dirty regions are read and sent as one item of up to this many bytes.

@@ -226,6 +226,7 @@ public struct ReplicaVolume: Sendable {
             if barrier.kind == .catchUpEnd {
                 next.consistent = true
                 next.initialized = true
+                next.needs = nil
                 next.appliedSeq = max(next.appliedSeq, barrier.seq)
             } else if next.consistent {
                 next.appliedSeq = max(next.appliedSeq, barrier.seq)

@@ -110,13 +110,23 @@ public struct ReplicaPosition: Sendable, Equatable, Codable {
     public var consistent: Bool
     /// The image has ever been consistent: an initial sync completed.
     public var initialized: Bool
+    /// A demoted primary: the ranges it wrote that its new primary may lack, which that primary
+    /// must send again (with what it wrote itself since it branched) to make the two equal. Nil
+    /// once a catch-up completed.
+    public var needs: [BlockRange]?
 
-    public init(epoch: UInt64 = 0, generation: UInt64 = 0, appliedSeq: UInt64 = 0, consistent: Bool = false, initialized: Bool = false) {
+    /// The most ranges a position carries (1 MiB on the wire); a demoted primary with more asks
+    /// for a full copy instead.
+    public static let maxNeeds = 65_536
+
+    public init(epoch: UInt64 = 0, generation: UInt64 = 0, appliedSeq: UInt64 = 0, consistent: Bool = false, initialized: Bool = false,
+                needs: [BlockRange]? = nil) {
         self.epoch = epoch
         self.generation = generation
         self.appliedSeq = appliedSeq
         self.consistent = consistent
         self.initialized = initialized
+        self.needs = needs
     }
 
     /// A replica that has never received anything.
