@@ -34,6 +34,14 @@ extension Site {
         return v.primary == me ? v.sites.subtracting([me]).sorted() : [v.primary]
     }
 
+    /// The site a promoted replica followed, when it was consistent and there is exactly one
+    /// candidate: the one that starts with a clean bitmap (failback sends only what differs).
+    private func candidatesFollowed(_ v: VolumeConfig, consistent: Bool, peers: [String: ReplicaPolicy]) -> String? {
+        let candidates = possiblePrimaries(of: v)
+        guard consistent, candidates.count == 1, let followed = candidates.first, peers[followed] != nil else { return nil }
+        return followed
+    }
+
     /// `POST /v1/volumes/NAME/promote[?force=1]`: this secondary becomes the volume's primary in
     /// a new epoch and generation, and exports it read-write.
     /// What a role change of `name` works on, or the reply refusing it (an unknown volume, or
@@ -122,8 +130,7 @@ extension Site {
             // wrote that never arrived here (it says which when it rejoins): it starts with a clean
             // bitmap, so failback sends only what differs. Any other peer gets a full copy.
             var metaPeers: [String: PrimaryVolume.Metadata.Peer] = [:]
-            let candidates = possiblePrimaries(of: volume.config)
-            if position.consistent && position.initialized, candidates.count == 1, let followed = candidates.first, peers[followed] != nil {
+            if let followed = candidatesFollowed(volume.config, consistent: position.consistent && position.initialized, peers: peers) {
                 let empty = DirtyBitmap(volumeSize: volume.config.sizeBytes, regionSize: machine.regionSize)
                 metaPeers[followed] = PrimaryVolume.Metadata.Peer(dirtyWords: empty.words, initialSyncPending: false, lastPoint: nil)
             }
@@ -155,7 +162,12 @@ extension Site {
         if force && !position.consistent { lines.append("forced: the image was not consistent; check the file system on it before use") }
         lines.append("exported read-write at \(uris.joined(separator: " and "))")
         if !peers.isEmpty {
-            lines.append("replicating to \(peers.keys.sorted().joined(separator: ", ")) (a full copy each, once they are reachable and secondary)")
+            let followed = candidatesFollowed(volume.config, consistent: position.consistent && position.initialized, peers: peers)
+            let rest = peers.keys.sorted().filter { $0 != followed }
+            var how: [String] = []
+            if let followed { how.append("\(followed), once demoted, gets only what differs") }
+            if !rest.isEmpty { how.append("\(rest.joined(separator: ", ")) a full copy") }
+            lines.append("replicating to \(peers.keys.sorted().joined(separator: ", ")): \(how.joined(separator: "; "))")
         }
         lines.append("a former primary that returns is fenced: it takes no writes until `ferry demote \(name)` there")
         lines.append("to undo: `ferry demote \(name)` here, then `ferry promote \(name)` on the site that should serve it")
@@ -242,7 +254,7 @@ extension Site {
             lines.append("kept aside \(ByteSize.format(k.bytes)) in \(k.ranges.count) range\(k.ranges.count == 1 ? "" : "s") this site may hold "
                          + "and its peers may not (written here after they last confirmed): \(k.image); `ferry diverged \(name)` lists them")
         }
-        lines.append("the primary that streams to this site next (the promoted one) copies the volume here in full")
+        lines.append("the primary that streams to this site next sends what differs (the whole volume if it does not share this site's history)")
         lines.append("to undo: `ferry promote \(name)` here (with --force while no primary has copied to it)")
         return Self.reply(200, "message", lines.joined(separator: "\n"))
     }
