@@ -146,12 +146,16 @@ public struct VolumeConfig: Sendable, Equatable {
     /// The sites that keep a replica, by name (this site or configured peers, never the primary),
     /// each with how it replicates. Empty: the volume is not replicated.
     public var replicas: [String: ReplicaPolicy]
+    /// A shell command run on this site after `ferry promote` made it the volume's primary (to
+    /// start the VM, say), with FERRY_VOLUME, FERRY_NBD_URI and FERRY_EPOCH in its environment.
+    public var onPromote: String?
 
-    public init(name: String, sizeBytes: UInt64, primary: String, replicas: [String: ReplicaPolicy] = [:]) {
+    public init(name: String, sizeBytes: UInt64, primary: String, replicas: [String: ReplicaPolicy] = [:], onPromote: String? = nil) {
         self.name = name
         self.sizeBytes = sizeBytes
         self.primary = primary
         self.replicas = replicas
+        self.onPromote = onPromote
     }
 
     /// The names in ``replicas``, sorted.

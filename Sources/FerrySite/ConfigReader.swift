@@ -20,7 +20,7 @@ struct ConfigReader {
     static let siteKeys = ["name", "data"]
     static let listenKeys = ["replication", "nbd", "nbd-socket", "admin-socket"]
     static let peerKeys = ["address", "site-id"]
-    static let volumeKeys = ["size", "primary", "replicas"]
+    static let volumeKeys = ["size", "primary", "replicas", "on-promote"]
 
     /// Volume sizes must be whole 4 KiB blocks (the NBD block size Ferry advertises).
     static let volumeSizeUnit: UInt64 = 4096
@@ -226,8 +226,14 @@ struct ConfigReader {
                 primary = nil
             }
             let replicas = readReplicas(fields, siteName: siteName, peerNames: peerNames, primary: primary)
+            let onPromote = text(fields, "on-promote", required: false, example: "/usr/local/bin/start-vm1")
+            if let hook = onPromote, hook.trimmingCharacters(in: .whitespaces).isEmpty {
+                report(fields.path("on-promote"), "empty; give the command to run after a promotion, or leave the key out",
+                       line: fields.line(of: "on-promote"))
+            }
             if Self.isVolumeName(name), let size, let primary, let replicas {
-                volumes.append(VolumeConfig(name: name, sizeBytes: size, primary: primary, replicas: replicas))
+                volumes.append(VolumeConfig(name: name, sizeBytes: size, primary: primary, replicas: replicas,
+                                            onPromote: onPromote?.trimmingCharacters(in: .whitespaces).isEmpty == false ? onPromote : nil))
             }
         }
         return volumes.sorted { $0.name < $1.name }

@@ -40,6 +40,7 @@ extension SiteConfig {
                 lines.append("  \(R.scalar(volume.name)):")
                 lines.append("    size: \(R.size(volume.sizeBytes))")
                 lines.append("    primary: \(R.scalar(volume.primary))")
+                if let hook = volume.onPromote { lines.append("    on-promote: \(R.scalar(hook))") }
                 if !volume.replicas.isEmpty {
                     lines.append("    replicas:")
                     for name in volume.replicaNames {

@@ -2,6 +2,7 @@ import FerryCore
 import FerryNBD
 import FerryStore
 import FerryVolume
+import Dispatch
 import Foundation
 import NIOCore
 
@@ -169,9 +170,64 @@ extension Site {
             if !rest.isEmpty { how.append("\(rest.joined(separator: ", ")) a full copy") }
             lines.append("replicating to \(peers.keys.sorted().joined(separator: ", ")): \(how.joined(separator: "; "))")
         }
+        if let hook = volume.config.onPromote {
+            lines.append(startPromoteHook(hook, volume: name, uri: uris.first ?? "", epoch: epoch))
+        }
         lines.append("a former primary that returns is fenced: it takes no writes until `ferry demote \(name)` there")
         lines.append("to undo: `ferry demote \(name)` here, then `ferry promote \(name)` on the site that should serve it")
         return Self.reply(200, "message", lines.joined(separator: "\n"))
+    }
+
+    /// Starts the volume's `on-promote` command (`/bin/sh -c`) with the volume, its NBD URI, the
+    /// epoch and the site in its environment, and returns at once (the admin API answers on an
+    /// event loop, which must not wait for a VM to boot). Its output goes to the log; how it ended
+    /// goes to the log and to the volume's status (`onPromote`): a failing hook is reported,
+    /// never hidden. A hook still running after 10 minutes is killed.
+    func startPromoteHook(_ hook: String, volume: String, uri: String, epoch: UInt64) -> String {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: "/bin/sh")
+        p.arguments = ["-c", hook]
+        p.environment = ProcessInfo.processInfo.environment.merging([
+            "FERRY_VOLUME": volume, "FERRY_NBD_URI": uri, "FERRY_EPOCH": String(epoch), "FERRY_SITE": config.site.name,
+        ]) { $1 }
+        let output = Pipe()
+        p.standardOutput = output
+        p.standardError = output
+        p.standardInput = FileHandle.nullDevice
+        do {
+            try p.run()
+        } catch {
+            let result = "FAILED to start: \(hook): \(error)"
+            logger.error("volume \(volume): on-promote hook \(result)")
+            state.withLockedValue { $0.hookResults[volume] = result }
+            return "on-promote hook \(result)"
+        }
+        state.withLockedValue { $0.hookResults[volume] = "running (pid \(p.processIdentifier)): \(hook)" }
+        let logger = self.logger
+        DispatchQueue.global().async { [weak self] in
+            let killer = DispatchWorkItem { if p.isRunning { p.terminate() } }
+            DispatchQueue.global().asyncAfter(deadline: .now() + 600, execute: killer)
+            let reader = output.fileHandleForReading
+            var pending = Data()
+            while true {
+                let chunk = reader.availableData
+                if chunk.isEmpty { break }
+                pending.append(chunk)
+                while let newline = pending.firstIndex(of: 0x0A) {
+                    logger.info("on-promote \(volume): \(String(decoding: pending[..<newline], as: UTF8.self))")
+                    pending.removeSubrange(...newline)
+                }
+            }
+            if !pending.isEmpty { logger.info("on-promote \(volume): \(String(decoding: pending, as: UTF8.self))") }
+            p.waitUntilExit()
+            killer.cancel()
+            let ok = p.terminationReason == .exit && p.terminationStatus == 0
+            let how = p.terminationReason == .exit ? "exit \(p.terminationStatus)" : "killed by signal \(p.terminationStatus)"
+            let result = ok ? "succeeded: \(hook)" : "FAILED (\(how)): \(hook); its output is in the log"
+            if ok { logger.notice("volume \(volume): on-promote hook \(result)") } else { logger.error("volume \(volume): on-promote hook \(result)") }
+            self?.state.withLockedValue { $0.hookResults[volume] = result }
+        }
+        return "on-promote hook started (pid \(p.processIdentifier)): \(hook); `ferry status` says how it ended, the log has its output"
     }
 
     /// `POST /v1/volumes/NAME/demote`: this primary flushes, stops its export and becomes a

@@ -240,6 +240,13 @@ extension Site {
             status.lastError = runtime.lastError
             status.fenced = runtime.isFenced ? exports.fenceReason(v.config.name) ?? "another site holds a newer epoch" : nil
         }
+        status.onPromote = state.withLockedValue { $0.hookResults[v.config.name] }
+        if let record = v.record {
+            let history = Self.history(record)
+            if !history.isEmpty {
+                status.history = history.map { .init(id: String($0.id, radix: 16), epoch: $0.epoch, branchSequence: $0.branchSeq) }
+            }
+        }
         if exportsHere, v.isPrimary != (v.config.primary == me) {
             status.roleNote = v.isPrimary
                 ? "\(me) is the primary since `ferry promote` (epoch \(v.record?.epoch ?? 0)) while the config names \(v.config.primary); "

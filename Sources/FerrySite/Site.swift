@@ -45,6 +45,8 @@ public final class Site: Service, Sendable {
         var engine: VolumeEngine?
         /// The last line logged per volume and kind, to keep repeats out of the log.
         var lastErrors: [String: String] = [:]
+        /// How each volume's last `on-promote` hook ended (or that it is running).
+        var hookResults: [String: String] = [:]
     }
     let state = NIOLockedValueBox(State())
     let exports = NBDExportTable()

@@ -43,6 +43,19 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         /// Where the live role differs from the config's `primary:` (after promote or demote), and
         /// how to make the config agree.
         public var roleNote: String?
+        /// The last `on-promote` hook run here: `running …`, `succeeded: …` or `FAILED …`.
+        public var onPromote: String?
+        /// The generations this site's copy descends from, oldest first (recorded by promote and
+        /// demote; empty before either): each began with a promotion at `epoch`, branching from
+        /// its parent at `branchSequence`.
+        public var history: [Generation]?
+
+        public struct Generation: Codable, Sendable, Equatable {
+            /// The generation's 64-bit ID, in hex.
+            public var id: String
+            public var epoch: UInt64
+            public var branchSequence: UInt64
+        }
 
         public init(name: String, sizeBytes: UInt64, role: String, primarySite: String, uuid: String?, epoch: Int64?,
                     generation: String?, exports: [String], clientsConnected: Int, image: String? = nil,
@@ -161,7 +174,12 @@ extension SiteStatus {
                 }
                 for e in v.exports { line += "\n      \(e) (read-only)" }
             }
+            if let h = v.history, let last = h.last {
+                line += "\n      history: " + h.map { "epoch \($0.epoch)" + ($0.branchSequence > 0 ? " from sequence \($0.branchSequence)" : "") }
+                    .joined(separator: " → ") + " (generation \(last.id))"
+            }
             if let f = v.fenced { line += "\n      FENCED: \(f)" }
+            if let h = v.onPromote { line += "\n      on-promote hook \(h)" }
             if let n = v.roleNote { line += "\n      note: \(n)" }
             if let e = v.lastError { line += "\n      last error: \(e)" }
             out += line + "\n"

@@ -72,6 +72,8 @@ struct FailoverTests {
         print("failover: `ferry promote` to the promoted export answering a write: \(rto)")
         #expect(promoted?.stdout.contains("promoted vm1 on west: epoch 2") == true, "\(promoted?.stdout ?? "")")
         #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 2, "\(String(describing: vm1(sites.west)))")
+        #expect(vm1(sites.west)?.history?.map(\.epoch) == [1, 2], "west's history: \(String(describing: vm1(sites.west)?.history))")
+        #expect(vm1(sites.west)?.roleNote?.contains("make west its primary") == true)
 
         // Every write fio was told about is served by west's export, read over NBD.
         let verify = try run("/bin/sh", ["-c", "cd '\(dir)' && exec '\(fio)' --name=crash --ioengine=nbd "
@@ -169,7 +171,10 @@ struct FailoverTests {
     /// Failback (P6): the returning primary gets only what differs — what the promoted site wrote
     /// since the branch, and what it had itself written past it — not a full copy.
     @Test func failbackSendsOnlyWhatChanged() throws {
-        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M")
+        // The hook records what it was given; `exit 3` makes it fail after that, which must be reported.
+        let hookOut = TempDir()
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M",
+                                         onPromote: "echo \"$FERRY_SITE $FERRY_VOLUME $FERRY_EPOCH $FERRY_NBD_URI\" > \(hookOut.path)/env; echo booting; exit 3")
         try sites.startAll()
         defer { sites.stopAll() }
         sites.waitInSync()
@@ -181,6 +186,12 @@ struct FailoverTests {
         var promoted: RunResult?
         #expect(eventually(.seconds(30)) { promoted = try? ferry(["promote", "vm1"], sites.west); return promoted?.status == 0 },
                 "promote failed: \(promoted?.stderr ?? "")")
+        #expect(promoted?.stdout.contains("on-promote hook started") == true, "\(promoted?.stdout ?? "")")
+        let hookDone = eventually(.seconds(30)) { vm1(sites.west)?.onPromote?.hasPrefix("FAILED (exit 3)") == true }
+        #expect(hookDone, "the failing hook was not reported: \(String(describing: vm1(sites.west)?.onPromote))")
+        let env = (try? String(contentsOfFile: hookOut.path + "/env", encoding: .utf8)) ?? ""
+        #expect(env.hasPrefix("west vm1 2 nbd"), "the hook's environment: \(env)")
+        #expect(sites.west.log().contains("on-promote vm1: booting"), "the hook's output is not in the log")
         try sites.qemuIO(["write -P 0x63 40M 64k"], uri: sites.west.unixURI("vm1"))
         let sentBefore = vm1(sites.west)?.replicas.first { $0.peer == "east" }?.bytesSent ?? 0
 

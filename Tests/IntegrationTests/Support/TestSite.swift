@@ -49,6 +49,8 @@ final class TestSite {
         var primary: String
         /// `replicas:` entries as YAML flow maps by site, e.g. `["west": "{ mode: sync }"]`.
         var replicas: [String: String] = [:]
+        /// `on-promote:` (a shell command), if any.
+        var onPromote: String? = nil
     }
 
     /// Writes the site's config: peers pinned to the given IDs, volumes, NBD on TCP and a socket.
@@ -74,6 +76,7 @@ final class TestSite {
             yaml += "volumes:\n"
             for v in volumes {
                 yaml += "  \(v.name):\n    size: \(v.size)\n    primary: \(v.primary)\n"
+                if let hook = v.onPromote { yaml += "    on-promote: '\(hook.replacingOccurrences(of: "'", with: "''"))'\n" }
                 if !v.replicas.isEmpty {
                     yaml += "    replicas:\n"
                     for (site, policy) in v.replicas.sorted(by: { $0.key < $1.key }) { yaml += "      \(site): \(policy)\n" }
