@@ -97,11 +97,11 @@ extension Site {
                 + "a state no site ever had. Wait until `ferry status` shows it in sync, or promote it as it is with --force "
                 + "(a file system on it may need repair)")
         }
-        let reachable = possiblePrimaries(of: volume.config).filter { engine.reportedLink($0) != nil }
-        if !reachable.isEmpty && !force {
-            return Self.reply(409, "error", "\(reachable.joined(separator: " and ")) \(reachable.count == 1 ? "is" : "are") reachable "
-                + "and may still be the primary of \(name): promoting here would make two sites take writes. Demote it there "
-                + "first (`ferry demote \(name)` on \(reachable[0])), or, if it no longer serves the volume, use --force")
+        // Reachable and primary: a primary streams to this replica over a link that is up.
+        if let streaming = replica.streamingPeer, engine.reportedLink(streaming) != nil, !force {
+            return Self.reply(409, "error", "\(streaming) is reachable and still the primary of \(name) (it streams to this site): "
+                + "promoting here would make two sites take writes. Demote it there first (`ferry demote \(name)` on \(streaming)), "
+                + "or, if it no longer serves the volume, use --force")
         }
 
         // The new epoch and generation are recorded before anything is served read-write: a crash
@@ -154,6 +154,7 @@ extension Site {
             s.volumes[j].primary = runtime
             s.volumes[j].replica = nil
             s.volumes[j].isPrimary = true
+            s.volumes[j].isReplica = false
             if let updated { s.volumes[j].record = updated }
         }
         logger.notice("volume \(name) promoted", metadata: [
@@ -239,7 +240,7 @@ extension Site {
         case .success(let c): context = c
         case .failure(let refusal): return refusal.reply
         }
-        let (_, record, image, catalog, engine) = context
+        let (volume, record, image, catalog, engine) = context
         guard engine.primary(name) != nil else {
             if engine.replica(name) != nil {
                 return Self.reply(409, "error", "site \(me) is already a secondary of \(name); nothing changed")
@@ -277,6 +278,7 @@ extension Site {
             }
             let historyJSON = String(decoding: (try? JSONEncoder().encode(history)) ?? Data("[]".utf8), as: UTF8.self)
             engine.becomeSecondary(name, runtime: nil)
+            engine.sayNotPrimary(name, to: volume.config.sites.subtracting([me]).sorted())
             // Not consistent until a primary has caught it up: on this generation's line, needing
             // what it kept aside to be overwritten (a full copy when that list is too long).
             let needs = keptAside?.ranges.map { BlockRange(offset: $0.offset, length: $0.length) } ?? []
@@ -302,6 +304,7 @@ extension Site {
             s.volumes[j].primary = nil
             s.volumes[j].replica = runtime
             s.volumes[j].isPrimary = false
+            s.volumes[j].isReplica = true
             if let updated { s.volumes[j].record = updated }
         }
         logger.notice("volume \(name) demoted: now a secondary", metadata: ["epoch": "\(record.epoch)"])

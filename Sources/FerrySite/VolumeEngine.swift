@@ -147,6 +147,16 @@ final class VolumeEngine: Sendable {
         primary?.stop()
     }
 
+    /// Tells `peers` with a link up that this site no longer is the primary of `volume`: their
+    /// replicas end the stream (so a promotion there is not refused as if this site still were).
+    func sayNotPrimary(_ volume: String, to peers: [String]) {
+        for peer in peers {
+            guard let link = reportedLink(peer) else { continue }
+            links.send([VolumeFrame(volume: volume, message: .refuse(reason: "site \(siteName) is no longer the primary of \(volume) (demoted)"),
+                                    payload: nil)], to: peer, link: link)
+        }
+    }
+
     func primary(_ volume: String) -> PrimaryVolumeRuntime? { tables.withLockedValue { $0.primaries[volume] } }
     func replica(_ volume: String) -> ReplicaVolumeRuntime? { tables.withLockedValue { $0.replicas[volume] } }
 

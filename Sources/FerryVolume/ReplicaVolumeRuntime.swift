@@ -70,6 +70,10 @@ public final class ReplicaVolumeRuntime: Sendable {
     /// The persisted position (what the primary is told when a link opens).
     public var position: ReplicaPosition { core.withLockedValue { $0.machine.position } }
     public var lastError: String? { core.withLockedValue { $0.lastError } }
+    /// The peer whose stream this replica follows right now, if a primary has one open.
+    public var streamingPeer: String? {
+        core.withLockedValue { core in core.machine.sessionLink.flatMap { core.linkPeers[$0] } }
+    }
     public var bytesReceived: UInt64 { core.withLockedValue { $0.bytesReceived } }
 
     /// A frame for this volume from `peer` on `link`.

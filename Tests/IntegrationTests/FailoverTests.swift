@@ -216,6 +216,45 @@ struct FailoverTests {
         #expect(try sites.imagesIdentical(), "east differs from west after failback")
     }
 
+    /// A planned move with both sites up: demote east, promote west (not refused: east no longer
+    /// streams), east catches up by regions; then back the same way. Nothing written is lost.
+    @Test func plannedMoveThereAndBackLosesNothing() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        try sites.qemuIO(["write -P 0x71 0 8M"])
+        sites.waitInSync()
+
+        let down = try ferry(["demote", "vm1"], sites.east)
+        #expect(down.status == 0, "\(down.stderr)")
+        var up: RunResult?
+        #expect(eventually(.seconds(30)) { up = try? ferry(["promote", "vm1"], sites.west); return up?.status == 0 },
+                "west was not promoted after east's demote: \(up?.stderr ?? "")")
+        try sites.qemuIO(["write -P 0x72 8M 1M"], uri: sites.west.unixURI("vm1"))
+        waitEastInSyncFromWest(sites)
+        let sent = vm1(sites.west)?.replicas.first { $0.peer == "east" }?.bytesSent ?? 0
+        #expect(sent <= 2 << 20, "the move sent \(sent) bytes to east, more than what changed (1 MiB)")
+
+        // And back: east is consistent and west no longer streams once demoted.
+        let down2 = try ferry(["demote", "vm1"], sites.west)
+        #expect(down2.status == 0, "\(down2.stderr)")
+        var up2: RunResult?
+        #expect(eventually(.seconds(30)) { up2 = try? ferry(["promote", "vm1"], sites.east); return up2?.status == 0 },
+                "east was not promoted back: \(up2?.stderr ?? "")")
+        #expect(vm1(sites.east)?.role == "primary" && vm1(sites.east)?.epoch == 3, "\(String(describing: vm1(sites.east)))")
+        let read = try sites.qemuIO(["read -P 0x71 0 8M", "read -P 0x72 8M 1M"], expect: nil)
+        #expect(read.status == 0 && !read.output.contains("Pattern verification failed"), "a write was lost in the moves: \(read.output)")
+        let back = eventually(.seconds(120)) {
+            guard let r = vm1(sites.east)?.replicas.first(where: { $0.peer == "west" }) else { return false }
+            return r.connected && r.consistent && r.state == "in-sync"
+        }
+        #expect(back, "west did not catch up from east: \(String(describing: vm1(sites.east)?.replicas))")
+        sites.west.stop()
+        sites.east.stop()
+        #expect(try sites.imagesIdentical())
+    }
+
     /// A replica in the middle of its initial sync is not promoted (it holds a state no site
     /// ever had), and nothing changes.
     @Test func promoteRefusesAnInconsistentReplica() throws {

@@ -104,6 +104,8 @@ public struct ReplicaVolume: Sendable {
     }
 
     public var isConsistent: Bool { position.consistent }
+    /// The link a primary has a stream open on, if any.
+    public var sessionLink: LinkID? { session?.link }
 
     // MARK: - Events
 
@@ -182,7 +184,14 @@ public struct ReplicaVolume: Sendable {
                 session = s
                 return actions + [.syncLog(link, barrier)]
             }
-        case .position, .ack, .refuse:
+        case .refuse:
+            // The primary says it no longer is one (it was demoted): the session ends, nothing is
+            // answered; an unfinished logged group will never get its barrier.
+            guard session?.link == link else { return [] }
+            let logged = session?.logged ?? false
+            session = nil
+            return logged ? [.discardLogTail] : []
+        case .position, .ack:
             return refuse(link, "a replica does not accept \(message) from its primary")
         }
     }
