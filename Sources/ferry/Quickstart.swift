@@ -135,6 +135,13 @@ struct Quickstart: AsyncParsableCommand {
               qemu-io -f raw -r -c 'read -P 0xab 0 1M' \(statuses["west"]?.volumes.first?.exports.first { $0.hasPrefix("nbd://") } ?? "")   # read it on west
             kill one (kill \(children["west"]!.processIdentifier) stops west) and watch east report it.
 
+            a failover drill, both sites up (docs/operations.md has the runbooks):
+              ferry demote vm1 --config \(configPaths["east"]!)      # east stops serving vm1 (no clients may be connected)
+              ferry promote vm1 --config \(configPaths["west"]!)     # west serves vm1 read-write in a new epoch
+              qemu-io -f raw -c 'write -P 0xcd 0 1M' \(statuses["west"]?.volumes.first?.exports.first { $0.hasPrefix("nbd://") } ?? "")
+              ferry status --config \(configPaths["west"]!)          # east catches up with only what changed
+              ferry demote vm1 --config \(configPaths["west"]!) && ferry promote vm1 --config \(configPaths["east"]!)   # and back
+
             """)
         print("ready")
         for name in names { if let s = statuses[name] { print(s.rendered()) } }
