@@ -119,8 +119,8 @@ extension Site {
         let peers = volume.config.peers(whenPrimaryIs: me)
         let runtime: PrimaryVolumeRuntime
         do {
-            // A fresh primary state: sequences continue above what this replica applied, and every
-            // peer starts from a full copy (failback by changed regions only is still to come).
+            // A fresh primary state: sequences continue above what this replica applied; a new
+            // journal; every peer but the one followed (below) starts from a full copy.
             let metaPath = stateDir + "/primary.meta"
             try? FileManager.default.removeItem(atPath: stateDir + "/journal")
             var machine = PrimaryVolume.Config(volume: name, volumeSize: volume.config.sizeBytes, epoch: epoch,
@@ -231,8 +231,9 @@ extension Site {
         return "on-promote hook started (pid \(p.processIdentifier)): \(hook); `ferry status` says how it ended, the log has its output"
     }
 
-    /// `POST /v1/volumes/NAME/demote`: this primary flushes, stops its export and becomes a
-    /// secondary that takes a full copy from the next primary that opens a stream to it.
+    /// `POST /v1/volumes/NAME/demote`: this primary keeps aside what its peers may lack, flushes,
+    /// serves the volume read-only and becomes a secondary; the next primary that opens a stream
+    /// to it sends what differs (the whole volume when it does not share this site's history).
     func demote(_ name: String) -> AdminReply {
         let me = config.site.name
         let context: RoleContext
