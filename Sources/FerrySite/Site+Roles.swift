@@ -75,12 +75,18 @@ extension Site {
     typealias RoleContext = (volume: Volume, record: VolumeRecord, image: VolumeImage, catalog: Catalog, engine: VolumeEngine)
 
     func promote(_ name: String, force: Bool) -> AdminReply {
-        let me = config.site.name
-        let context: RoleContext
+        withRoleContext(name) { promote($0, name: name, force: force) }
+    }
+
+    private func withRoleContext(_ name: String, _ body: (RoleContext) -> AdminReply) -> AdminReply {
         switch roleChange(name) {
-        case .success(let c): context = c
+        case .success(let context): return body(context)
         case .failure(let refusal): return refusal.reply
         }
+    }
+
+    private func promote(_ context: RoleContext, name: String, force: Bool) -> AdminReply {
+        let me = config.site.name
         let (volume, record, image, catalog, engine) = context
         if let primary = engine.primary(name) {
             return Self.reply(409, "error", "site \(me) is already the primary of \(name) (epoch \(primary.epoch)); nothing changed")
@@ -235,12 +241,11 @@ extension Site {
     /// serves the volume read-only and becomes a secondary; the next primary that opens a stream
     /// to it sends what differs (the whole volume when it does not share this site's history).
     func demote(_ name: String) -> AdminReply {
+        withRoleContext(name) { demote($0, name: name) }
+    }
+
+    private func demote(_ context: RoleContext, name: String) -> AdminReply {
         let me = config.site.name
-        let context: RoleContext
-        switch roleChange(name) {
-        case .success(let c): context = c
-        case .failure(let refusal): return refusal.reply
-        }
         let (volume, record, image, catalog, engine) = context
         guard engine.primary(name) != nil else {
             if engine.replica(name) != nil {
