@@ -97,11 +97,16 @@ public struct PrimaryVolume: Sendable {
             /// async: the peer was being streamed from the journal (what it lacks is in the
             /// journal after its position, not in the bitmap).
             public var journaled: Bool
-            public init(dirtyWords: [UInt64], initialSyncPending: Bool, lastPoint: PointRecord?, journaled: Bool = false) {
+            /// async: the journal sequence the peer had acknowledged (durable in its receive log)
+            /// when this was stored; after a restart what follows it is what the peer may lack.
+            public var ackedSeq: UInt64?
+            public init(dirtyWords: [UInt64], initialSyncPending: Bool, lastPoint: PointRecord?, journaled: Bool = false,
+                        ackedSeq: UInt64? = nil) {
                 self.dirtyWords = dirtyWords
                 self.initialSyncPending = initialSyncPending
                 self.lastPoint = lastPoint
                 self.journaled = journaled
+                self.ackedSeq = ackedSeq
             }
         }
         /// Extents that may have writes not yet on every peer (DESIGN §2 "activity log").
@@ -250,7 +255,9 @@ public struct PrimaryVolume: Sendable {
             var peer = PeerState(name: name, policy: policy, dirty: dirty, initialSyncPending: initialPending)
             peer.lastPoint = saved?.lastPoint
             peer.journaled = policy.mode == .async && (saved?.journaled ?? false)
-            peer.ackedSeq = self.journal.trimmedThrough
+            // What it acknowledged before the restart stays acknowledged (the stored figure may lag
+            // the real one, never lead it: it is stored after the ack arrived).
+            peer.ackedSeq = max(self.journal.trimmedThrough, peer.journaled ? saved?.ackedSeq ?? 0 : 0)
             if let schedule = policy.schedule {
                 peer.nextPointAt = schedule.nextPoint(afterSeconds: peer.lastPoint?.cutAtSeconds ?? now.wallSeconds)
             }
@@ -479,7 +486,8 @@ public struct PrimaryVolume: Sendable {
             var dirty = peer.dirty
             if let point = peer.point { dirty.formUnion(point.regions) }
             peerMeta[name] = Metadata.Peer(dirtyWords: dirty.words, initialSyncPending: peer.initialSyncPending,
-                                           lastPoint: peer.lastPoint, journaled: peer.journaled)
+                                           lastPoint: peer.lastPoint, journaled: peer.journaled,
+                                           ackedSeq: peer.journaled ? peer.ackedSeq : nil)
         }
         return Metadata(activityLog: activityLog.sorted(), peers: peerMeta, lastSeq: lastSeq, sequenceCeiling: sequenceCeiling,
                         regionSize: config.regionSize)
