@@ -22,3 +22,22 @@ stop() {
 
 # port: a free TCP port on 127.0.0.1.
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# site_config DIR NAME REPL_PORT NBD_PORT PEER PEER_REPL_PORT PEER_ID VOLUMES: writes DIR/NAME.yaml,
+# a site on 127.0.0.1 with data in DIR/NAME, one pinned peer, and VOLUMES (a `volumes:` block).
+site_config() {
+    cat > "$1/$2.yaml" <<YAML
+site:
+  name: $2
+  data: $1/$2
+listen:
+  replication: 127.0.0.1:$3
+  nbd: 127.0.0.1:$4
+peers:
+  $5:
+    address: 127.0.0.1:$6
+    site-id: $7
+$8
+log-level: warning
+YAML
+}

@@ -39,26 +39,12 @@ case $MODE in
     *) REP="    replicas:
       west: { mode: $MODE }" ;;
 esac
-config() { cat > "$W/$1.yaml" <<Y
-site:
-  name: $1
-  data: $W/$1
-listen:
-  replication: 127.0.0.1:$2
-  nbd: 127.0.0.1:$3
-peers:
-  $4:
-    address: 127.0.0.1:$5
-    site-id: $6
-volumes:
+VOLUMES="volumes:
   v:
     size: 1G
     primary: east
-$REP
-log-level: warning
-Y
-}
-config east "$ER" "$EN" west "$WR" "$WID"; config west "$WR" "$WN" east "$ER" "$EID"
+$REP"
+site_config "$W" east "$ER" "$EN" west "$WR" "$WID" "$VOLUMES"; site_config "$W" west "$WR" "$WN" east "$ER" "$EID" "$VOLUMES"
 "$FERRY_BIN" serve --config "$W/west.yaml" >>"$W/west.log" 2>&1 & WP=$!
 "$FERRY_BIN" serve --config "$W/east.yaml" >>"$W/east.log" 2>&1 & EP=$!
 python3 "$ROOT/Benchmarks/replication-watch.py" wait --config "socket:$W/east/admin.sock" --timeout 600 >/dev/null

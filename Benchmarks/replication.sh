@@ -112,25 +112,8 @@ VOLUMES="volumes:
     primary: east
     replicas:
       west: { mode: async, max-lag: 1G }"
-# config NAME REPL_PORT NBD_PORT PEER PEER_REPL_PORT PEER_ID
-config() {
-    cat > "$WORK/$1.yaml" <<YAML
-site:
-  name: $1
-  data: $WORK/$1
-listen:
-  replication: 127.0.0.1:$2
-  nbd: 127.0.0.1:$3
-peers:
-  $4:
-    address: 127.0.0.1:$5
-    site-id: $6
-$VOLUMES
-log-level: warning
-YAML
-}
-config east "$EAST_REPL" "$EAST_NBD" west "$WEST_REPL" "$WEST_ID"
-config west "$WEST_REPL" "$WEST_NBD" east "$EAST_REPL" "$EAST_ID"
+site_config "$WORK" east "$EAST_REPL" "$EAST_NBD" west "$WEST_REPL" "$WEST_ID" "$VOLUMES"
+site_config "$WORK" west "$WEST_REPL" "$WEST_NBD" east "$EAST_REPL" "$EAST_ID" "$VOLUMES"
 
 # up NAME PID: wait until the site's admin API answers (30 s).
 up() {

@@ -62,6 +62,20 @@ extension Site {
 
     struct RoleRefusal: Error { var reply: AdminReply }
 
+    /// The site's view of `name` after a role change: which runtime serves it, and the record the
+    /// catalog now holds.
+    private func noteRole(_ name: String, primary: PrimaryVolumeRuntime?, replica: ReplicaVolumeRuntime?, catalog: Catalog) {
+        let updated = try? catalog.volume(named: name)
+        state.withLockedValue { s in
+            guard let j = s.volumes.firstIndex(where: { $0.config.name == name }) else { return }
+            s.volumes[j].primary = primary
+            s.volumes[j].replica = replica
+            s.volumes[j].isPrimary = primary != nil
+            s.volumes[j].isReplica = primary == nil
+            if let updated { s.volumes[j].record = updated }
+        }
+    }
+
     /// The generation history recorded for a volume (oldest first; empty before any role change).
     static func history(_ record: VolumeRecord) -> [GenerationRecord] {
         (try? JSONDecoder().decode([GenerationRecord].self, from: Data(record.history.utf8))) ?? []
@@ -154,15 +168,7 @@ extension Site {
         }
         engine.becomePrimary(name, runtime: runtime, peers: Set(peers.keys))
         exports.add(NBDExport(name: name, description: "ferry volume \(name) (\(record.uuid))", device: runtime))
-        let updated = try? catalog.volume(named: name)
-        state.withLockedValue { s in
-            guard let j = s.volumes.firstIndex(where: { $0.config.name == name }) else { return }
-            s.volumes[j].primary = runtime
-            s.volumes[j].replica = nil
-            s.volumes[j].isPrimary = true
-            s.volumes[j].isReplica = false
-            if let updated { s.volumes[j].record = updated }
-        }
+        noteRole(name, primary: runtime, replica: nil, catalog: catalog)
         logger.notice("volume \(name) promoted", metadata: [
             "epoch": "\(epoch)", "generation": "\(generation)", "branch": "\(position.appliedSeq)", "forced": "\(force)"])
         let uris = state.withLockedValue { $0.nbdURIBases }.map { Self.uri(base: $0, export: name) }
@@ -304,15 +310,7 @@ extension Site {
         engine.becomeSecondary(name, runtime: runtime)
         exports.add(NBDExport(name: name, description: "ferry volume \(name) (\(record.uuid)), secondary",
                               device: ImageBlockDevice(image: image, threadPool: threadPool, readOnly: true)))
-        let updated = try? catalog.volume(named: name)
-        state.withLockedValue { s in
-            guard let j = s.volumes.firstIndex(where: { $0.config.name == name }) else { return }
-            s.volumes[j].primary = nil
-            s.volumes[j].replica = runtime
-            s.volumes[j].isPrimary = false
-            s.volumes[j].isReplica = true
-            if let updated { s.volumes[j].record = updated }
-        }
+        noteRole(name, primary: nil, replica: runtime, catalog: catalog)
         logger.notice("volume \(name) demoted: now a secondary", metadata: ["epoch": "\(record.epoch)"])
         var lines = ["demoted \(name) on \(me): flushed, export now read-only, no writes taken here"]
         if let k = keptAside {
