@@ -81,27 +81,39 @@ private final class AdminHTTPHandler: ChannelInboundHandler {
     }
 
     private func respond(context: ChannelHandlerContext, head: HTTPRequestHead) {
-        var code: HTTPResponseStatus = .ok
-        var body: Data
         switch (head.method, head.uri.split(separator: "?").first ?? "") {
         case (.GET, "/v1/status"):
-            body = (try? SiteStatus.encoder().encode(status())) ?? Data("{}".utf8)
-        case (.POST, let path):
-            let result = action(String(path))
-            code = HTTPResponseStatus(statusCode: result.code)
-            body = result.body
+            Self.send(context: context, version: head.version, code: .ok,
+                 body: (try? SiteStatus.encoder().encode(status())) ?? Data("{}".utf8))
+        case (.POST, _):
+            // An action (promote, demote, …) writes the catalog, flushes images and may copy
+            // blocks aside: off the event loop, which also carries NBD clients and peer links.
+            // The whole URI goes to it: the query holds its options (`?force=1`).
+            let uri = head.uri, action = self.action, loop = context.eventLoop
+            let bound = NIOLoopBound(context, eventLoop: loop)
+            DispatchQueue.global().async {
+                let result = action(uri)
+                loop.execute {
+                    Self.send(context: bound.value, version: head.version,
+                              code: HTTPResponseStatus(statusCode: result.code), body: result.body)
+                }
+            }
         default:
-            code = .notFound
-            body = Data("{\"error\": \"no route \(head.method) \(head.uri); try GET /v1/status\"}".utf8)
+            Self.send(context: context, version: head.version, code: .notFound,
+                 body: Data("{\"error\": \"no route \(head.method) \(head.uri); try GET /v1/status\"}".utf8))
         }
+    }
+
+    private static func send(context: ChannelHandlerContext, version: HTTPVersion, code: HTTPResponseStatus, body: Data) {
+        var body = body
         body.append(0x0a)
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: "application/json")
         headers.add(name: "Content-Length", value: "\(body.count)")
         headers.add(name: "Connection", value: "close")
-        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: head.version, status: code, headers: headers))), promise: nil)
-        context.write(wrapOutboundOut(.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
-        context.writeAndFlush(wrapOutboundOut(.end(nil))).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
+        context.write(NIOAny(HTTPServerResponsePart.head(HTTPResponseHead(version: version, status: code, headers: headers))), promise: nil)
+        context.write(NIOAny(HTTPServerResponsePart.body(.byteBuffer(context.channel.allocator.buffer(bytes: body)))), promise: nil)
+        context.writeAndFlush(NIOAny(HTTPServerResponsePart.end(nil))).assumeIsolated().whenComplete { _ in context.close(promise: nil) }
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {

@@ -273,5 +273,9 @@ struct FailoverTests {
         #expect(refused.status == 1 && refused.stderr.contains("not consistent") && refused.stderr.contains("--force"),
                 "\(refused.stdout)\(refused.stderr)")
         #expect(vm1(sites.west)?.role == "secondary" && vm1(sites.west)?.epoch == 1, "a refused promote changed something")
+        // --force promotes it as it is, and says so.
+        let forced = try ferry(["promote", "vm1", "--force"], sites.west)
+        #expect(forced.status == 0 && forced.stdout.contains("forced: the image was not consistent"), "\(forced.stdout)\(forced.stderr)")
+        #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 2)
     }
 }
