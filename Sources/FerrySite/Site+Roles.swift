@@ -81,18 +81,13 @@ extension Site {
         (try? JSONDecoder().decode([GenerationRecord].self, from: Data(record.history.utf8))) ?? []
     }
 
-    /// The generations a volume's current one descends from.
-    static func ancestors(_ record: VolumeRecord) -> Set<UInt64> {
-        let current = PrimaryVolume.Config.generationNumber(record.generation)
-        return Set(history(record).map(\.id)).subtracting([current])
-    }
     typealias RoleContext = (volume: Volume, record: VolumeRecord, image: VolumeImage, catalog: Catalog, engine: VolumeEngine)
 
     func promote(_ name: String, force: Bool) -> AdminReply {
         withRoleContext(name) { promote($0, name: name, force: force) }
     }
 
-    private func withRoleContext(_ name: String, _ body: (RoleContext) -> AdminReply) -> AdminReply {
+    func withRoleContext(_ name: String, _ body: (RoleContext) -> AdminReply) -> AdminReply {
         switch roleChange(name) {
         case .success(let context): return body(context)
         case .failure(let refusal): return refusal.reply
@@ -146,7 +141,7 @@ extension Site {
             var machine = PrimaryVolume.Config(volume: name, volumeSize: volume.config.sizeBytes, epoch: epoch,
                                                generation: generationID, peers: peers)
             machine.regionSize = PrimaryVolume.Config.regionSize(forVolumeSize: volume.config.sizeBytes)
-            machine.ancestors = Set(history.map(\.id)).subtracting([generationID])
+            machine.history = history
             // The site this replica followed holds the same image up to the branch, except what it
             // wrote that never arrived here (it says which when it rejoins): it starts with a clean
             // bitmap, so failback sends only what differs. Any other peer gets a full copy.
@@ -186,7 +181,7 @@ extension Site {
         if let hook = volume.config.onPromote {
             lines.append(startPromoteHook(hook, volume: name, uri: uris.first ?? "", epoch: epoch))
         }
-        lines.append("a former primary that returns is fenced: it takes no writes until `ferry demote \(name)` there")
+        lines.append("a former primary that returns gives way: it is fenced, keeps aside what it wrote, and becomes a secondary")
         lines.append("to undo: `ferry demote \(name)` here, then `ferry promote \(name)` on the site that should serve it")
         return Self.reply(200, "message", lines.joined(separator: "\n"))
     }
@@ -252,9 +247,8 @@ extension Site {
 
     private func demote(_ context: RoleContext, name: String) -> AdminReply {
         let me = config.site.name
-        let (volume, record, image, catalog, engine) = context
-        guard engine.primary(name) != nil else {
-            if engine.replica(name) != nil {
+        guard context.engine.primary(name) != nil else {
+            if context.engine.replica(name) != nil {
                 return Self.reply(409, "error", "site \(me) is already a secondary of \(name); nothing changed")
             }
             return Self.reply(409, "error", "volume \(name) is not replicated: demoting it would leave no site serving it")
@@ -263,6 +257,19 @@ extension Site {
         guard clients == 0 else {
             return Self.reply(409, "error", "\(clients) NBD client\(clients == 1 ? " is" : "s are") connected to \(name): "
                 + "stop them first (shut the VM down, or disconnect it); nothing changed")
+        }
+        return makeSecondary(context, name: name, rejoin: nil)
+    }
+
+    /// The primary of `name` becomes a secondary: what its peers may lack is kept aside first
+    /// (P6), the image flushed, the export made read-only. `plan` nil is `ferry demote`; otherwise
+    /// the site gives way to `plan.peer` (the handshake decided it, or `ferry resolve`): its
+    /// position then names the generation both share, so that peer sends only what differs.
+    func makeSecondary(_ context: RoleContext, name: String, rejoin plan: Rejoin?, keepAsideFor: String? = nil) -> AdminReply {
+        let me = config.site.name
+        let (volume, record, image, catalog, engine) = context
+        guard let primary = engine.primary(name) else {
+            return Self.reply(409, "error", "site \(me) is not the primary of \(name); nothing changed")
         }
         let stateDir = config.site.dataDirectory + "/volumes/\(name).state"
         let runtime: ReplicaVolumeRuntime
@@ -273,17 +280,17 @@ extension Site {
         do {
             // What the next primary's copy would overwrite without anyone having it: kept aside
             // first, with the image flushed (P6).
-            let divergent = engine.primary(name)?.unreplicatedRanges() ?? []
+            let divergent = primary.unreplicatedRanges(for: plan?.peer ?? keepAsideFor)
             try image.flush()
             do {
                 keptAside = try divergent.isEmpty ? nil
                     : keepAside(divergent, of: name, image: image, epoch: record.epoch, generation: record.generation)
             } catch {
                 if let previous { exports.add(previous) }
-                return Self.reply(500, "error", "demoting \(name) failed while keeping its unreplicated blocks aside "
+                return Self.reply(500, "error", "making \(name) a secondary failed while keeping its unreplicated blocks aside "
                                   + "(nothing changed; the volume is still primary here): \(error)")
             }
-            var history = Self.history(record)
+            var history = plan?.history ?? Self.history(record)
             if history.isEmpty {
                 history.append(GenerationRecord(id: PrimaryVolume.Config.generationNumber(record.generation),
                                                 epoch: UInt64(max(1, record.epoch)), branchSeq: 0))
@@ -291,13 +298,14 @@ extension Site {
             let historyJSON = String(decoding: (try? JSONEncoder().encode(history)) ?? Data("[]".utf8), as: UTF8.self)
             engine.becomeSecondary(name, runtime: nil)
             engine.sayNotPrimary(name, to: volume.config.sites.subtracting([me]).sorted())
-            // Not consistent until a primary has caught it up: on this generation's line, needing
-            // what it kept aside to be overwritten (a full copy when that list is too long).
+            // Not consistent until a primary has caught it up: on the line of history it keeps,
+            // needing what it kept aside to be overwritten (a full copy when that list is too long).
             let needs = keptAside?.ranges.map { BlockRange(offset: $0.offset, length: $0.length) } ?? []
             let fits = needs.count <= ReplicaPosition.maxNeeds
             try? FileManager.default.removeItem(atPath: stateDir + "/receive.log")
             try MetadataFile<ReplicaPosition>(path: stateDir + "/replica.position").store(ReplicaPosition(
-                epoch: UInt64(max(1, record.epoch)), generation: PrimaryVolume.Config.generationNumber(record.generation),
+                epoch: plan?.peerEpoch ?? UInt64(max(1, record.epoch)),
+                generation: plan?.common.id ?? PrimaryVolume.Config.generationNumber(record.generation),
                 appliedSeq: 0, consistent: false, initialized: fits, needs: fits && !needs.isEmpty ? needs : nil))
             try catalog.setRole(name: name, role: "secondary", epoch: record.epoch, generation: record.generation, history: historyJSON)
             runtime = try ReplicaVolumeRuntime(
@@ -305,21 +313,81 @@ extension Site {
                 logger: logger, onEvent: { [weak self] event in self?.log(event) })
         } catch {
             if engine.primary(name) != nil, let previous { exports.add(previous) }
-            return Self.reply(500, "error", "demoting \(name) failed: \(error)")
+            return Self.reply(500, "error", "making \(name) a secondary failed: \(error)")
         }
         engine.becomeSecondary(name, runtime: runtime)
         exports.add(NBDExport(name: name, description: "ferry volume \(name) (\(record.uuid)), secondary",
                               device: ImageBlockDevice(image: image, threadPool: threadPool, readOnly: true)))
         noteRole(name, primary: nil, replica: runtime, catalog: catalog)
-        logger.notice("volume \(name) demoted: now a secondary", metadata: ["epoch": "\(record.epoch)"])
-        var lines = ["demoted \(name) on \(me): flushed, export now read-only, no writes taken here"]
+        var lines: [String] = []
+        if let plan {
+            logger.notice("volume \(name) gives way to \(plan.peer): now its secondary", metadata: [
+                "epoch": "\(plan.peerEpoch)", "common": "\(String(plan.common.id, radix: 16))", "reason": "\(plan.reason)"])
+            lines.append("\(name) on \(me) is now a secondary of \(plan.peer): \(plan.reason)")
+        } else {
+            logger.notice("volume \(name) demoted: now a secondary", metadata: ["epoch": "\(record.epoch)"])
+            lines.append("demoted \(name) on \(me): flushed, export now read-only, no writes taken here")
+        }
         if let k = keptAside {
             lines.append("kept aside \(ByteSize.format(k.bytes)) in \(k.ranges.count) range\(k.ranges.count == 1 ? "" : "s") this site may hold "
                          + "and its peers may not (written here after they last confirmed): \(k.image); `ferry diverged \(name)` lists them")
         }
         lines.append("the primary that streams to this site next sends what differs (the whole volume if it does not share this site's history)")
         lines.append("to undo: `ferry promote \(name)` here (with --force while no primary has copied to it)")
+        if plan != nil { for line in lines.dropFirst() { logger.notice("volume \(name): \(line)") } }
         return Self.reply(200, "message", lines.joined(separator: "\n"))
+    }
+
+    /// The handshake decided this site gives way (``VolumeEvent/Kind/rejoin(_:)``): it becomes the
+    /// peer's secondary at once, its clients already cut off by the fence.
+    func rejoin(_ name: String, plan: Rejoin) {
+        let reply = withRoleContext(name) { makeSecondary($0, name: name, rejoin: plan) }
+        if reply.code != 200 {
+            logger.error("volume \(name): rejoining \(plan.peer) as its secondary failed; it stays fenced",
+                         metadata: ["reply": "\(String(decoding: reply.body, as: UTF8.self))"])
+        }
+    }
+
+    /// `POST /v1/volumes/NAME/resolve?keep=SITE`: settles a split brain. Naming this site, the
+    /// peer gives way when it next connects; naming the peer, this site gives way now. Either
+    /// way the side that gives way keeps aside what it wrote (P6).
+    func resolve(_ name: String, keep: String?) -> AdminReply {
+        withRoleContext(name) { context in
+            let me = config.site.name
+            guard let keep, !keep.isEmpty else {
+                return Self.reply(400, "error", "say which site's data to keep: `ferry resolve \(name) --keep SITE`")
+            }
+            guard context.volume.config.sites.contains(keep) else {
+                return Self.reply(404, "error", "\(keep) is not a site of \(name) (its sites are "
+                                  + "\(context.volume.config.sites.sorted().joined(separator: ", "))); nothing changed")
+            }
+            guard let primary = context.engine.primary(name) else {
+                return Self.reply(409, "error", "site \(me) is a secondary of \(name), so it is in no split brain; nothing changed")
+            }
+            let split = primary.rivals.filter { if case .splitBrain = $0.value.decision { return true } else { return false } }
+            guard !split.isEmpty else {
+                return Self.reply(409, "error", "\(name) is in no split brain on \(me) (`ferry status` says why a peer does not "
+                                  + "sync); nothing changed")
+            }
+            if keep == me {
+                let resolved = split.keys.sorted().filter { primary.resolveKeepingLocal(against: $0) }
+                logger.notice("volume \(name): split brain resolved, keeping this site", metadata: ["peers": "\(resolved)"])
+                return Self.reply(200, "message", "keeping \(name) as it is on \(me); \(resolved.joined(separator: ", ")) "
+                    + "give\(resolved.count == 1 ? "s" : "") way when next connected: what \(resolved.count == 1 ? "it" : "they") "
+                    + "wrote is kept aside there (`ferry diverged \(name)` on \(resolved.count == 1 ? "it" : "them")), then only what differs is copied")
+            }
+            guard let plan = primary.rejoinPlan(keeping: keep) else {
+                return Self.reply(409, "error", "\(name) is in a split brain with \(split.keys.sorted().joined(separator: ", ")), "
+                                  + "not with \(keep); nothing changed")
+            }
+            let clients = exports.clientCount(name)
+            guard clients == 0 else {
+                return Self.reply(409, "error", "\(clients) NBD client\(clients == 1 ? " is" : "s are") connected to \(name) here: "
+                    + "stop them first, since this site stops serving it; nothing changed")
+            }
+            primary.fence(reason: "split brain resolved in favour of \(keep): this site gives way")
+            return makeSecondary(context, name: name, rejoin: plan)
+        }
     }
 
     /// Blocks set aside by a demotion: a sparse image of the volume's size holding only `ranges`

@@ -52,7 +52,7 @@ extension Site {
                         volume: v.name, volumeSize: v.sizeBytes, epoch: UInt64(max(1, record.epoch)),
                         generation: PrimaryVolume.Config.generationNumber(record.generation), peers: peers)
                     machine.regionSize = PrimaryVolume.Config.regionSize(forVolumeSize: v.sizeBytes)
-                    machine.ancestors = Self.ancestors(record)
+                    machine.history = Self.history(record)
                     let runtime = try PrimaryVolumeRuntime(
                         name: v.name, image: image, config: machine, stateDirectory: stateDir, cleanShutdown: clean,
                         threadPool: threadPool, links: links, logger: logger, onEvent: onEvent)
@@ -145,6 +145,11 @@ extension Site {
                 return s.lastErrors[event.volume] == event.message
             }
             if !repeated { logger.error("\(event.message)", metadata: ["volume": "\(event.volume)"]) }
+        case .takeOver(let peer):
+            DispatchQueue.global().async { [weak self] in self?.takeOver(event.volume, from: peer) }
+        case .rejoin(let plan):
+            // Not on the runtime's thread: becoming a secondary stops that runtime.
+            DispatchQueue.global().async { [weak self] in self?.rejoin(event.volume, plan: plan) }
         case .fenced:
             logger.critical("volume \(event.volume) fenced: \(event.message); it no longer accepts writes here",
                             metadata: ["volume": "\(event.volume)"])
@@ -274,13 +279,21 @@ extension Site {
         let pieces = path.split(separator: "?", maxSplits: 1)
         let query = pieces.count > 1 ? pieces[1].split(separator: "&").map(String.init) : []
         let parts = pieces.first.map { $0.split(separator: "/").map(String.init) } ?? []
-        guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", ["checkpoint", "promote", "demote", "diverged"].contains(parts[3]) else {
-            return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/{checkpoint,promote,demote,diverged}")
+        guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", ["checkpoint", "promote", "demote", "diverged", "resolve", "switchover"].contains(parts[3]) else {
+            return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/{checkpoint,promote,demote,diverged,resolve,switchover}")
         }
         let name = parts[2]
         if parts[3] == "promote" { return promote(name, force: query.contains("force=1")) }
         if parts[3] == "demote" { return demote(name) }
         if parts[3] == "diverged" { return diverged(name) }
+        func value(_ key: String) -> String? {
+            query.first { $0.hasPrefix(key + "=") }.map { String($0.dropFirst(key.count + 1)).removingPercentEncoding ?? "" }
+        }
+        if parts[3] == "resolve" { return resolve(name, keep: value("keep")) }
+        if parts[3] == "switchover" {
+            let timeout = value("timeout").flatMap(Double.init) ?? 60
+            return switchover(name, to: value("to"), timeoutSeconds: max(1, min(timeout, 3600)))
+        }
         guard let volume = state.withLockedValue({ $0.volumes.first { $0.config.name == name } }) else {
             return reply(404, "error", "no volume \"\(name)\" is configured on site \(config.site.name)")
         }

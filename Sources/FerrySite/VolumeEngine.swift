@@ -79,22 +79,14 @@ final class VolumeEngine: Sendable {
             switch frame.message {
             case .position, .ack, .refuse:
                 runtime.received(frame.message, from: peer, link: link)
-            case .open(let open) where open.epoch > runtime.epoch:
-                // The peer was promoted after this site: it holds the newer epoch, and this site
-                // stops taking writes before anything else (P4).
-                let reason = "\(peer) holds epoch \(open.epoch) of \(frame.volume), newer than this site's \(runtime.epoch): "
-                    + "it was promoted; run `ferry demote \(frame.volume)` here to rejoin as its secondary"
-                if !runtime.isFenced { runtime.fence(reason: reason) }
-                refuse(frame.volume, peer: peer, link: link,
-                       "site \(siteName) was the primary of \(frame.volume) at epoch \(runtime.epoch) and is now fenced; "
-                       + "it rejoins as a secondary after `ferry demote \(frame.volume)` there")
+            case .open where tables.withLockedValue({ $0.primaryPeers[frame.volume]?.contains(peer) == true }):
+                // Another primary of the volume: both machines compare histories and the one
+                // whose line was replaced gives way (P4, P6; PrimaryVolume+Rivals).
+                runtime.received(frame.message, from: peer, link: link)
             case .open:
-                // A site still on an older epoch (a former primary back after a promotion here):
-                // the position it gets names this site's newer epoch, and it fences itself.
-                let position = ReplicaPosition(epoch: runtime.epoch)
-                logger.warning("volume \(frame.volume): \(peer) opened a stream at an older epoch; answering with epoch \(runtime.epoch) so it fences itself")
-                links.send([VolumeFrame(volume: frame.volume, message: .position(position), payload: nil)], to: peer, link: link)
-            case .write, .region, .barrier:
+                refuse(frame.volume, peer: peer, link: link,
+                       "site \(siteName) is the primary of volume \(frame.volume) and does not replicate it with \(peer)")
+            case .write, .region, .barrier, .handoff:
                 refuse(frame.volume, peer: peer, link: link,
                        "site \(siteName) is the primary of volume \(frame.volume) and does not take a stream for it")
             }
@@ -155,6 +147,13 @@ final class VolumeEngine: Sendable {
             links.send([VolumeFrame(volume: volume, message: .refuse(reason: "site \(siteName) is no longer the primary of \(volume) (demoted)"),
                                     payload: nil)], to: peer, link: link)
         }
+    }
+
+    /// Switchover: after this site stepped down, `peer` is to take `volume` over.
+    func handOver(_ volume: String, to peer: String, _ handoff: VolumeHandoff) -> Bool {
+        guard let link = reportedLink(peer) else { return false }
+        links.send([VolumeFrame(volume: volume, message: .handoff(handoff), payload: nil)], to: peer, link: link)
+        return true
     }
 
     func primary(_ volume: String) -> PrimaryVolumeRuntime? { tables.withLockedValue { $0.primaries[volume] } }

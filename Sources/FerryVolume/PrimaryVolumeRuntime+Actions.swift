@@ -107,6 +107,8 @@ extension PrimaryVolumeRuntime {
             case .fence(let reason):
                 core.fenced = true
                 work.events.append(VolumeEvent(volume: name, kind: .fenced, message: reason))
+            case .rejoin(let plan):
+                work.events.append(VolumeEvent(volume: name, kind: .rejoin(plan), message: plan.reason))
             case .stateChanged(let peer, let state, let reason):
                 work.events.append(VolumeEvent(volume: name, kind: .linkState(peer: peer, state: state),
                                                message: "volume \(name) → \(peer): \(state.rawValue): \(reason)"))

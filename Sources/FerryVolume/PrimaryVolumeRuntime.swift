@@ -181,7 +181,34 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
     public var isFenced: Bool { core.withLockedValue { $0.fenced } }
 
     /// What this site holds that a peer may lack (``PrimaryVolume/unreplicatedRanges()``).
-    public func unreplicatedRanges() -> [BlockRange] { core.withLockedValue { $0.machine.unreplicatedRanges() } }
+    public func unreplicatedRanges(for peer: String? = nil) -> [BlockRange] {
+        core.withLockedValue { $0.machine.unreplicatedRanges(for: peer) }
+    }
+
+    /// Whether `peer` durably holds every write admitted here, with none running (switchover).
+    public func peerHoldsEverything(_ peer: String) -> Bool { core.withLockedValue { $0.machine.holdsEverything(peer) } }
+    /// The last write admitted here.
+    public var lastAdmittedSeq: UInt64 { core.withLockedValue { $0.machine.lastAdmittedSeq } }
+    /// This primary's generation (its ID on the wire).
+    public var generation: UInt64 { core.withLockedValue { $0.machine.generation } }
+
+    /// The peers this primary is in a split brain (or an unrelated history) with.
+    public var rivals: [String: Rival] { core.withLockedValue { $0.machine.rivals } }
+
+    /// `ferry resolve --keep` naming this site against `peer`; false when they are not in a split brain.
+    public func resolveKeepingLocal(against peer: String) -> Bool {
+        let now = clock.now()
+        var resolved = false
+        handle { machine in
+            guard let actions = machine.machine.resolveKeepingLocal(against: peer, now: now) else { return [] }
+            resolved = true
+            return actions
+        }
+        return resolved
+    }
+
+    /// How this site gives way to `peer` in a split brain (`ferry resolve --keep PEER`).
+    public func rejoinPlan(keeping peer: String) -> Rejoin? { core.withLockedValue { $0.machine.rejoinPlan(keeping: peer) } }
 
     /// Stops taking writes: another site holds a newer epoch (P4).
     public func fence(reason: String) {

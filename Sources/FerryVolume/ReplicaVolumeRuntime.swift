@@ -205,6 +205,14 @@ public final class ReplicaVolumeRuntime: Sendable {
                     } catch {
                         fail(&core, "recording the replica position failed: \(error)")
                     }
+                case .takeOver(let link, let handoff):
+                    let peer = core.linkPeers[link] ?? ""
+                    logger.notice("volume \(name): \(peer) stepped down and hands the volume over at sequence \(handoff.seq): taking over")
+                    onEvent(VolumeEvent(volume: name, kind: .takeOver(peer: peer), message: "volume \(name): \(peer) handed it over"))
+                case .declineHandoff(let link, let reason):
+                    logger.error("volume \(name): declining a handoff from \(core.linkPeers[link] ?? "?"): \(reason)")
+                    if frames[link] == nil { order.append(link) }
+                    frames[link, default: []].append(VolumeFrame(volume: name, message: .refuse(reason: reason), payload: nil))
                 case .refuse(let link, let reason):
                     logger.warning("volume \(name): refusing the stream on \(link): \(reason)")
                     onEvent(VolumeEvent(volume: name, kind: .refused(peer: ""), message: "volume \(name): refused the stream: \(reason)"))

@@ -46,6 +46,10 @@ public struct VolumeEvent: Sendable {
         case ioError
         case fenced
         case refused(peer: String)
+        /// The handshake decided this primary gives way to a peer: the site makes it a secondary.
+        case rejoin(Rejoin)
+        /// The primary (`peer`) stepped down for a switchover and handed the volume to this replica.
+        case takeOver(peer: String)
     }
     public var volume: String
     public var kind: Kind

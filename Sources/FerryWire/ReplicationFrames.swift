@@ -11,13 +11,18 @@ import Synchronization
 /// All integers big-endian; offsets from the start of the frame's payload.
 ///
 ///     offset  size  field
-///     0       1     kind          u8   1 open, 2 write, 3 region, 4 barrier, 5 position, 6 ack, 7 refuse
+///     0       1     kind          u8   1 open, 2 write, 3 region, 4 barrier, 5 position, 6 ack, 7 refuse,
+///                                      8 handoff
 ///     1       2+V   volume        string (u16 length V >= 1, UTF-8): the volume's name
 ///     3+V     ...   fields        per kind, below
 ///
 ///     kind          fields                                                            bytes
-///     1 open        epoch u64, generation u64, volume size u64, mode u8               25
-///                   (mode: 1 sync, 2 semi-sync, 3 async, 4 scheduled; the volume is the frame's)
+///     1 open        epoch u64, generation u64, volume size u64, mode u8,              43 + 24H
+///                   applied seq u64, discards u64, history u16 H,
+///                   then H × (generation u64, epoch u64, branch seq u64)
+///                   (mode: 1 sync, 2 semi-sync, 3 async, 4 scheduled; the volume is the frame's;
+///                   H at most 4,096, the sender's generations oldest first; discards 0 or the
+///                   receiver's generation a `ferry resolve` on the sender's site discarded)
 ///     2 write       epoch u64, index u64, seq u64, offset u64, length u64, zero u8    41 + data
 ///     3 region      the same as write                                                 41 + data
 ///     4 barrier     epoch u64, index u64, seq u64, kind u8                            25
@@ -27,6 +32,7 @@ import Synchronization
 ///                   (N at most 65,536: ranges a demoted primary wrote that it needs sent again)
 ///     6 ack         level u8 (1 received, 2 written, 3 durable), index u64            9
 ///     7 refuse      reason string (the sender cuts it to 1024 bytes)                  2 + R
+///     8 handoff     epoch u64, generation u64, seq u64                                24
 ///
 /// Bytes that are booleans (zero, consistent, initialized) are 0 or 1. The data of a write or
 /// region is the rest of the payload: nothing when `zero` is 1; otherwise exactly `length` bytes
@@ -70,7 +76,7 @@ public struct VolumeFrame: Sendable, Equatable {
     }
 
     enum Kind: UInt8 {
-        case open = 1, write, region, barrier, position, ack, refuse
+        case open = 1, write, region, barrier, position, ack, refuse, handoff
     }
 
     private static let type = FrameType.replication
@@ -118,7 +124,22 @@ public struct VolumeFrame: Sendable, Equatable {
             guard let mode = Self.mode(modeByte) else {
                 throw FrameError.malformedPayload(type, "unknown replication mode \(modeByte)")
             }
-            message = .open(VolumeOpen(volume: volume, epoch: epoch, generation: generation, volumeSize: size, mode: mode))
+            let applied = try u64(), discards = try u64()
+            guard let count = p.readInteger(as: UInt16.self) else {
+                throw FrameError.malformedPayload(type, "open ends before its count of generations")
+            }
+            guard count <= VolumeOpen.maxHistory else {
+                throw FrameError.malformedPayload(type, "open carries \(count) generations, more than \(VolumeOpen.maxHistory)")
+            }
+            var history: [GenerationRecord] = []
+            history.reserveCapacity(Int(count))
+            for _ in 0..<count {
+                let id = try u64(), genEpoch = try u64(), branch = try u64()
+                guard id != 0 else { throw FrameError.malformedPayload(type, "open carries generation 0") }
+                history.append(GenerationRecord(id: id, epoch: genEpoch, branchSeq: branch))
+            }
+            message = .open(VolumeOpen(volume: volume, epoch: epoch, generation: generation, volumeSize: size, mode: mode,
+                                       history: history, appliedSeq: applied, discards: discards))
         case .write, .region:
             let epoch = try u64(), index = try u64(), seq = try u64(), offset = try u64(), length = try u64()
             let zero = try bool("the zero flag")
@@ -180,6 +201,9 @@ public struct VolumeFrame: Sendable, Equatable {
             message = .ack(level: level, index: try u64())
         case .refuse:
             message = .refuse(reason: try LinkMessage.readString(from: &p, type))
+        case .handoff:
+            let epoch = try u64(), generation = try u64(), seq = try u64()
+            message = .handoff(VolumeHandoff(epoch: epoch, generation: generation, seq: seq))
         }
         guard p.readableBytes == 0 else {
             throw FrameError.malformedPayload(type, "\(p.readableBytes) unexpected bytes after the fields")
@@ -218,6 +242,9 @@ public struct VolumeFrame: Sendable, Equatable {
             fields.writeInteger(Kind.open.rawValue)
             writeVolume(&fields)
             fields.writeMultipleIntegers(open.epoch, open.generation, open.volumeSize, Self.modeByte(open.mode))
+            let history = open.history.suffix(VolumeOpen.maxHistory)
+            fields.writeMultipleIntegers(open.appliedSeq, open.discards, UInt16(history.count))
+            for g in history { fields.writeMultipleIntegers(g.id, g.epoch, g.branchSeq) }
         case .write(let i):
             item(.write, i)
         case .region(let i):
@@ -243,6 +270,10 @@ public struct VolumeFrame: Sendable, Equatable {
             fields.writeInteger(Kind.refuse.rawValue)
             writeVolume(&fields)
             LinkMessage.writeString(reason, to: &fields)
+        case .handoff(let h):
+            fields.writeInteger(Kind.handoff.rawValue)
+            writeVolume(&fields)
+            fields.writeMultipleIntegers(h.epoch, h.generation, h.seq)
         }
         return Frame(type: Self.type, flags: flags, payload: fields, payloadTail: data)
     }
@@ -278,7 +309,7 @@ public struct VolumeFrame: Sendable, Equatable {
         case .open(let open):
             guard open.volume == volume else { throw bad("open names volume \"\(open.volume)\" in a frame for \"\(volume)\"") }
             guard payload == nil else { throw bad("data on an open message") }
-        case .barrier, .position, .ack, .refuse:
+        case .barrier, .position, .ack, .refuse, .handoff:
             guard payload == nil else { throw bad("data on a message that carries none") }
         }
         guard compressedPayload == nil || payload != nil else { throw bad("compressed data without data") }
@@ -481,6 +512,7 @@ extension VolumeFrame.Kind: CustomStringConvertible {
         case .position: return "position"
         case .ack: return "ack"
         case .refuse: return "refuse"
+        case .handoff: return "handoff"
         }
     }
 }

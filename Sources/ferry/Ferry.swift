@@ -16,7 +16,7 @@ struct Ferry: AsyncParsableCommand {
             A real site: `ferry init --site NAME --data DIR`, write a config (docs/configuration.md),
             then `ferry serve --config FILE` and `ferry status --config FILE`.
             """,
-        subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Promote.self, Demote.self, Diverged.self, Quickstart.self])
+        subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Promote.self, Demote.self, Diverged.self, Resolve.self, Switchover.self, Quickstart.self])
 }
 
 /// Loads a config, or prints every problem and exits with status 2 (docs/configuration.md).
@@ -166,10 +166,10 @@ struct Checkpoint: ParsableCommand {
 }
 
 /// POSTs an admin action and prints the daemon's message; exit 1 with its error otherwise.
-func postVolumeAction(_ route: String, config: String?, socket: String?, done: String) throws {
+func postVolumeAction(_ route: String, config: String?, socket: String?, done: String, timeoutSeconds: Int = 30) throws {
     let path = try adminSocket(config: config, socket: socket)
     do {
-        let (code, body) = try AdminClient.post(socketPath: path, path: route)
+        let (code, body) = try AdminClient.post(socketPath: path, path: route, timeoutSeconds: timeoutSeconds)
         let object = (try? JSONSerialization.jsonObject(with: body)) as? [String: String]
         guard code == 200 else {
             printError(object?["error"] ?? "the daemon answered \(code): \(String(decoding: body, as: UTF8.self))")
@@ -211,6 +211,51 @@ struct Diverged: ParsableCommand {
 
     func run() throws {
         try postVolumeAction("/v1/volumes/\(volume)/diverged", config: config, socket: socket, done: "")
+    }
+}
+
+struct Switchover: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Move the primary role of a volume to a replica, planned, with no write lost.",
+        discussion: """
+            Run on the current primary. Drains the volume (its NBD clients are disconnected: shut the VM \
+            down first, or let the new site's on-promote hook start it there), waits until the replica \
+            holds every write durably, demotes this site and has the replica promote itself; each step \
+            is printed. Until the demotion a failure changes nothing. Move back the same way from the \
+            new primary.
+            """)
+
+    @Argument(help: "The volume.") var volume: String
+    @Option(help: "The replica that becomes the primary.") var to: String
+    @Option(help: "Seconds to wait for the replica at each step.") var timeout: Int = 60
+    @Option(help: "The config file of the current primary's site.") var config: String?
+    @Option(help: "The admin socket, instead of --config.") var socket: String?
+
+    func run() throws {
+        let site = to.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? to
+        try postVolumeAction("/v1/volumes/\(volume)/switchover?to=\(site)&timeout=\(timeout)", config: config, socket: socket,
+                             done: "switched over", timeoutSeconds: 2 * timeout + 30)
+    }
+}
+
+struct Resolve: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Settle a split brain: say which site's data of a volume to keep.",
+        discussion: """
+            Two sites that were both promoted and both took writes never resync on their own. Run this \
+            on either of them: naming this site, the other gives way when next connected; naming the \
+            other, this site gives way now. The site that gives way keeps aside what it wrote \
+            (`ferry diverged VOLUME` there lists it), becomes a secondary, and receives only what differs.
+            """)
+
+    @Argument(help: "The volume.") var volume: String
+    @Option(help: "The site whose data is kept.") var keep: String
+    @Option(help: "The site's config file.") var config: String?
+    @Option(help: "The admin socket, instead of --config.") var socket: String?
+
+    func run() throws {
+        let site = keep.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? keep
+        try postVolumeAction("/v1/volumes/\(volume)/resolve?keep=\(site)", config: config, socket: socket, done: "resolved")
     }
 }
 

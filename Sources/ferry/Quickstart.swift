@@ -136,11 +136,11 @@ struct Quickstart: AsyncParsableCommand {
             kill one (kill \(children["west"]!.processIdentifier) stops west) and watch east report it.
 
             a failover drill, both sites up (docs/operations.md has the runbooks):
-              ferry demote vm1 --config \(configPaths["east"]!)      # east stops serving vm1 (no clients may be connected)
-              ferry promote vm1 --config \(configPaths["west"]!)     # west serves vm1 read-write in a new epoch
+              ferry switchover vm1 --to west --config \(configPaths["east"]!)   # west takes over; each step is printed
               qemu-io -f raw -c 'write -P 0xcd 0 1M' \(statuses["west"]?.volumes.first?.exports.first { $0.hasPrefix("nbd://") } ?? "")
-              ferry status --config \(configPaths["west"]!)          # east catches up with only what changed
-              ferry demote vm1 --config \(configPaths["west"]!) && ferry promote vm1 --config \(configPaths["east"]!)   # and back
+              ferry status --config \(configPaths["west"]!)          # west is primary at epoch 2; east follows it
+              ferry switchover vm1 --to east --config \(configPaths["west"]!)   # and back
+            or a failover: kill -9 east, `ferry promote vm1` on west; restart east and it gives way on its own.
 
             """)
         print("ready")

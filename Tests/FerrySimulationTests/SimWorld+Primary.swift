@@ -108,6 +108,8 @@ extension SimWorld {
                 if links[peer]?.id == link { cut(peer, reason: reason) }
             case .fence(let reason):
                 fail("primary fenced itself unexpectedly: \(reason)")
+            case .rejoin(let plan):
+                fail("primary gave way unexpectedly to \(plan.peer): \(plan.reason)")
             case .stateChanged(let peer, let state, let reason):
                 log("link to \(peer): \(state.rawValue) (\(reason))")
             }

@@ -197,6 +197,8 @@ extension SimWorld {
                 refusals.append(reason)
                 sendToPrimary(name, link, .refuse(reason: reason))
                 if links[name]?.id == link { cut(name, reason: "refused: \(reason)") }
+            case .takeOver, .declineHandoff:
+                fail("\(name) was handed the volume, which this simulation never does")
             }
         }
     }

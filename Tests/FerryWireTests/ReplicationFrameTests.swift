@@ -30,6 +30,10 @@ struct ReplicationFrameTests {
 
     static let messages: [VolumeFrame] = [
         VolumeFrame(volume: "vm1", message: .open(VolumeOpen(volume: "vm1", epoch: 3, generation: 9, volumeSize: 20 << 30, mode: .sync))),
+        VolumeFrame(volume: "vm1", message: .handoff(VolumeHandoff(epoch: 4, generation: 0xdead_beef, seq: 123_456))),
+        VolumeFrame(volume: "vm1", message: .open(VolumeOpen(volume: "vm1", epoch: 3, generation: 9, volumeSize: 20 << 30, mode: .sync,
+            history: [GenerationRecord(id: 7, epoch: 1, branchSeq: 0), GenerationRecord(id: 9, epoch: 3, branchSeq: 12_345)],
+            appliedSeq: 99_999, discards: 0xfeed))),
         VolumeFrame(volume: "vm1", message: .open(VolumeOpen(volume: "vm1", epoch: 0, generation: .max, volumeSize: 512, mode: .semiSync))),
         VolumeFrame(volume: "vm1", message: .open(VolumeOpen(volume: "vm1", epoch: 1, generation: 1, volumeSize: 1, mode: .async))),
         VolumeFrame(volume: "vm-é", message: .open(VolumeOpen(volume: "vm-é", epoch: 1, generation: 2, volumeSize: 3, mode: .scheduled))),
@@ -203,13 +207,13 @@ struct ReplicationFrameTests {
 
     enum Malformed: String, CaseIterable, Sendable {
         case empty, unknownKind, emptyVolume, volumeRunsPast, badUTF8
-        case openShort, openLong, unknownMode
+        case openShort, openLong, unknownMode, openWithoutHistoryCount, tooManyGenerations, generationZero, historyRunsPast
         case dataOnZeroItem, dataShorterThanRange, dataLongerThanRange, zeroFlagNotBoolean, rangeOverflows, rangeOverLimit
         case compressedZeroItem, compressedBarrier, compressedAck
         case decompressedShorter, decompressedLonger, contentSizeNotStated, garbageAfterZstdFrame, notZstd
         case barrierShort, unknownBarrierKind
         case positionLong, consistentNotBoolean, positionWithoutNeedsCount, tooManyNeeds, emptyNeed
-        case ackShort, unknownAckLevel
+        case ackShort, unknownAckLevel, handoffShort
         case refuseRunsPast, refuseTrailing
     }
 
@@ -234,7 +238,18 @@ struct ReplicationFrameTests {
         case .openShort:
             return (raw(kind: 1) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3)) }, "payload is too short")
         case .openLong:
-            return (raw(kind: 1) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(1), UInt8(0)) }, "1 unexpected bytes after the fields")
+            return (raw(kind: 1) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(1), UInt64(0), UInt64(0), UInt16(0), UInt8(0)) },
+                    "1 unexpected bytes after the fields")
+        case .openWithoutHistoryCount:
+            return (raw(kind: 1) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(1), UInt64(0), UInt64(0)) }, "before its count of generations")
+        case .tooManyGenerations:
+            return (raw(kind: 1) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(1), UInt64(0), UInt64(0), UInt16(4097)) }, "more than 4096")
+        case .generationZero:
+            return (raw(kind: 1) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(1), UInt64(0), UInt64(0), UInt16(1), UInt64(0), UInt64(1), UInt64(0)) },
+                    "open carries generation 0")
+        case .historyRunsPast:
+            return (raw(kind: 1) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(1), UInt64(0), UInt64(0), UInt16(2), UInt64(5), UInt64(1), UInt64(0)) },
+                    "payload is too short")
         case .unknownMode:
             return (raw(kind: 1) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(5)) }, "unknown replication mode 5")
         case .dataOnZeroItem:
@@ -283,6 +298,8 @@ struct ReplicationFrameTests {
             return (raw(kind: 5) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(0), UInt8(1), UInt32(65_537)) }, "more than 65536")
         case .emptyNeed:
             return (raw(kind: 5) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(0), UInt8(1), UInt32(1), UInt64(4096), UInt64(0)) }, "an invalid range at 4096 of 0 bytes")
+        case .handoffShort:
+            return (raw(kind: 8) { $0.writeMultipleIntegers(UInt64(1), UInt64(2)) }, "payload is too short")
         case .ackShort:
             return (raw(kind: 6) { $0.writeMultipleIntegers(UInt8(1), UInt32(1)) }, "payload is too short")
         case .unknownAckLevel:

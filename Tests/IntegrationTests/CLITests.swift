@@ -143,7 +143,7 @@ struct CLITests {
         let printed = text()
         #expect(printed.contains("ferry status --config"))
         #expect(printed.contains("nbdinfo nbd://127.0.0.1:"))
-        #expect(printed.contains("ferry promote vm1 --config") && printed.contains("ferry demote vm1 --config"), "no failover drill: \(printed)")
+        #expect(printed.contains("ferry switchover vm1 --to west --config") && printed.contains("ferry promote vm1"), "no failover drill: \(printed)")
         let pids = printed.split(separator: "\n").filter { $0.hasPrefix("started ") }
             .compactMap { line in line.split(separator: " ").firstIndex(of: "pid").map { Int32(line.split(separator: " ")[$0 + 1].dropLast())! } }
         #expect(pids.count == 2)

@@ -24,6 +24,15 @@ struct FailoverTests {
         #expect(back, "\(detail)", sourceLocation: sourceLocation)
     }
 
+    /// Waits until a returning former primary has given way on its own: a secondary, following
+    /// the promoted site (no `ferry demote` needed).
+    func waitRejoined(_ site: TestSite, sourceLocation: SourceLocation = #_sourceLocation) {
+        let rejoined = eventually(.seconds(60)) { vm1(site)?.role == "secondary" }
+        #expect(rejoined, "the former primary did not rejoin as a secondary: \(String(describing: vm1(site)))\n\(site.log(tail: 30))",
+                sourceLocation: sourceLocation)
+        #expect(site.log().contains("gives way to"), "no log line says why it gave way", sourceLocation: sourceLocation)
+    }
+
     /// `ferry` with the site's config; returns the result without failing on a non-zero exit.
     func ferry(_ args: [String], _ site: TestSite) throws -> RunResult {
         try run(try ferryBinary(), args + ["--config", site.configPath], expect: nil)
@@ -103,17 +112,16 @@ struct FailoverTests {
         kill(holder.processIdentifier, SIGKILL)
         holder.waitUntilExit()
 
-        // The old primary comes back: it learns of epoch 2 and takes no writes (P4).
+        // The old primary comes back: the handshake finds its line of history replaced by west's;
+        // it is fenced, takes no writes (P4), and rejoins as west's secondary on its own.
         try sites.east.start()
         let fenced = eventually(.seconds(60)) { sites.east.log().contains("vm1 fenced") }
         #expect(fenced, "east was not fenced:\n\(sites.east.log(tail: 30))")
         let write = try sites.qemuIO(["write -P 0x77 0 4k"], uri: sites.east.unixURI("vm1"), expect: nil)
         #expect(write.status != 0, "the fenced old primary took a write: \(write.output)")
+        waitRejoined(sites.east)
 
-        // Demoted, it takes a copy from west and ends byte-identical to it.
-        let demoted = try ferry(["demote", "vm1"], sites.east)
-        #expect(demoted.status == 0, "demote failed: \(demoted.stderr)\n\(sites.east.log(tail: 20))")
-        #expect(vm1(sites.east)?.role == "secondary")
+        // It takes a copy from west and ends byte-identical to it.
         waitEastInSyncFromWest(sites)
         sites.west.stop()
         sites.east.stop()
@@ -140,9 +148,8 @@ struct FailoverTests {
         try sites.qemuIO(["write -P 0x43 16M 64k"], uri: sites.west.unixURI("vm1"))
 
         try sites.east.start()
-        #expect(eventually(.seconds(60)) { vm1(sites.east)?.fenced != nil }, "east was not fenced:\n\(sites.east.log(tail: 20))")
-        let demoted = try ferry(["demote", "vm1"], sites.east)
-        #expect(demoted.status == 0 && demoted.stdout.contains("kept aside"), "\(demoted.stdout)\(demoted.stderr)")
+        waitRejoined(sites.east)
+        #expect(sites.east.log().contains("kept aside"), "\(sites.east.log(tail: 20))")
         let listing = try ferry(["diverged", "vm1"], sites.east)
         #expect(listing.status == 0 && listing.stdout.contains(".img:"), "\(listing.stdout)\(listing.stderr)")
 
@@ -196,9 +203,7 @@ struct FailoverTests {
         let sentBefore = vm1(sites.west)?.replicas.first { $0.peer == "east" }?.bytesSent ?? 0
 
         try sites.east.start()
-        #expect(eventually(.seconds(60)) { vm1(sites.east)?.fenced != nil }, "east was not fenced")
-        let demoted = try ferry(["demote", "vm1"], sites.east)
-        #expect(demoted.status == 0, "\(demoted.stderr)")
+        waitRejoined(sites.east)
         waitEastInSyncFromWest(sites)
         let sent = (vm1(sites.west)?.replicas.first { $0.peer == "east" }?.bytesSent ?? 0) - sentBefore
         let dir = sites.east.dataDirectory + "/volumes/vm1.state/diverged"
@@ -253,6 +258,128 @@ struct FailoverTests {
         sites.west.stop()
         sites.east.stop()
         #expect(try sites.imagesIdentical())
+    }
+
+    /// Planned switchover under a running fio verify workload, there and back: every write fio
+    /// was told about is on the new primary's export; each step is printed; bad input changes nothing.
+    @Test func switchoverThereAndBackUnderAWorkloadLosesNothing() throws {
+        let fio = try requireTool("fio", package: "fio")
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+
+        let onSecondary = try ferry(["switchover", "vm1", "--to", "east"], sites.west)
+        #expect(onSecondary.status == 1 && onSecondary.stderr.contains("not the primary"), "\(onSecondary.stderr)")
+        let nobody = try ferry(["switchover", "vm1", "--to", "nosuch"], sites.east)
+        #expect(nobody.status == 1 && nobody.stderr.contains("not a replica of vm1"), "\(nobody.stderr)")
+        #expect(vm1(sites.east)?.role == "primary" && vm1(sites.west)?.role == "secondary")
+
+        /// fio writes through `from`'s export while `from` hands the volume to `to`; then fio
+        /// verifies every write it was told about on `to`'s export.
+        func move(from: TestSite, to: TestSite, toName: String, epoch: Int64, leg: String) throws {
+            let dir = sites.dir.path + "/" + leg
+            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+            let writer = try startVerifiedWriter(fio, uri: from.uri("vm1"), dir: dir)
+            defer { if writer.isRunning { kill(writer.processIdentifier, SIGKILL); writer.waitUntilExit() } }
+            #expect(eventually(.seconds(30)) { vm1(from)?.clientsConnected == 1 }, "fio did not connect")
+            let before = vm1(from)?.replicas.first?.bytesSent ?? 0
+            #expect(eventually(.seconds(60)) { (vm1(from)?.replicas.first?.bytesSent ?? 0) > before + (8 << 20) }, "fio did not get going")
+            let moved = try ferry(["switchover", "vm1", "--to", toName], from)
+            #expect(moved.status == 0, "switchover failed: \(moved.stdout)\(moved.stderr)\n\(from.log(tail: 20))\n\(to.log(tail: 20))")
+            for step in ["drained vm1", "holds every write through sequence", "demoted vm1", "is the primary of vm1 at epoch \(epoch)", "no write lost"] {
+                #expect(moved.stdout.contains(step), "step not shown: \(step)\n\(moved.stdout)")
+            }
+            print("switchover \(leg):\n\(moved.stdout)")
+            writer.waitUntilExit()
+            #expect(vm1(to)?.role == "primary" && vm1(to)?.epoch == epoch, "\(String(describing: vm1(to)))")
+            #expect(vm1(from)?.role == "secondary")
+            let verify = try run("/bin/sh", ["-c", "cd '\(dir)' && exec '\(fio)' --name=crash --ioengine=nbd "
+                + "--uri='\(to.uri("vm1"))' --rw=randwrite --bs=4k --size=48m --verify=crc32c "
+                + "--verify_only=1 --verify_state_load=1 --verify_fatal=1 --output=fio-verify.log"], expect: nil)
+            let report = (try? String(contentsOfFile: "\(dir)/fio-verify.log", encoding: .utf8)) ?? ""
+            #expect(verify.status == 0 && !report.contains("verify: bad"),
+                    "a write fio was told about is missing after the switchover:\n\(report.suffix(2000))\n\(verify.output.suffix(1000))")
+            // Nothing was kept aside: the new primary had everything.
+            #expect(!from.log().contains("kept aside"), "the switchover kept blocks aside: \(from.log(tail: 20))")
+        }
+        try move(from: sites.east, to: sites.west, toName: "west", epoch: 2, leg: "there")
+        try move(from: sites.west, to: sites.east, toName: "east", epoch: 3, leg: "back")
+        let back = eventually(.seconds(120)) {
+            guard let r = vm1(sites.east)?.replicas.first(where: { $0.peer == "west" }) else { return false }
+            return r.connected && r.consistent && r.state == "in-sync"
+        }
+        #expect(back, "west did not follow east again: \(String(describing: vm1(sites.east)?.replicas))")
+        sites.west.stop()
+        sites.east.stop()
+        #expect(try sites.imagesIdentical(), "the sites differ after switching over there and back")
+    }
+
+    /// A split brain made on purpose (P6): east, back alone after west was promoted, is demoted
+    /// and promoted itself; both take writes. When they meet, both say split brain and nothing
+    /// moves; a wrong `--keep` changes nothing; `ferry resolve --keep west` on west makes east
+    /// give way when next connected, keeping aside what it wrote (listed, readable), and east
+    /// ends byte-identical to west.
+    @Test func splitBrainIsDetectedAndWaitsForResolve() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        try sites.qemuIO(["write -P 0x50 0 4M", "flush"])
+        sites.waitInSync()
+        sites.east.kill9()
+        var promoted: RunResult?
+        #expect(eventually(.seconds(30)) { promoted = try? ferry(["promote", "vm1"], sites.west); return promoted?.status == 0 },
+                "promote failed: \(promoted?.stderr ?? "")")
+        try sites.qemuIO(["write -P 0x51 4M 64k"], uri: sites.west.unixURI("vm1"))
+        sites.west.stop()
+
+        // East, alone, is made a primary again by hand: a second line of history from epoch 1.
+        try sites.east.start()
+        let down = try ferry(["demote", "vm1"], sites.east)
+        #expect(down.status == 0, "\(down.stderr)")
+        let up = try ferry(["promote", "vm1", "--force"], sites.east)
+        #expect(up.status == 0, "\(up.stderr)")
+        try sites.qemuIO(["write -P 0x52 8M 64k"], uri: sites.east.unixURI("vm1"))
+
+        try sites.west.start()
+        func state(_ site: TestSite, _ peer: String) -> String? { vm1(site)?.replicas.first { $0.peer == peer }?.state }
+        let detected = eventually(.seconds(60)) { state(sites.east, "west") == "split-brain" && state(sites.west, "east") == "split-brain" }
+        let why = "split brain not reported: east→west \(state(sites.east, "west") ?? "-"), west→east \(state(sites.west, "east") ?? "-")\n"
+            + "east:\n\(sites.east.log(tail: 15))\nwest:\n\(sites.west.log(tail: 15))"
+        #expect(detected, "\(why)")
+        let reason = vm1(sites.west)?.replicas.first { $0.peer == "east" }?.reason ?? ""
+        #expect(reason.contains("ferry resolve vm1 --keep"), "the status does not say what to do: \(reason)")
+        #expect(vm1(sites.east)?.role == "primary" && vm1(sites.west)?.role == "primary", "a site gave way on its own")
+        let eastSent = vm1(sites.east)?.replicas.first { $0.peer == "west" }?.bytesSent ?? 0
+        let westSent = vm1(sites.west)?.replicas.first { $0.peer == "east" }?.bytesSent ?? 0
+        #expect(eastSent == 0 && westSent == 0, "data moved during a split brain: east sent \(eastSent), west \(westSent)")
+
+        // Bad input changes nothing.
+        let wrongSite = try ferry(["resolve", "vm1", "--keep", "nosuch"], sites.west)
+        #expect(wrongSite.status == 1 && wrongSite.stderr.contains("not a site of vm1"), "\(wrongSite.stderr)")
+        let unknown = try ferry(["resolve", "nosuch", "--keep", "west"], sites.west)
+        #expect(unknown.status == 1 && unknown.stderr.contains("no volume"), "\(unknown.stderr)")
+        #expect(state(sites.west, "east") == "split-brain")
+
+        // Keep west: east gives way when next connected, and keeps aside what it wrote.
+        let resolved = try ferry(["resolve", "vm1", "--keep", "west"], sites.west)
+        #expect(resolved.status == 0 && resolved.stdout.contains("east gives way"), "\(resolved.stdout)\(resolved.stderr)")
+        waitRejoined(sites.east)
+        let listing = try ferry(["diverged", "vm1"], sites.east)
+        #expect(listing.status == 0 && listing.stdout.contains(".img:"), "\(listing.stdout)\(listing.stderr)")
+        let dir = sites.east.dataDirectory + "/volumes/vm1.state/diverged"
+        let kept = try FileManager.default.contentsOfDirectory(atPath: dir).filter { $0.hasSuffix(".img") }.sorted()
+        let newest = try #require(kept.last)
+        let check = try run(try requireTool("qemu-io", package: "qemu-utils"),
+                            ["-f", "raw", "-r", "-c", "read -P 0x52 8M 64k", "\(dir)/\(newest)"], expect: nil)
+        #expect(check.status == 0 && !check.output.contains("Pattern verification failed"), "east's split-brain writes were not kept: \(check.output)")
+        waitEastInSyncFromWest(sites)
+        let read = try sites.qemuIO(["read -P 0x51 4M 64k", "read -P 0x50 0 4M"], uri: sites.west.unixURI("vm1"), expect: nil)
+        #expect(read.status == 0 && !read.output.contains("Pattern verification failed"), "west lost a write: \(read.output)")
+        sites.west.stop()
+        sites.east.stop()
+        #expect(try sites.imagesIdentical(), "east differs from west after the split brain was resolved")
     }
 
     /// A replica in the middle of its initial sync is not promoted (it holds a state no site

@@ -155,6 +155,12 @@ public enum HistoryDecision: Sendable, Equatable {
         return reach > branch ? .diverged(keep: newerSide, branchSeq: branch) : .catchUp(from: newerSide)
     }
 
+    /// The newest generation both histories hold: the one a site that follows the other names
+    /// in its position, so that only what differs is sent.
+    public static func commonGeneration(_ a: VolumeHistory, _ b: VolumeHistory) -> GenerationRecord? {
+        lastCommon(a, b).map { a.generations[$0.0] }
+    }
+
     private static func lastCommon(_ a: VolumeHistory, _ b: VolumeHistory) -> (Int, Int)? {
         for i in a.generations.indices.reversed() {
             if let j = b.generations.firstIndex(where: { $0.id == a.generations[i].id }) { return (i, j) }

@@ -165,7 +165,8 @@ extension PrimaryVolume {
         if let old = peer.session { dropSession(&peer, link: old.link, &out) }
         peer.session = Session(link: link, now: now.monotonicNanos)
         out.append(.send(peer: name, link, .open(VolumeOpen(volume: config.volume, epoch: config.epoch,
-            generation: config.generation, volumeSize: config.volumeSize, mode: peer.policy.mode))))
+            generation: config.generation, volumeSize: config.volumeSize, mode: peer.policy.mode,
+            history: config.lineage, appliedSeq: lastAdmitted, discards: peer.discarding ?? 0))))
         peers[name] = peer
         finish(&out)
         return out
@@ -234,6 +235,13 @@ extension PrimaryVolume {
     public mutating func received(_ message: ReplicationMessage, peer name: String, link: LinkID, now: Instant) -> [Action] {
         self.now = now
         var out: [Action] = []
+        if case .open(let open) = message, var peer = takePeer(name) {
+            // Another primary of the volume: whichever link it came on, the histories decide.
+            rivalOpened(open, peer: &peer, link: link, &out)
+            peers[name] = peer
+            finish(&out)
+            return out
+        }
         guard peers[name]?.session?.link == link, var peer = takePeer(name) else { return out }
         let isOpen = peer.session!.open
         switch message {
@@ -253,6 +261,8 @@ extension PrimaryVolume {
                 break
             }
             peer.session!.open = true
+            peer.rival = nil
+            peer.discarding = nil
             opened(&peer, position: position, &out)
         case .ack(let level, let index):
             // Before `position` an ack can only be a leftover of the link layer's switch-over
@@ -270,7 +280,7 @@ extension PrimaryVolume {
             out.append(.closeLink(peer: name, link, reason: "refused: \(reason)"))
             dropSession(&peer, link: link, &out)
             setState(&peer, .connecting, "\(name) refused the stream: \(reason)", &out)
-        case .open, .write, .region, .barrier:
+        case .write, .region, .barrier, .open, .handoff:
             out.append(.closeLink(peer: name, link, reason: "a primary does not accept replication data"))
             dropSession(&peer, link: link, &out)
         }
@@ -282,6 +292,11 @@ extension PrimaryVolume {
     mutating func opened(_ peer: inout PeerState, position: ReplicaPosition, _ out: inout [Action]) {
         let sameHistory = position.initialized && position.generation == config.generation
         let sharedPast = position.initialized && config.ancestors.contains(position.generation)
+        if sameHistory && !peer.initialSyncPending {
+            // A site on this very generation that gave way to it (a former primary of it whose
+            // promotion elsewhere lost): what it wrote that this site lacks is overwritten.
+            for range in position.needs ?? [] { markDirty(range, in: &peer) }
+        }
         if sharedPast && !peer.initialSyncPending {
             // A former primary (demoted) on the line this generation branched from: it lacks what
             // this site wrote since the branch (its bitmap and, for an async peer, the journal
@@ -370,6 +385,11 @@ extension PrimaryVolume {
         var pointDone = false
         if level == .durable {
             for item in session.popDurable(through: index) {
+                // The peer's image holds every write through a barrier it made durable (a
+                // catch-up's begin marks it inconsistent instead).
+                if case .barrier(let kind, let seq) = item.kind, kind != .catchUpBegin {
+                    session.durableSeq = max(session.durableSeq, seq)
+                }
                 switch item.kind {
                 case .regions(let run, forPoint: false):
                     for r in run where session.regionsInFlight[r] == item.index {
@@ -423,6 +443,9 @@ extension PrimaryVolume {
     }
 
     func setState(_ peer: inout PeerState, _ state: ReplicaLinkState, _ reason: String, _ out: inout [Action]) {
+        // A split brain is not over because the link went down or was reset: status says so
+        // until the peer opens as something else or gives way.
+        if let rival = peer.rival { return setRivalState(&peer, rival, &out) }
         guard peer.state != state else { peer.reason = reason; return }
         peer.state = state
         peer.reason = reason

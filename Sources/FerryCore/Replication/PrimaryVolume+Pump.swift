@@ -285,9 +285,11 @@ extension PrimaryVolume {
     /// regions, a scheduled point's regions, what a journaled peer has not acknowledged, and what
     /// a live session has not had acked durable. A primary that is demoted keeps these blocks
     /// aside before another site's copy overwrites them (P6).
-    public func unreplicatedRanges() -> [BlockRange] {
+    /// `peer`: what that one peer may lack (a site rejoining as its secondary loses nothing the
+    /// peer holds).
+    public func unreplicatedRanges(for only: String? = nil) -> [BlockRange] {
         var all = DirtyBitmap(volumeSize: config.volumeSize, regionSize: config.regionSize)
-        for peer in peers.values {
+        for peer in peers.values where only == nil || peer.name == only {
             all.formUnion(peer.dirty)
             if let point = peer.point { all.formUnion(point.regions) }
             if peer.journaled {
@@ -308,6 +310,18 @@ extension PrimaryVolume {
         }
         return ranges
     }
+
+    /// Whether `peer` holds, durably and in an open session, every write this primary has
+    /// admitted, with none still running: what a switchover waits for before stepping down.
+    public func holdsEverything(_ name: String) -> Bool {
+        guard let peer = peers[name], let session = peer.session, session.open, peer.rival == nil else { return false }
+        return requests.isEmpty && peer.dirty.isEmpty && session.inFlightCount == 0 && session.durableSeq >= lastAdmitted
+    }
+
+    /// The last write admitted: what a replica that takes over must hold.
+    public var lastAdmittedSeq: UInt64 { lastAdmitted }
+    /// The generation this primary writes in.
+    public var generation: UInt64 { config.generation }
 
     /// Another site holds a newer epoch of the volume (P4): from now on every write and flush is
     /// refused. Requests already admitted finish; nothing new reaches the image or a peer.

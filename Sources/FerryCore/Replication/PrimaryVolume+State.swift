@@ -111,6 +111,9 @@ struct Session: Sendable {
     var ackedReceived: UInt64 = 0
     var ackedWritten: UInt64 = 0
     var ackedDurable: UInt64 = 0
+    /// The highest sequence the peer holds durably: the `seq` of the last barrier (other than a
+    /// catch-up's begin) it acked `durable` in this session.
+    var durableSeq: UInt64 = 0
     var unacked: [SentItem] = []
     var unackedHead = 0
     var unackedBytes: UInt64 = 0
@@ -249,6 +252,12 @@ struct PeerState: Sendable {
     var lastDirtyToken: UInt64 = 0
     var state: ReplicaLinkState = .connecting
     var reason = "not connected yet"
+    /// The peer is a primary of the volume too and the handshake could not settle which gives
+    /// way (split brain, unrelated): what it said, until it opens as something else.
+    var rival: Rival?
+    /// `ferry resolve --keep` named this site against the peer's generation with this ID: the
+    /// opens to the peer say so, and it gives way.
+    var discarding: UInt64?
     var bytesSent: UInt64 = 0
     var lastAckAt: Int64?
     /// `resync-rate`: bytes the catch-up may still read now (a token bucket refilled with time).

@@ -36,9 +36,17 @@ public struct PrimaryVolume: Sendable {
         public var epoch: UInt64
         public var generation: UInt64
         public var peers: [String: ReplicaPolicy]
-        /// The generations this one descends from (its history without itself): a peer whose
-        /// image is on one of them holds a shared past, and gets only what differs (failback).
-        public var ancestors: Set<UInt64> = []
+        /// The generations this volume's image descends from, oldest first, ending with the
+        /// current one: recorded at each promotion. Empty for a volume never promoted, whose one
+        /// generation is `generation` (``lineage`` supplies it).
+        public var history: [GenerationRecord] = []
+        /// ``history`` ending with the current generation: what the handshake compares (P6).
+        public var lineage: [GenerationRecord] {
+            history.last?.id == generation ? history : history + [GenerationRecord(id: generation, epoch: epoch, branchSeq: 0)]
+        }
+        /// The generations this one descends from: a peer whose image is on one of them holds a
+        /// shared past, and gets only what differs (failback).
+        public var ancestors: Set<UInt64> { Set(lineage.map(\.id)).subtracting([generation]) }
         /// Dirty-bitmap granularity.
         public var regionSize: UInt64 = 64 << 10
         /// Adjacent dirty regions are read and sent as one item of up to this many bytes.
@@ -160,6 +168,11 @@ public struct PrimaryVolume: Sendable {
         case closeLink(peer: String, LinkID, reason: String)
         /// A peer has a newer epoch: this site must stop accepting writes for the volume (P4).
         case fence(reason: String)
+        /// The handshake with another primary of the volume decided this site's line of history
+        /// gives way (a former primary back after a promotion elsewhere, or the loser of a split
+        /// brain the operator resolved): after the fence, keep aside what the peer lacks and
+        /// become its secondary (P6).
+        case rejoin(Rejoin)
         /// A link changed state; for the log and status.
         case stateChanged(peer: String, ReplicaLinkState, reason: String)
     }

@@ -22,6 +22,11 @@ public enum ReplicaLinkState: String, Sendable, Equatable, CaseIterable {
     case waitingForPoint = "waiting"
     /// scheduled: a point is being sent.
     case sendingPoint = "sending-point"
+    /// The peer is a primary of the volume too, and both wrote since their histories parted:
+    /// nothing moves either way until `ferry resolve` says which to keep (P6).
+    case splitBrain = "split-brain"
+    /// The peer holds another volume under this name (no generation in common): refused.
+    case unrelated
 }
 
 /// A scheduled point, as the primary records it.

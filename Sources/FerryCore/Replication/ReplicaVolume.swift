@@ -39,6 +39,11 @@ public struct ReplicaVolume: Sendable {
         case persistPosition(ReplicaPosition)
         /// Send `refuse` and close the link.
         case refuse(LinkID, reason: String)
+        /// The primary on `link` stepped down and handed the volume over: promote this site.
+        case takeOver(LinkID, VolumeHandoff)
+        /// A handoff this replica cannot take (it does not hold everything the sender wrote):
+        /// say why to the sender, and stay a secondary.
+        case declineHandoff(LinkID, reason: String)
     }
 
     private struct Session: Sendable {
@@ -191,6 +196,15 @@ public struct ReplicaVolume: Sendable {
             let logged = session?.logged ?? false
             session = nil
             return logged ? [.discardLogTail] : []
+        case .handoff(let handoff):
+            let p = position
+            if !p.consistent || p.generation != handoff.generation || p.appliedSeq < handoff.seq || p.epoch > handoff.epoch {
+                let holds = p.consistent ? "generation \(String(p.generation, radix: 16)) through sequence \(p.appliedSeq) at epoch \(p.epoch)"
+                    : "an inconsistent image"
+                return [.declineHandoff(link, reason: "the replica of \(volume) holds \(holds), not everything through sequence "
+                                        + "\(handoff.seq) of generation \(String(handoff.generation, radix: 16)): it does not take over")]
+            }
+            return [.takeOver(link, handoff)]
         case .position, .ack:
             return refuse(link, "a replica does not accept \(message) from its primary")
         }

@@ -14,6 +14,10 @@ public enum ReplicationMessage: Sendable, Equatable {
     case region(ReplicationItem)
     /// Everything before it on the stream must be made durable and acked at `durable`.
     case barrier(ReplicationBarrier)
+    /// Planned switchover (`ferry switchover`): the sender has stepped down, and this replica,
+    /// holding every write through `seq`, is to take over as the primary. Sent after the
+    /// sender's `refuse` ended its stream, outside any session.
+    case handoff(VolumeHandoff)
 
     // replica → primary
     /// The replica's persisted position, answering `open`.
@@ -31,13 +35,43 @@ public struct VolumeOpen: Sendable, Equatable {
     public var generation: UInt64
     public var volumeSize: UInt64
     public var mode: ReplicationMode
+    /// The sender's line of history, oldest first, ending with `generation` (at most
+    /// ``maxHistory``), and how far into it the sender's image is: a site that is itself a
+    /// primary of the volume decides from them which of the two gives way (``HistoryDecision``).
+    public var history: [GenerationRecord]
+    public var appliedSeq: UInt64
+    /// Non-zero: the operator resolved a split brain here in favour of the sender, discarding the
+    /// receiver's generation with this ID (`ferry resolve --keep` naming the sender).
+    public var discards: UInt64
 
-    public init(volume: String, epoch: UInt64, generation: UInt64, volumeSize: UInt64, mode: ReplicationMode) {
+    /// The most generations an open carries (24 bytes each on the wire).
+    public static let maxHistory = 4096
+
+    public init(volume: String, epoch: UInt64, generation: UInt64, volumeSize: UInt64, mode: ReplicationMode,
+                history: [GenerationRecord] = [], appliedSeq: UInt64 = 0, discards: UInt64 = 0) {
         self.volume = volume
         self.epoch = epoch
         self.generation = generation
         self.volumeSize = volumeSize
         self.mode = mode
+        self.history = history
+        self.appliedSeq = appliedSeq
+        self.discards = discards
+    }
+}
+
+/// What a primary that stepped down for a switchover hands to the replica that takes over.
+public struct VolumeHandoff: Sendable, Equatable {
+    /// The epoch and generation the sender was the primary of.
+    public var epoch: UInt64
+    public var generation: UInt64
+    /// Its last write: the replica takes over only if its image holds everything through it.
+    public var seq: UInt64
+
+    public init(epoch: UInt64, generation: UInt64, seq: UInt64) {
+        self.epoch = epoch
+        self.generation = generation
+        self.seq = seq
     }
 }
 

@@ -1,0 +1,137 @@
+/// Another site that is a primary of the same volume, met in the handshake (DESIGN §5.1, P4, P6).
+///
+/// Two primaries each send the other an `open` carrying their line of history; each side runs
+/// ``HistoryDecision/decide(local:peer:)`` on the same two histories (mirrored), so both reach
+/// the same verdict without another round trip:
+/// - the peer's line replaced this one (a former primary returning after a promotion elsewhere):
+///   this site is fenced and rejoins as the peer's secondary, keeping aside first what the peer
+///   lacks (``Action/rejoin(_:)``);
+/// - this site's line replaced the peer's: nothing to do here; the peer gives way and reopens
+///   as a secondary;
+/// - both wrote since their lines parted (split brain), or no generation in common: nothing
+///   moves either way; status says so until `ferry resolve` picks the site to keep
+///   (``resolveKeepingLocal(against:)`` here, or an open whose `discards` names this site's
+///   generation there).
+public struct Rival: Sendable, Equatable {
+    public var decision: HistoryDecision
+    public var epoch: UInt64
+    public var history: VolumeHistory
+}
+
+/// What a site that gives way does: ``PrimaryVolume/Action/rejoin(_:)``.
+public struct Rejoin: Sendable, Equatable {
+    /// The primary this site follows from now on.
+    public var peer: String
+    /// The newest generation both hold: this site's position names it, so the peer sends only
+    /// what differs (what it wrote since, and what this site keeps aside).
+    public var common: GenerationRecord
+    /// This site's history up to and including `common` (what it keeps; later generations of
+    /// its own are given up, their blocks kept aside).
+    public var history: [GenerationRecord]
+    /// The peer's epoch: the position carries it, so the peer's stream is not refused as stale.
+    public var peerEpoch: UInt64
+    public var reason: String
+
+    public init(peer: String, common: GenerationRecord, history: [GenerationRecord], peerEpoch: UInt64, reason: String) {
+        self.peer = peer
+        self.common = common
+        self.history = history
+        self.peerEpoch = peerEpoch
+        self.reason = reason
+    }
+}
+
+extension PrimaryVolume {
+    /// This site's history as the handshake compares it.
+    public var lineage: VolumeHistory { VolumeHistory(generations: config.lineage, appliedSeq: lastAdmitted) }
+
+    /// The peers this primary is in a split brain (or an unrelated history) with, and what they said.
+    public var rivals: [String: Rival] { peers.compactMapValues(\.rival) }
+
+    mutating func rivalOpened(_ open: VolumeOpen, peer: inout PeerState, link: LinkID, _ out: inout [Action]) {
+        let theirs = VolumeHistory(generations: open.history, appliedSeq: open.appliedSeq)
+        var decision = HistoryDecision.decide(local: lineage, peer: theirs)
+        var resolvedThere = false
+        if case .splitBrain = decision {
+            // The operator decided (`ferry resolve --keep`): on the peer's site, for it; here, for this site.
+            if open.discards != 0 && open.discards == config.generation {
+                decision = .catchUp(from: .peer)
+                resolvedThere = true
+            } else if let mine = peer.discarding, mine == theirs.current?.id {
+                decision = .catchUp(from: .local)
+            }
+        }
+        if case .inSync = decision { decision = .splitBrain(commonGeneration: config.generation) }  // two writers of one generation
+        let name = peer.name
+        switch decision {
+        case .catchUp(from: .peer), .diverged(keep: .peer, _), .fullCopy(from: .peer):
+            guard let common = HistoryDecision.commonGeneration(lineage, theirs) else { break }
+            peer.rival = nil
+            let why = resolvedThere
+                ? "the split brain with \(name) was resolved there in its favour (`ferry resolve \(config.volume) --keep \(name)`): "
+                    + "this site rejoins as its secondary"
+                : "\(name) holds a newer line of history of \(config.volume) (epoch \(open.epoch), generation "
+                    + "\(String(open.generation, radix: 16))) that replaced this site's (epoch \(config.epoch)): this site rejoins as its secondary"
+            if !fenced {
+                fenced = true
+                out.append(.fence(reason: why))
+            }
+            let kept = Array(config.lineage.prefix { $0.id != common.id }) + [common]
+            out.append(.rejoin(Rejoin(peer: name, common: common, history: kept, peerEpoch: open.epoch, reason: why)))
+        case .catchUp(from: .local), .diverged(keep: .local, _), .fullCopy(from: .local):
+            peer.rival = nil
+            setState(&peer, .connecting, "\(name) is a former primary of \(config.volume) (epoch \(open.epoch)); "
+                     + "it gives way and rejoins as a secondary", &out)
+        case .splitBrain, .unrelated, .nothingToDo, .inSync:
+            let rival = Rival(decision: decision, epoch: open.epoch, history: theirs)
+            peer.rival = rival
+            setRivalState(&peer, rival, &out)
+        }
+    }
+
+    func setRivalState(_ peer: inout PeerState, _ rival: Rival, _ out: inout [Action]) {
+        let state: ReplicaLinkState
+        let reason: String
+        if case .unrelated = rival.decision {
+            state = .unrelated
+            reason = "\(peer.name) holds a different volume named \(config.volume) (no generation in common): refused"
+        } else {
+            state = .splitBrain
+            reason = "split brain: \(peer.name) is a primary of \(config.volume) too (epoch \(rival.epoch)) and both sites "
+                + "wrote since their histories parted; nothing is resynced until `ferry resolve \(config.volume) --keep SITE`"
+        }
+        guard peer.state != state || peer.reason != reason else { return }
+        peer.state = state
+        peer.reason = reason
+        out.append(.stateChanged(peer: peer.name, state, reason: reason))
+    }
+
+    /// `ferry resolve --keep` naming this site: the peer's generation in the split brain is
+    /// discarded; the next open tells the peer, which gives way. Nil when `peer` is not in a
+    /// split brain with this site.
+    public mutating func resolveKeepingLocal(against name: String, now: Instant) -> [Action]? {
+        self.now = now
+        guard var peer = peers[name], let rival = peer.rival, case .splitBrain = rival.decision,
+              let theirs = rival.history.current?.id else { return nil }
+        peer.discarding = theirs
+        var out: [Action] = []
+        // A new session carries the decision: reset the link.
+        if let session = peer.session {
+            out.append(.closeLink(peer: name, session.link, reason: "split brain resolved: \(name) gives way to this site"))
+            dropSession(&peer, link: session.link, &out)
+        }
+        peers[name] = peer
+        finish(&out)
+        return out
+    }
+
+    /// `ferry resolve --keep PEER` on this site: how it gives way to `name`, or nil when `name`
+    /// is not in a split brain with it.
+    public func rejoinPlan(keeping name: String) -> Rejoin? {
+        guard let rival = peers[name]?.rival, case .splitBrain = rival.decision,
+              let common = HistoryDecision.commonGeneration(lineage, rival.history) else { return nil }
+        let kept = Array(config.lineage.prefix { $0.id != common.id }) + [common]
+        return Rejoin(peer: name, common: common, history: kept, peerEpoch: rival.epoch,
+                      reason: "split brain resolved by the operator: \(name) is kept, this site gives way")
+    }
+}
