@@ -279,8 +279,8 @@ extension Site {
         let pieces = path.split(separator: "?", maxSplits: 1)
         let query = pieces.count > 1 ? pieces[1].split(separator: "&").map(String.init) : []
         let parts = pieces.first.map { $0.split(separator: "/").map(String.init) } ?? []
-        guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", ["checkpoint", "promote", "demote", "diverged", "resolve", "switchover"].contains(parts[3]) else {
-            return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/{checkpoint,promote,demote,diverged,resolve,switchover}")
+        guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", ["checkpoint", "promote", "demote", "diverged", "resolve", "switchover", "verify"].contains(parts[3]) else {
+            return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/{checkpoint,promote,demote,diverged,resolve,switchover,verify}")
         }
         let name = parts[2]
         if parts[3] == "promote" { return promote(name, force: query.contains("force=1")) }
@@ -290,6 +290,7 @@ extension Site {
             query.first { $0.hasPrefix(key + "=") }.map { String($0.dropFirst(key.count + 1)).removingPercentEncoding ?? "" }
         }
         if parts[3] == "resolve" { return resolve(name, keep: value("keep")) }
+        if parts[3] == "verify" { return verify(name, peer: value("peer"), repair: value("repair") == "1") }
         if parts[3] == "switchover" {
             let timeout = value("timeout").flatMap(Double.init) ?? 60
             return switchover(name, to: value("to"), timeoutSeconds: max(1, min(timeout, 3600)))

@@ -28,6 +28,9 @@ final class VolumeEngine: Sendable {
     private let linkEvents = DispatchQueue(label: "ferry.volume-link-events")
     /// The link each peer was last reported up on (nil after its down).
     private let upLinks = NIOLockedValueBox<[String: LinkID]>([:])
+    /// Online verify requests waiting for their hashes, by ID.
+    private let verifyWaiters = NIOLockedValueBox<[UInt64: HashWaiter]>([:])
+    private let verifyIDs = NIOLockedValueBox<UInt64>(0)
     /// Where primary runtimes run their timers (set by ``start(on:)``).
     private let timerLoop = NIOLockedValueBox<(any EventLoop)?>(nil)
 
@@ -75,6 +78,21 @@ final class VolumeEngine: Sendable {
     /// A replication frame from `peer`. A malformed frame resets the link (the caller closes it).
     func received(_ frame: VolumeFrame, from peer: String, link: LinkID) {
         let (primary, replica) = tables.withLockedValue { ($0.primaries[frame.volume], $0.replicas[frame.volume]) }
+        switch frame.message {
+        case .verify(let request):
+            // Online verify: a replica hashes its image; a primary is never asked.
+            guard let replica else {
+                return refuse(frame.volume, peer: peer, link: link, "site \(siteName) holds no replica of \(frame.volume) to verify")
+            }
+            replica.answerVerify(request, to: peer, link: link)
+            return
+        case .hashes(let id, let hashes):
+            let waiter = verifyWaiters.withLockedValue { $0.removeValue(forKey: id) }
+            waiter?.deliver(hashes)
+            return
+        default:
+            break
+        }
         if let runtime = primary {
             switch frame.message {
             case .position, .ack, .refuse:
@@ -86,7 +104,7 @@ final class VolumeEngine: Sendable {
             case .open:
                 refuse(frame.volume, peer: peer, link: link,
                        "site \(siteName) is the primary of volume \(frame.volume) and does not replicate it with \(peer)")
-            case .write, .region, .barrier, .handoff:
+            case .write, .region, .barrier, .handoff, .verify, .hashes:
                 refuse(frame.volume, peer: peer, link: link,
                        "site \(siteName) is the primary of volume \(frame.volume) and does not take a stream for it")
             }
@@ -149,6 +167,20 @@ final class VolumeEngine: Sendable {
         }
     }
 
+    /// Online verify: asks `peer` for the hashes of `request`'s blocks and waits for them (nil on
+    /// timeout, on a link that is down, or when the peer could not read its image).
+    func remoteHashes(_ volume: String, peer: String, _ request: VerifyRequest, timeoutSeconds: Double) -> [UInt64]? {
+        guard let link = reportedLink(peer) else { return nil }
+        let waiter = HashWaiter()
+        var numbered = request
+        numbered.id = verifyIDs.withLockedValue { $0 += 1; return $0 }
+        verifyWaiters.withLockedValue { $0[numbered.id] = waiter }
+        links.send([VolumeFrame(volume: volume, message: .verify(numbered), payload: nil)], to: peer, link: link)
+        let hashes = waiter.wait(seconds: timeoutSeconds)
+        verifyWaiters.withLockedValue { _ = $0.removeValue(forKey: numbered.id) }
+        return hashes.flatMap { $0.isEmpty ? nil : $0 }
+    }
+
     /// Switchover: after this site stepped down, `peer` is to take `volume` over.
     func handOver(_ volume: String, to peer: String, _ handoff: VolumeHandoff) -> Bool {
         guard let link = reportedLink(peer) else { return false }
@@ -175,5 +207,21 @@ extension PrimaryVolume.Config {
             hash = hash &* 0x100_0000_01b3
         }
         return max(1, hash)
+    }
+}
+
+/// One online-verify request waiting for its answer.
+final class HashWaiter: Sendable {
+    private let result = NIOLockedValueBox<[UInt64]?>(nil)
+    private let done = DispatchSemaphore(value: 0)
+
+    func deliver(_ hashes: [UInt64]) {
+        result.withLockedValue { $0 = hashes }
+        done.signal()
+    }
+
+    func wait(seconds: Double) -> [UInt64]? {
+        guard done.wait(timeout: .now() + seconds) == .success else { return nil }
+        return result.withLockedValue { $0 }
     }
 }

@@ -50,6 +50,22 @@ public final class VolumeImage: Sendable {
         return VolumeImage(path: path, size: size, fd: fd)
     }
 
+    /// XXH3-64 of each block of `blockSize` bytes in the range (the last one may be shorter), in
+    /// order: what online verify compares between sites.
+    public func blockHashes(offset: UInt64, length: UInt64, blockSize: UInt64) throws -> [UInt64] {
+        var hashes: [UInt64] = []
+        var at = offset
+        let end = min(offset + length, size)
+        let allocator = ByteBufferAllocator()
+        while at < end {
+            let n = Int(min(blockSize, end - at))
+            let block = try read(offset: at, length: n, allocator: allocator)
+            hashes.append(RecordChecksum.of(block))
+            at += UInt64(n)
+        }
+        return hashes
+    }
+
     /// Reads `length` bytes at `offset` into a new buffer. Reads past the end are the caller's bug
     /// (NBD checks ranges first); a short read at EOF is filled with zeros.
     public func read(offset: UInt64, length: Int, allocator: ByteBufferAllocator) throws -> ByteBuffer {

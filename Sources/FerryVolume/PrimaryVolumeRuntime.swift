@@ -185,6 +185,19 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
         core.withLockedValue { $0.machine.unreplicatedRanges(for: peer) }
     }
 
+    /// `ferry verify --repair`: sends `ranges` to `peer` again; false when it cannot now (no open
+    /// session, or a catch-up or point running).
+    public func resync(_ ranges: [BlockRange], peer: String) -> Bool {
+        let now = clock.now()
+        var started = false
+        handle { core in
+            guard let actions = core.machine.resync(ranges, peer: peer, now: now) else { return [] }
+            started = true
+            return actions
+        }
+        return started
+    }
+
     /// Whether `peer` durably holds every write admitted here, with none running (switchover).
     public func peerHoldsEverything(_ peer: String) -> Bool { core.withLockedValue { $0.machine.holdsEverything(peer) } }
     /// The last write admitted here.

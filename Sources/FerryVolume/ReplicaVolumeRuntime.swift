@@ -85,6 +85,20 @@ public final class ReplicaVolumeRuntime: Sendable {
         }
     }
 
+    /// Online verify: hashes the requested blocks of the image off the event loop and answers
+    /// `peer` (no hashes when the image cannot be read).
+    public func answerVerify(_ request: VerifyRequest, to peer: String, link: LinkID) {
+        threadPool.submit { [self] _ in
+            var hashes: [UInt64] = []
+            do {
+                hashes = try image.blockHashes(offset: request.offset, length: request.length, blockSize: UInt64(request.blockSize))
+            } catch {
+                logger.error("volume \(name): hashing the image for a verify from \(peer) failed: \(error)")
+            }
+            links.send([VolumeFrame(volume: name, message: .hashes(id: request.id, hashes), payload: nil)], to: peer, link: link)
+        }
+    }
+
     public func linkDown(link: LinkID) {
         handle(payload: nil) { core in
             defer {

@@ -12,7 +12,7 @@ import Synchronization
 ///
 ///     offset  size  field
 ///     0       1     kind          u8   1 open, 2 write, 3 region, 4 barrier, 5 position, 6 ack, 7 refuse,
-///                                      8 handoff
+///                                      8 handoff, 9 verify, 10 hashes
 ///     1       2+V   volume        string (u16 length V >= 1, UTF-8): the volume's name
 ///     3+V     ...   fields        per kind, below
 ///
@@ -33,6 +33,9 @@ import Synchronization
 ///     6 ack         level u8 (1 received, 2 written, 3 durable), index u64            9
 ///     7 refuse      reason string (the sender cuts it to 1024 bytes)                  2 + R
 ///     8 handoff     epoch u64, generation u64, seq u64                                24
+///     9 verify      id u64, offset u64, length u64, block size u32                    28
+///                   (block size a power of two from 4 KiB to 64 MiB, at most 8,192 blocks)
+///     10 hashes     id u64, count u32 N (at most 8,192), then N × XXH3-64 u64         12 + 8N
 ///
 /// Bytes that are booleans (zero, consistent, initialized) are 0 or 1. The data of a write or
 /// region is the rest of the payload: nothing when `zero` is 1; otherwise exactly `length` bytes
@@ -76,7 +79,7 @@ public struct VolumeFrame: Sendable, Equatable {
     }
 
     enum Kind: UInt8 {
-        case open = 1, write, region, barrier, position, ack, refuse, handoff
+        case open = 1, write, region, barrier, position, ack, refuse, handoff, verify, hashes
     }
 
     private static let type = FrameType.replication
@@ -204,6 +207,21 @@ public struct VolumeFrame: Sendable, Equatable {
         case .handoff:
             let epoch = try u64(), generation = try u64(), seq = try u64()
             message = .handoff(VolumeHandoff(epoch: epoch, generation: generation, seq: seq))
+        case .verify:
+            let id = try u64(), offset = try u64(), length = try u64()
+            let request = VerifyRequest(id: id, offset: offset, length: length, blockSize: try LinkMessage.read(UInt32.self, from: &p, type))
+            if let problem = request.problem { throw FrameError.malformedPayload(type, "verify: \(problem)") }
+            message = .verify(request)
+        case .hashes:
+            let id = try u64()
+            let count = try LinkMessage.read(UInt32.self, from: &p, type)
+            guard count <= VerifyRequest.maxBlocks else {
+                throw FrameError.malformedPayload(type, "hashes carries \(count) hashes, more than \(VerifyRequest.maxBlocks)")
+            }
+            var hashes: [UInt64] = []
+            hashes.reserveCapacity(Int(count))
+            for _ in 0..<count { hashes.append(try u64()) }
+            message = .hashes(id: id, hashes)
         }
         guard p.readableBytes == 0 else {
             throw FrameError.malformedPayload(type, "\(p.readableBytes) unexpected bytes after the fields")
@@ -274,6 +292,16 @@ public struct VolumeFrame: Sendable, Equatable {
             fields.writeInteger(Kind.handoff.rawValue)
             writeVolume(&fields)
             fields.writeMultipleIntegers(h.epoch, h.generation, h.seq)
+        case .verify(let v):
+            fields.writeInteger(Kind.verify.rawValue)
+            writeVolume(&fields)
+            fields.writeMultipleIntegers(v.id, v.offset, v.length, v.blockSize)
+        case .hashes(let id, let hashes):
+            fields.writeInteger(Kind.hashes.rawValue)
+            writeVolume(&fields)
+            let some = hashes.prefix(VerifyRequest.maxBlocks)
+            fields.writeMultipleIntegers(id, UInt32(some.count))
+            for h in some { fields.writeInteger(h) }
         }
         return Frame(type: Self.type, flags: flags, payload: fields, payloadTail: data)
     }
@@ -309,7 +337,7 @@ public struct VolumeFrame: Sendable, Equatable {
         case .open(let open):
             guard open.volume == volume else { throw bad("open names volume \"\(open.volume)\" in a frame for \"\(volume)\"") }
             guard payload == nil else { throw bad("data on an open message") }
-        case .barrier, .position, .ack, .refuse, .handoff:
+        case .barrier, .position, .ack, .refuse, .handoff, .verify, .hashes:
             guard payload == nil else { throw bad("data on a message that carries none") }
         }
         guard compressedPayload == nil || payload != nil else { throw bad("compressed data without data") }
@@ -513,6 +541,8 @@ extension VolumeFrame.Kind: CustomStringConvertible {
         case .ack: return "ack"
         case .refuse: return "refuse"
         case .handoff: return "handoff"
+        case .verify: return "verify"
+        case .hashes: return "hashes"
         }
     }
 }

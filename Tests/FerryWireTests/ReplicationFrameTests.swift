@@ -31,6 +31,9 @@ struct ReplicationFrameTests {
     static let messages: [VolumeFrame] = [
         VolumeFrame(volume: "vm1", message: .open(VolumeOpen(volume: "vm1", epoch: 3, generation: 9, volumeSize: 20 << 30, mode: .sync))),
         VolumeFrame(volume: "vm1", message: .handoff(VolumeHandoff(epoch: 4, generation: 0xdead_beef, seq: 123_456))),
+        VolumeFrame(volume: "vm1", message: .verify(VerifyRequest(id: 7, offset: 4 << 20, length: 1 << 30, blockSize: 4 << 20))),
+        VolumeFrame(volume: "vm1", message: .hashes(id: 7, [1, 2, .max])),
+        VolumeFrame(volume: "vm1", message: .hashes(id: 8, [])),
         VolumeFrame(volume: "vm1", message: .open(VolumeOpen(volume: "vm1", epoch: 3, generation: 9, volumeSize: 20 << 30, mode: .sync,
             history: [GenerationRecord(id: 7, epoch: 1, branchSeq: 0), GenerationRecord(id: 9, epoch: 3, branchSeq: 12_345)],
             appliedSeq: 99_999, discards: 0xfeed))),
@@ -213,7 +216,7 @@ struct ReplicationFrameTests {
         case decompressedShorter, decompressedLonger, contentSizeNotStated, garbageAfterZstdFrame, notZstd
         case barrierShort, unknownBarrierKind
         case positionLong, consistentNotBoolean, positionWithoutNeedsCount, tooManyNeeds, emptyNeed
-        case ackShort, unknownAckLevel, handoffShort
+        case ackShort, unknownAckLevel, handoffShort, verifyOddBlockSize, verifyTooManyBlocks, verifyEmpty, tooManyHashes, hashesShort
         case refuseRunsPast, refuseTrailing
     }
 
@@ -223,7 +226,7 @@ struct ReplicationFrameTests {
         case .empty:
             return (Frame(type: .replication), "payload is too short")
         case .unknownKind:
-            return (raw(kind: 9) { _ in }, "unknown message kind 9")
+            return (raw(kind: 11) { _ in }, "unknown message kind 11")
         case .emptyVolume:
             return (raw(kind: 6, volume: "") { $0.writeMultipleIntegers(UInt8(1), UInt64(1)) }, "volume name is empty")
         case .volumeRunsPast:
@@ -298,6 +301,16 @@ struct ReplicationFrameTests {
             return (raw(kind: 5) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(0), UInt8(1), UInt32(65_537)) }, "more than 65536")
         case .emptyNeed:
             return (raw(kind: 5) { $0.writeMultipleIntegers(UInt64(1), UInt64(2), UInt64(3), UInt8(0), UInt8(1), UInt32(1), UInt64(4096), UInt64(0)) }, "an invalid range at 4096 of 0 bytes")
+        case .verifyOddBlockSize:
+            return (raw(kind: 9) { $0.writeMultipleIntegers(UInt64(1), UInt64(0), UInt64(1 << 20), UInt32(5000)) }, "block size 5000 is not a power of two")
+        case .verifyTooManyBlocks:
+            return (raw(kind: 9) { $0.writeMultipleIntegers(UInt64(1), UInt64(0), UInt64(8193 * 4096), UInt32(4096)) }, "more than 8192 blocks")
+        case .verifyEmpty:
+            return (raw(kind: 9) { $0.writeMultipleIntegers(UInt64(1), UInt64(0), UInt64(0), UInt32(4096)) }, "of 0 bytes is invalid")
+        case .tooManyHashes:
+            return (raw(kind: 10) { $0.writeMultipleIntegers(UInt64(1), UInt32(8193)) }, "more than 8192")
+        case .hashesShort:
+            return (raw(kind: 10) { $0.writeMultipleIntegers(UInt64(1), UInt32(2), UInt64(5)) }, "payload is too short")
         case .handoffShort:
             return (raw(kind: 8) { $0.writeMultipleIntegers(UInt64(1), UInt64(2)) }, "payload is too short")
         case .ackShort:

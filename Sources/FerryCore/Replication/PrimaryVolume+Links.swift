@@ -280,6 +280,8 @@ extension PrimaryVolume {
             out.append(.closeLink(peer: name, link, reason: "refused: \(reason)"))
             dropSession(&peer, link: link, &out)
             setState(&peer, .connecting, "\(name) refused the stream: \(reason)", &out)
+        case .verify, .hashes:
+            break   // online verify is the site's, outside the stream
         case .write, .region, .barrier, .open, .handoff:
             out.append(.closeLink(peer: name, link, reason: "a primary does not accept replication data"))
             dropSession(&peer, link: link, &out)

@@ -318,6 +318,29 @@ extension PrimaryVolume {
         return requests.isEmpty && peer.dirty.isEmpty && session.inFlightCount == 0 && session.durableSeq >= lastAdmitted
     }
 
+    /// `ferry verify --repair`: the peer's image differs from this one in `ranges`; they are sent
+    /// again by a catch-up. Nil (nothing changed) when the peer has no open session, or a
+    /// catch-up or point is already running (verify again once it is done).
+    public mutating func resync(_ ranges: [BlockRange], peer name: String, now: Instant) -> [Action]? {
+        self.now = now
+        guard var peer = peers[name], var session = peer.session, session.open, session.catchUp == nil, peer.point == nil,
+              peer.policy.mode != .scheduled else { return nil }
+        var out: [Action] = []
+        if peer.journaled {
+            // The catch-up stands for the journal too, as after a pull-ahead.
+            peer.journaled = false
+            for entry in journal.live(after: peer.ackedSeq) where !entry.isBarrier { markDirty(entry.range, in: &peer) }
+        }
+        for range in ranges { markDirty(range, in: &peer) }
+        persistNeeded = true
+        peer.session = nil
+        startCatchUp(&session, peer: &peer, &out)
+        peer.session = session
+        peers[name] = peer
+        finish(&out)
+        return out
+    }
+
     /// The last write admitted: what a replica that takes over must hold.
     public var lastAdmittedSeq: UInt64 { lastAdmitted }
     /// The generation this primary writes in.

@@ -205,6 +205,8 @@ public struct ReplicaVolume: Sendable {
                                         + "\(handoff.seq) of generation \(String(handoff.generation, radix: 16)): it does not take over")]
             }
             return [.takeOver(link, handoff)]
+        case .verify, .hashes:
+            return []   // answered by the runtime from the image; no state of the stream changes
         case .position, .ack:
             return refuse(link, "a replica does not accept \(message) from its primary")
         }

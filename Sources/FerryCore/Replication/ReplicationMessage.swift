@@ -18,6 +18,12 @@ public enum ReplicationMessage: Sendable, Equatable {
     /// holding every write through `seq`, is to take over as the primary. Sent after the
     /// sender's `refuse` ended its stream, outside any session.
     case handoff(VolumeHandoff)
+    /// Online verify (`ferry verify`): hash your image's blocks of `blockSize` over the range and
+    /// answer with ``hashes(id:_:)``. Outside any session; the image is only read.
+    case verify(VerifyRequest)
+    /// The answer to ``verify(_:)`` number `id`: XXH3-64 of each block in order, or none when
+    /// the image could not be read.
+    case hashes(id: UInt64, [UInt64])
 
     // replica → primary
     /// The replica's persisted position, answering `open`.
@@ -57,6 +63,36 @@ public struct VolumeOpen: Sendable, Equatable {
         self.history = history
         self.appliedSeq = appliedSeq
         self.discards = discards
+    }
+}
+
+/// A request to hash a range of a peer's image, block by block (online verify).
+public struct VerifyRequest: Sendable, Equatable {
+    public var id: UInt64
+    public var offset: UInt64
+    public var length: UInt64
+    /// A power of two from 4 KiB to 64 MiB; the range holds at most ``maxBlocks`` of them.
+    public var blockSize: UInt32
+
+    public static let maxBlocks = 8192
+
+    public init(id: UInt64, offset: UInt64, length: UInt64, blockSize: UInt32) {
+        self.id = id
+        self.offset = offset
+        self.length = length
+        self.blockSize = blockSize
+    }
+
+    /// Why the request is malformed, or nil.
+    public var problem: String? {
+        if blockSize < 4096 || blockSize > 64 << 20 || blockSize & (blockSize - 1) != 0 {
+            return "block size \(blockSize) is not a power of two from 4096 to 67108864"
+        }
+        if length == 0 || offset.addingReportingOverflow(length).overflow { return "range at \(offset) of \(length) bytes is invalid" }
+        if (length + UInt64(blockSize) - 1) / UInt64(blockSize) > UInt64(Self.maxBlocks) {
+            return "range of \(length) bytes holds more than \(Self.maxBlocks) blocks of \(blockSize)"
+        }
+        return nil
     }
 }
 
