@@ -34,7 +34,7 @@ start_east() { "$FERRY_BIN" serve --config "$W/east.yaml" >>"$W/east.log" 2>&1 &
 "$FERRY_BIN" serve --config "$W/west.yaml" >>"$W/west.log" 2>&1 & WP=$!
 start_east
 python3 "$ROOT/Benchmarks/replication-watch.py" wait --config "socket:$W/east/admin.sock" --timeout 600 >/dev/null
-fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$EN/v" --rw=write --bs=1m --iodepth=8 --size=1G >/dev/null
+fio --name=fill --ioengine=nbd --uri="nbd://127.0.0.1:$EN/v" --rw=write --bs=1m --iodepth=8 --size=1G --end_fsync=1 >/dev/null
 python3 "$ROOT/Benchmarks/replication-watch.py" wait --config "socket:$W/east/admin.sock" --drained --timeout 600 >/dev/null
 
 kill -KILL "$EP"; wait "$EP" 2>/dev/null || true; EP=""

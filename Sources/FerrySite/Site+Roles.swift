@@ -11,10 +11,7 @@ extension VolumeConfig {
     /// configured primary; after a promotion of a replica, the other replicas plus the configured
     /// primary, which takes the promoted site's own policy (the link is mirrored).
     public func peers(whenPrimaryIs site: String) -> [String: ReplicaPolicy] {
-        guard site != primary else { return replicas }
-        var peers = replicas
-        if let mine = peers.removeValue(forKey: site) { peers[primary] = mine }
-        return peers
+        RoleChange.peers(replicas: replicas, firstPrimary: primary, whenPrimaryIs: site)
     }
 
     /// Every site that holds this volume.
@@ -26,21 +23,6 @@ extension Site {
 
     static func reply(_ code: Int, _ key: String, _ text: String) -> AdminReply {
         ((code, (try? JSONSerialization.data(withJSONObject: [key: text])) ?? Data()))
-    }
-
-    /// The sites that may be serving `volume` as its primary right now, seen from this site: the
-    /// configured primary, or every other holder once this site was the primary itself.
-    private func possiblePrimaries(of v: VolumeConfig) -> [String] {
-        let me = config.site.name
-        return v.primary == me ? v.sites.subtracting([me]).sorted() : [v.primary]
-    }
-
-    /// The site a promoted replica followed, when it was consistent and there is exactly one
-    /// candidate: the one that starts with a clean bitmap (failback sends only what differs).
-    private func candidatesFollowed(_ v: VolumeConfig, consistent: Bool, peers: [String: ReplicaPolicy]) -> String? {
-        let candidates = possiblePrimaries(of: v)
-        guard consistent, candidates.count == 1, let followed = candidates.first, peers[followed] != nil else { return nil }
-        return followed
     }
 
     /// `POST /v1/volumes/NAME/promote[?force=1]`: this secondary becomes the volume's primary in
@@ -104,55 +86,42 @@ extension Site {
             return Self.reply(409, "error", "volume \(name) is not replicated, so there is nothing to promote")
         }
         let position = replica.position
-        if !position.consistent && !force {
-            let why = position.initialized
-                ? "a catch-up is writing it out of order (applied up to sequence \(position.appliedSeq))"
-                : "its initial sync has not completed"
-            return Self.reply(409, "error", "the replica of \(name) here is not consistent: \(why). Promoting it would serve "
-                + "a state no site ever had. Wait until `ferry status` shows it in sync, or promote it as it is with --force "
-                + "(a file system on it may need repair)")
-        }
         // Reachable and primary: a primary streams to this replica over a link that is up.
-        if let streaming = replica.streamingPeer, engine.reportedLink(streaming) != nil, !force {
-            return Self.reply(409, "error", "\(streaming) is reachable and still the primary of \(name) (it streams to this site): "
-                + "promoting here would make two sites take writes. Demote it there first (`ferry demote \(name)` on \(streaming)), "
-                + "or, if it no longer serves the volume, use --force")
+        let streaming = replica.streamingPeer.flatMap { engine.reportedLink($0) != nil ? $0 : nil }
+        if let why = RoleChange.promotionRefusal(volume: name, position: position, force: force, streamingPrimary: streaming) {
+            return Self.reply(409, "error", why)
         }
 
         // The new epoch and generation are recorded before anything is served read-write: a crash
         // from here on restarts as the primary, never as the secondary it was.
-        let epoch = max(UInt64(max(record.epoch, 0)), position.epoch) + 1
         let generation = UUID().uuidString.lowercased()
         let generationID = PrimaryVolume.Config.generationNumber(generation)
-        var history = Self.history(record)
-        if history.isEmpty, position.initialized {
-            history.append(GenerationRecord(id: position.generation, epoch: position.epoch, branchSeq: 0))
-        }
-        history.append(GenerationRecord(id: generationID, epoch: epoch, branchSeq: position.appliedSeq))
-        let historyJSON = String(decoding: (try? JSONEncoder().encode(history)) ?? Data("[]".utf8), as: UTF8.self)
+        let regionSize = PrimaryVolume.Config.regionSize(forVolumeSize: volume.config.sizeBytes)
         let stateDir = config.site.dataDirectory + "/volumes/\(name).state"
         let peers = volume.config.peers(whenPrimaryIs: me)
+        // The primary this replica followed, if it is still a peer: it holds the same image up to
+        // the branch (and says what it wrote past it when it rejoins), so it starts clean.
+        let followed = replica.followedPeer.flatMap { peers[$0] != nil && position.consistent ? $0 : nil }
+        let plan = RoleChange.promotion(position: position, generation: generationID, recordedEpoch: UInt64(max(record.epoch, 0)),
+                                        recordedHistory: Self.history(record), volumeSize: volume.config.sizeBytes,
+                                        regionSize: regionSize, followed: followed,
+                                        siteIndex: volume.config.sites.sorted().firstIndex(of: me) ?? 0,
+                                        siteCount: volume.config.sites.count)
+        let epoch = plan.epoch
+        let historyJSON = String(decoding: (try? JSONEncoder().encode(plan.history)) ?? Data("[]".utf8), as: UTF8.self)
         let runtime: PrimaryVolumeRuntime
         do {
             // A fresh primary state: sequences continue above what this replica applied; a new
-            // journal; every peer but the one followed (below) starts from a full copy.
+            // journal; the site this replica followed holds the same image up to the branch,
+            // except what it wrote that never arrived here (it says which when it rejoins): it
+            // starts with a clean bitmap. Any other peer gets a full copy.
             let metaPath = stateDir + "/primary.meta"
             try? FileManager.default.removeItem(atPath: stateDir + "/journal")
             var machine = PrimaryVolume.Config(volume: name, volumeSize: volume.config.sizeBytes, epoch: epoch,
                                                generation: generationID, peers: peers)
-            machine.regionSize = PrimaryVolume.Config.regionSize(forVolumeSize: volume.config.sizeBytes)
-            machine.history = history
-            // The site this replica followed holds the same image up to the branch, except what it
-            // wrote that never arrived here (it says which when it rejoins): it starts with a clean
-            // bitmap, so failback sends only what differs. Any other peer gets a full copy.
-            var metaPeers: [String: PrimaryVolume.Metadata.Peer] = [:]
-            if let followed = candidatesFollowed(volume.config, consistent: position.consistent && position.initialized, peers: peers) {
-                let empty = DirtyBitmap(volumeSize: volume.config.sizeBytes, regionSize: machine.regionSize)
-                metaPeers[followed] = PrimaryVolume.Metadata.Peer(dirtyWords: empty.words, initialSyncPending: false, lastPoint: nil)
-            }
-            try MetadataFile<PrimaryVolume.Metadata>(path: metaPath).store(
-                PrimaryVolume.Metadata(peers: metaPeers, lastSeq: position.appliedSeq, sequenceCeiling: position.appliedSeq,
-                                       regionSize: machine.regionSize))
+            machine.regionSize = regionSize
+            machine.history = plan.history
+            try MetadataFile<PrimaryVolume.Metadata>(path: metaPath).store(plan.metadata)
             try catalog.setRole(name: name, role: "primary", epoch: Int64(epoch), generation: generation, history: historyJSON)
             runtime = try PrimaryVolumeRuntime(
                 name: name, image: image, config: machine, stateDirectory: stateDir, cleanShutdown: true,
@@ -171,7 +140,6 @@ extension Site {
         if force && !position.consistent { lines.append("forced: the image was not consistent; check the file system on it before use") }
         lines.append("exported read-write at \(uris.joined(separator: " and "))")
         if !peers.isEmpty {
-            let followed = candidatesFollowed(volume.config, consistent: position.consistent && position.initialized, peers: peers)
             let rest = peers.keys.sorted().filter { $0 != followed }
             var how: [String] = []
             if let followed { how.append("\(followed), once demoted, gets only what differs") }
@@ -280,7 +248,7 @@ extension Site {
         do {
             // What the next primary's copy would overwrite without anyone having it: kept aside
             // first, with the image flushed (P6).
-            let divergent = primary.unreplicatedRanges(for: plan?.peer ?? keepAsideFor)
+            let divergent = primary.rangesToKeepAside(plan: plan, keepAsideFor: keepAsideFor)
             try image.flush()
             do {
                 keptAside = try divergent.isEmpty ? nil
@@ -290,23 +258,17 @@ extension Site {
                 return Self.reply(500, "error", "making \(name) a secondary failed while keeping its unreplicated blocks aside "
                                   + "(nothing changed; the volume is still primary here): \(error)")
             }
-            var history = plan?.history ?? Self.history(record)
-            if history.isEmpty {
-                history.append(GenerationRecord(id: PrimaryVolume.Config.generationNumber(record.generation),
-                                                epoch: UInt64(max(1, record.epoch)), branchSeq: 0))
-            }
-            let historyJSON = String(decoding: (try? JSONEncoder().encode(history)) ?? Data("[]".utf8), as: UTF8.self)
+            let demotion = RoleChange.demotion(
+                epoch: UInt64(max(1, record.epoch)), generation: PrimaryVolume.Config.generationNumber(record.generation),
+                recordedHistory: Self.history(record), plan: plan,
+                keptAside: keptAside?.ranges.map { BlockRange(offset: $0.offset, length: $0.length) } ?? [])
+            let historyJSON = String(decoding: (try? JSONEncoder().encode(demotion.history)) ?? Data("[]".utf8), as: UTF8.self)
             engine.becomeSecondary(name, runtime: nil)
             engine.sayNotPrimary(name, to: volume.config.sites.subtracting([me]).sorted())
             // Not consistent until a primary has caught it up: on the line of history it keeps,
             // needing what it kept aside to be overwritten (a full copy when that list is too long).
-            let needs = keptAside?.ranges.map { BlockRange(offset: $0.offset, length: $0.length) } ?? []
-            let fits = needs.count <= ReplicaPosition.maxNeeds
             try? FileManager.default.removeItem(atPath: stateDir + "/receive.log")
-            try MetadataFile<ReplicaPosition>(path: stateDir + "/replica.position").store(ReplicaPosition(
-                epoch: plan?.peerEpoch ?? UInt64(max(1, record.epoch)),
-                generation: plan?.common.id ?? PrimaryVolume.Config.generationNumber(record.generation),
-                appliedSeq: 0, consistent: false, initialized: fits, needs: fits && !needs.isEmpty ? needs : nil))
+            try MetadataFile<ReplicaPosition>(path: stateDir + "/replica.position").store(demotion.position)
             try catalog.setRole(name: name, role: "secondary", epoch: record.epoch, generation: record.generation, history: historyJSON)
             runtime = try ReplicaVolumeRuntime(
                 name: name, image: image, stateDirectory: stateDir, threadPool: threadPool, links: volumeLinks,
@@ -322,7 +284,7 @@ extension Site {
         var lines: [String] = []
         if let plan {
             logger.notice("volume \(name) gives way to \(plan.peer): now its secondary", metadata: [
-                "epoch": "\(plan.peerEpoch)", "common": "\(String(plan.common.id, radix: 16))", "reason": "\(plan.reason)"])
+                "epoch": "\(plan.peerEpoch)", "common": "\(plan.common.map { String($0.id, radix: 16) } ?? "none")", "reason": "\(plan.reason)"])
             lines.append("\(name) on \(me) is now a secondary of \(plan.peer): \(plan.reason)")
         } else {
             logger.notice("volume \(name) demoted: now a secondary", metadata: ["epoch": "\(record.epoch)"])
@@ -364,7 +326,12 @@ extension Site {
             guard let primary = context.engine.primary(name) else {
                 return Self.reply(409, "error", "site \(me) is a secondary of \(name), so it is in no split brain; nothing changed")
             }
-            let split = primary.rivals.filter { if case .splitBrain = $0.value.decision { return true } else { return false } }
+            let split = primary.rivals.filter {
+                switch $0.value.decision {
+                case .splitBrain, .unrelated: return true
+                default: return false
+                }
+            }
             guard !split.isEmpty else {
                 return Self.reply(409, "error", "\(name) is in no split brain on \(me) (`ferry status` says why a peer does not "
                                   + "sync); nothing changed")

@@ -180,9 +180,9 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
     public var epoch: UInt64 { core.withLockedValue { $0.machine.epoch } }
     public var isFenced: Bool { core.withLockedValue { $0.fenced } }
 
-    /// What this site holds that a peer may lack (``PrimaryVolume/unreplicatedRanges()``).
-    public func unreplicatedRanges(for peer: String? = nil) -> [BlockRange] {
-        core.withLockedValue { $0.machine.unreplicatedRanges(for: peer) }
+    /// What this site sets aside before it steps down (``PrimaryVolume/rangesToKeepAside(plan:keepAsideFor:)``).
+    public func rangesToKeepAside(plan: Rejoin?, keepAsideFor: String?) -> [BlockRange] {
+        core.withLockedValue { $0.machine.rangesToKeepAside(plan: plan, keepAsideFor: keepAsideFor) }
     }
 
     /// `ferry verify --repair`: sends `ranges` to `peer` again; false when it cannot now (no open

@@ -40,6 +40,8 @@ public final class ReplicaVolumeRuntime: Sendable {
         var bytesReceived: UInt64 = 0
         /// Which peer each link belongs to (learned from the frames).
         var linkPeers: [LinkID: String] = [:]
+        /// The last peer that opened a stream, and on which link (kept after the link is gone).
+        var lastOpener: (link: LinkID, peer: String)?
         /// Acks not yet sent, by link and level (acks are cumulative: the highest is enough), and
         /// the links with a send of them scheduled: one ack per level per read burst.
         var pendingAcks: [LinkID: [AckLevel: UInt64]] = [:]
@@ -75,11 +77,19 @@ public final class ReplicaVolumeRuntime: Sendable {
         core.withLockedValue { core in core.machine.sessionLink.flatMap { core.linkPeers[$0] } }
     }
     public var bytesReceived: UInt64 { core.withLockedValue { $0.bytesReceived } }
+    /// The primary whose generation this replica's image is on (``ReplicaVolume/followedLink``).
+    public var followedPeer: String? {
+        core.withLockedValue { core in
+            guard let link = core.machine.followedLink, let opener = core.lastOpener, opener.link == link else { return nil }
+            return opener.peer
+        }
+    }
 
     /// A frame for this volume from `peer` on `link`.
     public func received(_ message: ReplicationMessage, payload: ByteBuffer?, from peer: String, link: LinkID) {
         handle(payload: payload) { core in
             core.linkPeers[link] = peer
+            if case .open = message { core.lastOpener = (link, peer) }
             if let payload { core.bytesReceived += UInt64(payload.readableBytes) }
             return core.machine.received(message, on: link)
         }

@@ -138,7 +138,7 @@ struct Quickstart: AsyncParsableCommand {
             a failover drill, both sites up (docs/operations.md has the runbooks):
               ferry switchover vm1 --to west --config \(configPaths["east"]!)   # west takes over; each step is printed
               qemu-io -f raw -c 'write -P 0xcd 0 1M' \(statuses["west"]?.volumes.first?.exports.first { $0.hasPrefix("nbd://") } ?? "")
-              ferry status --config \(configPaths["west"]!)          # west is primary at epoch 2; east follows it
+              ferry status --config \(configPaths["west"]!)          # west is primary at epoch 3; east follows it
               ferry switchover vm1 --to east --config \(configPaths["west"]!)   # and back
             or a failover: kill -9 east, `ferry promote vm1` on west; restart east and it gives way on its own.
 

@@ -125,13 +125,19 @@ struct RivalPrimaryTests {
         #expect(nothing == nil)
     }
 
-    @Test func unrelatedHistoriesAreRefusedBothWays() throws {
+    @Test func unrelatedHistoriesAreRefusedBothWaysUntilTheOperatorKeepsOne() throws {
         var east = Self.primary([Self.a], applied: 10, peer: "west")
         var west = Self.primary([GenerationRecord(id: 0xE, epoch: 1, branchSeq: 0)], applied: 10, peer: "east")
         let (eastDid, westDid) = try Self.meet(&east, &west)
         #expect(Self.state(eastDid) == .unrelated && Self.state(westDid) == .unrelated)
         #expect(!Self.fenced(eastDid + westDid) && Self.rejoin(eastDid + westDid) == nil)
-        #expect(east.rejoinPlan(keeping: "west") == nil, "resolve may not join unrelated volumes")
+        // Only the operator joins them (`ferry resolve --keep`): the site that gives way keeps its
+        // whole image aside and takes a full copy.
+        let plan = try #require(east.rejoinPlan(keeping: "west"))
+        #expect(plan.common == nil && plan.history.isEmpty && plan.peer == "west")
+        #expect(east.rangesToKeepAside(plan: plan, keepAsideFor: nil) == [BlockRange(offset: 0, length: 64 << 20)])
+        let demotion = RoleChange.demotion(epoch: 1, generation: Self.a.id, recordedHistory: [Self.a], plan: plan, keptAside: [])
+        #expect(demotion.position == ReplicaPosition(epoch: plan.peerEpoch) && demotion.history.isEmpty)
     }
 
     @Test func aReplicaTakesOverOnlyWhatItHoldsInFull() {

@@ -15,8 +15,19 @@ struct Scenario: CustomStringConvertible {
     var powerLoss: Double
     var checkpointsPerSecond: Double
     var bug: PlantedBug?
+    /// Failover schedules: roles move (promotions after crashes, promotions behind a partition
+    /// that make a split brain, switchovers), and an operator resolves split brains.
+    var roles = false
+    var failoversPerSecond = 0.0
+    var splitsPerSecond = 0.0
+    var switchoversPerSecond = 0.0
+    /// How often a refused promotion (an inconsistent replica) is forced.
+    var forceChance = 0.0
 
-    init(seed: UInt64, bug: PlantedBug? = nil, modes: [ReplicationMode]? = nil) {
+    /// The first primary's name.
+    static let firstPrimary = "east"
+
+    init(seed: UInt64, bug: PlantedBug? = nil, modes: [ReplicationMode]? = nil, roles: Bool = false) {
         self.seed = seed
         self.bug = bug
         var rng = SimRandom(seed: seed ^ 0x5EED)
@@ -53,6 +64,15 @@ struct Scenario: CustomStringConvertible {
         replicaCrashesPerSecond = faulty ? rng.pick([0, 0, 0.3, 1]) : 0
         powerLoss = rng.pick([0, 0.5, 1])
         checkpointsPerSecond = rng.pick([0, 1, 3])
+        if roles {
+            // Drawn after everything else, so a seed's other draws are those of a plain schedule.
+            self.roles = true
+            workloadNanos = max(workloadNanos, rng.nanos(2_000_000_000...5_000_000_000))
+            failoversPerSecond = rng.pick([0.3, 0.6, 1.2])
+            splitsPerSecond = rng.pick([0, 0, 0.3, 0.6])
+            switchoversPerSecond = rng.pick([0, 0.4, 1])
+            forceChance = rng.pick([0, 0.2, 0.5])
+        }
     }
 
     var description: String {
@@ -68,6 +88,9 @@ struct Scenario: CustomStringConvertible {
         }.joined(separator: " ")
         return "seed \(seed): \(modes), \(workloadNanos / 1_000_000) ms, QD\(queueDepth), net \(netDelay.lowerBound / 1000)-\(netDelay.upperBound / 1000) µs, "
             + "cuts \(linkCutsPerSecond)/s, primary crashes \(primaryCrashesPerSecond)/s, replica crashes \(replicaCrashesPerSecond)/s, "
-            + "power loss \(powerLoss)\(bug.map { ", planted bug \($0.rawValue)" } ?? "")"
+            + "power loss \(powerLoss)"
+            + (roles ? ", failovers \(failoversPerSecond)/s, split brains \(splitsPerSecond)/s, switchovers \(switchoversPerSecond)/s, "
+                + "force \(forceChance)" : "")
+            + "\(bug.map { ", planted bug \($0.rawValue)" } ?? "")"
     }
 }

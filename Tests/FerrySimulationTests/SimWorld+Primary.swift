@@ -1,93 +1,107 @@
 @testable import FerryCore
 
-extension SimWorld {
-    func startPrimary(fresh: Bool) {
-        primaryIncarnation += 1
-        primaryMetaToken = 0   // persist tokens count from 1 in each incarnation
-        let durableJournal = journal.map(\.entry)
-        var machine = PrimaryVolume(config: config, metadata: primaryMeta, cleanShutdown: fresh, journal: durableJournal, now: instant)
-        let actions = machine.start()
-        primary = machine
-        recordSnapshot(machine.admittedSequence)
-        log("primary starts (incarnation \(primaryIncarnation)) at sequence \(machine.admittedSequence)")
-        runPrimary(actions)
-    }
-
-    func recordSnapshot(_ seq: UInt64) {
-        if let last = snapshotSeqs.last, last >= seq {
-            if last == seq { snapshots[seq] = primaryDisk.cache }
-            return
-        }
-        snapshotSeqs.append(seq)
-        snapshots[seq] = primaryDisk.cache
-    }
-
-    /// The primary's image as it was once every request up to `seq` was admitted.
-    func reference(at seq: UInt64) -> [UInt64]? {
-        var low = 0, high = snapshotSeqs.count
-        while low < high {
-            let mid = (low + high) / 2
-            if snapshotSeqs[mid] <= seq { low = mid + 1 } else { high = mid }
-        }
-        return low == 0 ? nil : snapshots[snapshotSeqs[low - 1]]
-    }
-
+extension SimSite {
     func markJournalDurable() {
         for i in journal.indices { journal[i].durable = true }
+    }
+}
+
+extension SimWorld {
+    func startPrimary(_ name: String, fresh: Bool) {
+        let s = site(name)
+        s.incarnation += 1
+        s.metaToken = 0   // persist tokens count from 1 in each incarnation
+        let durableJournal = s.journal.map(\.entry)
+        var machine = PrimaryVolume(config: s.config!, metadata: s.meta, cleanShutdown: fresh, journal: durableJournal, now: instant)
+        let actions = machine.start()
+        s.primary = machine
+        recordSnapshot(name, machine.admittedSequence)
+        log("\(name) starts as primary (incarnation \(s.incarnation), epoch \(s.config!.epoch)) at sequence \(machine.admittedSequence)")
+        runPrimary(name, actions)
+    }
+
+    func recordSnapshot(_ name: String, _ seq: UInt64) {
+        let s = site(name)
+        let generation = s.config!.generation
+        var book = snapshots[generation] ?? ([], [:])
+        defer { snapshots[generation] = book }
+        if let last = book.seqs.last, last >= seq {
+            if last == seq { book.images[seq] = s.disk.cache }
+            return
+        }
+        book.seqs.append(seq)
+        book.images[seq] = s.disk.cache
+    }
+
+    /// The image of `generation`'s primary once every request up to `seq` was admitted.
+    func reference(_ generation: UInt64, at seq: UInt64) -> [UInt64]? {
+        guard let book = snapshots[generation] else { return nil }
+        var low = 0, high = book.seqs.count
+        while low < high {
+            let mid = (low + high) / 2
+            if book.seqs[mid] <= seq { low = mid + 1 } else { high = mid }
+        }
+        return low == 0 ? nil : book.images[book.seqs[low - 1]]
     }
 
     func sectorsOf(_ range: BlockRange) -> (first: Int, count: Int) {
         (Int(range.offset / sectorSize), Int(range.length / sectorSize))
     }
 
-    func runPrimary(_ actions: [PrimaryVolume.Action]) {
+    func runPrimary(_ name: String, _ actions: [PrimaryVolume.Action]) {
+        let s = site(name)
         for action in actions {
-            guard failure == nil else { return }
-            let incarnation = primaryIncarnation
+            guard failure == nil, s.primary != nil else { return }
+            let incarnation = s.incarnation
             switch action {
             case .executeLocal(let seq):
-                guard let op = outstanding[seq] else { fail("executeLocal for unknown request \(seq)"); return }
+                guard let op = s.client.outstanding[seq] else { fail("\(name): executeLocal for unknown request \(seq)"); return }
+                let epoch = s.config!.epoch, generation = s.config!.generation
+                if let writer = epochWriter[epoch], writer != name {
+                    fail("two writers in one epoch: \(name) takes a write in epoch \(epoch), in which \(writer) took writes"); return
+                }
+                epochWriter[epoch] = name
                 switch op.kind {
                 case .write(let range, _), .zero(let range, _):
                     let (first, _) = sectorsOf(range)
-                    primaryDisk.write(first, op.stamps)
-                    for (i, s) in op.stamps.enumerated() { history[first + i].append((seq, s)) }
+                    s.disk.write(first, op.stamps)
+                    for (i, stamp) in op.stamps.enumerated() { history[generation]![first + i].append((seq, stamp)) }
                 case .flush:
                     fail("executeLocal for a flush")
                 }
-                recordSnapshot(seq)
-                after(rng.nanos(2_000...100_000), .localDone(incarnation: incarnation, seq: seq))
+                recordSnapshot(name, seq)
+                after(rng.nanos(2_000...100_000), .localDone(name, incarnation: incarnation, seq: seq))
             case .flushLocal(let seq):
-                pendingFlushes.insert(seq)
-                after(rng.nanos(50_000...2_000_000), .localDone(incarnation: incarnation, seq: seq))
+                s.pendingFlushes.insert(seq)
+                after(rng.nanos(50_000...2_000_000), .localDone(name, incarnation: incarnation, seq: seq))
             case .appendJournal(let entry):
-                journal.append((entry, entry.isBarrier ? [] : payloads[entry.seq] ?? [], false))
+                s.journal.append((entry, entry.isBarrier ? [] : s.client.payloads[entry.seq] ?? [], false))
             case .trimJournal(let through):
-                journal.removeAll { $0.entry.seq <= through }
+                s.journal.removeAll { $0.entry.seq <= through }
             case .persist(let token, let meta):
-                after(rng.nanos(50_000...1_000_000), .persistDone(incarnation: incarnation, token: token, meta))
+                after(rng.nanos(50_000...1_000_000), .persistDone(name, incarnation: incarnation, token: token, meta))
             case .send(let peer, let link, let message):
                 var stamps: [UInt64] = []
                 if case .write(let item) = message, !item.isZero {
-                    if scenario.peers.first(where: { $0.name == peer })?.policy.mode == .async {
-                        guard let entry = journal.first(where: { $0.entry.seq == item.seq }) else {
-                            fail("sent write \(item.seq) to \(peer) from the journal, but the journal no longer holds it"); return
+                    if s.config!.peers[peer]?.mode == .async {
+                        guard let entry = s.journal.first(where: { $0.entry.seq == item.seq }) else {
+                            fail("\(name) sent write \(item.seq) to \(peer) from the journal, but the journal no longer holds it"); return
                         }
                         stamps = entry.stamps
                     } else {
-                        stamps = payloads[item.seq] ?? []
+                        stamps = s.client.payloads[item.seq] ?? []
                     }
                 }
-                sendToReplica(peer, link, message, stamps)
+                send(from: name, to: peer, link, message, stamps)
             case .sendRegion(let peer, let link, let item, let fromPreserved):
                 let (first, count) = sectorsOf(item.range)
-                var stamps = primaryDisk.read(first, count)
+                var stamps = s.disk.read(first, count)
                 if fromPreserved {
                     // A run of regions copied aside one by one.
                     stamps = []
                     var offset = item.range.offset
                     while offset < item.range.end {
-                        guard let copy = preserved[peer]?[offset], !copy.isEmpty else {
+                        guard let copy = s.preserved[peer]?[offset], !copy.isEmpty else {
                             fail("no preserved copy at \(offset) of \(item.range) for \(peer)")
                             return
                         }
@@ -95,55 +109,29 @@ extension SimWorld {
                         offset += UInt64(copy.count) * sectorSize
                     }
                 }
-                sendToReplica(peer, link, .region(item), stamps)
+                send(from: name, to: peer, link, .region(item), stamps)
             case .preserve(let peer, let range):
                 let (first, count) = sectorsOf(range)
-                preserved[peer, default: [:]][range.offset] = primaryDisk.read(first, count)
+                s.preserved[peer, default: [:]][range.offset] = s.disk.read(first, count)
             case .dropPreserved(let peer):
-                preserved[peer] = nil
+                s.preserved[peer] = nil
             case .complete(let seq, let error):
-                completed(seq, error: error)
+                completed(name, seq, error: error)
             case .closeLink(let peer, let link, let reason):
-                log("primary closes \(link) to \(peer): \(reason)")
-                if links[peer]?.id == link { cut(peer, reason: reason) }
+                log("\(name) closes \(link) to \(peer): \(reason)")
+                if links[key(name, peer)]?.id == link { cut(name, peer, reason: reason) }
             case .fence(let reason):
-                fail("primary fenced itself unexpectedly: \(reason)")
+                guard scenario.roles else { fail("\(name) fenced itself unexpectedly: \(reason)"); return }
+                log("\(name) is fenced: \(reason)")
+                s.clientAttached = false
             case .rejoin(let plan):
-                fail("primary gave way unexpectedly to \(plan.peer): \(plan.reason)")
+                guard scenario.roles else { fail("\(name) gave way unexpectedly to \(plan.peer): \(plan.reason)"); return }
+                rejoins += 1
+                makeSecondary(name, plan: plan, keepAsideFor: nil, why: plan.reason)
+                return
             case .stateChanged(let peer, let state, let reason):
-                log("link to \(peer): \(state.rawValue) (\(reason))")
+                log("\(name): link to \(peer): \(state.rawValue) (\(reason))")
             }
         }
-    }
-
-    func crashPrimary() {
-        guard primary != nil else { return }
-        let powerLoss = rng.chance(scenario.powerLoss)
-        log("primary crashes (\(powerLoss ? "power loss" : "kill -9"))")
-        checkNothingAcknowledgedIsMissing()
-        primary = nil
-        primaryIncarnation += 1
-        primaryDisk.crash(powerLoss: powerLoss, &rng)
-        if powerLoss {
-            // The journal is an append-only file: a crash keeps its durable part and some prefix of the rest.
-            let durable = journal.prefix { $0.durable }.count
-            journal = Array(journal.prefix(durable + rng.int(0...(journal.count - durable))))
-        }
-        pendingFlushes.removeAll()
-        preserved = [:]
-        for name in replicas.keys.sorted() { cut(name, reason: "primary crashed") }
-        outstanding.removeAll()
-        // After a primary crash the old promises are judged; the restarted primary starts anew.
-        latestCompleted = Array(repeating: 0, count: sectors)
-        for p in scenario.peers {
-            requiredApplied[p.name] = latestCompleted
-            requiredDurable[p.name] = latestCompleted
-        }
-        if !workloadOver { after(rng.nanos(50_000_000...500_000_000), .restartPrimary) }
-    }
-
-    func restartPrimary() {
-        startPrimary(fresh: false)
-        for name in replicas.keys.sorted() { after(rng.nanos(1_000_000...50_000_000), .connect(name)) }
     }
 }

@@ -1,16 +1,12 @@
 @testable import FerryCore
 
-/// A replica site: its state machine, image, receive log and persisted position.
-struct ReplicaNode {
+/// A replica's files: its persisted position and its receive log.
+struct ReplicaStore {
     enum LogRecord {
         case item(ReplicationItem, [UInt64])
         case barrier(ReplicationBarrier)
     }
 
-    var name: String
-    var machine: ReplicaVolume?
-    var incarnation = 0
-    var disk: SimDisk
     var position = ReplicaPosition.empty
     var positionVersion: UInt64 = 0
     var nextVersion: UInt64 = 1
@@ -22,11 +18,6 @@ struct ReplicaNode {
     /// Direct items held by a planted bug, by index (their payload).
     var heldPayloads: [UInt64: [UInt64]] = [:]
     var lastSyncAt: Int64 = 0
-
-    init(name: String, sectors: Int) {
-        self.name = name
-        disk = SimDisk(sectors: sectors)
-    }
 
     mutating func persist(_ p: ReplicaPosition, version: UInt64) {
         if version > positionVersion {
@@ -44,7 +35,6 @@ struct ReplicaNode {
         log.removeFirst(count)
         durableLogCount = max(0, durableLogCount - count)
         applyIssuedCount -= count
-        for i in appliedPending.indices { appliedPending[i] -= 0 }
     }
 
     /// Records up to the last untaken barrier with `index` (after a restart the log may hold
@@ -57,180 +47,202 @@ struct ReplicaNode {
     }
 }
 
+/// The connection between two sites (whichever roles they have).
 struct LinkInfo {
     var id: LinkID
     var up: Bool
-    var lastToReplica: Int64 = 0
-    var lastToPrimary: Int64 = 0
+    /// Per receiving site: when the last message to it arrives (TCP keeps order).
+    var lastDelivery: [String: Int64] = [:]
 }
 
 extension SimWorld {
     // MARK: - Network
 
-    func connect(_ peer: String) {
-        guard primary != nil, replicas[peer]?.machine != nil else { return }
-        if let link = links[peer], link.up { return }
-        if let until = partitionedUntil[peer], now < until {
-            after(until - now + rng.nanos(1_000_000...100_000_000), .connect(peer))
+    func key(_ a: String, _ b: String) -> String { a < b ? "\(a)|\(b)" : "\(b)|\(a)" }
+
+    func pairs() -> [(String, String)] {
+        var out: [(String, String)] = []
+        for (i, a) in siteNames.enumerated() { for b in siteNames[(i + 1)...] { out.append((a, b)) } }
+        return out
+    }
+
+    /// The other end of `link` from `name`.
+    func peer(of name: String, on link: LinkID) -> String? {
+        guard let (a, b) = linkEnds[link] else { return nil }
+        return a == name ? b : a
+    }
+
+    func connect(_ a: String, _ b: String) {
+        guard site(a).running, site(b).running else { return }
+        let k = key(a, b)
+        if let link = links[k], link.up { return }
+        if let until = partitionedUntil[k], now < until {
+            after(until - now + rng.nanos(1_000_000...100_000_000), .connect(a, b))
             return
         }
         let id = LinkID(nextLink)
         nextLink += 1
-        links[peer] = LinkInfo(id: id, up: true)
-        log("\(id) to \(peer) up")
-        var machine = primary!
-        let actions = machine.linkUp(peer: peer, link: id, now: instant)
-        primary = machine
-        runPrimary(actions)
+        links[k] = LinkInfo(id: id, up: true)
+        linkEnds[id] = (a, b)
+        log("\(id) \(a)–\(b) up")
+        linkUp(a, to: b, id)
+        linkUp(b, to: a, id)
     }
 
-    /// The link breaks now; each side notices after its own delay; the primary redials.
-    func cut(_ peer: String, reason: String) {
-        guard var link = links[peer], link.up else { return }
+    /// A primary opens a stream on a new link to one of its peers.
+    func linkUp(_ name: String, to peer: String, _ link: LinkID) {
+        let s = site(name)
+        guard var machine = s.primary, s.config?.peers[peer] != nil else { return }
+        let actions = machine.linkUp(peer: peer, link: link, now: instant)
+        s.primary = machine
+        runPrimary(name, actions)
+    }
+
+    /// The link breaks now; each side notices after its own delay; the sites redial.
+    func cut(_ a: String, _ b: String, reason: String) {
+        let k = key(a, b)
+        guard var link = links[k], link.up else { return }
         link.up = false
-        links[peer] = link
-        log("\(link.id) to \(peer) cut: \(reason)")
-        after(rng.nanos(1_000_000...300_000_000), .primaryNoticesDown(peer, link.id))
-        if let incarnation = replicas[peer]?.incarnation {
-            after(rng.nanos(1_000_000...300_000_000), .replicaNoticesDown(peer, incarnation: incarnation, link.id))
+        links[k] = link
+        log("\(link.id) \(a)–\(b) cut: \(reason)")
+        for (name, other) in [(a, b), (b, a)] {
+            after(rng.nanos(1_000_000...300_000_000), .noticesDown(name, incarnation: site(name).incarnation, peer: other, link.id))
         }
-        after(rng.nanos(100_000_000...800_000_000), .connect(peer))
+        after(rng.nanos(100_000_000...800_000_000), .connect(a, b))
     }
 
     /// TCP: in order within a connection; nothing crosses connections.
-    func sendToReplica(_ peer: String, _ link: LinkID, _ message: ReplicationMessage, _ stamps: [UInt64]) {
-        guard var info = links[peer], info.id == link, info.up else { return }
-        let at = max(now + rng.nanos(scenario.netDelay), info.lastToReplica)
-        info.lastToReplica = at
-        links[peer] = info
-        queue.push(at, .deliverToReplica(peer, link, message, stamps))
+    func send(from: String, to: String, _ link: LinkID, _ message: ReplicationMessage, _ stamps: [UInt64]) {
+        let k = key(from, to)
+        guard var info = links[k], info.id == link, info.up else { return }
+        let at = max(now + rng.nanos(scenario.netDelay), info.lastDelivery[to] ?? 0)
+        info.lastDelivery[to] = at
+        links[k] = info
+        queue.push(at, .deliver(to: to, from: from, link, message, stamps))
     }
 
-    func sendToPrimary(_ peer: String, _ link: LinkID, _ message: ReplicationMessage) {
-        guard var info = links[peer], info.id == link, info.up else { return }
-        let at = max(now + rng.nanos(scenario.netDelay), info.lastToPrimary)
-        info.lastToPrimary = at
-        links[peer] = info
-        queue.push(at, .deliverToPrimary(peer, link, message))
+    /// A message arrives at `to`: its primary or its replica takes it, whichever it runs.
+    func deliver(to: String, from: String, _ link: LinkID, _ message: ReplicationMessage, _ stamps: [UInt64]) {
+        let s = site(to)
+        if var machine = s.primary {
+            log("\(from) → \(to) (primary): \(message)")
+            let actions = machine.received(message, peer: from, link: link, now: instant)
+            s.primary = machine
+            runPrimary(to, actions)
+        } else if s.replica != nil {
+            replicaReceive(to, link, message, stamps)
+        }
     }
 
     // MARK: - Replica executor
 
     func startReplica(_ name: String) {
-        replicas[name]!.incarnation += 1
-        var machine = ReplicaVolume(volume: "vm1", position: replicas[name]!.position)
+        let s = site(name)
+        s.incarnation += 1
+        var machine = ReplicaVolume(volume: "vm1", position: s.store.position)
         if scenario.bug == .applyOutOfOrder { machine.plantedBug = .applyOutOfOrder }
         var barriers: [ReplicaVolume.LoggedBarrier] = []
-        for record in replicas[name]!.log {
+        for record in s.store.log {
             if case .barrier(let b) = record { barriers.append(.init(index: b.index, seq: b.seq, kind: b.kind)) }
         }
         let actions = machine.recover(log: barriers)
-        replicas[name]!.machine = machine
+        s.replica = machine
+        log("\(name) starts as a replica at \(s.store.position)")
         runReplica(name, actions, stamps: [])
     }
 
-    func replicaReceive(_ peer: String, _ link: LinkID, _ message: ReplicationMessage, _ stamps: [UInt64]) {
-        guard var machine = replicas[peer]?.machine else { return }
+    func replicaReceive(_ name: String, _ link: LinkID, _ message: ReplicationMessage, _ stamps: [UInt64]) {
+        let s = site(name)
+        guard var machine = s.replica else { return }
         switch message {
-        case .write(let item): log("\(peer) ← write #\(item.index) seq \(item.seq) \(item.range)\(item.isZero ? " zero" : "")")
-        case .region(let item): log("\(peer) ← region #\(item.index) \(item.range)")
-        default: log("\(peer) ← \(message)")
+        case .write(let item): log("\(name) ← write #\(item.index) seq \(item.seq) \(item.range)\(item.isZero ? " zero" : "")")
+        case .region(let item): log("\(name) ← region #\(item.index) \(item.range)")
+        default: log("\(name) ← \(message)")
         }
         let actions = machine.received(message, on: link)
-        replicas[peer]!.machine = machine
-        runReplica(peer, actions, stamps: stamps)
+        s.replica = machine
+        // What the checkers learn from the stream: a catch-up (out of order) begins or ends here.
+        let accepted = !actions.contains { if case .refuse = $0 { return true } else { return false } }
+        if accepted {
+            switch message {
+            case .open(let open): s.lastMode = open.mode
+            case .barrier(let b) where b.kind == .catchUpBegin: s.midCatchUp = true; s.catchUpEndIndex = nil
+            case .barrier(let b) where b.kind == .catchUpEnd: s.catchUpEndIndex = b.index
+            default: break
+            }
+        }
+        runReplica(name, actions, stamps: stamps)
     }
 
     func runReplica(_ name: String, _ actions: [ReplicaVolume.Action], stamps: [UInt64]) {
+        let s = site(name)
         for action in actions {
-            guard failure == nil, replicas[name]?.machine != nil else { return }
-            let incarnation = replicas[name]!.incarnation
+            guard failure == nil, s.replica != nil else { return }
+            let incarnation = s.incarnation
             switch action {
             case .send(let link, let message):
-                sendToPrimary(name, link, message)
+                if let peer = peer(of: name, on: link) { send(from: name, to: peer, link, message, []) }
             case .apply(let link, let item):
                 var payload = stamps
-                if let held = replicas[name]!.heldPayloads.removeValue(forKey: item.index) { payload = held }
+                if let held = s.store.heldPayloads.removeValue(forKey: item.index) { payload = held }
                 let (first, count) = sectorsOf(item.range)
-                replicas[name]!.disk.write(first, item.isZero ? Array(repeating: 0, count: count) : payload)
-                var machine = replicas[name]!.machine!
+                s.disk.write(first, item.isZero ? Array(repeating: 0, count: count) : payload)
+                var machine = s.replica!
                 let more = machine.applied(link: link, index: item.index)
-                replicas[name]!.machine = machine
+                s.replica = machine
                 runReplica(name, more, stamps: [])
             case .appendLog(_, let item):
                 let (_, count) = sectorsOf(item.range)
-                replicas[name]!.log.append(.item(item, item.isZero ? Array(repeating: 0, count: count) : stamps))
+                s.store.log.append(.item(item, item.isZero ? Array(repeating: 0, count: count) : stamps))
             case .syncLog(let link, let barrier):
-                replicas[name]!.log.append(.barrier(barrier))
+                s.store.log.append(.barrier(barrier))
                 // fsyncs of one file complete in the order they were asked for.
-                let at = max(now + rng.nanos(50_000...1_000_000), replicas[name]!.lastSyncAt)
-                replicas[name]!.lastSyncAt = at
+                let at = max(now + rng.nanos(50_000...1_000_000), s.store.lastSyncAt)
+                s.store.lastSyncAt = at
                 queue.push(at, .replicaLogSynced(name, incarnation: incarnation, link, barrier))
             case .applyLog(let link, let through, let position):
-                guard let end = replicas[name]!.groupEnd(through: through) else {
+                guard let end = s.store.groupEnd(through: through) else {
                     fail("\(name): applyLog through index \(through), but the log has no such barrier"); return
                 }
-                for record in replicas[name]!.log[replicas[name]!.applyIssuedCount..<end] {
+                for record in s.store.log[s.store.applyIssuedCount..<end] {
                     if case .item(let item, let payload) = record {
-                        replicas[name]!.disk.write(sectorsOf(item.range).first, payload)
+                        s.disk.write(sectorsOf(item.range).first, payload)
                     }
                 }
-                let count = end - replicas[name]!.applyIssuedCount
-                replicas[name]!.applyIssuedCount = end
-                replicas[name]!.appliedPending.append(count)
-                let version = replicas[name]!.nextVersion
-                replicas[name]!.nextVersion += 1
-                checkBarrierState(name, image: replicas[name]!.disk.cache, position: position, when: "after applying its log")
+                let count = end - s.store.applyIssuedCount
+                s.store.applyIssuedCount = end
+                s.store.appliedPending.append(count)
+                let version = s.store.nextVersion
+                s.store.nextVersion += 1
+                checkBarrierState(name, image: s.disk.cache, position: position, when: "after applying its log")
                 after(rng.nanos(50_000...2_000_000), .replicaLogApplied(name, incarnation: incarnation, link, index: through, position, version: version))
             case .discardLogTail:
-                let keep = replicas[name]!.applyIssuedCount
-                replicas[name]!.log.removeLast(replicas[name]!.log.count - keep)
-                replicas[name]!.durableLogCount = min(replicas[name]!.durableLogCount, keep)
+                let keep = s.store.applyIssuedCount
+                s.store.log.removeLast(s.store.log.count - keep)
+                s.store.durableLogCount = min(s.store.durableLogCount, keep)
             case .flush(let link, let index):
                 after(rng.nanos(50_000...2_000_000), .replicaFlushed(name, incarnation: incarnation, link, index: index))
             case .persistPosition(let position):
-                let version = replicas[name]!.nextVersion
-                replicas[name]!.nextVersion += 1
-                replicas[name]!.persist(position, version: version)
+                let version = s.store.nextVersion
+                s.store.nextVersion += 1
+                s.store.persist(position, version: version)
             case .refuse(let link, let reason):
                 log("\(name) refuses \(link): \(reason)")
                 refusals.append(reason)
-                sendToPrimary(name, link, .refuse(reason: reason))
-                if links[name]?.id == link { cut(name, reason: "refused: \(reason)") }
-            case .takeOver, .declineHandoff:
-                fail("\(name) was handed the volume, which this simulation never does")
+                if let peer = peer(of: name, on: link) {
+                    send(from: name, to: peer, link, .refuse(reason: reason), [])
+                    if links[key(name, peer)]?.id == link { cut(name, peer, reason: "refused: \(reason)") }
+                }
+            case .takeOver(let link, let handoff):
+                guard scenario.roles else { fail("\(name) was handed the volume, which this simulation never does"); return }
+                log("\(name) takes over from \(peer(of: name, on: link) ?? "?") (switchover through sequence \(handoff.seq))")
+                if !promote(name, force: false, why: "switchover") {
+                    fail("switchover: \(name) was handed the volume holding everything, but its promotion was refused")
+                }
+                return
+            case .declineHandoff(_, let reason):
+                fail("switchover: \(name) declined the handoff though its primary saw it hold every write: \(reason)")
             }
         }
-    }
-
-    func crashReplica(_ name: String) {
-        guard replicas[name]?.machine != nil else { return }
-        let powerLoss = rng.chance(scenario.powerLoss)
-        log("\(name) crashes (\(powerLoss ? "power loss" : "kill -9"))")
-        cut(name, reason: "\(name) crashed")
-        var node = replicas[name]!
-        node.machine = nil
-        node.incarnation += 1
-        node.disk.crash(powerLoss: powerLoss, &rng)
-        if powerLoss {
-            // Writes it had only written (acked, not flushed) are gone: a double failure, which P1
-            // does not cover. From now on only what a flush made durable is still required of it,
-            // until the primary's catch-up brings it back.
-            requiredApplied[name] = requiredDurable[name]
-            let keep = node.durableLogCount + rng.int(0...(node.log.count - node.durableLogCount))
-            node.log.removeLast(node.log.count - keep)
-        }
-        node.durableLogCount = node.log.count
-        node.applyIssuedCount = 0
-        node.appliedPending = []
-        node.heldPayloads = [:]
-        replicas[name] = node
-        if !workloadOver { after(rng.nanos(50_000_000...600_000_000), .restartReplica(name)) }
-    }
-
-    func restartReplica(_ name: String) {
-        log("\(name) restarts")
-        startReplica(name)
-        after(rng.nanos(1_000_000...50_000_000), .connect(name))
     }
 }

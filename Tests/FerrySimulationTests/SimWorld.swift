@@ -1,27 +1,105 @@
 @testable import FerryCore
 
-/// One simulated schedule: a primary and its replicas running the real FerryCore state machines,
-/// with a simulated client, network, disks, clocks and crashes, all drawn from one seed.
+/// A site of the simulated volume: its disk, its catalog (role, epoch, history: what survives a
+/// crash), the state machine it runs (a primary's or a replica's; none while it is down), the
+/// files of each role, and the client (the VM) it serves while it is a primary.
+final class SimSite {
+    let name: String
+    var disk: SimDisk
+    /// Bumped at every crash and role change: events of an earlier life are dropped.
+    var incarnation = 0
+    var running = false
+
+    // The catalog.
+    /// The primary's configuration while this site's role is primary.
+    var config: PrimaryVolume.Config?
+    var epoch: UInt64 = 1
+    var generation: UInt64 = 1
+    var history: [GenerationRecord] = []
+
+    // Primary
+    var primary: PrimaryVolume?
+    var meta = PrimaryVolume.Metadata()
+    var metaToken: UInt64 = 0
+    var journal: [(entry: JournalEntry, stamps: [UInt64], durable: Bool)] = []
+    var preserved: [String: [UInt64: [UInt64]]] = [:]
+    var pendingFlushes: Set<UInt64> = []
+
+    // Replica
+    var replica: ReplicaVolume?
+    var store = ReplicaStore()
+
+    // The client this site serves (while primary and attached).
+    var clientAttached = false
+    var client: SimClient
+
+    // What the checkers know.
+    /// A catch-up began here and has not completed: the image is out of order.
+    var midCatchUp = false
+    var catchUpEndIndex: UInt64?
+    /// The mode of the last stream opened here (P2 holds for async and scheduled).
+    var lastMode: ReplicationMode?
+    /// Every (sector, contents) a demotion of this site kept aside.
+    var keptAside: [Int: Set<UInt64>] = [:]
+
+    init(name: String, sectors: Int) {
+        self.name = name
+        disk = SimDisk(sectors: sectors)
+        client = SimClient(sectors: sectors)
+    }
+
+    var isFenced: Bool { primary?.isFenced ?? false }
+    /// A primary that takes writes from its client.
+    var serving: Bool { primary != nil && !isFenced && clientAttached }
+}
+
+/// The client of one primary: its requests in flight and what its answers promised.
+struct SimClient {
+    var outstanding: [UInt64: SimWorld.ClientOp] = [:]
+    var payloads: [UInt64: [UInt64]] = [:]
+    var latestCompleted: [UInt64]
+    /// Per peer and sector: the write a replica must hold (or a newer one) if this primary dies now.
+    var requiredApplied: [String: [UInt64]] = [:]
+    var requiredDurable: [String: [UInt64]] = [:]
+
+    init(sectors: Int) { latestCompleted = Array(repeating: 0, count: sectors) }
+
+    /// After a crash (or a role change) the old promises have been judged; a new life starts anew.
+    mutating func reset() {
+        outstanding.removeAll()
+        latestCompleted = Array(repeating: 0, count: latestCompleted.count)
+        requiredApplied.removeAll()
+        requiredDurable.removeAll()
+    }
+}
+
+/// One simulated schedule: sites running the real FerryCore state machines, with simulated
+/// clients, network, disks, clocks, crashes and (failover schedules) an operator who promotes,
+/// switches over and resolves split brains, all drawn from one seed.
 final class SimWorld {
     enum Event {
-        case clientIssue
+        case clientIssue(String)
         case tick
-        case localDone(incarnation: Int, seq: UInt64)
-        case persistDone(incarnation: Int, token: UInt64, PrimaryVolume.Metadata)
-        case deliverToReplica(String, LinkID, ReplicationMessage, [UInt64])
-        case deliverToPrimary(String, LinkID, ReplicationMessage)
-        case primaryNoticesDown(String, LinkID)
-        case replicaNoticesDown(String, incarnation: Int, LinkID)
-        case connect(String)
+        case localDone(String, incarnation: Int, seq: UInt64)
+        case persistDone(String, incarnation: Int, token: UInt64, PrimaryVolume.Metadata)
+        case deliver(to: String, from: String, LinkID, ReplicationMessage, [UInt64])
+        case noticesDown(String, incarnation: Int, peer: String, LinkID)
+        case connect(String, String)
         case cutLink
         case crashPrimary
-        case restartPrimary
         case crashReplica
-        case restartReplica(String)
+        case restart(String)
         case checkpoint
         case replicaFlushed(String, incarnation: Int, LinkID, index: UInt64)
         case replicaLogSynced(String, incarnation: Int, LinkID, ReplicationBarrier)
         case replicaLogApplied(String, incarnation: Int, LinkID?, index: UInt64, ReplicaPosition, version: UInt64)
+        // The operator (failover schedules).
+        case failover
+        case promote(String, force: Bool)
+        case splitFailover
+        case switchover
+        case switchoverStep(from: String, to: String, deadline: Int64)
+        case resolve(String, peer: String)
     }
 
     struct ClientOp {
@@ -40,41 +118,40 @@ final class SimWorld {
     /// keeps none, and a failing seed is run again (it replays exactly) with `tracing` on.
     var trace: [String] = []
     var tracing = false
+    /// A replayed seed keeps its whole trace.
+    var traceLimit = 600
     var failure: String?
+    /// The first primary's configuration; promotions start from it.
     let config: PrimaryVolume.Config
+    let configuredReplicas: [String: ReplicaPolicy]
 
-    // Primary
-    var primary: PrimaryVolume?
-    var primaryIncarnation = 0
-    var primaryDisk: SimDisk
-    var primaryMeta = PrimaryVolume.Metadata()
-    var primaryMetaToken: UInt64 = 0
-    var journal: [(entry: JournalEntry, stamps: [UInt64], durable: Bool)] = []
-    var payloads: [UInt64: [UInt64]] = [:]
-    var preserved: [String: [UInt64: [UInt64]]] = [:]
-    var snapshotSeqs: [UInt64] = []
-    var snapshots: [UInt64: [UInt64]] = [:]
-    var pendingFlushes: Set<UInt64> = []
-
-    // Replicas and links
-    var replicas: [String: ReplicaNode] = [:]
+    var sites: [String: SimSite] = [:]
+    var siteNames: [String] = []
     var links: [String: LinkInfo] = [:]
+    var linkEnds: [LinkID: (String, String)] = [:]
     var nextLink: UInt64 = 1
     var partitionedUntil: [String: Int64] = [:]
 
-    // Client
-    var outstanding: [UInt64: ClientOp] = [:]
     var nextWriteID: UInt64 = 1
-    var latestCompleted: [UInt64]
-    /// Per sector: (seq, stamp) of every write the primary executed, in order.
-    var history: [[(seq: UInt64, stamp: UInt64)]]
-    /// Per peer and sector: the write a replica must hold (or a newer one) if the primary dies now.
-    var requiredApplied: [String: [UInt64]] = [:]
-    var requiredDurable: [String: [UInt64]] = [:]
     var workloadOver = false
     var opsCompleted = 0
     var checks = 0
     var refusals: [String] = []
+    var promotions = 0, switchovers = 0, resolutions = 0, rejoins = 0
+    var resolving = false
+    var lastDemoted: String?
+
+    // What the checkers know of every generation.
+    /// Per generation and sector: (seq, stamp) of every write its primary executed, in order.
+    var history: [UInt64: [[(seq: UInt64, stamp: UInt64)]]] = [:]
+    /// Per generation: its primary's image once every request up to a sequence was admitted.
+    var snapshots: [UInt64: (seqs: [UInt64], images: [UInt64: [UInt64]])] = [:]
+    /// The promoted site's image when each generation began.
+    var branchImages: [UInt64: [UInt64]] = [:]
+    /// The site that took writes in each epoch (never two).
+    var epochWriter: [UInt64: String] = [:]
+    /// The site that wrote each (non-zero) stamp.
+    var stampWriter: [UInt64: String] = [:]
 
     var sectors: Int { scenario.sectors }
     var sectorSize: UInt64 { scenario.sectorSize }
@@ -86,6 +163,7 @@ final class SimWorld {
         rng = SimRandom(seed: scenario.seed)
         var peers: [String: ReplicaPolicy] = [:]
         for p in scenario.peers { peers[p.name] = p.policy }
+        configuredReplicas = peers
         var config = PrimaryVolume.Config(volume: "vm1", volumeSize: UInt64(scenario.sectors) * scenario.sectorSize,
                                           epoch: 1, generation: 1, peers: peers)
         config.regionSize = 4096
@@ -102,24 +180,24 @@ final class SimWorld {
         config.directCutBytes = [16 << 10, 64 << 10, 1 << 30][Int(scenario.seed % 3)]
         config.directCutIntervalNanos = [20_000_000, 100_000_000, 1_000_000_000][Int(scenario.seed / 3 % 3)]
         config.sequenceReservation = 50
+        config.idleCheckpointNanos = 300_000_000
         config.plantedBug = scenario.bug
         self.config = config
-        primaryDisk = SimDisk(sectors: scenario.sectors)
-        latestCompleted = Array(repeating: 0, count: scenario.sectors)
-        history = Array(repeating: [(0, 0)], count: scenario.sectors)
-        for p in scenario.peers {
-            replicas[p.name] = ReplicaNode(name: p.name, sectors: scenario.sectors)
-            requiredApplied[p.name] = latestCompleted
-            requiredDurable[p.name] = latestCompleted
-        }
+        siteNames = [Scenario.firstPrimary] + scenario.peers.map(\.name)
+        for name in siteNames { sites[name] = SimSite(name: name, sectors: scenario.sectors) }
+        sites[Scenario.firstPrimary]!.config = config
+        history[1] = Array(repeating: [(0, 0)], count: scenario.sectors)
+        snapshots[1] = ([], [:])
     }
+
+    func site(_ name: String) -> SimSite { sites[name]! }
 
     // MARK: - Running
 
     func log(_ line: @autoclosure () -> String) {
         guard tracing else { return }
         trace.append("\(now / 1000)µs \(line())")
-        if trace.count > 600 { trace.removeFirst(200) }
+        if trace.count > traceLimit { trace.removeFirst(traceLimit / 3) }
     }
 
     func fail(_ why: String) {
@@ -130,9 +208,9 @@ final class SimWorld {
 
     /// Runs the schedule: workload with faults, then healing, then the convergence check.
     func run() -> String? {
-        startPrimary(fresh: true)
-        for name in replicas.keys.sorted() { startReplica(name); after(rng.nanos(0...1_000_000), .connect(name)) }
-        after(0, .clientIssue)
+        for name in siteNames { start(name, fresh: true) }
+        for (a, b) in pairs() { after(rng.nanos(0...1_000_000), .connect(a, b)) }
+        attachClient(Scenario.firstPrimary)
         after(10_000_000, .tick)
         scheduleFaults()
         let deadline = scenario.workloadNanos + 200_000_000_000
@@ -145,7 +223,7 @@ final class SimWorld {
                 heal()
             }
             handle(next.event)
-            if let healedAt, now - healedAt > 1_000_000_000, outstanding.isEmpty, converged() { break }
+            if let healedAt, now - healedAt > 1_000_000_000, sites.values.allSatisfy({ $0.client.outstanding.isEmpty }), converged() { break }
         }
         if failure == nil, !converged() { fail("ran out of events before converging: \(convergenceReport())") }
         return failure
@@ -165,182 +243,288 @@ final class SimWorld {
         every(scenario.primaryCrashesPerSecond, .crashPrimary)
         every(scenario.replicaCrashesPerSecond, .crashReplica)
         every(scenario.checkpointsPerSecond, .checkpoint)
+        every(scenario.failoversPerSecond, .failover)
+        every(scenario.splitsPerSecond, .splitFailover)
+        every(scenario.switchoversPerSecond, .switchover)
     }
 
     func heal() {
         workloadOver = true
         partitionedUntil = [:]
         log("heal: faults stop")
-        if primary == nil { restartPrimary() }
-        for name in replicas.keys.sorted() where replicas[name]!.machine == nil { restartReplica(name) }
-        for name in replicas.keys.sorted() { after(1_000_000, .connect(name)) }
+        for name in siteNames where !site(name).running { restart(name) }
+        for (a, b) in pairs() { after(1_000_000, .connect(a, b)) }
         after(2_000_000, .checkpoint)
         // A final flush, so every replica is asked to make everything durable.
-        if primary != nil { submit(.flush) }
+        for name in siteNames where site(name).serving { submit(name, .flush) }
     }
 
     func handle(_ event: Event) {
         switch event {
-        case .clientIssue:
-            issueClientOps()
-            if !workloadOver { after(rng.nanos(10_000...2_000_000), .clientIssue) }
+        case .clientIssue(let name):
+            let s = site(name)
+            guard s.clientAttached else { return }
+            issueClientOps(name)
+            if !workloadOver { after(rng.nanos(10_000...2_000_000), .clientIssue(name)) }
         case .tick:
-            if let p = primary {
-                var machine = p
+            for name in siteNames {
+                guard var machine = site(name).primary else { continue }
                 let actions = machine.tick(now: instant)
-                primary = machine
-                runPrimary(actions)
+                site(name).primary = machine
+                runPrimary(name, actions)
             }
+            if scenario.roles { operatorLooks() }
             if workloadOver, rng.chance(0.05) { after(0, .checkpoint) }
             after(10_000_000, .tick)
-        case .localDone(let incarnation, let seq):
-            guard incarnation == primaryIncarnation, var machine = primary else { return }
-            if pendingFlushes.remove(seq) != nil { primaryDisk.flush(); markJournalDurable() }
+        case .localDone(let name, let incarnation, let seq):
+            let s = site(name)
+            guard incarnation == s.incarnation, var machine = s.primary else { return }
+            if s.pendingFlushes.remove(seq) != nil { s.disk.flush(); s.markJournalDurable() }
             let actions = machine.localDone(seq: seq, error: nil, now: instant)
-            primary = machine
-            runPrimary(actions)
-        case .persistDone(let incarnation, let token, let meta):
-            guard incarnation == primaryIncarnation, var machine = primary else { return }
-            if token > primaryMetaToken { primaryMeta = meta; primaryMetaToken = token }
+            s.primary = machine
+            runPrimary(name, actions)
+        case .persistDone(let name, let incarnation, let token, let meta):
+            let s = site(name)
+            guard incarnation == s.incarnation, var machine = s.primary else { return }
+            if token > s.metaToken { s.meta = meta; s.metaToken = token }
             let actions = machine.persisted(token: token, now: instant)
-            primary = machine
-            runPrimary(actions)
-        case .deliverToPrimary(let peer, let link, let message):
-            guard links[peer]?.id == link, links[peer]?.up == true, var machine = primary else { return }
-            log("\(peer) → primary: \(message)")
-            let actions = machine.received(message, peer: peer, link: link, now: instant)
-            primary = machine
-            runPrimary(actions)
-        case .deliverToReplica(let peer, let link, let message, let stamps):
-            guard links[peer]?.id == link, links[peer]?.up == true, replicas[peer]?.machine != nil else { return }
-            replicaReceive(peer, link, message, stamps)
-        case .primaryNoticesDown(let peer, let link):
-            guard var machine = primary else { return }
-            log("primary notices \(link) to \(peer) is down")
-            let actions = machine.linkDown(peer: peer, link: link, now: instant)
-            primary = machine
-            runPrimary(actions)
-        case .replicaNoticesDown(let peer, let incarnation, let link):
-            guard replicas[peer]?.incarnation == incarnation, var machine = replicas[peer]?.machine else { return }
-            let actions = machine.linkDown(link)
-            replicas[peer]?.machine = machine
-            runReplica(peer, actions, stamps: [])
-        case .connect(let peer):
-            connect(peer)
+            s.primary = machine
+            runPrimary(name, actions)
+        case .deliver(let to, let from, let link, let message, let stamps):
+            guard let info = links[key(to, from)], info.id == link, info.up, site(to).running else { return }
+            deliver(to: to, from: from, link, message, stamps)
+        case .noticesDown(let name, let incarnation, let peer, let link):
+            let s = site(name)
+            guard s.incarnation == incarnation else { return }
+            if var machine = s.primary {
+                log("\(name) notices \(link) to \(peer) is down")
+                let actions = machine.linkDown(peer: peer, link: link, now: instant)
+                s.primary = machine
+                runPrimary(name, actions)
+            } else if var machine = s.replica {
+                let actions = machine.linkDown(link)
+                s.replica = machine
+                runReplica(name, actions, stamps: [])
+            }
+        case .connect(let a, let b):
+            connect(a, b)
         case .cutLink:
-            let peer = rng.pick(replicas.keys.sorted())
-            cut(peer, reason: "fault: link cut")
-            if rng.chance(0.3) { partitionedUntil[peer] = now + rng.nanos(100_000_000...1_500_000_000) }
+            let candidates = pairs().filter { site($0.0).primary != nil || site($0.1).primary != nil }
+            guard !candidates.isEmpty else { return }
+            let (a, b) = rng.pick(candidates)
+            cut(a, b, reason: "fault: link cut")
+            if rng.chance(0.3) { partitionedUntil[key(a, b)] = now + rng.nanos(100_000_000...1_500_000_000) }
         case .crashPrimary:
-            crashPrimary()
-        case .restartPrimary:
-            if primary == nil { restartPrimary() }
+            let running = siteNames.filter { site($0).primary != nil }
+            guard !running.isEmpty else { return }
+            crash(rng.pick(running))
         case .crashReplica:
-            crashReplica(rng.pick(replicas.keys.sorted()))
-        case .restartReplica(let peer):
-            if replicas[peer]?.machine == nil { restartReplica(peer) }
+            let running = siteNames.filter { site($0).replica != nil }
+            guard !running.isEmpty else { return }
+            crash(rng.pick(running))
+        case .restart(let name):
+            if !site(name).running { restart(name) }
         case .checkpoint:
-            guard var machine = primary else { return }
-            let actions = machine.checkpointNow(now: instant)
-            primary = machine
-            runPrimary(actions)
-        case .replicaFlushed(let peer, let incarnation, let link, let index):
-            guard replicas[peer]?.incarnation == incarnation else { return }
-            replicas[peer]!.disk.flush()
-            guard var machine = replicas[peer]?.machine else { return }
+            for name in siteNames {
+                guard var machine = site(name).primary else { continue }
+                let actions = machine.checkpointNow(now: instant)
+                site(name).primary = machine
+                runPrimary(name, actions)
+            }
+        case .replicaFlushed(let name, let incarnation, let link, let index):
+            let s = site(name)
+            guard s.incarnation == incarnation else { return }
+            s.disk.flush()
+            if let end = s.catchUpEndIndex, index >= end { s.midCatchUp = false; s.catchUpEndIndex = nil }
+            guard var machine = s.replica else { return }
             let actions = machine.flushed(link: link, index: index)
-            replicas[peer]?.machine = machine
-            log("\(peer) flushed for #\(index): position \(machine.position)")
-            runReplica(peer, actions, stamps: [])
-            checkConsistentReplica(peer)
-        case .replicaLogSynced(let peer, let incarnation, let link, let barrier):
-            guard replicas[peer]?.incarnation == incarnation else { return }
-            replicas[peer]!.markLogDurable()
-            guard var machine = replicas[peer]?.machine else { return }
+            s.replica = machine
+            log("\(name) flushed for #\(index): position \(machine.position)")
+            runReplica(name, actions, stamps: [])
+            checkConsistentReplica(name)
+        case .replicaLogSynced(let name, let incarnation, let link, let barrier):
+            let s = site(name)
+            guard s.incarnation == incarnation else { return }
+            s.store.markLogDurable()
+            guard var machine = s.replica else { return }
             let actions = machine.logSynced(link: link, barrier: barrier)
-            replicas[peer]?.machine = machine
-            runReplica(peer, actions, stamps: [])
-        case .replicaLogApplied(let peer, let incarnation, let link, let index, let position, let version):
-            guard replicas[peer]?.incarnation == incarnation else { return }
-            replicas[peer]!.disk.flush()
-            replicas[peer]!.persist(position, version: version)
-            replicas[peer]!.dropAppliedLog()
-            guard var machine = replicas[peer]?.machine else { return }
+            s.replica = machine
+            runReplica(name, actions, stamps: [])
+        case .replicaLogApplied(let name, let incarnation, let link, let index, let position, let version):
+            let s = site(name)
+            guard s.incarnation == incarnation else { return }
+            s.disk.flush()
+            s.store.persist(position, version: version)
+            s.store.dropAppliedLog()
+            guard var machine = s.replica else { return }
             let actions = machine.logApplied(link: link, index: index)
-            replicas[peer]?.machine = machine
-            runReplica(peer, actions, stamps: [])
+            s.replica = machine
+            runReplica(name, actions, stamps: [])
+        case .failover:
+            failover()
+        case .promote(let name, let force):
+            promote(name, force: force, why: "failover")
+        case .splitFailover:
+            splitFailover()
+        case .switchover:
+            beginSwitchover()
+        case .switchoverStep(let from, let to, let deadline):
+            switchoverStep(from: from, to: to, deadline: deadline)
+        case .resolve(let name, let peer):
+            resolve(name, peer: peer)
         }
+    }
+
+    // MARK: - Sites
+
+    /// Starts `name` in the role its catalog records.
+    func start(_ name: String, fresh: Bool) {
+        let s = site(name)
+        s.running = true
+        if s.config != nil { startPrimary(name, fresh: fresh) } else { startReplica(name) }
+    }
+
+    func crash(_ name: String) {
+        let s = site(name)
+        guard s.running else { return }
+        let powerLoss = rng.chance(scenario.powerLoss)
+        log("\(name) crashes (\(powerLoss ? "power loss" : "kill -9"))")
+        if s.primary != nil { checkNothingAcknowledgedIsMissing(name) }
+        for peer in siteNames where peer != name { cut(name, peer, reason: "\(name) crashed") }
+        s.running = false
+        s.incarnation += 1
+        s.disk.crash(powerLoss: powerLoss, &rng)
+        if s.primary != nil {
+            s.primary = nil
+            if powerLoss {
+                // The journal is an append-only file: a crash keeps its durable part and some prefix of the rest.
+                let durable = s.journal.prefix { $0.durable }.count
+                s.journal = Array(s.journal.prefix(durable + rng.int(0...(s.journal.count - durable))))
+            }
+            s.pendingFlushes.removeAll()
+            s.preserved = [:]
+            s.client.reset()
+        } else if s.replica != nil {
+            s.replica = nil
+            if powerLoss {
+                // Writes it had only written (acked, not flushed) are gone: a double failure, which P1
+                // does not cover. From now on only what a flush made durable is still required of it,
+                // until the primary's catch-up brings it back.
+                for other in sites.values { other.client.requiredApplied[name] = other.client.requiredDurable[name] }
+                let keep = s.store.durableLogCount + rng.int(0...(s.store.log.count - s.store.durableLogCount))
+                s.store.log.removeLast(s.store.log.count - keep)
+            }
+            s.store.durableLogCount = s.store.log.count
+            s.store.applyIssuedCount = 0
+            s.store.appliedPending = []
+            s.store.heldPayloads = [:]
+        }
+        if !workloadOver { after(rng.nanos(50_000_000...600_000_000), .restart(name)) }
+    }
+
+    func restart(_ name: String) {
+        log("\(name) restarts")
+        start(name, fresh: false)
+        for peer in siteNames where peer != name { after(rng.nanos(1_000_000...50_000_000), .connect(name, peer)) }
+        // The VM comes back with its primary, unless it runs elsewhere now.
+        if site(name).primary != nil, !sites.values.contains(where: { $0.clientAttached && $0.name != name }) {
+            attachClient(name)
+        }
+    }
+
+    func attachClient(_ name: String) {
+        let s = site(name)
+        guard !s.clientAttached else { return }
+        s.clientAttached = true
+        after(0, .clientIssue(name))
     }
 
     // MARK: - The client
 
-    func issueClientOps() {
-        guard !workloadOver, primary != nil else { return }
-        while outstanding.count < scenario.queueDepth, rng.chance(0.7) {
+    func issueClientOps(_ name: String) {
+        let s = site(name)
+        guard !workloadOver, s.serving else { return }
+        while s.client.outstanding.count < scenario.queueDepth, rng.chance(0.7) {
             let roll = rng.int(0...99)
             if roll < 10 {
-                submit(.flush)
+                submit(name, .flush)
                 continue
             }
             let first = rng.int(0...sectors - 1)
             let count = min(rng.pick([1, 1, 2, 8, 16, 40]), sectors - first)
             let range = BlockRange(offset: UInt64(first) * sectorSize, length: UInt64(count) * sectorSize)
             if roll < 20 {
-                submit(.zero(range, fua: rng.chance(0.2)))
+                submit(name, .zero(range, fua: rng.chance(0.2)))
             } else {
-                submit(.write(range, fua: roll < 30))
+                submit(name, .write(range, fua: roll < 30))
             }
         }
     }
 
-    func submit(_ request: PrimaryVolume.Request) {
-        guard var machine = primary else { return }
+    func submit(_ name: String, _ request: PrimaryVolume.Request) {
+        let s = site(name)
+        guard var machine = s.primary else { return }
         var stamps: [UInt64] = []
         switch request {
         case .write(let range, _):
             let id = nextWriteID
             nextWriteID += 1
             stamps = (0..<Int(range.length / sectorSize)).map { id << 16 | UInt64($0 + 1) }
+            for stamp in stamps { stampWriter[stamp] = name }
         case .zero(let range, _):
             stamps = Array(repeating: 0, count: Int(range.length / sectorSize))
         case .flush:
             break
         }
         let (seq, actions) = machine.submit(request, now: instant)
-        primary = machine
+        s.primary = machine
         var op = ClientOp(kind: request, stamps: stamps, submittedAt: now)
-        if case .flush = request { op.coveredSnapshot = latestCompleted }
-        outstanding[seq] = op
-        payloads[seq] = stamps
-        log("client submits \(seq): \(request)")
-        runPrimary(actions)
+        if case .flush = request { op.coveredSnapshot = s.client.latestCompleted }
+        s.client.outstanding[seq] = op
+        s.client.payloads[seq] = stamps
+        log("\(name) client submits \(seq): \(request)")
+        runPrimary(name, actions)
     }
 
-    func completed(_ seq: UInt64, error: String?) {
-        guard let op = outstanding.removeValue(forKey: seq) else { return }
+    func completed(_ name: String, _ seq: UInt64, error: String?) {
+        let s = site(name)
+        guard let op = s.client.outstanding.removeValue(forKey: seq) else { return }
         opsCompleted += 1
-        if let error { fail("request \(seq) failed: \(error)"); return }
-        let statuses = primary?.status(now: instant) ?? []
+        if let error {
+            // A fenced primary answers with an error: nothing was promised.
+            if !s.isFenced { fail("\(name): request \(seq) failed: \(error)") }
+            return
+        }
+        guard let machine = s.primary, let config = s.config else { return }
+        let statuses = machine.status(now: instant)
         let inSync = Set(statuses.filter(\.rpoZero).map(\.peer))
-        switch op.kind {
-        case .write(let range, let fua), .zero(let range, let fua):
-            let first = Int(range.offset / sectorSize)
-            for i in 0..<op.stamps.count { latestCompleted[first + i] = max(latestCompleted[first + i], seq) }
-            for p in scenario.peers where inSync.contains(p.name) {
+        let zeros = Array(repeating: UInt64(0), count: sectors)
+        for (peer, policy) in config.peers where inSync.contains(peer) {
+            var applied = s.client.requiredApplied[peer] ?? zeros
+            var durable = s.client.requiredDurable[peer] ?? zeros
+            switch op.kind {
+            case .write(let range, let fua), .zero(let range, let fua):
+                let first = Int(range.offset / sectorSize)
                 for i in 0..<op.stamps.count {
-                    requiredApplied[p.name]![first + i] = max(requiredApplied[p.name]![first + i], seq)
-                    if fua && p.policy.mode == .sync {
-                        requiredDurable[p.name]![first + i] = max(requiredDurable[p.name]![first + i], seq)
-                    }
+                    applied[first + i] = max(applied[first + i], seq)
+                    if fua && policy.mode == .sync { durable[first + i] = max(durable[first + i], seq) }
+                }
+            case .flush:
+                guard policy.mode == .sync else { continue }
+                for (i, covered) in (op.coveredSnapshot ?? []).enumerated() {
+                    durable[i] = max(durable[i], covered)
+                    applied[i] = max(applied[i], covered)
                 }
             }
+            s.client.requiredApplied[peer] = applied
+            s.client.requiredDurable[peer] = durable
+        }
+        switch op.kind {
+        case .write(let range, _), .zero(let range, _):
+            let first = Int(range.offset / sectorSize)
+            for i in 0..<op.stamps.count { s.client.latestCompleted[first + i] = max(s.client.latestCompleted[first + i], seq) }
         case .flush:
-            for p in scenario.peers where inSync.contains(p.name) && p.policy.mode == .sync {
-                for (i, s) in (op.coveredSnapshot ?? []).enumerated() {
-                    requiredDurable[p.name]![i] = max(requiredDurable[p.name]![i], s)
-                    requiredApplied[p.name]![i] = max(requiredApplied[p.name]![i], s)
-                }
-            }
+            break
         }
     }
 }

@@ -79,9 +79,10 @@ struct FailoverTests {
         try sites.qemuIO(["write -P 0x33 62M 4k"], uri: sites.west.uri("vm1"))
         let rto = ContinuousClock.now - started
         print("failover: `ferry promote` to the promoted export answering a write: \(rto)")
-        #expect(promoted?.stdout.contains("promoted vm1 on west: epoch 2") == true, "\(promoted?.stdout ?? "")")
-        #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 2, "\(String(describing: vm1(sites.west)))")
-        #expect(vm1(sites.west)?.history?.map(\.epoch) == [1, 2], "west's history: \(String(describing: vm1(sites.west)?.history))")
+        // Epochs of a two-site volume: east's even, west's odd (never shared, P4).
+        #expect(promoted?.stdout.contains("promoted vm1 on west: epoch 3") == true, "\(promoted?.stdout ?? "")")
+        #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 3, "\(String(describing: vm1(sites.west)))")
+        #expect(vm1(sites.west)?.history?.map(\.epoch) == [1, 3], "west's history: \(String(describing: vm1(sites.west)?.history))")
         #expect(vm1(sites.west)?.roleNote?.contains("make west its primary") == true)
 
         // Every write fio was told about is served by west's export, read over NBD.
@@ -95,7 +96,7 @@ struct FailoverTests {
         try sites.qemuIO(["write -P 0x5a 60M 64k"], uri: sites.west.unixURI("vm1"))
         sites.west.stop()
         try sites.west.start()
-        #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 2, "the promotion did not survive a restart")
+        #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 3, "the promotion did not survive a restart")
 
         // Demote refuses while a client is connected (qemu-io holds the export for a while).
         let holder = Process()
@@ -197,7 +198,7 @@ struct FailoverTests {
         let hookDone = eventually(.seconds(30)) { vm1(sites.west)?.onPromote?.hasPrefix("FAILED (exit 3)") == true }
         #expect(hookDone, "the failing hook was not reported: \(String(describing: vm1(sites.west)?.onPromote))")
         let env = (try? String(contentsOfFile: hookOut.path + "/env", encoding: .utf8)) ?? ""
-        #expect(env.hasPrefix("west vm1 2 nbd"), "the hook's environment: \(env)")
+        #expect(env.hasPrefix("west vm1 3 nbd"), "the hook's environment: \(env)")
         #expect(sites.west.log().contains("on-promote vm1: booting"), "the hook's output is not in the log")
         try sites.qemuIO(["write -P 0x63 40M 64k"], uri: sites.west.unixURI("vm1"))
         let sentBefore = vm1(sites.west)?.replicas.first { $0.peer == "east" }?.bytesSent ?? 0
@@ -247,7 +248,7 @@ struct FailoverTests {
         var up2: RunResult?
         #expect(eventually(.seconds(30)) { up2 = try? ferry(["promote", "vm1"], sites.east); return up2?.status == 0 },
                 "east was not promoted back: \(up2?.stderr ?? "")")
-        #expect(vm1(sites.east)?.role == "primary" && vm1(sites.east)?.epoch == 3, "\(String(describing: vm1(sites.east)))")
+        #expect(vm1(sites.east)?.role == "primary" && vm1(sites.east)?.epoch == 4, "\(String(describing: vm1(sites.east)))")
         let read = try sites.qemuIO(["read -P 0x71 0 8M", "read -P 0x72 8M 1M"], expect: nil)
         #expect(read.status == 0 && !read.output.contains("Pattern verification failed"), "a write was lost in the moves: \(read.output)")
         let back = eventually(.seconds(120)) {
@@ -303,8 +304,8 @@ struct FailoverTests {
             // Nothing was kept aside: the new primary had everything.
             #expect(!from.log().contains("kept aside"), "the switchover kept blocks aside: \(from.log(tail: 20))")
         }
-        try move(from: sites.east, to: sites.west, toName: "west", epoch: 2, leg: "there")
-        try move(from: sites.west, to: sites.east, toName: "east", epoch: 3, leg: "back")
+        try move(from: sites.east, to: sites.west, toName: "west", epoch: 3, leg: "there")
+        try move(from: sites.west, to: sites.east, toName: "east", epoch: 4, leg: "back")
         let back = eventually(.seconds(120)) {
             guard let r = vm1(sites.east)?.replicas.first(where: { $0.peer == "west" }) else { return false }
             return r.connected && r.consistent && r.state == "in-sync"
@@ -450,6 +451,6 @@ struct FailoverTests {
         // --force promotes it as it is, and says so.
         let forced = try ferry(["promote", "vm1", "--force"], sites.west)
         #expect(forced.status == 0 && forced.stdout.contains("forced: the image was not consistent"), "\(forced.stdout)\(forced.stderr)")
-        #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 2)
+        #expect(vm1(sites.west)?.role == "primary" && vm1(sites.west)?.epoch == 3)
     }
 }

@@ -288,6 +288,10 @@ extension PrimaryVolume {
     /// `peer`: what that one peer may lack (a site rejoining as its secondary loses nothing the
     /// peer holds).
     public func unreplicatedRanges(for only: String? = nil) -> [BlockRange] {
+        Self.ranges(of: unreplicated(for: only))
+    }
+
+    func unreplicated(for only: String?) -> DirtyBitmap {
         var all = DirtyBitmap(volumeSize: config.volumeSize, regionSize: config.regionSize)
         for peer in peers.values where only == nil || peer.name == only {
             all.formUnion(peer.dirty)
@@ -301,6 +305,10 @@ extension PrimaryVolume {
                 if let range = item.range, range.length > 0 { _ = all.set(range) }
             }
         }
+        return all
+    }
+
+    static func ranges(of all: DirtyBitmap) -> [BlockRange] {
         var ranges: [BlockRange] = []
         var next = 0
         while let first = all.firstSet(from: next) {

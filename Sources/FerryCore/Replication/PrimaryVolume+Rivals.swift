@@ -23,16 +23,25 @@ public struct Rejoin: Sendable, Equatable {
     /// The primary this site follows from now on.
     public var peer: String
     /// The newest generation both hold: this site's position names it, so the peer sends only
-    /// what differs (what it wrote since, and what this site keeps aside).
-    public var common: GenerationRecord
+    /// what differs (what it wrote since, and what this site keeps aside). Nil when the two
+    /// share no generation (an unrelated history the operator resolved): the whole image is
+    /// kept aside and copied anew.
+    public var common: GenerationRecord?
     /// This site's history up to and including `common` (what it keeps; later generations of
-    /// its own are given up, their blocks kept aside).
+    /// its own are given up, their blocks kept aside); empty without `common`.
     public var history: [GenerationRecord]
     /// The peer's epoch: the position carries it, so the peer's stream is not refused as stale.
     public var peerEpoch: UInt64
     public var reason: String
+    /// Writes of this site after this sequence are not on the peer's line, whatever the peer
+    /// acknowledged before (its image may since have been replaced by another line's): the
+    /// peer's branch point when this site is still on `common`, 0 when it left `common` itself.
+    /// Nil: only what the peer lacks by this site's bitmaps.
+    public var keepWrittenAfter: UInt64?
 
-    public init(peer: String, common: GenerationRecord, history: [GenerationRecord], peerEpoch: UInt64, reason: String) {
+    public init(peer: String, common: GenerationRecord?, history: [GenerationRecord], peerEpoch: UInt64, reason: String,
+                keepWrittenAfter: UInt64? = nil) {
+        self.keepWrittenAfter = keepWrittenAfter
         self.peer = peer
         self.common = common
         self.history = history
@@ -52,6 +61,21 @@ extension PrimaryVolume {
         let theirs = VolumeHistory(generations: open.history, appliedSeq: open.appliedSeq)
         var decision = HistoryDecision.decide(local: lineage, peer: theirs)
         var resolvedThere = false
+        if case .unrelated = decision {
+            // The operator kept one of two unrelated images: the other is set aside whole.
+            if open.discards != 0 && open.discards == config.generation {
+                peer.rival = nil
+                let why = "the unrelated history of \(config.volume) on \(peer.name) was kept by the operator there "
+                    + "(`ferry resolve \(config.volume) --keep \(peer.name)`): this site keeps its image aside and takes a full copy"
+                if !fenced {
+                    fenced = true
+                    out.append(.fence(reason: why))
+                }
+                out.append(.rejoin(Rejoin(peer: peer.name, common: nil, history: [], peerEpoch: open.epoch, reason: why)))
+                return
+            }
+            if let mine = peer.discarding, mine == theirs.current?.id { decision = .fullCopy(from: .local) }
+        }
         if case .splitBrain = decision {
             // The operator decided (`ferry resolve --keep`): on the peer's site, for it; here, for this site.
             if open.discards != 0 && open.discards == config.generation {
@@ -77,7 +101,8 @@ extension PrimaryVolume {
                 out.append(.fence(reason: why))
             }
             let kept = Array(config.lineage.prefix { $0.id != common.id }) + [common]
-            out.append(.rejoin(Rejoin(peer: name, common: common, history: kept, peerEpoch: open.epoch, reason: why)))
+            out.append(.rejoin(Rejoin(peer: name, common: common, history: kept, peerEpoch: open.epoch, reason: why,
+                                      keepWrittenAfter: divergence(from: theirs, common: common))))
         case .catchUp(from: .local), .diverged(keep: .local, _), .fullCopy(from: .local):
             peer.rival = nil
             setState(&peer, .connecting, "\(name) is a former primary of \(config.volume) (epoch \(open.epoch)); "
@@ -111,8 +136,11 @@ extension PrimaryVolume {
     /// split brain with this site.
     public mutating func resolveKeepingLocal(against name: String, now: Instant) -> [Action]? {
         self.now = now
-        guard var peer = peers[name], let rival = peer.rival, case .splitBrain = rival.decision,
-              let theirs = rival.history.current?.id else { return nil }
+        guard var peer = peers[name], let rival = peer.rival, let theirs = rival.history.current?.id else { return nil }
+        switch rival.decision {
+        case .splitBrain, .unrelated: break
+        default: return nil
+        }
         peer.discarding = theirs
         var out: [Action] = []
         // A new session carries the decision: reset the link.
@@ -126,12 +154,46 @@ extension PrimaryVolume {
     }
 
     /// `ferry resolve --keep PEER` on this site: how it gives way to `name`, or nil when `name`
-    /// is not in a split brain with it.
+    /// is not in a split brain (or an unrelated history) with it.
     public func rejoinPlan(keeping name: String) -> Rejoin? {
-        guard let rival = peers[name]?.rival, case .splitBrain = rival.decision,
-              let common = HistoryDecision.commonGeneration(lineage, rival.history) else { return nil }
-        let kept = Array(config.lineage.prefix { $0.id != common.id }) + [common]
-        return Rejoin(peer: name, common: common, history: kept, peerEpoch: rival.epoch,
-                      reason: "split brain resolved by the operator: \(name) is kept, this site gives way")
+        guard let rival = peers[name]?.rival else { return nil }
+        switch rival.decision {
+        case .splitBrain:
+            guard let common = HistoryDecision.commonGeneration(lineage, rival.history) else { return nil }
+            let kept = Array(config.lineage.prefix { $0.id != common.id }) + [common]
+            return Rejoin(peer: name, common: common, history: kept, peerEpoch: rival.epoch,
+                          reason: "split brain resolved by the operator: \(name) is kept, this site gives way",
+                          keepWrittenAfter: divergence(from: rival.history, common: common))
+        case .unrelated:
+            return Rejoin(peer: name, common: nil, history: [], peerEpoch: rival.epoch,
+                          reason: "unrelated histories resolved by the operator: \(name) is kept; this site keeps its whole "
+                              + "image aside and takes a full copy")
+        default:
+            return nil
+        }
+    }
+
+    /// What a primary that steps down sets aside before another site's copy overwrites it (P6):
+    /// what `plan.peer` (or `keepAsideFor`; every peer when both are nil) may lack, or the whole
+    /// volume when it takes a full copy from a site it shares no history with.
+    public func rangesToKeepAside(plan: Rejoin?, keepAsideFor: String?) -> [BlockRange] {
+        if config.plantedBug == .skipKeepAside { return [] }
+        if let plan, plan.common == nil { return [BlockRange(offset: 0, length: config.volumeSize)] }
+        var all = unreplicated(for: plan?.peer ?? keepAsideFor)
+        if let after = plan?.keepWrittenAfter {
+            for (granule, seq) in lastWrites.enumerated() where seq > after {
+                let start = UInt64(granule * extentsPerGranule) * config.extentSize
+                guard start < config.volumeSize else { break }
+                _ = all.set(BlockRange(offset: start, length: min(UInt64(extentsPerGranule) * config.extentSize, config.volumeSize - start)))
+            }
+        }
+        return Self.ranges(of: all)
+    }
+
+    /// Where this site's writes stop being on `theirs`'s line (``Rejoin/keepWrittenAfter``).
+    func divergence(from theirs: VolumeHistory, common: GenerationRecord) -> UInt64? {
+        guard config.generation == common.id else { return 0 }
+        guard let i = theirs.generations.firstIndex(where: { $0.id == common.id }), i + 1 < theirs.generations.count else { return nil }
+        return theirs.generations[i + 1].branchSeq
     }
 }

@@ -82,6 +82,10 @@ public struct PrimaryVolume: Sendable {
         /// flight and no ack for this long, is reset (the link closed and redialed): a frame lost
         /// in a link switch-over must not stall replication for good.
         public var sessionTimeoutNanos: Int64 = 15_000_000_000
+        /// A volume that took no write for this long checkpoints on its own, so its activity log
+        /// empties: after a crash (or when it rejoins a promoted peer) an idle volume resyncs and
+        /// keeps aside nothing, even if its client never flushed.
+        public var idleCheckpointNanos: Int64 = 2_000_000_000
         /// Test-only: a deliberate bug, to show the simulation's checkers catch it.
         var plantedBug: PlantedBug?
 
@@ -125,8 +129,15 @@ public struct PrimaryVolume: Sendable {
         public var sequenceCeiling: UInt64
         /// The bitmaps' region size (a bitmap of another granularity is not trusted).
         public var regionSize: UInt64
+        /// Per granule of the volume (a run of activity-log extents, at most 4096 granules): the
+        /// sequence of the last write this primary took there (`UInt64.max` after a crash, for
+        /// extents that were in the activity log). What a site that gives way keeps aside
+        /// beyond its peers' bitmaps: every granule it wrote after the other line branched off.
+        /// Nil in metadata written before it existed.
+        public var lastWrites: [UInt64]?
         public init(activityLog: [Int] = [], peers: [String: Peer] = [:], lastSeq: UInt64 = 0, sequenceCeiling: UInt64 = 0,
-                    regionSize: UInt64 = 0) {
+                    regionSize: UInt64 = 0, lastWrites: [UInt64]? = nil) {
+            self.lastWrites = lastWrites
             self.activityLog = activityLog
             self.peers = peers
             self.lastSeq = lastSeq
@@ -224,6 +235,9 @@ public struct PrimaryVolume: Sendable {
 
     var activityLog: Set<Int>
     var extentLastSeq: [Int: UInt64] = [:]
+    /// ``Metadata/lastWrites``, and how many extents one granule spans.
+    var lastWrites: [UInt64]
+    let extentsPerGranule: Int
     var journal = Journal()
     var journalEnabled: Bool
 
@@ -233,6 +247,8 @@ public struct PrimaryVolume: Sendable {
     var internalCheckpointRunning = false
     /// The sequence of the last checkpoint the primary started on its own.
     var lastCheckpointSeq: UInt64 = 0
+    /// When the last request was admitted (for the idle checkpoint).
+    var lastSubmitAt: Int64 = 0
     var fenced = false
     var now = Instant(monotonicNanos: 0, wallSeconds: 0)
 
@@ -251,6 +267,18 @@ public struct PrimaryVolume: Sendable {
         self.sequenceCeiling = max(metadata.sequenceCeiling, lastSeq)
         self.lastAdmitted = lastSeq
         self.activityLog = Set(metadata.activityLog)
+        let extentCount = Int((config.volumeSize + config.extentSize - 1) / max(1, config.extentSize))
+        self.extentsPerGranule = max(1, (extentCount + 4095) / 4096)
+        let granules = (extentCount + extentsPerGranule - 1) / extentsPerGranule
+        if let saved = metadata.lastWrites, saved.count == granules {
+            self.lastWrites = saved
+        } else {
+            // Unknown (older metadata of a volume that took writes): any granule may have been written at any time.
+            self.lastWrites = Array(repeating: metadata.lastSeq == 0 ? 0 : .max, count: granules)
+        }
+        if !cleanShutdown {
+            for extent in activityLog where extent / extentsPerGranule < lastWrites.count { lastWrites[extent / extentsPerGranule] = .max }
+        }
         self.journalEnabled = config.peers.values.contains { $0.mode == .async }
         self.peerOrder = config.peers.keys.sorted()
         self.now = now
@@ -302,6 +330,7 @@ public struct PrimaryVolume: Sendable {
     /// Accepts a client request; returns its sequence number and what to do.
     public mutating func submit(_ request: Request, now: Instant) -> (seq: UInt64, actions: [Action]) {
         self.now = now
+        lastSubmitAt = now.monotonicNanos
         var out: [Action] = []
         lastSeq += 1
         let seq = lastSeq
@@ -324,6 +353,7 @@ public struct PrimaryVolume: Sendable {
         if let range = pending.range, let extents = extents(of: range) {
             for extent in extents {
                 extentLastSeq[extent] = seq
+                lastWrites[extent / extentsPerGranule] = seq
                 if activityLog.insert(extent).inserted { persistNeeded = true; token = nextToken }
             }
         }
@@ -503,7 +533,7 @@ public struct PrimaryVolume: Sendable {
                                            ackedSeq: peer.journaled ? peer.ackedSeq : nil)
         }
         return Metadata(activityLog: activityLog.sorted(), peers: peerMeta, lastSeq: lastSeq, sequenceCeiling: sequenceCeiling,
-                        regionSize: config.regionSize)
+                        regionSize: config.regionSize, lastWrites: lastWrites)
     }
 
     func isSatisfied(_ wait: Pending.Wait) -> Bool {
@@ -566,7 +596,8 @@ public struct PrimaryVolume: Sendable {
     public mutating func tick(now: Instant) -> [Action] {
         self.now = now
         var out: [Action] = []
-        if activityLog.count > config.activityLogCapacity, !internalCheckpointRunning, lastAdmitted > lastCheckpointSeq {
+        let idle = requests.isEmpty && !activityLog.isEmpty && now.monotonicNanos - lastSubmitAt >= config.idleCheckpointNanos
+        if activityLog.count > config.activityLogCapacity || idle, !internalCheckpointRunning, lastAdmitted > lastCheckpointSeq {
             lastCheckpointSeq = lastAdmitted + 1
             submitInternalFlush(&out)
         }
@@ -600,4 +631,20 @@ enum PlantedBug: String, Sendable, CaseIterable {
     case skipPointCopy = "skip-point-copy"
     /// Trim the journal when an item is sent rather than when the peer has it.
     case trimJournalOnSend = "trim-journal-on-send"
+    /// Failover: `ferry promote` takes a replica mid catch-up without --force.
+    case promoteInconsistent = "promote-inconsistent"
+    /// Failover: a promotion keeps the epoch it had instead of starting a newer one.
+    case promoteWithoutNewEpoch = "promote-without-new-epoch"
+    /// Failover: a primary that steps down keeps nothing aside.
+    case skipKeepAside = "skip-keep-aside"
+    /// Failover: a site that gives way does not say which blocks the new primary must overwrite.
+    case rejoinWithoutNeeds = "rejoin-without-needs"
+
+    /// Bugs of role changes, which only the failover schedules exercise.
+    var isFailover: Bool {
+        switch self {
+        case .promoteInconsistent, .promoteWithoutNewEpoch, .skipKeepAside, .rejoinWithoutNeeds: true
+        default: false
+        }
+    }
 }

@@ -50,6 +50,8 @@ public struct ReplicaVolume: Sendable {
         var link: LinkID
         var epoch: UInt64
         var generation: UInt64
+        /// The primary's line of history (its `open`).
+        var history: [GenerationRecord]
         var logged: Bool
         var nextIndex: UInt64 = 1
         var lastSeq: UInt64 = 0
@@ -70,6 +72,8 @@ public struct ReplicaVolume: Sendable {
     public let volume: String
     public private(set) var position: ReplicaPosition
     private var session: Session?
+    /// The link and generation of the last stream opened here.
+    private var lastOpened: (link: LinkID, generation: UInt64)?
     /// Test-only: a deliberate bug, to show the simulation's checkers catch it.
     var plantedBug: PlantedBug?
 
@@ -111,6 +115,13 @@ public struct ReplicaVolume: Sendable {
     public var isConsistent: Bool { position.consistent }
     /// The link a primary has a stream open on, if any.
     public var sessionLink: LinkID? { session?.link }
+    /// The link of the last primary that streamed this replica's generation to it (kept after
+    /// that link is gone): the site a promotion here followed, which holds every write of that
+    /// generation the image has. Nil when the image is on another generation (or after a restart).
+    public var followedLink: LinkID? {
+        guard let lastOpened, lastOpened.generation == position.generation, position.initialized else { return nil }
+        return lastOpened.link
+    }
 
     // MARK: - Events
 
@@ -169,7 +180,10 @@ public struct ReplicaVolume: Sendable {
                 s.lastCatchUpBegin = barrier.index
                 position.consistent = false
                 position.epoch = s.epoch
+                // Sequences count along one line of history: another generation's start afresh.
+                if position.generation != s.generation { position.appliedSeq = 0 }
                 position.generation = s.generation
+                position.lineage = s.history
                 // Before the first out-of-order block lands: a crash now must not look consistent.
                 actions.append(.persistPosition(position))
                 actions.append(.send(link, .ack(level: .durable, index: barrier.index)))
@@ -225,8 +239,18 @@ public struct ReplicaVolume: Sendable {
         let logged = open.mode == .async || open.mode == .scheduled
         var actions: [Action] = []
         if session?.logged ?? logged { actions.append(.discardLogTail) }
-        session = Session(link: link, epoch: open.epoch, generation: open.generation, logged: logged,
+        if open.epoch > position.epoch {
+            // The newest epoch seen, kept: an older primary is refused from now on, and a
+            // promotion here takes an epoch above it (P4).
+            position.epoch = open.epoch
+            actions.append(.persistPosition(position))
+        }
+        session = Session(link: link, epoch: open.epoch, generation: open.generation,
+                          history: open.history.last?.id == open.generation ? open.history
+                              : open.history + [GenerationRecord(id: open.generation, epoch: open.epoch, branchSeq: 0)],
+                          logged: logged,
                           lastSeq: position.appliedSeq)
+        lastOpened = (link, open.generation)
         actions.append(.send(link, .position(position)))
         return actions
     }
@@ -245,6 +269,7 @@ public struct ReplicaVolume: Sendable {
         let done = s.barriers.keys.filter { $0 <= index }.sorted()
         guard let last = done.last else { return [] }
         var next = position
+        if next.generation != s.generation { next.appliedSeq = 0 }
         for key in done {
             let barrier = s.barriers.removeValue(forKey: key)!
             guard barrier.index > s.lastCatchUpBegin else { continue }
@@ -259,6 +284,7 @@ public struct ReplicaVolume: Sendable {
         }
         next.epoch = s.epoch
         next.generation = s.generation
+        next.lineage = s.history
         session = s
         var actions: [Action] = []
         if next != position {
@@ -276,8 +302,10 @@ public struct ReplicaVolume: Sendable {
         s.applyIssuedIndex = barrier.index
         session = s
         var next = position
+        if next.generation != s.generation { next.appliedSeq = 0 }
         next.epoch = s.epoch
         next.generation = s.generation
+        next.lineage = s.history
         next.appliedSeq = max(next.appliedSeq, barrier.seq)
         next.consistent = true
         next.initialized = true

@@ -184,13 +184,19 @@ public struct ReplicaPosition: Sendable, Equatable, Codable {
     /// must send again (with what it wrote itself since it branched) to make the two equal. Nil
     /// once a catch-up completed.
     public var needs: [BlockRange]?
+    /// The line of history the image's generation belongs to, oldest first, ending with
+    /// `generation`, as the primary that streamed it sent it in its `open`: a promotion here
+    /// branches from it (the site's own recorded history may end elsewhere, after it followed
+    /// a primary of another line). Persisted with the position; not sent on the wire.
+    public var lineage: [GenerationRecord]?
 
     /// The most ranges a position carries (1 MiB on the wire); a demoted primary with more asks
     /// for a full copy instead.
     public static let maxNeeds = 65_536
 
     public init(epoch: UInt64 = 0, generation: UInt64 = 0, appliedSeq: UInt64 = 0, consistent: Bool = false, initialized: Bool = false,
-                needs: [BlockRange]? = nil) {
+                needs: [BlockRange]? = nil, lineage: [GenerationRecord]? = nil) {
+        self.lineage = lineage
         self.epoch = epoch
         self.generation = generation
         self.appliedSeq = appliedSeq

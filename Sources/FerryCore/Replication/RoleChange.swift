@@ -1,0 +1,134 @@
+/// The decisions of a role change (promote, demote, give way), as pure functions: the site runs
+/// them with its catalog and files, the simulation with its own, so the schedules test the very
+/// rules the daemon applies (DESIGN §4, §7).
+public enum RoleChange {
+    /// The peers a primary at `site` replicates to, from a volume configured with `firstPrimary`
+    /// and `replicas`: those replicas when `site` is the first primary; after a promotion of a
+    /// replica, the other replicas plus the first primary, which takes the promoted site's own
+    /// policy (the link is mirrored).
+    public static func peers(replicas: [String: ReplicaPolicy], firstPrimary: String,
+                             whenPrimaryIs site: String) -> [String: ReplicaPolicy] {
+        guard site != firstPrimary else { return replicas }
+        var peers = replicas
+        if let mine = peers.removeValue(forKey: site) { peers[firstPrimary] = mine }
+        return peers
+    }
+
+    /// Why `ferry promote` must refuse a replica at `position`, or nil when it may go ahead.
+    /// `streamingPrimary`: the primary that streams to this replica over a link that is up (a
+    /// reachable primary), if any.
+    public static func promotionRefusal(volume: String, position: ReplicaPosition, force: Bool,
+                                        streamingPrimary: String?) -> String? {
+        promotionRefusal(volume: volume, position: position, force: force, streamingPrimary: streamingPrimary, plantedBug: nil)
+    }
+
+    static func promotionRefusal(volume: String, position: ReplicaPosition, force: Bool, streamingPrimary: String?,
+                                 plantedBug: PlantedBug?) -> String? {
+        if !position.consistent && !force && plantedBug != .promoteInconsistent {
+            let why = position.initialized
+                ? "a catch-up is writing it out of order (applied up to sequence \(position.appliedSeq))"
+                : "its initial sync has not completed"
+            return "the replica of \(volume) here is not consistent: \(why). Promoting it would serve "
+                + "a state no site ever had. Wait until `ferry status` shows it in sync, or promote it as it is with --force "
+                + "(a file system on it may need repair)"
+        }
+        if let streaming = streamingPrimary, !force {
+            return "\(streaming) is reachable and still the primary of \(volume) (it streams to this site): "
+                + "promoting here would make two sites take writes. Demote it there first (`ferry demote \(volume)` on \(streaming)), "
+                + "or, if it no longer serves the volume, use --force"
+        }
+        return nil
+    }
+
+    /// What a promotion starts from: the new epoch, the history with the new generation branching
+    /// where the replica's image is, and the primary's first metadata.
+    public struct Promotion: Sendable, Equatable {
+        public var epoch: UInt64
+        public var history: [GenerationRecord]
+        public var metadata: PrimaryVolume.Metadata
+    }
+
+    /// The epoch a promotion of the site at `siteIndex` (its place among the volume's
+    /// `siteCount` sites, sorted by name) takes, when the newest epoch it knows of is `seen`:
+    /// the next above it that is this site's own (`epoch % siteCount == siteIndex`), and never 1
+    /// (the first primary's). Two sites promoted while they cannot see each other thus never
+    /// share an epoch (P4: one writer per epoch, without a witness to ask).
+    public static func nextEpoch(after seen: UInt64, siteIndex: Int, siteCount: Int) -> UInt64 {
+        let count = UInt64(max(1, siteCount)), index = UInt64(max(0, siteIndex)) % count
+        var epoch = max(seen, 1) + 1
+        epoch += (index + count - epoch % count) % count
+        return epoch
+    }
+
+    /// A replica at `position` becomes the primary in generation `generation` (random, non-zero).
+    /// `recordedEpoch` and `recordedHistory` are what the site's catalog holds for the volume;
+    /// `followed` is the site it replicated from, when that site holds the same image up to the
+    /// branch (it then starts with a clean bitmap: failback sends only what differs); every other
+    /// peer starts from a full copy.
+    /// `siteIndex` and `siteCount`: see ``nextEpoch(after:siteIndex:siteCount:)``.
+    public static func promotion(position: ReplicaPosition, generation: UInt64, recordedEpoch: UInt64,
+                                 recordedHistory: [GenerationRecord], volumeSize: UInt64, regionSize: UInt64,
+                                 followed: String?, siteIndex: Int, siteCount: Int) -> Promotion {
+        promotion(position: position, generation: generation, recordedEpoch: recordedEpoch, recordedHistory: recordedHistory,
+                  volumeSize: volumeSize, regionSize: regionSize, followed: followed, siteIndex: siteIndex, siteCount: siteCount,
+                  plantedBug: nil)
+    }
+
+    static func promotion(position: ReplicaPosition, generation: UInt64, recordedEpoch: UInt64, recordedHistory: [GenerationRecord],
+                          volumeSize: UInt64, regionSize: UInt64, followed: String?, siteIndex: Int, siteCount: Int,
+                          plantedBug: PlantedBug?) -> Promotion {
+        let seen = max(recordedEpoch, position.epoch)
+        let epoch = plantedBug == .promoteWithoutNewEpoch ? seen : nextEpoch(after: seen, siteIndex: siteIndex, siteCount: siteCount)
+        // The line of history the image is on: as its primary sent it, else as recorded here,
+        // ending with the image's generation (a replica that has received anything, even a
+        // forced one mid initial sync, branches from the line it was receiving).
+        var history = position.lineage ?? recordedHistory
+        if let i = history.lastIndex(where: { $0.id == position.generation }) {
+            history = Array(history[...i])
+        } else if history.isEmpty, position.generation != 0 {
+            history.append(GenerationRecord(id: position.generation, epoch: position.epoch, branchSeq: 0))
+        }
+        history.append(GenerationRecord(id: generation, epoch: epoch, branchSeq: position.appliedSeq))
+        var peers: [String: PrimaryVolume.Metadata.Peer] = [:]
+        if let followed, position.consistent, position.initialized {
+            let empty = DirtyBitmap(volumeSize: volumeSize, regionSize: regionSize)
+            peers[followed] = PrimaryVolume.Metadata.Peer(dirtyWords: empty.words, initialSyncPending: false, lastPoint: nil)
+        }
+        // Sequences continue above what this replica applied.
+        let metadata = PrimaryVolume.Metadata(peers: peers, lastSeq: position.appliedSeq, sequenceCeiling: position.appliedSeq,
+                                              regionSize: regionSize)
+        return Promotion(epoch: epoch, history: history, metadata: metadata)
+    }
+
+    /// What a primary that steps down keeps: its history, and the replica position it starts
+    /// from (never consistent until a primary has caught it up).
+    public struct Demotion: Sendable, Equatable {
+        public var history: [GenerationRecord]
+        public var position: ReplicaPosition
+    }
+
+    /// The primary at `epoch` in `generation` (with `recordedHistory` from its catalog) becomes a
+    /// secondary. `plan` nil is `ferry demote`; otherwise it gives way to `plan.peer` and its
+    /// position names the generation both share. `keptAside`: the ranges it set aside, which the
+    /// next primary must overwrite (its `needs`; a full copy when the list is too long).
+    public static func demotion(epoch: UInt64, generation: UInt64, recordedHistory: [GenerationRecord], plan: Rejoin?,
+                                keptAside: [BlockRange]) -> Demotion {
+        demotion(epoch: epoch, generation: generation, recordedHistory: recordedHistory, plan: plan, keptAside: keptAside, plantedBug: nil)
+    }
+
+    static func demotion(epoch: UInt64, generation: UInt64, recordedHistory: [GenerationRecord], plan: Rejoin?,
+                         keptAside: [BlockRange], plantedBug: PlantedBug?) -> Demotion {
+        if let plan, plan.common == nil {
+            // No history in common: the image is all kept aside and replaced by a full copy.
+            return Demotion(history: [], position: ReplicaPosition(epoch: plan.peerEpoch))
+        }
+        var history = plan?.history ?? recordedHistory
+        if history.isEmpty { history.append(GenerationRecord(id: generation, epoch: max(1, epoch), branchSeq: 0)) }
+        let needs = plantedBug == .rejoinWithoutNeeds ? [] : keptAside
+        let fits = needs.count <= ReplicaPosition.maxNeeds
+        let position = ReplicaPosition(epoch: plan?.peerEpoch ?? max(1, epoch), generation: plan?.common?.id ?? generation,
+                                       appliedSeq: 0, consistent: false, initialized: fits,
+                                       needs: fits && !needs.isEmpty ? needs : nil, lineage: history)
+        return Demotion(history: history, position: position)
+    }
+}

@@ -1,0 +1,88 @@
+import Testing
+@testable import FerryCore
+
+/// The rules of a role change that the daemon and the simulation share (``RoleChange``).
+struct RoleChangeTests {
+    static let g1 = GenerationRecord(id: 0x11, epoch: 1, branchSeq: 0)
+    static let g2 = GenerationRecord(id: 0x22, epoch: 3, branchSeq: 40)
+
+    @Test func epochsOfDifferentSitesNeverCollideAndAlwaysGrow() {
+        for count in 1...5 {
+            var taken: [UInt64: Int] = [:]
+            for seen in UInt64(0)...60 {
+                for index in 0..<count {
+                    let epoch = RoleChange.nextEpoch(after: seen, siteIndex: index, siteCount: count)
+                    #expect(epoch > max(seen, 1), "site \(index)/\(count) after \(seen) took \(epoch)")
+                    #expect(epoch % UInt64(count) == UInt64(index), "site \(index)/\(count) took \(epoch), not its own")
+                    #expect(epoch - max(seen, 1) <= UInt64(count), "site \(index)/\(count) skipped too far: \(seen) → \(epoch)")
+                    if let other = taken[epoch] { #expect(other == index, "sites \(other) and \(index) of \(count) both take \(epoch)") }
+                    taken[epoch] = index
+                }
+            }
+        }
+        // The two-site volume of the runbooks: west (index 1) first promotes to 3, east back to 4.
+        #expect(RoleChange.nextEpoch(after: 1, siteIndex: 1, siteCount: 2) == 3)
+        #expect(RoleChange.nextEpoch(after: 3, siteIndex: 0, siteCount: 2) == 4)
+    }
+
+    @Test func aPromotionBranchesFromTheLineTheImageIsOn() {
+        // Recorded here: an older line (this site was primary of 0x33 once); the image now
+        // follows g2, as its primary's open said.
+        let recorded = [Self.g1, GenerationRecord(id: 0x33, epoch: 2, branchSeq: 30)]
+        let position = ReplicaPosition(epoch: 3, generation: 0x22, appliedSeq: 90, consistent: true, initialized: true,
+                                       lineage: [Self.g1, Self.g2])
+        let p = RoleChange.promotion(position: position, generation: 0x44, recordedEpoch: 2, recordedHistory: recorded,
+                                     volumeSize: 1 << 20, regionSize: 4096, followed: "east", siteIndex: 0, siteCount: 2)
+        #expect(p.history == [Self.g1, Self.g2, GenerationRecord(id: 0x44, epoch: 4, branchSeq: 90)])
+        #expect(p.epoch == 4)
+        #expect(p.metadata.lastSeq == 90 && p.metadata.sequenceCeiling == 90)
+        #expect(p.metadata.peers["east"]?.initialSyncPending == false, "the followed site starts with a clean bitmap")
+    }
+
+    @Test func aForcedPromotionMidInitialSyncStaysOnTheLineItWasReceiving() {
+        // Never consistent, but the catch-up of g1 had begun: the new line descends from g1, so the
+        // former primary gives way (keeping its writes aside) instead of meeting an unrelated volume.
+        let position = ReplicaPosition(epoch: 1, generation: 0x11, appliedSeq: 0, lineage: [Self.g1])
+        let p = RoleChange.promotion(position: position, generation: 0x55, recordedEpoch: 1, recordedHistory: [],
+                                     volumeSize: 1 << 20, regionSize: 4096, followed: nil, siteIndex: 1, siteCount: 2)
+        #expect(p.history == [Self.g1, GenerationRecord(id: 0x55, epoch: 3, branchSeq: 0)])
+        #expect(p.metadata.peers.isEmpty, "no peer starts clean from an inconsistent image")
+        let returning = VolumeHistory(generations: [Self.g1], appliedSeq: 500)
+        #expect(HistoryDecision.decide(local: returning, peer: VolumeHistory(generations: p.history, appliedSeq: 0))
+                == .diverged(keep: .peer, branchSeq: 0))
+        // A replica that never received anything starts a line of its own.
+        let empty = RoleChange.promotion(position: .empty, generation: 0x66, recordedEpoch: 1, recordedHistory: [],
+                                         volumeSize: 1 << 20, regionSize: 4096, followed: nil, siteIndex: 1, siteCount: 2)
+        #expect(empty.history == [GenerationRecord(id: 0x66, epoch: 3, branchSeq: 0)])
+    }
+
+    @Test func aDemotionNamesTheSharedGenerationAndWhatMustBeOverwritten() {
+        let plan = Rejoin(peer: "west", common: Self.g1, history: [Self.g1], peerEpoch: 3, reason: "test")
+        let kept = [BlockRange(offset: 0, length: 4096)]
+        let d = RoleChange.demotion(epoch: 1, generation: 0x11, recordedHistory: [], plan: plan, keptAside: kept)
+        #expect(d.position == ReplicaPosition(epoch: 3, generation: 0x11, appliedSeq: 0, consistent: false, initialized: true,
+                                              needs: kept, lineage: [Self.g1]))
+        let plain = RoleChange.demotion(epoch: 4, generation: 0x44, recordedHistory: [], plan: nil, keptAside: [])
+        #expect(plain.history == [GenerationRecord(id: 0x44, epoch: 4, branchSeq: 0)] && plain.position.needs == nil)
+        // Too many ranges to carry: a full copy instead.
+        let many = (0..<(ReplicaPosition.maxNeeds + 1)).map { BlockRange(offset: UInt64($0) * 8192, length: 4096) }
+        #expect(!RoleChange.demotion(epoch: 4, generation: 0x44, recordedHistory: [], plan: nil, keptAside: many).position.initialized)
+    }
+
+    @Test func aSiteThatGivesWayKeepsAsideWhatItWroteAfterTheOtherLineBranchedEvenIfPeersAckedIt() {
+        // East wrote at sequences 1...20 into extents 0...19; every peer acknowledged everything.
+        var config = PrimaryVolume.Config(volume: "vm1", volumeSize: 32 << 20, epoch: 1, generation: 0x11,
+                                          peers: ["west": ReplicaPolicy(mode: .sync)])
+        config.extentSize = 1 << 20
+        config.regionSize = 4096
+        let now = Instant(monotonicNanos: 0, wallSeconds: 0)
+        var east = PrimaryVolume(config: config, metadata: .init(peers: ["west": .init(dirtyWords: [], initialSyncPending: false, lastPoint: nil)]),
+                                 cleanShutdown: true, journal: [], now: now)
+        for i in 0..<20 { _ = east.submit(.write(BlockRange(offset: UInt64(i) << 20, length: 4096), fua: false), now: now) }
+        east.peers["west"]!.dirty = DirtyBitmap(volumeSize: config.volumeSize, regionSize: config.regionSize)   // all acknowledged
+        // West's line left generation 0x11 at sequence 15: what east wrote after it (16...20) is kept aside.
+        let plan = Rejoin(peer: "west", common: Self.g1, history: [Self.g1], peerEpoch: 3, reason: "test", keepWrittenAfter: 15)
+        let kept = east.rangesToKeepAside(plan: plan, keepAsideFor: nil)
+        #expect(kept == [BlockRange(offset: 15 << 20, length: 5 << 20)], "\(kept)")
+    }
+}
