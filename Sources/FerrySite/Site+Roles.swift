@@ -16,6 +16,12 @@ extension VolumeConfig {
 
     /// Every site that holds this volume.
     var sites: Set<String> { Set(replicas.keys).union([primary]) }
+
+    /// `site`'s place among the volume's sites sorted by name, and their number: which epochs
+    /// it takes (``RoleChange/nextEpoch(after:siteIndex:siteCount:)``).
+    func epochStripe(of site: String) -> (index: Int, count: Int) {
+        (sites.sorted().firstIndex(of: site) ?? 0, sites.count)
+    }
 }
 
 extension Site {
@@ -55,6 +61,21 @@ extension Site {
             s.volumes[j].isPrimary = primary != nil
             s.volumes[j].isReplica = primary == nil
             if let updated { s.volumes[j].record = updated }
+        }
+    }
+
+    /// A primary took a new epoch when a rival with a newer one gave way to it
+    /// (``VolumeEvent/Kind/epochChanged(_:)``): the catalog records it, with the history whose
+    /// current generation keeps the epoch that started it, so a restart serves the new epoch.
+    func recordEpoch(_ name: String, _ epoch: UInt64) {
+        let (catalog, engine) = state.withLockedValue { s in (s.catalog, s.engine) }
+        guard let catalog, let primary = engine?.primary(name), let record = try? catalog.volume(named: name) else { return }
+        let history = String(decoding: (try? JSONEncoder().encode(primary.history)) ?? Data("[]".utf8), as: UTF8.self)
+        do {
+            try catalog.setRole(name: name, role: record.role ?? "primary", epoch: Int64(epoch), generation: record.generation, history: history)
+            noteRole(name, primary: primary, replica: nil, catalog: catalog)
+        } catch {
+            logger.error("volume \(name): recording epoch \(epoch) failed: \(error); a restart serves the old one, which peers refuse")
         }
     }
 
@@ -105,8 +126,8 @@ extension Site {
         let plan = RoleChange.promotion(position: position, generation: generationID, recordedEpoch: UInt64(max(record.epoch, 0)),
                                         recordedHistory: Self.history(record), volumeSize: volume.config.sizeBytes,
                                         regionSize: regionSize, followed: followed,
-                                        siteIndex: volume.config.sites.sorted().firstIndex(of: me) ?? 0,
-                                        siteCount: volume.config.sites.count)
+                                        siteIndex: volume.config.epochStripe(of: me).index,
+                                        siteCount: volume.config.epochStripe(of: me).count)
         let epoch = plan.epoch
         let historyJSON = String(decoding: (try? JSONEncoder().encode(plan.history)) ?? Data("[]".utf8), as: UTF8.self)
         let runtime: PrimaryVolumeRuntime
@@ -116,11 +137,16 @@ extension Site {
             // except what it wrote that never arrived here (it says which when it rejoins): it
             // starts with a clean bitmap. Any other peer gets a full copy.
             let metaPath = stateDir + "/primary.meta"
+            // What the replica wrote may still be in the page cache: made durable first, since the
+            // new primary's peers copy it from here and its activity log knows nothing of it (a
+            // power loss after the promotion would otherwise leave them holding blocks it lost).
+            try image.flush()
             try? FileManager.default.removeItem(atPath: stateDir + "/journal")
             var machine = PrimaryVolume.Config(volume: name, volumeSize: volume.config.sizeBytes, epoch: epoch,
                                                generation: generationID, peers: peers)
             machine.regionSize = regionSize
             machine.history = plan.history
+            (machine.siteIndex, machine.siteCount) = volume.config.epochStripe(of: me)
             try MetadataFile<PrimaryVolume.Metadata>(path: metaPath).store(plan.metadata)
             try catalog.setRole(name: name, role: "primary", epoch: Int64(epoch), generation: generation, history: historyJSON)
             runtime = try PrimaryVolumeRuntime(

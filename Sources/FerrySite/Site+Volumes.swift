@@ -53,6 +53,7 @@ extension Site {
                         generation: PrimaryVolume.Config.generationNumber(record.generation), peers: peers)
                     machine.regionSize = PrimaryVolume.Config.regionSize(forVolumeSize: v.sizeBytes)
                     machine.history = Self.history(record)
+                    (machine.siteIndex, machine.siteCount) = v.epochStripe(of: config.site.name)
                     let runtime = try PrimaryVolumeRuntime(
                         name: v.name, image: image, config: machine, stateDirectory: stateDir, cleanShutdown: clean,
                         threadPool: threadPool, links: links, logger: logger, onEvent: onEvent)
@@ -147,6 +148,9 @@ extension Site {
             if !repeated { logger.error("\(event.message)", metadata: ["volume": "\(event.volume)"]) }
         case .takeOver(let peer):
             DispatchQueue.global().async { [weak self] in self?.takeOver(event.volume, from: peer) }
+        case .epochChanged(let epoch):
+            logger.notice("\(event.message)", metadata: ["volume": "\(event.volume)"])
+            recordEpoch(event.volume, epoch)
         case .rejoin(let plan):
             // Not on the runtime's thread: becoming a secondary stops that runtime.
             DispatchQueue.global().async { [weak self] in self?.rejoin(event.volume, plan: plan) }

@@ -109,6 +109,8 @@ extension PrimaryVolumeRuntime {
                 work.events.append(VolumeEvent(volume: name, kind: .fenced, message: reason))
             case .rejoin(let plan):
                 work.events.append(VolumeEvent(volume: name, kind: .rejoin(plan), message: plan.reason))
+            case .epochChanged(let epoch, let reason):
+                work.events.append(VolumeEvent(volume: name, kind: .epochChanged(epoch), message: "volume \(name) takes epoch \(epoch): \(reason)"))
             case .stateChanged(let peer, let state, let reason):
                 work.events.append(VolumeEvent(volume: name, kind: .linkState(peer: peer, state: state),
                                                message: "volume \(name) → \(peer): \(state.rawValue): \(reason)"))

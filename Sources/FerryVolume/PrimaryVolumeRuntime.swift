@@ -204,6 +204,8 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
     public var lastAdmittedSeq: UInt64 { core.withLockedValue { $0.machine.lastAdmittedSeq } }
     /// This primary's generation (its ID on the wire).
     public var generation: UInt64 { core.withLockedValue { $0.machine.generation } }
+    /// The line of history recorded with the volume (``PrimaryVolume/Config/history``).
+    public var history: [GenerationRecord] { core.withLockedValue { $0.machine.history } }
 
     /// The peers this primary is in a split brain (or an unrelated history) with.
     public var rivals: [String: Rival] { core.withLockedValue { $0.machine.rivals } }

@@ -50,6 +50,8 @@ public struct VolumeEvent: Sendable {
         case rejoin(Rejoin)
         /// The primary (`peer`) stepped down for a switchover and handed the volume to this replica.
         case takeOver(peer: String)
+        /// This primary took a new epoch (``PrimaryVolume/Action/epochChanged(_:reason:)``): the site records it.
+        case epochChanged(UInt64)
     }
     public var volume: String
     public var kind: Kind

@@ -123,8 +123,12 @@ extension SimWorld {
         return "primaries \(primaries) (\(p) fenced \(site(p).isFenced)); " + siteNames.filter { $0 != p }.map { name in
             let node = site(name)
             let differing = zip(node.disk.cache, site(p).disk.cache).filter { $0 != $1 }.count
+            let sample = (0..<sectors).filter { node.disk.cache[$0] != site(p).disk.cache[$0] }.prefix(2).map { sector in
+                "sector \(sector) holds #\(node.disk.cache[sector] >> 16) (by \(stampWriter[node.disk.cache[sector]] ?? "-")), "
+                    + "\(p) #\(site(p).disk.cache[sector] >> 16) (by \(stampWriter[site(p).disk.cache[sector]] ?? "-"))"
+            }
             let s = statuses.first { $0.peer == name }
-            return "\(name): \(s?.state.rawValue ?? "?") (\(s?.reason ?? "")), \(differing) sectors differ, "
+            return "\(name): \(s?.state.rawValue ?? "?") (\(s?.reason ?? "")), \(differing) sectors differ \(sample), "
                 + "replica consistent \(node.replica?.position.consistent ?? false), dirty \(s?.dirtyBytes ?? 0) B"
         }.joined(separator: "; ") + "; pending requests \(site(p).primary!.pendingRequests)"
     }

@@ -131,6 +131,12 @@ extension SimWorld {
                 return
             case .stateChanged(let peer, let state, let reason):
                 log("\(name): link to \(peer): \(state.rawValue) (\(reason))")
+            case .epochChanged(let epoch, let reason):
+                guard scenario.roles else { fail("\(name) took epoch \(epoch) unexpectedly: \(reason)"); return }
+                log("\(name) takes epoch \(epoch): \(reason)")
+                s.config = s.primary!.config
+                s.epoch = epoch
+                s.history = s.config!.history
             }
         }
     }

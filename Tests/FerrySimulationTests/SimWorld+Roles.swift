@@ -69,6 +69,8 @@ extension SimWorld {
             }
             checkConsistentReplica(name)
         }
+        // The image is flushed before it serves (what the replica wrote may be unflushed).
+        s.disk.flush()
         let generation = rng.next() | 1
         let followed = replica.followedLink.flatMap { peer(of: name, on: $0) }
         let peers = RoleChange.peers(replicas: configuredReplicas, firstPrimary: Scenario.firstPrimary, whenPrimaryIs: name)
@@ -82,6 +84,7 @@ extension SimWorld {
         machine.generation = generation
         machine.history = plan.history
         machine.peers = peers
+        machine.siteIndex = siteNames.sorted().firstIndex(of: name)!
         s.config = machine
         s.epoch = plan.epoch
         s.generation = generation

@@ -182,8 +182,10 @@ final class SimWorld {
         config.sequenceReservation = 50
         config.idleCheckpointNanos = 300_000_000
         config.plantedBug = scenario.bug
-        self.config = config
         siteNames = [Scenario.firstPrimary] + scenario.peers.map(\.name)
+        config.siteIndex = siteNames.sorted().firstIndex(of: Scenario.firstPrimary)!
+        config.siteCount = siteNames.count
+        self.config = config
         for name in siteNames { sites[name] = SimSite(name: name, sectors: scenario.sectors) }
         sites[Scenario.firstPrimary]!.config = config
         history[1] = Array(repeating: [(0, 0)], count: scenario.sectors)

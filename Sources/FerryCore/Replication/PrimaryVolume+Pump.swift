@@ -353,6 +353,7 @@ extension PrimaryVolume {
     public var lastAdmittedSeq: UInt64 { lastAdmitted }
     /// The generation this primary writes in.
     public var generation: UInt64 { config.generation }
+    public var history: [GenerationRecord] { config.history }
 
     /// Another site holds a newer epoch of the volume (P4): from now on every write and flush is
     /// refused. Requests already admitted finish; nothing new reaches the image or a peer.

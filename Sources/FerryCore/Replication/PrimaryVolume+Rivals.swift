@@ -107,10 +107,32 @@ extension PrimaryVolume {
             peer.rival = nil
             setState(&peer, .connecting, "\(name) is a former primary of \(config.volume) (epoch \(open.epoch)); "
                      + "it gives way and rejoins as a secondary", &out)
+            if open.epoch >= config.epoch {
+                adoptEpoch(above: open.epoch, peer: &peer,
+                           reason: "\(name) gives way from epoch \(open.epoch); sites that followed it refuse older epochs", &out)
+            }
         case .splitBrain, .unrelated, .nothingToDo, .inSync:
             let rival = Rival(decision: decision, epoch: open.epoch, history: theirs)
             peer.rival = rival
             setRivalState(&peer, rival, &out)
+        }
+    }
+
+    /// Takes the next epoch of this site's own above `seen`, keeping the generation, and resets
+    /// every session so each peer hears it in a new `open` (`peer`'s, being handled, too).
+    mutating func adoptEpoch(above seen: UInt64, peer: inout PeerState, reason: String, _ out: inout [Action]) {
+        if config.history.isEmpty { config.history = config.lineage }   // the generation keeps the epoch that started it
+        config.epoch = RoleChange.nextEpoch(after: max(seen, config.epoch), siteIndex: config.siteIndex, siteCount: config.siteCount)
+        out.append(.epochChanged(config.epoch, reason: reason))
+        if let session = peer.session {
+            out.append(.closeLink(peer: peer.name, session.link, reason: "new epoch \(config.epoch)"))
+            dropSession(&peer, link: session.link, &out)
+        }
+        for name in peerOrder where name != peer.name {
+            guard var other = peers[name], let session = other.session else { continue }
+            out.append(.closeLink(peer: name, session.link, reason: "new epoch \(config.epoch)"))
+            dropSession(&other, link: session.link, &out)
+            peers[name] = other
         }
     }
 
@@ -143,8 +165,13 @@ extension PrimaryVolume {
         }
         peer.discarding = theirs
         var out: [Action] = []
-        // A new session carries the decision: reset the link.
-        if let session = peer.session {
+        if rival.epoch >= config.epoch {
+            // Sites that followed the rival refuse anything older than its epoch: take a newer one
+            // (which resets every session, this one too).
+            adoptEpoch(above: rival.epoch, peer: &peer,
+                       reason: "the split brain with \(name) (epoch \(rival.epoch)) was resolved keeping this site", &out)
+        } else if let session = peer.session {
+            // A new session carries the decision: reset the link.
             out.append(.closeLink(peer: name, session.link, reason: "split brain resolved: \(name) gives way to this site"))
             dropSession(&peer, link: session.link, &out)
         }

@@ -47,6 +47,10 @@ public struct PrimaryVolume: Sendable {
         /// The generations this one descends from: a peer whose image is on one of them holds a
         /// shared past, and gets only what differs (failback).
         public var ancestors: Set<UInt64> { Set(lineage.map(\.id)).subtracting([generation]) }
+        /// This site's place among the volume's sites sorted by name, and their number: the
+        /// epochs it may take (``RoleChange/nextEpoch(after:siteIndex:siteCount:)``).
+        public var siteIndex = 0
+        public var siteCount = 1
         /// Dirty-bitmap granularity.
         public var regionSize: UInt64 = 64 << 10
         /// Adjacent dirty regions are read and sent as one item of up to this many bytes.
@@ -184,6 +188,10 @@ public struct PrimaryVolume: Sendable {
         /// brain the operator resolved): after the fence, keep aside what the peer lacks and
         /// become its secondary (P6).
         case rejoin(Rejoin)
+        /// This primary took a new epoch (``Config/epoch``; same generation): a rival with a
+        /// newer one gave way to it, and the sites that followed that rival refuse anything
+        /// older. Record it; every session was reset so the peers hear the new one.
+        case epochChanged(UInt64, reason: String)
         /// A link changed state; for the log and status.
         case stateChanged(peer: String, ReplicaLinkState, reason: String)
     }

@@ -347,11 +347,14 @@ public struct ReplicaVolume: Sendable {
         [.refuse(link, reason: "no replication session on this link for \(volume); the stream must start with open")]
     }
 
+    /// Refuses `link`. Only a refused session's unfinished logged group is discarded: a stale
+    /// primary knocking on another link leaves the current stream's log alone.
     private mutating func refuse(_ link: LinkID, _ reason: String) -> [Action] {
-        let logged = session?.logged ?? false
-        if session?.link == link { session = nil }
         var actions: [Action] = [.refuse(link, reason: reason)]
-        if logged { actions.append(.discardLogTail) }
+        if let s = session, s.link == link {
+            session = nil
+            if s.logged { actions.append(.discardLogTail) }
+        }
         return actions
     }
 }
