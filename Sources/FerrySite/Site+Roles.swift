@@ -31,8 +31,6 @@ extension Site {
         ((code, (try? JSONSerialization.data(withJSONObject: [key: text])) ?? Data()))
     }
 
-    /// `POST /v1/volumes/NAME/promote[?force=1]`: this secondary becomes the volume's primary in
-    /// a new epoch and generation, and exports it read-write.
     /// What a role change of `name` works on, or the reply refusing it (an unknown volume, or
     /// one this site holds no copy of).
     private func roleChange(_ name: String) -> Result<RoleContext, RoleRefusal> {
@@ -86,6 +84,8 @@ extension Site {
 
     typealias RoleContext = (volume: Volume, record: VolumeRecord, image: VolumeImage, catalog: Catalog, engine: VolumeEngine)
 
+    /// `POST /v1/volumes/NAME/promote[?force=1]`: this secondary becomes the volume's primary in
+    /// a new epoch and generation, and exports it read-write.
     func promote(_ name: String, force: Bool) -> AdminReply {
         withRoleContext(name) { promote($0, name: name, force: force) }
     }

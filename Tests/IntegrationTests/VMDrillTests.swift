@@ -108,35 +108,40 @@ struct VMDrillTests {
         kill(pid, SIGKILL)
     }
 
-    @Test func aVMBootsAtTheSecondSiteWithEveryCounterItSawDurable() throws {
-        let work = TempDir()
-        let initrd = try Self.initramfs(in: work.path)
-        let boot = try Self.bootScript(in: work.path, initrd: initrd)
-        let eastConsole = work.path + "/east-console.log", eastPID = work.path + "/east-vm.pid"
-        let westConsole = work.path + "/west-console.log", westPID = work.path + "/west-vm.pid"
-        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M",
-                                         onPromote: "\(boot) \"$FERRY_NBD_URI\" \(westConsole) \(westPID)")
-        try sites.startAll()
+    /// How a drill starts and kills the VMs: QEMU directly, or libvirt.
+    struct Hypervisor {
+        /// Starts the VM at east on `uri`.
+        var startEast: (_ uri: String) throws -> Void
+        /// Kills the VM at east (the site died, and its VM with it).
+        var killEast: () -> Void
+        var cleanup: () -> Void
+    }
+
+    /// The drill: the VM counts at east; east and its VM die; west is promoted and its hook boots
+    /// the VM there, which must read back every counter it printed as durable.
+    /// `hook`: the `on-promote` command that boots the VM on the promoted site's export.
+    func drill(_ name: String, hook: String, consoles: (east: String, west: String),
+               hypervisor make: (_ sites: ReplicationSites) throws -> Hypervisor) throws {
+        var hypervisor: Hypervisor?
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M", onPromote: hook)
         defer {
-            Self.killVM(eastPID)
-            Self.killVM(westPID)
+            hypervisor?.cleanup()
             sites.stopAll()
         }
+        hypervisor = try make(sites)
+        try sites.startAll()
         sites.waitInSync()
 
-        // The VM runs at east and counts.
-        _ = try run(boot, [sites.east.uri("vm1"), eastConsole, eastPID])
-        let counting = eventually(.seconds(180)) { Self.lastDurable(eastConsole) >= 30 }
-        #expect(counting, "the VM at east did not count to 30: \(Self.console(eastConsole).suffix(5))")
+        try hypervisor!.startEast(sites.east.uri("vm1"))
+        let counting = eventually(.seconds(180)) { Self.lastDurable(consoles.east) >= 30 }
+        #expect(counting, "the VM at east did not count to 30: \(Self.console(consoles.east).suffix(5))")
         guard counting else { return }
 
-        // The site dies, and its VM with it.
         let killed = ContinuousClock.now
         sites.east.kill9()
-        Self.killVM(eastPID)
-        let printed = Self.lastDurable(eastConsole)
+        hypervisor!.killEast()
+        let printed = Self.lastDurable(consoles.east)
 
-        // The operator promotes west; its on-promote hook boots the VM there.
         var promoted: RunResult?
         var promoteStarted = ContinuousClock.now
         #expect(eventually(.seconds(30)) {
@@ -151,18 +156,145 @@ struct VMDrillTests {
         let exportAt = ContinuousClock.now
         #expect(answering, "west's export does not answer after the promotion")
         #expect(promoted?.stdout.contains("on-promote hook started") == true, "\(promoted?.stdout ?? "")")
-        let booted = eventually(.seconds(180)) { Self.start(westConsole) != nil }
+        let booted = eventually(.seconds(180)) { Self.start(consoles.west) != nil }
         let bootedAt = ContinuousClock.now
-        #expect(booted, "the VM did not boot at west: \(Self.console(westConsole).suffix(5))\n\(sites.west.log(tail: 20))")
-        guard booted, let resumed = Self.start(westConsole) else { return }
+        #expect(booted, "the VM did not boot at west: \(Self.console(consoles.west).suffix(5))\n\(sites.west.log(tail: 20))")
+        guard booted, let resumed = Self.start(consoles.west) else { return }
         #expect(resumed >= printed, "the VM at west read counter \(resumed), but \(printed) had been printed as durable at east")
-        let counted = eventually(.seconds(60)) { Self.lastDurable(westConsole) > resumed }
-        #expect(counted, "the VM at west does not write: \(Self.console(westConsole).suffix(5))")
+        let counted = eventually(.seconds(60)) { Self.lastDurable(consoles.west) > resumed }
+        #expect(counted, "the VM at west does not write: \(Self.console(consoles.west).suffix(5))")
 
         func seconds(_ d: Duration) -> String { String(format: "%.2f", Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18) }
-        print("VM drill: counter \(printed) printed durable at east before kill -9, \(resumed) read back at west; "
+        print("VM drill (\(name)): counter \(printed) printed durable at east before kill -9, \(resumed) read back at west; "
               + "kill to promote accepted \(seconds(promotedAt - killed)) s (promote itself \(seconds(promotedAt - promoteStarted)) s), "
               + "promote to export answering \(seconds(exportAt - promotedAt)) s, kill to the VM's first line at west "
               + "(RTO) \(seconds(bootedAt - killed)) s")
+    }
+
+    @Test func aVMBootsAtTheSecondSiteWithEveryCounterItSawDurable() throws {
+        let work = TempDir()
+        let initrd = try Self.initramfs(in: work.path)
+        let boot = try Self.bootScript(in: work.path, initrd: initrd)
+        let consoles = (east: work.path + "/east-console.log", west: work.path + "/west-console.log")
+        let pids = (east: work.path + "/east-vm.pid", west: work.path + "/west-vm.pid")
+        try drill("QEMU", hook: "\(boot) \"$FERRY_NBD_URI\" \(consoles.west) \(pids.west)", consoles: consoles) { _ in
+            Hypervisor(startEast: { uri in _ = try run(boot, [uri, consoles.east, pids.east]) },
+                       killEast: { Self.killVM(pids.east) },
+                       cleanup: { Self.killVM(pids.east); Self.killVM(pids.west) })
+        }
+    }
+
+    /// The same drill as operators run VMs: libvirt domains (TCG, `type='qemu'`) whose disk is a
+    /// `<disk type='network'>` on the site's NBD export, the hook running `virsh start`.
+    @Test func theSameDrillThroughLibvirt() throws {
+        let work = TempDir()
+        chmod(work.path, 0o755)   // libvirt's QEMU runs as libvirt-qemu: it reads the initramfs, writes the consoles
+        let initrd = try Self.initramfs(in: work.path)
+        chmod(initrd, 0o644)
+        let daemons = try Libvirt.ensureRunning()
+        let tag = String(UInt32.random(in: 0...UInt32.max), radix: 16)
+        let consoles = (east: work.path + "/east-console.log", west: work.path + "/west-console.log")
+        let domains = (east: "ferry-drill-east-\(tag)", west: "ferry-drill-west-\(tag)")
+        defer {
+            for d in [domains.east, domains.west] {
+                _ = try? Libvirt.virsh(["destroy", d], expect: nil)
+                _ = try? Libvirt.virsh(["undefine", d], expect: nil)
+            }
+            daemons.stop()
+        }
+        try drill("libvirt", hook: "virsh -c qemu:///system start \(domains.west)", consoles: consoles) { sites in
+            let (vmlinuz, _) = try Self.kernel()
+            for (domain, site, console) in [(domains.east, sites.east, consoles.east), (domains.west, sites.west, consoles.west)] {
+                let xml = work.path + "/\(domain).xml"
+                try Libvirt.domainXML(name: domain, kernel: vmlinuz, initrd: initrd, nbdPort: site.nbdPort, export: "vm1",
+                                      console: console).write(toFile: xml, atomically: true, encoding: .utf8)
+                _ = try Libvirt.virsh(["define", xml])
+            }
+            return Hypervisor(startEast: { _ in _ = try Libvirt.virsh(["start", domains.east]) },
+                              killEast: { _ = try? Libvirt.virsh(["destroy", domains.east], expect: nil) },
+                              cleanup: { _ = try? Libvirt.virsh(["destroy", domains.west], expect: nil) })
+        }
+    }
+}
+
+/// libvirt on a machine where systemd is not PID 1: `virtlogd -d` then `libvirtd -d`, by hand.
+enum Libvirt {
+    /// The daemons this test started (stopped by their PIDs), or none when they were running.
+    /// SIGKILL: started through Foundation's Process they inherit its blocked signals, so they
+    /// never see a SIGTERM (the domains are destroyed and undefined before).
+    struct Started {
+        var pids: [Int32]
+        func stop() { for pid in pids { kill(pid, SIGKILL) } }
+    }
+
+    /// Bash that closes every descriptor above 2 (before `exec` of a daemon).
+    static let closeDescriptors = "for fd in /proc/$$/fd/*; do fd=${fd##*/}; [ \"$fd\" -gt 2 ] && eval \"exec $fd>&-\"; done 2>/dev/null; "
+
+    static func virsh(_ args: [String], expect: Int32? = 0) throws -> RunResult {
+        try run(try requireTool("virsh", package: "libvirt-clients"), ["-c", "qemu:///system"] + args, expect: expect)
+    }
+
+    static func pid(_ file: String) -> Int32? {
+        (try? String(contentsOfFile: file, encoding: .utf8)).flatMap { Int32($0.trimmingCharacters(in: .whitespacesAndNewlines)) }
+    }
+
+    static func alive(_ pidFile: String) -> Bool { pid(pidFile).map { kill($0, 0) == 0 } ?? false }
+
+    static func ensureRunning() throws -> Started {
+        _ = try requireTool("virsh", package: "libvirt-clients")
+        var started: [Int32] = []
+        for (daemon, pidFile) in [("virtlogd", "/run/virtlogd.pid"), ("libvirtd", "/run/libvirtd.pid")] where !alive(pidFile) {
+            guard FileManager.default.isExecutableFile(atPath: "/usr/sbin/\(daemon)") else {
+                Issue.record("\(daemon) is not installed; install it with: apt-get install -y libvirt-daemon-system  (make test does this)")
+                throw TestFailure("\(daemon) missing")
+            }
+            // Through bash, closing every descriptor above 2: a daemon that kept the socket
+            // Foundation's Process watches would make `run` wait for it forever.
+            _ = try run("/bin/bash", ["-c", Self.closeDescriptors + "exec /usr/sbin/\(daemon) -d"])
+            guard eventually(.seconds(30), { alive(pidFile) }), let pid = pid(pidFile) else {
+                throw TestFailure("\(daemon) -d did not start (no live PID in \(pidFile))")
+            }
+            started.append(pid)
+        }
+        let ready = eventually(.seconds(60)) { (try? virsh(["list", "--all"], expect: nil))?.status == 0 }
+        guard ready else { throw TestFailure("libvirtd does not answer virsh -c qemu:///system") }
+        return Started(pids: started.reversed())
+    }
+
+    /// A TCG domain booting the drill's kernel and initramfs, its disk the NBD export, its
+    /// console a file (docs/operations.md shows the same for a real VM).
+    static func domainXML(name: String, kernel: String, initrd: String, nbdPort: Int, export: String, console: String) -> String {
+        """
+        <domain type='qemu'>
+          <name>\(name)</name>
+          <memory unit='MiB'>256</memory>
+          <vcpu>1</vcpu>
+          <os>
+            <type arch='x86_64' machine='q35'>hvm</type>
+            <kernel>\(kernel)</kernel>
+            <initrd>\(initrd)</initrd>
+            <cmdline>console=ttyS0 panic=-1 quiet</cmdline>
+          </os>
+          <features><acpi/><apic/></features>
+          <on_poweroff>destroy</on_poweroff>
+          <on_reboot>destroy</on_reboot>
+          <on_crash>destroy</on_crash>
+          <devices>
+            <disk type='network' device='disk'>
+              <driver name='qemu' type='raw' cache='none'/>
+              <source protocol='nbd' name='\(export)'>
+                <host name='127.0.0.1' port='\(nbdPort)'/>
+              </source>
+              <target dev='vda' bus='virtio'/>
+            </disk>
+            <serial type='file'>
+              <source path='\(console)'/>
+              <target port='0'/>
+            </serial>
+            <memballoon model='none'/>
+          </devices>
+        </domain>
+
+        """
     }
 }
