@@ -43,7 +43,7 @@ extension SimWorld {
     /// P2: an async or scheduled replica that says it is consistent equals its primary's image
     /// at the sequence of the generation its position names.
     func checkBarrierState(_ name: String, image: [UInt64], position: ReplicaPosition, when: String) {
-        guard let mode = site(name).lastMode, mode == .async || mode == .scheduled, position.consistent else { return }
+        guard let mode = site(name).positionMode, mode == .async || mode == .scheduled, position.consistent else { return }
         checks += 1
         guard let expected = reference(position.generation, at: position.appliedSeq) else {
             fail("P2: \(name) claims sequence \(position.appliedSeq) of generation \(String(position.generation, radix: 16)), "

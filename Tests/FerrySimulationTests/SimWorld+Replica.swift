@@ -165,7 +165,7 @@ extension SimWorld {
         let accepted = !actions.contains { if case .refuse = $0 { return true } else { return false } }
         if accepted {
             switch message {
-            case .open(let open): s.lastMode = open.mode
+            case .open(let open): s.modeByLink[link] = open.mode
             case .barrier(let b) where b.kind == .catchUpBegin: s.midCatchUp = true; s.catchUpEndIndex = nil
             case .barrier(let b) where b.kind == .catchUpEnd: s.catchUpEndIndex = b.index
             default: break
@@ -214,6 +214,8 @@ extension SimWorld {
                 s.store.appliedPending.append(count)
                 let version = s.store.nextVersion
                 s.store.nextVersion += 1
+                // Only logged (async, scheduled) streams have a receive log, also one recovered after a restart.
+                s.positionMode = link.flatMap { s.modeByLink[$0] } ?? .async
                 checkBarrierState(name, image: s.disk.cache, position: position, when: "after applying its log")
                 after(rng.nanos(50_000...2_000_000), .replicaLogApplied(name, incarnation: incarnation, link, index: through, position, version: version))
             case .discardLogTail:

@@ -37,8 +37,10 @@ final class SimSite {
     /// A catch-up began here and has not completed: the image is out of order.
     var midCatchUp = false
     var catchUpEndIndex: UInt64?
-    /// The mode of the last stream opened here (P2 holds for async and scheduled).
-    var lastMode: ReplicationMode?
+    /// The mode of each stream opened here, and of the one that last moved the position (P2
+    /// holds for async and scheduled).
+    var modeByLink: [LinkID: ReplicationMode] = [:]
+    var positionMode: ReplicationMode?
     /// Every (sector, contents) a demotion of this site kept aside.
     var keptAside: [Int: Set<UInt64>] = [:]
 
@@ -339,7 +341,9 @@ final class SimWorld {
             s.disk.flush()
             if let end = s.catchUpEndIndex, index >= end { s.midCatchUp = false; s.catchUpEndIndex = nil }
             guard var machine = s.replica else { return }
+            let before = machine.position
             let actions = machine.flushed(link: link, index: index)
+            if machine.position != before { s.positionMode = s.modeByLink[link] }
             s.replica = machine
             log("\(name) flushed for #\(index): position \(machine.position)")
             runReplica(name, actions, stamps: [])
