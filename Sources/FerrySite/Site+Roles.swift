@@ -48,6 +48,31 @@ extension Site {
 
     struct RoleRefusal: Error { var reply: AdminReply }
 
+    /// What `verify` and `switchover` need first: this site is the primary of the volume, and
+    /// `peer` is one of its replicas, live (not scheduled: it holds points) and connected. The
+    /// refusals end with `suffix`; `scheduled` says why a scheduled replica does not do.
+    func livePeerLink(_ context: RoleContext, name: String, peer: String, command: String, scheduled: String,
+                      suffix: String = "") -> Result<(PrimaryVolumeRuntime, ReplicaLinkStatus), RoleRefusal> {
+        let me = config.site.name
+        func refuse(_ code: Int, _ text: String) -> Result<(PrimaryVolumeRuntime, ReplicaLinkStatus), RoleRefusal> {
+            .failure(RoleRefusal(reply: Self.reply(code, "error", text + suffix)))
+        }
+        guard let primary = context.engine.primary(name) else {
+            return refuse(409, "site \(me) is not the primary of \(name): run \(command) on the primary")
+        }
+        guard let link = primary.status().first(where: { $0.peer == peer }) else {
+            let peers = primary.status().map(\.peer).sorted().joined(separator: ", ")
+            return refuse(404, "\(peer) is not a replica of \(name) here (its replicas are \(peers))")
+        }
+        guard link.mode != .scheduled else {
+            return refuse(409, "\(peer) is a scheduled replica of \(name): \(scheduled)")
+        }
+        guard link.connected, context.engine.reportedLink(peer) != nil else {
+            return refuse(409, "\(peer) is not connected (\(link.state.rawValue): \(link.reason))")
+        }
+        return .success((primary, link))
+    }
+
     /// The site's view of `name` after a role change: which runtime serves it, and the record the
     /// catalog now holds.
     private func noteRole(_ name: String, primary: PrimaryVolumeRuntime?, replica: ReplicaVolumeRuntime?, catalog: Catalog) {
@@ -123,11 +148,11 @@ extension Site {
         // The primary this replica followed, if it is still a peer: it holds the same image up to
         // the branch (and says what it wrote past it when it rejoins), so it starts clean.
         let followed = replica.followedPeer.flatMap { peers[$0] != nil && position.consistent ? $0 : nil }
+        let stripe = volume.config.epochStripe(of: me)
         let plan = RoleChange.promotion(position: position, generation: generationID, recordedEpoch: UInt64(max(record.epoch, 0)),
                                         recordedHistory: Self.history(record), volumeSize: volume.config.sizeBytes,
                                         regionSize: regionSize, followed: followed,
-                                        siteIndex: volume.config.epochStripe(of: me).index,
-                                        siteCount: volume.config.epochStripe(of: me).count)
+                                        siteIndex: stripe.index, siteCount: stripe.count)
         let epoch = plan.epoch
         let historyJSON = String(decoding: (try? JSONEncoder().encode(plan.history)) ?? Data("[]".utf8), as: UTF8.self)
         let runtime: PrimaryVolumeRuntime
@@ -146,7 +171,7 @@ extension Site {
                                                generation: generationID, peers: peers)
             machine.regionSize = regionSize
             machine.history = plan.history
-            (machine.siteIndex, machine.siteCount) = volume.config.epochStripe(of: me)
+            (machine.siteIndex, machine.siteCount) = stripe
             try MetadataFile<PrimaryVolume.Metadata>(path: metaPath).store(plan.metadata)
             try catalog.setRole(name: name, role: "primary", epoch: Int64(epoch), generation: generation, history: historyJSON)
             runtime = try PrimaryVolumeRuntime(

@@ -38,19 +38,12 @@ extension Site {
             guard let peer, !peer.isEmpty else {
                 return Self.reply(400, "error", "say which site takes over: `ferry switchover \(name) --to SITE`")
             }
-            guard let primary = context.engine.primary(name) else {
-                return Self.reply(409, "error", "site \(me) is not the primary of \(name): run switchover on the site that is; nothing changed")
-            }
-            guard let link = primary.status().first(where: { $0.peer == peer }) else {
-                let peers = primary.status().map(\.peer).sorted().joined(separator: ", ")
-                return Self.reply(404, "error", "\(peer) is not a replica of \(name) here (its replicas are \(peers)); nothing changed")
-            }
-            guard link.mode != .scheduled else {
-                return Self.reply(409, "error", "\(peer) is a scheduled replica of \(name): it holds only points. Use an in-sync sync, "
-                                  + "semi-sync or async replica, or `ferry demote` here and `ferry promote` there; nothing changed")
-            }
-            guard link.connected, context.engine.reportedLink(peer) != nil else {
-                return Self.reply(409, "error", "\(peer) is not connected (\(link.state.rawValue): \(link.reason)); nothing changed")
+            let (primary, link): (PrimaryVolumeRuntime, ReplicaLinkStatus)
+            switch livePeerLink(context, name: name, peer: peer, command: "switchover",
+                                scheduled: "it holds only points. Use an in-sync sync, semi-sync or async replica, "
+                                    + "or `ferry demote` here and `ferry promote` there", suffix: "; nothing changed") {
+            case .success(let found): (primary, link) = found
+            case .failure(let refusal): return refusal.reply
             }
             guard link.consistent else {
                 return Self.reply(409, "error", "\(peer) is not consistent yet (\(link.state.rawValue): \(link.reason)); "

@@ -19,19 +19,11 @@ extension Site {
             guard let peer, !peer.isEmpty else {
                 return Self.reply(400, "error", "say which site to compare with: `ferry verify \(name) --peer SITE`")
             }
-            guard let primary = context.engine.primary(name) else {
-                return Self.reply(409, "error", "site \(me) is not the primary of \(name): run verify on the primary; nothing changed")
-            }
-            guard let link = primary.status().first(where: { $0.peer == peer }) else {
-                let peers = primary.status().map(\.peer).sorted().joined(separator: ", ")
-                return Self.reply(404, "error", "\(peer) is not a replica of \(name) here (its replicas are \(peers))")
-            }
-            guard link.mode != .scheduled else {
-                return Self.reply(409, "error", "\(peer) is a scheduled replica of \(name): it holds the last point, not the live image, "
-                                  + "so it differs by design")
-            }
-            guard link.connected, context.engine.reportedLink(peer) != nil else {
-                return Self.reply(409, "error", "\(peer) is not connected (\(link.state.rawValue): \(link.reason))")
+            let primary: PrimaryVolumeRuntime
+            switch livePeerLink(context, name: name, peer: peer, command: "verify",
+                                scheduled: "it holds the last point, not the live image, so it differs by design") {
+            case .success(let found): primary = found.0
+            case .failure(let refusal): return refusal.reply
             }
             let image = context.image
             /// The sub-ranges of `range` whose blocks of `blockSize` differ between the sites, or
