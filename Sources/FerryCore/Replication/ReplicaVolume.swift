@@ -179,11 +179,7 @@ public struct ReplicaVolume: Sendable {
                 s.catchingUp = true
                 s.lastCatchUpBegin = barrier.index
                 position.consistent = false
-                position.epoch = s.epoch
-                // Sequences count along one line of history: another generation's start afresh.
-                if position.generation != s.generation { position.appliedSeq = 0 }
-                position.generation = s.generation
-                position.lineage = s.history
+                Self.follow(s, &position)
                 // Before the first out-of-order block lands: a crash now must not look consistent.
                 actions.append(.persistPosition(position))
                 actions.append(.send(link, .ack(level: .durable, index: barrier.index)))
@@ -269,7 +265,7 @@ public struct ReplicaVolume: Sendable {
         let done = s.barriers.keys.filter { $0 <= index }.sorted()
         guard let last = done.last else { return [] }
         var next = position
-        if next.generation != s.generation { next.appliedSeq = 0 }
+        Self.follow(s, &next)
         for key in done {
             let barrier = s.barriers.removeValue(forKey: key)!
             guard barrier.index > s.lastCatchUpBegin else { continue }
@@ -282,9 +278,6 @@ public struct ReplicaVolume: Sendable {
                 next.appliedSeq = max(next.appliedSeq, barrier.seq)
             }
         }
-        next.epoch = s.epoch
-        next.generation = s.generation
-        next.lineage = s.history
         session = s
         var actions: [Action] = []
         if next != position {
@@ -302,10 +295,7 @@ public struct ReplicaVolume: Sendable {
         s.applyIssuedIndex = barrier.index
         session = s
         var next = position
-        if next.generation != s.generation { next.appliedSeq = 0 }
-        next.epoch = s.epoch
-        next.generation = s.generation
-        next.lineage = s.history
+        Self.follow(s, &next)
         next.appliedSeq = max(next.appliedSeq, barrier.seq)
         next.consistent = true
         next.initialized = true
@@ -345,6 +335,15 @@ public struct ReplicaVolume: Sendable {
     /// belongs to an older session): refused, so the primary resets the link and opens again.
     private func refuseWithoutSession(_ link: LinkID) -> [Action] {
         [.refuse(link, reason: "no replication session on this link for \(volume); the stream must start with open")]
+    }
+
+    /// `position` now describes the image on session `s`'s line: its epoch, generation and
+    /// lineage. Sequences count along one line of history, so another generation's start afresh.
+    private static func follow(_ s: Session, _ position: inout ReplicaPosition) {
+        if position.generation != s.generation { position.appliedSeq = 0 }
+        position.epoch = s.epoch
+        position.generation = s.generation
+        position.lineage = s.history
     }
 
     /// Refuses `link`. Only a refused session's unfinished logged group is discarded: a stale
