@@ -111,3 +111,14 @@ public enum ReplicaOption: String, Sendable, CaseIterable {
 
     public func applies(to mode: ReplicationMode) -> Bool { modes.contains(mode) }
 }
+
+/// A volume's `history:` window: points older than `seconds` go, and the oldest go while the
+/// undo log is larger than `bytes` (the newest point always stays).
+public struct HistoryLimit: Sendable, Equatable {
+    public var seconds: Int64?
+    public var bytes: UInt64?
+    public init(seconds: Int64?, bytes: UInt64?) {
+        self.seconds = seconds
+        self.bytes = bytes
+    }
+}

@@ -149,6 +149,10 @@ public struct VolumeConfig: Sendable, Equatable {
     /// A shell command run on this site after `ferry promote` made it the volume's primary (to
     /// start the VM, say), with FERRY_VOLUME, FERRY_NBD_URI and FERRY_EPOCH in its environment.
     public var onPromote: String?
+    /// How long (and/or how many bytes of before-images) a secondary keeps recovery points for
+    /// `ferry points` and `promote --at` (issue 10 §6). Nil: no history; a catch-up still keeps
+    /// the state it started from until it completes (P3).
+    public var history: HistoryLimit?
 
     public init(name: String, sizeBytes: UInt64, primary: String, replicas: [String: ReplicaPolicy] = [:], onPromote: String? = nil) {
         self.name = name
@@ -161,3 +165,4 @@ public struct VolumeConfig: Sendable, Equatable {
     /// The names in ``replicas``, sorted.
     public var replicaNames: [String] { replicas.keys.sorted() }
 }
+

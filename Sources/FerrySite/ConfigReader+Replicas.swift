@@ -60,7 +60,7 @@ extension ConfigReader {
         var lagGiven = false
         if given(fields, mode, .maxLag) {
             lagGiven = true
-            let (bytes, seconds) = readMaxLag(fields)
+            let (bytes, seconds) = readLimit(fields, key: "max-lag", sizeExample: "64M", timeExample: "30s")
             policy.maxLagBytes = bytes
             policy.maxLagSeconds = seconds
         }
@@ -137,12 +137,13 @@ extension ConfigReader {
 
     // MARK: async
 
-    /// `max-lag`: a size (`64M`), a duration (`30s`, `5m`), or a map with either or both (`{bytes: 64M, time: 30s}`).
-    private mutating func readMaxLag(_ fields: ConfigFields) -> (bytes: UInt64?, seconds: Int64?) {
-        let path = fields.path("max-lag")
-        let line = fields.line(of: "max-lag")
-        let forms = "a size such as 64M, a duration such as 30s or 5m, or both as {bytes: 64M, time: 30s}"
-        switch fields["max-lag"] {
+    /// `max-lag` and `history`: a size (`64M`), a duration (`30s`, `5m`), or a map with either or
+    /// both (`{bytes: 64M, time: 30s}`).
+    mutating func readLimit(_ fields: ConfigFields, key: String, sizeExample: String, timeExample: String) -> (bytes: UInt64?, seconds: Int64?) {
+        let path = fields.path(key)
+        let line = fields.line(of: key)
+        let forms = "a size such as \(sizeExample), a duration such as \(timeExample), or both as {bytes: \(sizeExample), time: \(timeExample)}"
+        switch fields[key] {
         case .scalar(let scalar)?:
             let text = scalar.string
             if let seconds = DurationText.parseSeconds(text) { return (nil, seconds) }
@@ -153,21 +154,21 @@ extension ConfigReader {
             let lag = self.fields(of: mapping, at: path, known: Self.maxLagKeys, line: line)
             var bytes: UInt64?
             var seconds: Int64?
-            if let text = text(lag, "bytes", required: false, example: "64M") {
+            if let text = text(lag, "bytes", required: false, example: sizeExample) {
                 bytes = ByteSize.parse(text).flatMap { $0 > 0 ? $0 : nil }
                 if bytes == nil {
                     report(lag.path("bytes"), "\"\(text)\" is not a size of more than 0; use 16M, 64M, 1G", line: lag.line(of: "bytes"))
                 }
             }
-            if let text = text(lag, "time", required: false, example: "30s") {
+            if let text = text(lag, "time", required: false, example: timeExample) {
                 seconds = DurationText.parseSeconds(text)
                 if seconds == nil {
-                    report(lag.path("time"), "\"\(text)\" is not a duration; use a number followed by s, m, h or d, e.g. 30s, 5m",
+                    report(lag.path("time"), "\"\(text)\" is not a duration; use a number followed by s, m, h or d, e.g. \(timeExample)",
                            line: lag.line(of: "time"))
                 }
             }
             if !lag.has("bytes") && !lag.has("time") {
-                report(path, "give bytes, time or both, e.g. {bytes: 64M, time: 30s}", line: line)
+                report(path, "give bytes, time or both, e.g. {bytes: \(sizeExample), time: \(timeExample)}", line: line)
             }
             return (bytes, seconds)
         case let node?:

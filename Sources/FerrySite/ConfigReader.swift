@@ -20,7 +20,7 @@ struct ConfigReader {
     static let siteKeys = ["name", "data"]
     static let listenKeys = ["replication", "nbd", "nbd-socket", "admin-socket"]
     static let peerKeys = ["address", "site-id"]
-    static let volumeKeys = ["size", "primary", "replicas", "on-promote"]
+    static let volumeKeys = ["size", "primary", "replicas", "on-promote", "history"]
 
     /// Volume sizes must be whole 4 KiB blocks (the NBD block size Ferry advertises).
     static let volumeSizeUnit: UInt64 = 4096
@@ -231,9 +231,12 @@ struct ConfigReader {
                 report(fields.path("on-promote"), "empty; give the command to run after a promotion, or leave the key out",
                        line: fields.line(of: "on-promote"))
             }
+            let history = readLimit(fields, key: "history", sizeExample: "10G", timeExample: "24h")
             if Self.isVolumeName(name), let size, let primary, let replicas {
-                volumes.append(VolumeConfig(name: name, sizeBytes: size, primary: primary, replicas: replicas,
-                                            onPromote: onPromote?.trimmingCharacters(in: .whitespaces).isEmpty == false ? onPromote : nil))
+                var volume = VolumeConfig(name: name, sizeBytes: size, primary: primary, replicas: replicas,
+                                          onPromote: onPromote?.trimmingCharacters(in: .whitespaces).isEmpty == false ? onPromote : nil)
+                if history.bytes != nil || history.seconds != nil { volume.history = HistoryLimit(seconds: history.seconds, bytes: history.bytes) }
+                volumes.append(volume)
             }
         }
         return volumes.sorted { $0.name < $1.name }

@@ -41,6 +41,12 @@ extension SiteConfig {
                 lines.append("    size: \(R.size(volume.sizeBytes))")
                 lines.append("    primary: \(R.scalar(volume.primary))")
                 if let hook = volume.onPromote { lines.append("    on-promote: \(R.scalar(hook))") }
+                switch (volume.history?.bytes, volume.history?.seconds) {
+                case let (bytes?, seconds?): lines.append("    history: {bytes: \(R.size(bytes)), time: \(DurationText.format(seconds: seconds))}")
+                case let (bytes?, nil): lines.append("    history: \(R.size(bytes))")
+                case let (nil, seconds?): lines.append("    history: \(DurationText.format(seconds: seconds))")
+                case (nil, nil): break
+                }
                 if !volume.replicas.isEmpty {
                     lines.append("    replicas:")
                     for name in volume.replicaNames {

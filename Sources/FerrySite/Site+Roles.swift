@@ -109,10 +109,12 @@ extension Site {
 
     typealias RoleContext = (volume: Volume, record: VolumeRecord, image: VolumeImage, catalog: Catalog, engine: VolumeEngine)
 
-    /// `POST /v1/volumes/NAME/promote[?force=1]`: this secondary becomes the volume's primary in
-    /// a new epoch and generation, and exports it read-write.
-    func promote(_ name: String, force: Bool) -> AdminReply {
-        withRoleContext(name) { promote($0, name: name, force: force) }
+    /// `POST /v1/volumes/NAME/promote[?force=1][&force-inconsistent=1][&at=POINT]`: this secondary
+    /// becomes the volume's primary in a new epoch and generation, and exports it read-write. With
+    /// `at`, the image is first rolled back to that recovery point; a replica in the middle of a
+    /// catch-up is rolled back to the state the catch-up started from unless `force-inconsistent`.
+    func promote(_ name: String, force: Bool, forceInconsistent: Bool = false, at: String? = nil) -> AdminReply {
+        withRoleContext(name) { promote($0, name: name, force: force, forceInconsistent: forceInconsistent, at: at) }
     }
 
     func withRoleContext(_ name: String, _ body: (RoleContext) -> AdminReply) -> AdminReply {
@@ -122,7 +124,7 @@ extension Site {
         }
     }
 
-    private func promote(_ context: RoleContext, name: String, force: Bool) -> AdminReply {
+    private func promote(_ context: RoleContext, name: String, force: Bool, forceInconsistent: Bool, at: String?) -> AdminReply {
         let me = config.site.name
         let (volume, record, image, catalog, engine) = context
         if let primary = engine.primary(name) {
@@ -131,13 +133,40 @@ extension Site {
         guard let replica = engine.replica(name) else {
             return Self.reply(409, "error", "volume \(name) is not replicated, so there is nothing to promote")
         }
-        let position = replica.position
+        // The state to promote: a recovery point named with --at; out of an unfinished catch-up,
+        // the state it started from (P3), unless --force-inconsistent keeps the image as it is.
+        var target: RecoveryPoint?
+        if let at {
+            if forceInconsistent {
+                return Self.reply(400, "error", "--at and --force-inconsistent contradict each other (a point is a consistent state); nothing changed")
+            }
+            switch Self.point(at, of: replica, volume: name) {
+            case .success(let point): target = point
+            case .failure(let refusal): return refusal.reply
+            }
+        } else if !replica.position.consistent && !forceInconsistent {
+            target = replica.catchUpBase
+        }
         // Reachable and primary: a primary streams to this replica over a link that is up.
         let streaming = replica.streamingPeer.flatMap { engine.reportedLink($0) != nil ? $0 : nil }
-        if let why = RoleChange.promotionRefusal(volume: name, position: position, force: force, streamingPrimary: streaming) {
+        if let why = RoleChange.promotionRefusal(volume: name, position: target?.position ?? replica.position,
+                                                 force: force, forceInconsistent: forceInconsistent, streamingPrimary: streaming) {
             return Self.reply(409, "error", why)
         }
-
+        var rolledBack: String?
+        if let target {
+            do {
+                let (point, bytes) = try replica.rollBack(to: target.id)
+                rolledBack = "rolled the image back to point #\(point.id) (\(Self.isoTime(point.time)), sequence \(point.position.appliedSeq)): "
+                    + "\(ByteSize.format(bytes)) rewritten" + (at == nil ? ", the consistent state before the unfinished catch-up" : "")
+                logger.notice("volume \(name): \(rolledBack!)")
+            } catch {
+                return Self.reply(500, "error", "rolling \(name) back to point #\(target.id) failed: \(error); the replica is marked inconsistent, "
+                                  + "promote again to retry")
+            }
+        }
+        let endedDrill = endDrillForPromotion(name, replica: replica)
+        let position = replica.position
         // The new epoch and generation are recorded before anything is served read-write: a crash
         // from here on restarts as the primary, never as the secondary it was.
         let generation = UUID().uuidString.lowercased()
@@ -187,8 +216,11 @@ extension Site {
         logger.notice("volume \(name) promoted", metadata: [
             "epoch": "\(epoch)", "generation": "\(generation)", "branch": "\(position.appliedSeq)", "forced": "\(force)"])
         let uris = state.withLockedValue { $0.nbdURIBases }.map { Self.uri(base: $0, export: name) }
+        try? replica.undo.reset()   // a primary keeps no recovery points; a later demotion starts afresh
         var lines = ["promoted \(name) on \(me): epoch \(epoch), new generation \(generation) branching at sequence \(position.appliedSeq)"]
-        if force && !position.consistent { lines.append("forced: the image was not consistent; check the file system on it before use") }
+        if let rolledBack { lines.insert(rolledBack, at: 0) }
+        if let endedDrill { lines.append(endedDrill) }
+        if (force || forceInconsistent) && !position.consistent { lines.append("forced: the image was not consistent; check the file system on it before use") }
         lines.append("exported read-write at \(uris.joined(separator: " and "))")
         if !peers.isEmpty {
             let rest = peers.keys.sorted().filter { $0 != followed }
@@ -319,11 +351,14 @@ extension Site {
             // Not consistent until a primary has caught it up: on the line of history it keeps,
             // needing what it kept aside to be overwritten (a full copy when that list is too long).
             try? FileManager.default.removeItem(atPath: stateDir + "/receive.log")
+            // Recovery points of an earlier time as a secondary describe another line: gone.
+            try? FileManager.default.removeItem(atPath: stateDir + "/undo.log")
+            try? FileManager.default.removeItem(atPath: stateDir + "/undo.log.start")
             try MetadataFile<ReplicaPosition>(path: stateDir + "/replica.position").store(demotion.position)
             try catalog.setRole(name: name, role: "secondary", epoch: record.epoch, generation: record.generation, history: historyJSON)
             runtime = try ReplicaVolumeRuntime(
                 name: name, image: image, stateDirectory: stateDir, threadPool: threadPool, links: volumeLinks,
-                logger: logger, onEvent: { [weak self] event in self?.log(event) })
+                logger: logger, history: volume.config.history, onEvent: { [weak self] event in self?.log(event) })
         } catch {
             if engine.primary(name) != nil, let previous { exports.add(previous) }
             return Self.reply(500, "error", "making \(name) a secondary failed: \(error)")

@@ -66,9 +66,10 @@ extension Site {
                     }
                 }
             } else {
+                try? FileManager.default.removeItem(atPath: stateDir + "/drill.img")   // a drill does not outlive a restart
                 volume.replica = try ReplicaVolumeRuntime(
                     name: v.name, image: image, stateDirectory: stateDir, threadPool: threadPool, links: links,
-                    logger: logger, onEvent: onEvent)
+                    logger: logger, history: v.history, onEvent: onEvent)
                 // A replica is served read-only: its primary is the only writer (P4).
                 exports.add(NBDExport(name: v.name, description: description + ", secondary",
                                       device: ImageBlockDevice(image: image, threadPool: threadPool, readOnly: true)))
@@ -268,7 +269,9 @@ extension Site {
             status.replicaState = SiteStatus.ReplicaState(consistent: p.consistent, initialized: p.initialized, epoch: p.epoch,
                                                           appliedSequence: p.appliedSeq, bytesReceived: runtime.bytesReceived)
             status.lastError = runtime.lastError
+            status.recoveryPoints = Self.recoveryPointsStatus(runtime)
         }
+        status.drill = drillStatus(v.config.name)
         return status
     }
 }
@@ -283,16 +286,20 @@ extension Site {
         let pieces = path.split(separator: "?", maxSplits: 1)
         let query = pieces.count > 1 ? pieces[1].split(separator: "&").map(String.init) : []
         let parts = pieces.first.map { $0.split(separator: "/").map(String.init) } ?? []
-        guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", ["checkpoint", "promote", "demote", "diverged", "resolve", "switchover", "verify"].contains(parts[3]) else {
-            return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/{checkpoint,promote,demote,diverged,resolve,switchover,verify}")
+        guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", ["checkpoint", "promote", "demote", "diverged", "resolve", "switchover", "verify", "points", "drill"].contains(parts[3]) else {
+            return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/{checkpoint,promote,demote,diverged,resolve,switchover,verify,points,drill}")
         }
         let name = parts[2]
-        if parts[3] == "promote" { return promote(name, force: query.contains("force=1")) }
-        if parts[3] == "demote" { return demote(name) }
-        if parts[3] == "diverged" { return diverged(name) }
         func value(_ key: String) -> String? {
             query.first { $0.hasPrefix(key + "=") }.map { String($0.dropFirst(key.count + 1)).removingPercentEncoding ?? "" }
         }
+        if parts[3] == "promote" {
+            return promote(name, force: query.contains("force=1"), forceInconsistent: query.contains("force-inconsistent=1"), at: value("at"))
+        }
+        if parts[3] == "demote" { return demote(name) }
+        if parts[3] == "diverged" { return diverged(name) }
+        if parts[3] == "points" { return points(name) }
+        if parts[3] == "drill" { return drill(name, at: value("at"), end: value("end") == "1") }
         if parts[3] == "resolve" { return resolve(name, keep: value("keep")) }
         if parts[3] == "verify" { return verify(name, peer: value("peer"), repair: value("repair") == "1") }
         if parts[3] == "switchover" {

@@ -47,6 +47,8 @@ public final class Site: Service, Sendable {
         var lastErrors: [String: String] = [:]
         /// How each volume's last `on-promote` hook ended (or that it is running).
         var hookResults: [String: String] = [:]
+        /// DR drills running, by volume.
+        var drills: [String: DrillState] = [:]
     }
     let state = NIOLockedValueBox(State())
     let exports = NBDExportTable()

@@ -49,6 +49,11 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         /// demote; empty before either): each began with a promotion at `epoch`, branching from
         /// its parent at `branchSequence`.
         public var history: [Generation]?
+        /// On a secondary: the recovery points it keeps (`history:`), and the point a promotion
+        /// in the middle of a catch-up rolls back to.
+        public var recoveryPoints: RecoveryPoints?
+        /// A DR drill running on this site (`ferry drill`).
+        public var drill: Drill?
 
         public struct Generation: Codable, Sendable, Equatable {
             /// The generation's 64-bit ID, in hex.
@@ -114,6 +119,34 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         public var bytes: UInt64
     }
 
+    /// A recovery point (`ferry points` lists them all).
+    public struct PointRef: Codable, Sendable, Equatable {
+        public var id: UInt64
+        public var time: Date
+        public var sequence: UInt64
+        /// history, catch-up or drill.
+        public var kind: String
+    }
+
+    public struct RecoveryPoints: Codable, Sendable, Equatable {
+        public var count: Int
+        public var oldest: PointRef?
+        public var newest: PointRef?
+        /// Bytes the undo log holds (the before-images that make the points reachable).
+        public var undoLogBytes: UInt64
+        /// Mid catch-up: the consistent state `ferry promote` rolls back to.
+        public var rollbackPoint: PointRef?
+    }
+
+    public struct Drill: Codable, Sendable, Equatable {
+        /// The export name (`VOLUME-drill`) and its NBD URIs.
+        public var export: String
+        public var exports: [String]
+        public var point: PointRef
+        public var startedAt: Date
+        public var bytesWritten: UInt64
+    }
+
     /// A replica's own view of its copy.
     public struct ReplicaState: Codable, Sendable, Equatable {
         public var consistent: Bool
@@ -177,6 +210,19 @@ extension SiteStatus {
             if let h = v.history, let last = h.last {
                 line += "\n      history: " + h.map { "epoch \($0.epoch)" + ($0.branchSequence > 0 ? " from sequence \($0.branchSequence)" : "") }
                     .joined(separator: " → ") + " (generation \(last.id))"
+            }
+            if let rp = v.recoveryPoints {
+                if let oldest = rp.oldest, let newest = rp.newest {
+                    line += "\n      recovery points: \(rp.count), #\(oldest.id) \(Self.age(from: oldest.time, to: now)) ago to #\(newest.id) "
+                        + "\(Self.age(from: newest.time, to: now)) ago (undo log \(ByteSize.format(rp.undoLogBytes)))"
+                } else {
+                    line += "\n      recovery points: none yet"
+                }
+                if let back = rp.rollbackPoint { line += "\n      a promotion now rolls back to point #\(back.id) (sequence \(back.sequence)), the state before this catch-up" }
+            }
+            if let d = v.drill {
+                line += "\n      DRILL running since \(Self.age(from: d.startedAt, to: now)) ago at point #\(d.point.id): \(d.exports.first ?? d.export), "
+                    + "\(ByteSize.format(d.bytesWritten)) written; end it with `ferry drill \(v.name) --end`"
             }
             if let f = v.fenced { line += "\n      FENCED: \(f)" }
             if let h = v.onPromote { line += "\n      on-promote hook \(h)" }

@@ -80,6 +80,8 @@ public final class UndoLog: @unchecked Sendable {
     private var saved: Set<UInt64> = []
     /// Bytes of before-images after each mark, by point ID (what going back to it costs).
     private var undoBytes: [UInt64: UInt64] = [:]
+    /// Marks in the log: with none, nothing needs saving.
+    private var markCount = 0
 
     static let magic: UInt32 = 0x314C_5546  // "FUL1"
     static let headerSize = 28
@@ -181,11 +183,14 @@ public final class UndoLog: @unchecked Sendable {
 
     private func recount() {
         undoBytes = [:]
+        markCount = 0
         var total: UInt64 = 0
         for record in records.reversed() {
             switch record.content {
             case .before(_, let count, _): total += count * Self.granule
-            case .mark(let p, _): undoBytes[p.id] = total
+            case .mark(let p, _):
+                undoBytes[p.id] = total
+                markCount += 1
             }
         }
     }
@@ -205,6 +210,7 @@ public final class UndoLog: @unchecked Sendable {
             nextID += 1
             records.append(Record(content: .mark(point, confirmed: confirmed), start: start))
             undoBytes[point.id] = 0
+            markCount += 1
             saved = []
             return point
         }
@@ -232,7 +238,7 @@ public final class UndoLog: @unchecked Sendable {
     /// needs saving and `write` runs alone.
     public func protect(_ ranges: [(offset: UInt64, length: UInt64)], image: VolumeImage, write: () throws -> Void) throws {
         try lock.withLock {
-            if records.contains(where: { if case .mark = $0.content { return true } else { return false } }) {
+            if markCount > 0 {
                 var wrote = false
                 for range in ranges where range.length > 0 {
                     let first = range.offset / Self.granule
@@ -386,6 +392,7 @@ public final class UndoLog: @unchecked Sendable {
             end = 0
             saved = []
             undoBytes = [:]
+            markCount = 0
         }
     }
 }

@@ -6,6 +6,9 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A volume on a secondary: the replica image, its receive log and persisted position, running
 /// FerryCore's ``ReplicaVolume`` machine (DESIGN §5.1).
@@ -28,6 +31,21 @@ public final class ReplicaVolumeRuntime: Sendable {
     let positionFile: MetadataFile<ReplicaPosition>
     let positionStore = NIOLockedValueBox<UInt64>(0)   // the version last stored
     let core: NIOLockedValueBox<Core>
+    /// Before-images and recovery points (``UndoLog``): history for `points`/`promote --at`, the
+    /// state a catch-up started from (P3), a drill's base.
+    public let undo: UndoLog
+    /// The volume's `history:` window; nil keeps no history.
+    public let history: HistoryLimit?
+    let points: NIOLockedValueBox<PointState>
+
+    /// What the undo log is kept for, besides history. Lock order: `core`, then this, then the log's own.
+    struct PointState: Sendable {
+        /// The point a running catch-up started from (what a promotion rolls back to).
+        var catchUpBase: UInt64?
+        /// The point a running drill reads.
+        var drillBase: UInt64?
+        var lastMarkTime: Double = 0
+    }
 
     struct Core: Sendable {
         var machine: ReplicaVolume
@@ -49,7 +67,8 @@ public final class ReplicaVolumeRuntime: Sendable {
     }
 
     public init(name: String, image: VolumeImage, stateDirectory: String, threadPool: NIOThreadPool,
-                links: any VolumeLinks, logger: Logger, onEvent: @escaping @Sendable (VolumeEvent) -> Void) throws {
+                links: any VolumeLinks, logger: Logger, history: HistoryLimit? = nil,
+                onEvent: @escaping @Sendable (VolumeEvent) -> Void) throws {
         self.name = name
         self.image = image
         self.threadPool = threadPool
@@ -58,6 +77,12 @@ public final class ReplicaVolumeRuntime: Sendable {
         self.onEvent = onEvent
         self.positionFile = try MetadataFile(path: stateDirectory + "/replica.position")
         let position = try positionFile.load() ?? .empty
+        self.history = history
+        let undo = try UndoLog.open(path: stateDirectory + "/undo.log", position: position)
+        self.undo = undo
+        // Mid catch-up after a restart: the newest point is the state it started from.
+        self.points = NIOLockedValueBox(PointState(catchUpBase: position.consistent ? nil : undo.points.last?.id))
+        if history == nil && position.consistent && !undo.isEmpty { try undo.reset() }
         let (log, barriers) = try ReceiveLog.open(path: stateDirectory + "/receive.log")
         self.receiveLog = log
         var machine = ReplicaVolume(volume: name, position: position)
@@ -138,6 +163,7 @@ public final class ReplicaVolumeRuntime: Sendable {
         var peersOfCloses: [String] = []
         var ackSends: [LinkID] = []
         core.withLockedValue { core in
+            let before = core.machine.position
             var queue = event(&core)
             var frames: [LinkID: [VolumeFrame]] = [:]
             var order: [LinkID] = []
@@ -158,7 +184,7 @@ public final class ReplicaVolumeRuntime: Sendable {
                     }
                 case .apply(let link, let item):
                     do {
-                        try write(item, payload: payload)
+                        try undo.protect([(item.range.offset, item.range.length)], image: image) { try write(item, payload: payload) }
                         queue.append(contentsOf: core.machine.applied(link: link, index: item.index))
                     } catch {
                         fail(&core, "applying \(item.range) failed: \(error)")
@@ -192,7 +218,10 @@ public final class ReplicaVolumeRuntime: Sendable {
                     do {
                         // In stream order, under the lock: nothing later may reach the image first.
                         let group = try logLock.withLock { try receiveLog.takeGroup(throughBarrierIndex: through) }
-                        for (item, data) in group { try write(item, payload: data) }
+                        try undo.protect(group.map { ($0.0.range.offset, $0.0.range.length) }, image: image) {
+                            for (item, data) in group { try write(item, payload: data) }
+                        }
+                        markPoint(position)
                     } catch {
                         fail(&core, "applying the receive log failed: \(error)")
                         if let link { closes.append((link, "replica \(name) cannot apply its receive log: \(error)")) }
@@ -212,6 +241,7 @@ public final class ReplicaVolumeRuntime: Sendable {
                         fail(&core, "trimming the receive log failed: \(error)")
                     }
                 case .flush(let link, let index):
+                    if history != nil, let point = core.machine.position(afterBarrier: index) { markPoint(point) }
                     offloads.append { [self] in
                         do {
                             try image.flush()
@@ -222,6 +252,7 @@ public final class ReplicaVolumeRuntime: Sendable {
                         handle(payload: nil) { $0.machine.flushed(link: link, index: index) }
                     }
                 case .persistPosition(let position):
+                    if !position.consistent && before.consistent { keepCatchUpBase(before) }
                     let version = core.nextVersion
                     core.nextVersion += 1
                     do {
@@ -296,7 +327,123 @@ public final class ReplicaVolumeRuntime: Sendable {
             guard version > stored else { return }
             try positionFile.store(position)
             stored = version
+            guard position.consistent else { return }
+            // Points the image has reached durably count; a finished catch-up needs no way back.
+            undo.confirm(through: position)
+            try points.withLockedValue { p in
+                guard p.catchUpBase != nil else { return }
+                p.catchUpBase = nil
+                if history == nil && p.drillBase == nil { try undo.reset() }
+            }
         }
+    }
+
+    // MARK: - Recovery points
+
+    /// A catch-up starts overwriting the image out of order from `base`, its last consistent
+    /// state: that state is kept (a confirmed point) until the catch-up completes (P3).
+    func keepCatchUpBase(_ base: ReplicaPosition) {
+        do {
+            try points.withLockedValue { p in
+                guard p.catchUpBase == nil else { return }
+                p.catchUpBase = try undo.mark(base, time: Self.now(), kind: "catch-up", confirmed: true).id
+            }
+        } catch {
+            logger.error("volume \(name): recording the state a catch-up starts from failed: \(error); a promotion mid catch-up cannot roll back")
+        }
+    }
+
+    /// With `history:`, the image is at `position` now (a barrier): a recovery point, at most one a
+    /// second, confirmed once the position is recorded; points beyond the window go.
+    func markPoint(_ position: ReplicaPosition) {
+        guard let history else { return }
+        let now = Self.now()
+        do {
+            try points.withLockedValue { p in
+                guard now - p.lastMarkTime >= 1 else { return }
+                p.lastMarkTime = now
+                try undo.mark(position, time: now, kind: "history", confirmed: false)
+                let pinned = Set([p.catchUpBase, p.drillBase].compactMap { $0 })
+                try undo.prune(olderThan: history.seconds.map { now - Double($0) }, maxBytes: history.bytes, pinned: pinned)
+            }
+        } catch {
+            logger.error("volume \(name): recording a recovery point failed: \(error)")
+        }
+    }
+
+    /// Wall-clock seconds since 1970 (what recovery points are listed and chosen by).
+    static func now() -> Double {
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+    }
+
+    /// A drill starts: at point `id`, or (nil) at the image's state now, which must be consistent.
+    /// The point is kept, and every write replication makes saves what it overwrites, until
+    /// ``endDrill()``.
+    public func startDrill(at id: UInt64?) throws -> RecoveryPoint {
+        try core.withLockedValue { core in
+            try points.withLockedValue { p in
+                guard p.drillBase == nil else { throw ReplicaError("a drill of \(name) is already running") }
+                if let id {
+                    guard let point = undo.points.first(where: { $0.id == id }) else { throw ReplicaError("no recovery point \(id) of \(name)") }
+                    p.drillBase = id
+                    return point
+                }
+                let position = core.machine.position
+                guard position.consistent else {
+                    throw ReplicaError("the replica is not consistent (initial sync or catch-up running): name a point with --at, or wait until it is in sync")
+                }
+                // Under the core lock: no write is applied between the image's state and its mark.
+                let point = try undo.mark(position, time: Self.now(), kind: "drill", confirmed: true)
+                p.drillBase = point.id
+                return point
+            }
+        }
+    }
+
+    /// The drill ended: its point is no longer kept for it.
+    public func endDrill() {
+        points.withLockedValue { p in
+            p.drillBase = nil
+            if history == nil && p.catchUpBase == nil { try? undo.reset() }
+        }
+    }
+
+    /// The point a promotion of an inconsistent replica rolls back to: the state its unfinished
+    /// catch-up started from.
+    public var catchUpBase: RecoveryPoint? {
+        guard let id = points.withLockedValue({ $0.catchUpBase }) else { return nil }
+        return undo.points.first { $0.id == id }
+    }
+
+    /// Puts the image back to point `id`, then the position: a crash midway leaves the replica
+    /// inconsistent, its catch-up base the point, so the same roll-back runs again. Any stream
+    /// ends (its primary is told the new position when it opens again). Returns the bytes written back.
+    public func rollBack(to id: UInt64) throws -> (point: RecoveryPoint, bytes: UInt64) {
+        guard let point = undo.points.first(where: { $0.id == id }) else {
+            throw ReplicaError("no recovery point \(id) for \(name)")
+        }
+        var bytes: UInt64 = 0
+        var failure: (any Error)?
+        handle(payload: nil) { core in
+            do {
+                var midway = core.machine.position
+                midway.consistent = false
+                let version = core.nextVersion
+                core.nextVersion += 1
+                try store(midway, version: version)
+                points.withLockedValue { $0.catchUpBase = id }
+                bytes = try undo.rollBack(to: id, image: image)
+                points.withLockedValue { $0.catchUpBase = nil }
+            } catch {
+                failure = error
+                return []
+            }
+            return core.machine.rolledBack(to: point.position)
+        }
+        if let failure { throw failure }
+        return (point, bytes)
     }
 
     func write(_ item: ReplicationItem, payload: ByteBuffer?) throws {

@@ -16,7 +16,7 @@ struct Ferry: AsyncParsableCommand {
             A real site: `ferry init --site NAME --data DIR`, write a config (docs/configuration.md),
             then `ferry serve --config FILE` and `ferry status --config FILE`.
             """,
-        subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Promote.self, Demote.self, Diverged.self, Resolve.self, Switchover.self, Verify.self, Quickstart.self])
+        subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Promote.self, Demote.self, Diverged.self, Resolve.self, Switchover.self, Verify.self, Points.self, Drill.self, Quickstart.self])
 }
 
 /// Loads a config, or prints every problem and exits with status 2 (docs/configuration.md).
@@ -186,18 +186,69 @@ struct Promote: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Make this site the primary of a volume it holds a replica of (failover).",
         discussion: """
-            Refuses while the current primary is reachable (demote it there first) or while the replica \
-            is not consistent (initial sync or catch-up running). The site takes a new epoch: a former \
-            primary that comes back is fenced and takes no writes until it is demoted.
+            Refuses while the current primary is reachable (demote it there first). A replica in the \
+            middle of a catch-up is rolled back to the consistent state the catch-up started from \
+            (--force-inconsistent keeps it as it is); one whose initial sync never completed is refused. \
+            --at promotes a recovery point instead (`ferry points` lists them): the ransomware case. The \
+            site takes a new epoch: a former primary that comes back is fenced and takes no writes until \
+            it is demoted.
             """)
 
     @Argument(help: "The volume.") var volume: String
-    @Flag(help: "Promote even though the current primary is reachable or the replica is not consistent.") var force = false
+    @Option(help: "A recovery point: its ID, or a UTC time such as 2026-11-30T23:00:00Z (the newest point at or before it).") var at: String?
+    @Flag(help: "Promote even though the current primary is reachable.") var force = false
+    @Flag(help: "Promote an inconsistent replica (mid catch-up or initial sync) as it is, without rolling back.") var forceInconsistent = false
     @Option(help: "The config file of the site to promote.") var config: String?
     @Option(help: "The admin socket, instead of --config.") var socket: String?
 
     func run() throws {
-        try postVolumeAction("/v1/volumes/\(volume)/promote" + (force ? "?force=1" : ""), config: config, socket: socket, done: "promoted")
+        var query: [String] = []
+        if force { query.append("force=1") }
+        if forceInconsistent { query.append("force-inconsistent=1") }
+        if let at { query.append("at=" + (at.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? at)) }
+        try postVolumeAction("/v1/volumes/\(volume)/promote" + (query.isEmpty ? "" : "?" + query.joined(separator: "&")),
+                             config: config, socket: socket, done: "promoted", timeoutSeconds: 600)
+    }
+}
+
+struct Points: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "List the recovery points a secondary keeps of a volume (time, sequence, bytes to undo).",
+        discussion: """
+            A secondary keeps the states it received for the volume's `history:` window (a barrier of \
+            a sync link at most once a second, every async group, every scheduled point). Promote one \
+            with `ferry promote VOLUME --at ID`, or test it with `ferry drill VOLUME --at ID`.
+            """)
+
+    @Argument(help: "The volume.") var volume: String
+    @Option(help: "The secondary's config file.") var config: String?
+    @Option(help: "The admin socket, instead of --config.") var socket: String?
+
+    func run() throws {
+        try postVolumeAction("/v1/volumes/\(volume)/points", config: config, socket: socket, done: "")
+    }
+}
+
+struct Drill: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Test a failover without downtime: export a writable clone of a recovery point on a secondary.",
+        discussion: """
+            Exports VOLUME-drill over NBD: the replica's state now (or at --at), copy-on-write, so a test \
+            VM can boot and write while replication goes on untouched. `--end` discards the clone.
+            """)
+
+    @Argument(help: "The volume.") var volume: String
+    @Option(help: "A recovery point: its ID, or a UTC time such as 2026-11-30T23:00:00Z.") var at: String?
+    @Flag(help: "End the running drill and discard what it wrote.") var end = false
+    @Option(help: "The secondary's config file.") var config: String?
+    @Option(help: "The admin socket, instead of --config.") var socket: String?
+
+    func run() throws {
+        var query: [String] = []
+        if end { query.append("end=1") }
+        if let at { query.append("at=" + (at.addingPercentEncoding(withAllowedCharacters: .alphanumerics) ?? at)) }
+        try postVolumeAction("/v1/volumes/\(volume)/drill" + (query.isEmpty ? "" : "?" + query.joined(separator: "&")),
+                             config: config, socket: socket, done: end ? "drill ended" : "drill started")
     }
 }
 

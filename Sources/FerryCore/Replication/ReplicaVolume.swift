@@ -310,6 +310,39 @@ public struct ReplicaVolume: Sendable {
         return [.send(link, .ack(level: .durable, index: index))]
     }
 
+    /// The position the image is at when the barrier at `index` (received, waiting for its
+    /// flush) completes, if that is a consistent state: a recovery point. At the barrier's
+    /// arrival, in direct mode, the image holds exactly the stream up to it.
+    public func position(afterBarrier index: UInt64) -> ReplicaPosition? {
+        guard let s = session, let barrier = s.barriers[index], barrier.index > s.lastCatchUpBegin else { return nil }
+        var next = position
+        Self.follow(s, &next)
+        if barrier.kind == .catchUpEnd {
+            next.consistent = true
+            next.initialized = true
+            next.needs = nil
+        } else if !next.consistent || s.catchingUp {
+            return nil
+        }
+        next.appliedSeq = max(next.appliedSeq, barrier.seq)
+        return next
+    }
+
+    /// The runtime put the image back to a recovery point at `point` (a promotion at a point,
+    /// or out of an unfinished catch-up): the position is that point's, any stream ends (its
+    /// primary opens again and is told the new position).
+    public mutating func rolledBack(to point: ReplicaPosition) -> [Action] {
+        let logged = session?.logged ?? false
+        session = nil
+        // The primary followed still holds this point's line (it says what it wrote past it when
+        // it rejoins); a point of another generation was not streamed by it.
+        if lastOpened?.generation != point.generation { lastOpened = nil }
+        var next = point
+        next.epoch = max(point.epoch, position.epoch)   // the newest epoch seen stays (P4)
+        position = next
+        return (logged ? [.discardLogTail] : []) + [.persistPosition(next)]
+    }
+
     // MARK: - Checks
 
     private func check(item: ReplicationItem, isRegion: Bool, session s: Session) -> String? {

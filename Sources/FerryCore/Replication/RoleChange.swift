@@ -17,19 +17,21 @@ public enum RoleChange {
     /// Why `ferry promote` must refuse a replica at `position`, or nil when it may go ahead.
     /// `streamingPrimary`: the primary that streams to this replica over a link that is up (a
     /// reachable primary), if any.
-    public static func promotionRefusal(volume: String, position: ReplicaPosition, force: Bool,
+    /// `forceInconsistent` promotes an inconsistent image as it is (never a reachable primary's).
+    public static func promotionRefusal(volume: String, position: ReplicaPosition, force: Bool, forceInconsistent: Bool = false,
                                         streamingPrimary: String?) -> String? {
-        promotionRefusal(volume: volume, position: position, force: force, streamingPrimary: streamingPrimary, plantedBug: nil)
+        promotionRefusal(volume: volume, position: position, force: force, streamingPrimary: streamingPrimary,
+                         plantedBug: nil, inconsistentAllowed: force || forceInconsistent)
     }
 
     static func promotionRefusal(volume: String, position: ReplicaPosition, force: Bool, streamingPrimary: String?,
-                                 plantedBug: PlantedBug?) -> String? {
-        if !position.consistent && !force && plantedBug != .promoteInconsistent {
+                                 plantedBug: PlantedBug?, inconsistentAllowed: Bool? = nil) -> String? {
+        if !position.consistent && !(inconsistentAllowed ?? force) && plantedBug != .promoteInconsistent {
             let why = position.initialized
                 ? "a catch-up is writing it out of order (applied up to sequence \(position.appliedSeq))"
                 : "its initial sync has not completed"
             return "the replica of \(volume) here is not consistent: \(why). Promoting it would serve "
-                + "a state no site ever had. Wait until `ferry status` shows it in sync, or promote it as it is with --force "
+                + "a state no site ever had. Wait until `ferry status` shows it in sync, or promote it as it is with --force-inconsistent "
                 + "(a file system on it may need repair)"
         }
         if let streaming = streamingPrimary, !force {

@@ -15,14 +15,15 @@ final class ReplicationSites {
     var east: TestSite { sites["east"]! }
     var west: TestSite { sites["west"]! }
 
-    init(replicas: [String: String], size: String = "256M", extraVolumes: [TestSite.Volume] = [], onPromote: String? = nil) throws {
+    init(replicas: [String: String], size: String = "256M", extraVolumes: [TestSite.Volume] = [], onPromote: String? = nil,
+         history: String? = nil) throws {
         var sites: [String: TestSite] = [:]
         for name in ["east"] + replicas.keys.sorted() { sites[name] = try TestSite(name: name, root: dir.path) }
         self.sites = sites
         self.volumeSize = size
         for (name, site) in sites {
             let peers = sites.filter { $0.key != name }.map { (name: $0.key, port: $0.value.replicationPort, siteID: $0.value.siteID) }
-            try site.writeConfig(peers: peers, volumes: [TestSite.Volume(name: "vm1", size: size, primary: "east", replicas: replicas, onPromote: onPromote)] + extraVolumes)
+            try site.writeConfig(peers: peers, volumes: [TestSite.Volume(name: "vm1", size: size, primary: "east", replicas: replicas, onPromote: onPromote, history: history)] + extraVolumes)
         }
     }
 

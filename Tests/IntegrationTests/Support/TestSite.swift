@@ -51,6 +51,8 @@ final class TestSite {
         var replicas: [String: String] = [:]
         /// `on-promote:` (a shell command), if any.
         var onPromote: String? = nil
+        /// `history:` (e.g. `1h`), if any.
+        var history: String? = nil
     }
 
     /// Writes the site's config: peers pinned to the given IDs, volumes, NBD on TCP and a socket.
@@ -77,6 +79,7 @@ final class TestSite {
             for v in volumes {
                 yaml += "  \(v.name):\n    size: \(v.size)\n    primary: \(v.primary)\n"
                 if let hook = v.onPromote { yaml += "    on-promote: '\(hook.replacingOccurrences(of: "'", with: "''"))'\n" }
+                if let history = v.history { yaml += "    history: \(history)\n" }
                 if !v.replicas.isEmpty {
                     yaml += "    replicas:\n"
                     for (site, policy) in v.replicas.sorted(by: { $0.key < $1.key }) { yaml += "      \(site): \(policy)\n" }
