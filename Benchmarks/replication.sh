@@ -11,16 +11,18 @@
 # What it does, all on 127.0.0.1 and in one temp dir (removed at the end):
 #  * builds ferry in release mode (.build-release) unless FERRY_BIN is set;
 #  * `ferry init`s two sites, east and west, and writes their configs, each pinning the other's
-#    site ID (`ferry id --data DIR`); four 1 GiB volumes, primary east, the same list on both:
+#    site ID (`ferry id --data DIR`); five 1 GiB volumes, primary east, the same list on both:
 #      plain  no replicas                        -> row "ferry"
 #      sync   west { mode: sync }                -> row "ferry-sync"
 #      semi   west { mode: semi-sync }           -> row "ferry-semi"
 #      async  west { mode: async, max-lag: 1G }  -> row "ferry-async" (on-lag: throttle, the default)
+#      hist   west { mode: sync }, history: 1h   -> row "ferry-sync-hist" (west keeps recovery points:
+#             an undo log of what each write overwrites, fdatasync'd before the write)
 #    starts both with `ferry serve` and waits until every replica is in-sync and consistent;
 #  * starts ../shared/bench/qemu-sync-mirror.py on its own pair of 1 GiB images (row "qemu-mirror");
 #  * polls `ferry status --json` on east once a second in the background (lag samples);
 #  * runs Benchmarks/nbd-baselines.sh (a copy of ../shared/bench/nbd-baselines.sh with two added
-#    options; see its header) with the five extra servers. Its -H hook (replication-watch.py hook)
+#    options; see its header) with the six extra servers. Its -H hook (replication-watch.py hook)
 #    waits before and after every fio run until every replica on east is in-sync with nothing
 #    lagging, in flight or dirty -- so the async volume's backlog is drained before the next row
 #    starts and never runs into it; the same wait sits between randread's unmeasured prefill and
@@ -111,7 +113,13 @@ VOLUMES="volumes:
     size: 1G
     primary: east
     replicas:
-      west: { mode: async, max-lag: 1G }"
+      west: { mode: async, max-lag: 1G }
+  hist:
+    size: 1G
+    primary: east
+    history: 1h
+    replicas:
+      west: { mode: sync }"
 site_config "$WORK" east "$EAST_REPL" "$EAST_NBD" west "$WEST_REPL" "$WEST_ID" "$VOLUMES"
 site_config "$WORK" west "$WEST_REPL" "$WEST_NBD" east "$EAST_REPL" "$EAST_ID" "$VOLUMES"
 
@@ -156,11 +164,11 @@ POLL_PID=$!
 mkdir -p "$WORK/state"
 export FERRY_BENCH_CONFIG="socket:$WORK/east/admin.sock"
 export FERRY_BENCH_STATE="$WORK/state"
-export FERRY_BENCH_VOLUMES="ferry-sync=sync,ferry-semi=semi,ferry-async=async"
+export FERRY_BENCH_VOLUMES="ferry-sync=sync,ferry-semi=semi,ferry-async=async,ferry-sync-hist=hist"
 U="nbd://127.0.0.1:$EAST_NBD"
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ferry $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')$(git -C "$ROOT" diff --quiet HEAD -- Sources 2>/dev/null || echo '+local changes') (binary built $(date -u -r "$FERRY_BIN" +%Y-%m-%dT%H:%MZ))" >&2
-"$BASELINES" "${PASS[@]}" -H "python3 $WATCH hook" -w ferry-sync,ferry-semi,ferry-async \
-    ferry="$U/plain" ferry-sync="$U/sync" ferry-semi="$U/semi" ferry-async="$U/async" \
+"$BASELINES" "${PASS[@]}" -H "python3 $WATCH hook" -w ferry-sync,ferry-semi,ferry-async,ferry-sync-hist \
+    ferry="$U/plain" ferry-sync="$U/sync" ferry-semi="$U/semi" ferry-async="$U/async" ferry-sync-hist="$U/hist" \
     qemu-mirror="$(cat "$WORK/mirror.uri")" &
 BASE_PID=$!
 rc=0; wait "$BASE_PID" || rc=$?
@@ -174,7 +182,7 @@ echo "drain after fio ended (all replicas in-sync, nothing lagging, in flight or
 python3 "$WATCH" summary --state "$WORK/state" --samples "$WORK/lag.jsonl" "${MARKDOWN[@]}"
 
 same=()
-for v in sync semi async; do
+for v in sync semi async hist; do
     if cmp -s "$WORK/east/volumes/$v.img" "$WORK/west/volumes/$v.img"; then same+=("$v identical")
     else same+=("$v DIFFERS"); rc=1; fi
 done

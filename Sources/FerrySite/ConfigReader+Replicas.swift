@@ -60,7 +60,7 @@ extension ConfigReader {
         var lagGiven = false
         if given(fields, mode, .maxLag) {
             lagGiven = true
-            let (bytes, seconds) = readLimit(fields, key: "max-lag", sizeExample: "64M", timeExample: "30s")
+            let (bytes, seconds) = readLimit(fields, key: "max-lag", sizeExample: "64M", timeExample: "30s", timeExamples: "30s or 5m")
             policy.maxLagBytes = bytes
             policy.maxLagSeconds = seconds
         }
@@ -139,10 +139,11 @@ extension ConfigReader {
 
     /// `max-lag` and `history`: a size (`64M`), a duration (`30s`, `5m`), or a map with either or
     /// both (`{bytes: 64M, time: 30s}`).
-    mutating func readLimit(_ fields: ConfigFields, key: String, sizeExample: String, timeExample: String) -> (bytes: UInt64?, seconds: Int64?) {
+    mutating func readLimit(_ fields: ConfigFields, key: String, sizeExample: String, timeExample: String,
+                            timeExamples: String) -> (bytes: UInt64?, seconds: Int64?) {
         let path = fields.path(key)
         let line = fields.line(of: key)
-        let forms = "a size such as \(sizeExample), a duration such as \(timeExample), or both as {bytes: \(sizeExample), time: \(timeExample)}"
+        let forms = "a size such as \(sizeExample), a duration such as \(timeExamples), or both as {bytes: \(sizeExample), time: \(timeExample)}"
         switch fields[key] {
         case .scalar(let scalar)?:
             let text = scalar.string
@@ -163,7 +164,7 @@ extension ConfigReader {
             if let text = text(lag, "time", required: false, example: timeExample) {
                 seconds = DurationText.parseSeconds(text)
                 if seconds == nil {
-                    report(lag.path("time"), "\"\(text)\" is not a duration; use a number followed by s, m, h or d, e.g. \(timeExample)",
+                    report(lag.path("time"), "\"\(text)\" is not a duration; use a number followed by s, m, h or d, e.g. \(timeExamples.replacingOccurrences(of: " or ", with: ", "))",
                            line: lag.line(of: "time"))
                 }
             }

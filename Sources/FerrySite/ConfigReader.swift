@@ -231,7 +231,7 @@ struct ConfigReader {
                 report(fields.path("on-promote"), "empty; give the command to run after a promotion, or leave the key out",
                        line: fields.line(of: "on-promote"))
             }
-            let history = readLimit(fields, key: "history", sizeExample: "10G", timeExample: "24h")
+            let history = readLimit(fields, key: "history", sizeExample: "10G", timeExample: "24h", timeExamples: "24h or 7d")
             if Self.isVolumeName(name), let size, let primary, let replicas {
                 var volume = VolumeConfig(name: name, sizeBytes: size, primary: primary, replicas: replicas,
                                           onPromote: onPromote?.trimmingCharacters(in: .whitespaces).isEmpty == false ? onPromote : nil)

@@ -154,11 +154,14 @@ extension Site {
             return Self.reply(409, "error", why)
         }
         var rolledBack: String?
+        var rolledBackRanges: [BlockRange] = []
         if let target {
             do {
-                let (point, bytes) = try replica.rollBack(to: target.id)
+                let (point, ranges) = try replica.rollBack(to: target.id)
+                rolledBackRanges = ranges
                 rolledBack = "rolled the image back to point #\(point.id) (\(Self.isoTime(point.time)), sequence \(point.position.appliedSeq)): "
-                    + "\(ByteSize.format(bytes)) rewritten" + (at == nil ? ", the consistent state before the unfinished catch-up" : "")
+                    + "\(ByteSize.format(ranges.reduce(0) { $0 + $1.length })) rewritten"
+                    + (at == nil ? ", the consistent state before the unfinished catch-up" : "")
                 logger.notice("volume \(name): \(rolledBack!)")
             } catch {
                 return Self.reply(500, "error", "rolling \(name) back to point #\(target.id) failed: \(error); the replica is marked inconsistent, "
@@ -181,7 +184,7 @@ extension Site {
         let plan = RoleChange.promotion(position: position, generation: generationID, recordedEpoch: UInt64(max(record.epoch, 0)),
                                         recordedHistory: Self.history(record), volumeSize: volume.config.sizeBytes,
                                         regionSize: regionSize, followed: followed,
-                                        siteIndex: stripe.index, siteCount: stripe.count)
+                                        siteIndex: stripe.index, siteCount: stripe.count, rolledBack: rolledBackRanges)
         let epoch = plan.epoch
         let historyJSON = String(decoding: (try? JSONEncoder().encode(plan.history)) ?? Data("[]".utf8), as: UTF8.self)
         let runtime: PrimaryVolumeRuntime

@@ -334,6 +334,6 @@ extension Site {
             peer: r.peer, mode: r.mode.rawValue, state: r.state.rawValue, reason: r.reason, connected: r.connected,
             consistent: r.consistent, lagBytes: r.lagBytes, lagSeconds: r.lagSeconds, dirtyBytes: r.dirtyBytes,
             inFlightBytes: r.inFlightBytes, bytesSent: r.bytesSent, syncRemainingBytes: r.syncRemainingBytes,
-            syncTotalBytes: r.syncTotalBytes, rpoZero: r.rpoZero, lastPoint: point, nextPointAt: next)
+            syncTotalBytes: r.syncTotalBytes, syncETASeconds: r.syncETASeconds, rpoZero: r.rpoZero, lastPoint: point, nextPointAt: next)
     }
 }

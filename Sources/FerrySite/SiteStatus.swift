@@ -105,6 +105,8 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         /// Initial sync or catch-up in progress: bytes left, bytes in all.
         public var syncRemainingBytes: UInt64?
         public var syncTotalBytes: UInt64?
+        /// Seconds the sync or catch-up still needs at its rate so far.
+        public var syncETASeconds: Double?
         /// RPO is zero (a sync peer, connected, nothing dirty).
         public var rpoZero: Bool
         /// scheduled: the last completed point and when the next is due.
@@ -239,7 +241,9 @@ extension SiteStatus {
         line += ", lag \(ByteSize.format(r.lagBytes)) / \(String(format: "%.1f", r.lagSeconds)) s"
         if let remaining = r.syncRemainingBytes, let total = r.syncTotalBytes, total > 0 {
             let done = Double(total - min(total, remaining)) / Double(total) * 100
-            line += String(format: ", sync %.0f%% (%@ left)", done, ByteSize.format(remaining))
+            line += String(format: ", sync %.0f%% (%@ left", done, ByteSize.format(remaining))
+            if let eta = r.syncETASeconds { line += ", about \(Self.age(from: now, to: now.addingTimeInterval(eta))) to go" }
+            line += ")"
         }
         line += ", sent \(ByteSize.format(r.bytesSent))"
         if !r.consistent { line += ", replica inconsistent" }

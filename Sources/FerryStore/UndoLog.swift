@@ -322,15 +322,15 @@ public final class UndoLog: @unchecked Sendable {
     /// Puts the image back to point `id`: writes back every before-image recorded after it,
     /// flushes the image, then forgets the records after the point (it is the image's state now).
     /// Interrupted (a crash), it can run again: the records stay until the image is flushed.
-    /// Returns the bytes written back.
+    /// Returns the ranges written back (granule runs, in order).
     @discardableResult
-    public func rollBack(to id: UInt64, image: VolumeImage) throws -> UInt64 {
+    public func rollBack(to id: UInt64, image: VolumeImage) throws -> [BlockRange] {
         try lock.withLock {
             guard let view = view(of: id),
                   let at = records.firstIndex(where: { if case .mark(let p, _) = $0.content { return p.id == id } else { return false } }) else {
                 throw StoreError("roll back", path: path, detail: "no recovery point \(id) in the undo log")
             }
-            var written: UInt64 = 0
+            var written: [BlockRange] = []
             for g in view.keys.sorted() {
                 let offset = g * Self.granule
                 guard offset < image.size else { continue }
@@ -341,7 +341,11 @@ public final class UndoLog: @unchecked Sendable {
                 } else if try !image.punchHole(offset: offset, length: length), try !image.zeroRangeFast(offset: offset, length: length) {
                     try image.writeZeroBytes(offset: offset, length: length)
                 }
-                written += length
+                if let last = written.last, last.offset + last.length == offset {
+                    written[written.count - 1].length += length
+                } else {
+                    written.append(BlockRange(offset: offset, length: length))
+                }
             }
             try image.flush()
             let cut = at + 1 < records.count ? records[at + 1].start : end

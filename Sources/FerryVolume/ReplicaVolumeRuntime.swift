@@ -419,12 +419,12 @@ public final class ReplicaVolumeRuntime: Sendable {
 
     /// Puts the image back to point `id`, then the position: a crash midway leaves the replica
     /// inconsistent, its catch-up base the point, so the same roll-back runs again. Any stream
-    /// ends (its primary is told the new position when it opens again). Returns the bytes written back.
-    public func rollBack(to id: UInt64) throws -> (point: RecoveryPoint, bytes: UInt64) {
+    /// ends (its primary is told the new position when it opens again). Returns the ranges written back.
+    public func rollBack(to id: UInt64) throws -> (point: RecoveryPoint, ranges: [BlockRange]) {
         guard let point = undo.points.first(where: { $0.id == id }) else {
             throw ReplicaError("no recovery point \(id) for \(name)")
         }
-        var bytes: UInt64 = 0
+        var ranges: [BlockRange] = []
         var failure: (any Error)?
         handle(payload: nil) { core in
             do {
@@ -434,7 +434,7 @@ public final class ReplicaVolumeRuntime: Sendable {
                 core.nextVersion += 1
                 try store(midway, version: version)
                 points.withLockedValue { $0.catchUpBase = id }
-                bytes = try undo.rollBack(to: id, image: image)
+                ranges = try undo.rollBack(to: id, image: image)
                 points.withLockedValue { $0.catchUpBase = nil }
             } catch {
                 failure = error
@@ -443,7 +443,7 @@ public final class ReplicaVolumeRuntime: Sendable {
             return core.machine.rolledBack(to: point.position)
         }
         if let failure { throw failure }
-        return (point, bytes)
+        return (point, ranges)
     }
 
     func write(_ item: ReplicationItem, payload: ByteBuffer?) throws {

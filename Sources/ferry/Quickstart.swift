@@ -20,6 +20,14 @@ struct Quickstart: AsyncParsableCommand {
     @Option(help: "How vm1 replicates from east to west: sync, semi-sync, async or scheduled.") var mode: String = "sync"
     @Flag(help: "Print the status once and exit, stopping both sites (for scripts).") var once = false
 
+    /// vm1, primary east, replicated to west, which keeps a day of recovery points (for the drill
+    /// and point-in-time commands the quickstart prints).
+    static func quickstartVolume(sizeBytes: UInt64, policy: ReplicaPolicy) -> VolumeConfig {
+        var volume = VolumeConfig(name: "vm1", sizeBytes: sizeBytes, primary: "east", replicas: ["west": policy])
+        volume.history = HistoryLimit(seconds: 86_400, bytes: nil)
+        return volume
+    }
+
     func run() async throws {
         // Each line as it is printed, also into a pipe (`ferry quickstart | tee log`).
         ferry_stdout_line_buffered()
@@ -70,7 +78,7 @@ struct Quickstart: AsyncParsableCommand {
                                       nbdSocket: "\(data)/nbd.sock", adminSocket: "\(data)/admin.sock"),
                 peers: [PeerConfig(name: other, address: HostPort(host: "127.0.0.1", port: replication[other]!),
                                    siteID: identities[other]!.siteID)],
-                volumes: [VolumeConfig(name: "vm1", sizeBytes: sizeBytes, primary: "east", replicas: ["west": policy])],
+                volumes: [Self.quickstartVolume(sizeBytes: sizeBytes, policy: policy)],
                 logLevel: "info", path: "\(base)/\(name).yaml")
             try config.yaml().write(toFile: config.path, atomically: true, encoding: .utf8)
             configPaths[name] = config.path
@@ -141,6 +149,12 @@ struct Quickstart: AsyncParsableCommand {
               ferry status --config \(configPaths["west"]!)          # west is primary at epoch 3; east follows it
               ferry switchover vm1 --to east --config \(configPaths["west"]!)   # and back
             or a failover: kill -9 east, `ferry promote vm1` on west; restart east and it gives way on its own.
+            a DR drill without downtime (west keeps 24 h of recovery points; replication goes on):
+              ferry points vm1 --config \(configPaths["west"]!)             # the points west can go back to
+              ferry drill vm1 --config \(configPaths["west"]!)              # a writable clone, exported as vm1-drill
+              qemu-io -f raw -c 'write -P 0xee 0 1M' \((statuses["west"]?.volumes.first?.exports.first { $0.hasPrefix("nbd://") } ?? "") + "-drill")
+              ferry drill vm1 --end --config \(configPaths["west"]!)        # discard it
+            and point-in-time: with east gone, `ferry promote vm1 --at ID|TIME` on west promotes one of those points.
 
             """)
         print("ready")

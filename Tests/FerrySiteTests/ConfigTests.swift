@@ -258,6 +258,13 @@ struct ConfigTests {
             "north": ReplicaPolicy(mode: .async, maxLagSeconds: 7 * 86_400, onLag: .throttle, journalSizeBytes: 3 << 20),
         ]
         built.volumes[1].replicas = ["east": ReplicaPolicy(mode: .scheduled, schedule: Schedule.parseAt("0:05", on: nil))]
+        // history: a duration, a size, or both.
+        for history in [HistoryLimit(seconds: 86_400, bytes: nil), HistoryLimit(seconds: nil, bytes: 10 << 30),
+                        HistoryLimit(seconds: 7 * 86_400, bytes: 512 << 20)] {
+            var withHistory = config
+            withHistory.volumes[0].history = history
+            #expect(try SiteConfig.parse(yaml: withHistory.yaml(), path: config.path) == withHistory, "\(withHistory.yaml())")
+        }
         let builtText = built.yaml()
         #expect(try SiteConfig.parse(yaml: builtText, path: built.path) == built, "\(builtText)")
         #expect(builtText.contains("        every: 90m\n"))

@@ -95,6 +95,37 @@ struct RecoveryPointTests {
                 "east kept nothing aside of what it wrote after the point: \(diverged.stdout)\(diverged.stderr)")
     }
 
+    /// The old primary demoted (not dead) before `promote --at`: it follows the promoted site and
+    /// ends byte-identical, although its needs never named what the roll-back put back.
+    @Test func promoteAtAPointAfterADemoteConverges() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M", history: "1h")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        let beforeA = Date()
+        try sites.qemuIO(["write -P 0x11 0 4M"])
+        let pointA = pointAfter(beforeA, sites.west)
+        _ = eventually(.seconds(5)) { Date().timeIntervalSince(pointA?.time ?? .distantPast) > 1.2 }
+        try sites.qemuIO(["write -P 0x22 2M 4M"])
+        sites.waitInSync()
+        let demoted = try ferry(["demote", "vm1"], sites.east)
+        #expect(demoted.status == 0, "\(demoted.stdout)\(demoted.stderr)")
+        var promoted: RunResult?
+        let done = eventually(.seconds(30)) {
+            promoted = try? ferry(["promote", "vm1", "--at", "\(pointA?.id ?? 0)"], sites.west)
+            return promoted?.status == 0
+        }
+        #expect(done, "\(promoted?.stdout ?? "")\(promoted?.stderr ?? "")")
+        let synced = eventually(.seconds(120)) {
+            guard let r = vm1(sites.west)?.replicas.first(where: { $0.peer == "east" }) else { return false }
+            return r.connected && r.consistent && r.state == "in-sync" && r.lagBytes == 0
+        }
+        #expect(synced, "east did not catch up: \(String(describing: vm1(sites.west)?.replicas))")
+        #expect(try sites.imagesIdentical(), "east kept bytes the roll-back on west undid")
+        let read = try sites.qemuIO(["read -P 0x11 0 4M", "read -P 0 4M 60M"], uri: sites.west.unixURI("vm1"), readOnly: true, expect: nil)
+        #expect(read.status == 0 && !read.stdout.contains("Pattern verification failed"), "\(read.stdout)")
+    }
+
     /// A catch-up overwrites the replica out of order; killed mid-way (the replica, then the
     /// primary), a promotion rolls back to the consistent state the catch-up started from (P3).
     @Test func promoteMidCatchUpRollsBackToTheStateBeforeIt() throws {
@@ -115,6 +146,9 @@ struct RecoveryPointTests {
         try sites.west.start()
         #expect(catchingUp(2 << 20), "west did not start catching up: \(String(describing: vm1(sites.west)))")
         #expect(vm1(sites.west)?.recoveryPoints?.rollbackPoint != nil, "status names no point to roll back to: \(String(describing: vm1(sites.west)))")
+        // East's status gives the catch-up an ETA from its rate so far.
+        let eta = eventually(.seconds(20)) { (sites.replica("west")?.syncETASeconds ?? 0) > 0 }
+        #expect(eta, "no ETA for the catch-up: \(String(describing: sites.replica("west")))")
         // Killed mid catch-up, restarted: the catch-up goes on, the way back is still there.
         sites.west.kill9()
         try sites.west.start()

@@ -365,7 +365,7 @@ extension PrimaryVolume {
         let index = session.take()
         out.append(.send(peer: peer.name, session.link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: lastAdmitted, kind: .catchUpBegin))))
         session.record(SentItem(index: index, kind: .barrier(.catchUpBegin, seq: lastAdmitted), range: nil, bytes: 0))
-        session.catchUp = CatchUp(initial: peer.initialSyncPending, totalBytes: peer.dirty.dirtyBytes)
+        session.catchUp = CatchUp(initial: peer.initialSyncPending, totalBytes: peer.dirty.dirtyBytes, startedAt: now.monotonicNanos)
         if peer.state != .pullAhead {
             setState(&peer, peer.initialSyncPending ? .initialSync : .catchingUp,
                      peer.initialSyncPending ? "first full copy to \(peer.name)" : "sending \(peer.name) what it missed", &out)

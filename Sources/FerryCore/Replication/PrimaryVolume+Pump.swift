@@ -265,6 +265,12 @@ extension PrimaryVolume {
                 dirtyBytes: peer.dirty.dirtyBytes, inFlightBytes: session?.unackedBytes ?? 0,
                 syncRemainingBytes: catchUp.map { _ in peer.dirty.dirtyBytes },
                 syncTotalBytes: catchUp.map { $0.totalBytes },
+                syncETASeconds: catchUp.flatMap { c in
+                    let done = c.totalBytes - min(c.totalBytes, peer.dirty.dirtyBytes)
+                    let elapsed = Double(now.monotonicNanos - c.startedAt) / 1e9
+                    guard done > 0, elapsed >= 1 else { return nil }
+                    return Double(peer.dirty.dirtyBytes) / (Double(done) / elapsed)
+                },
                 bytesSent: peer.bytesSent, lastPoint: peer.lastPoint, nextPointAt: peer.nextPointAt,
                 rpoZero: peer.isDirect && session?.open == true && catchUp == nil && peer.dirty.isEmpty)
         }

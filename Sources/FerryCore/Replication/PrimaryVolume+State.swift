@@ -215,6 +215,8 @@ struct CatchUp: Sendable {
     /// The stream index of the catch-up's end barrier, once sent.
     var endIndex: UInt64?
     var totalBytes: UInt64
+    /// When it began (monotonic nanoseconds): the rate so far gives status its ETA.
+    var startedAt: Int64 = 0
 }
 
 /// A scheduled point being sent: the regions dirty at the cut, read as they were at the cut.
@@ -293,6 +295,9 @@ public struct ReplicaLinkStatus: Sendable, Equatable {
     /// Initial sync or catch-up: bytes left and total.
     public var syncRemainingBytes: UInt64?
     public var syncTotalBytes: UInt64?
+    /// Seconds left at the rate the sync has gone so far (nil in its first second, or before
+    /// anything arrived).
+    public var syncETASeconds: Double?
     public var bytesSent: UInt64
     public var lastPoint: PointRecord?
     public var nextPointAt: Int64?

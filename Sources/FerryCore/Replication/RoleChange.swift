@@ -70,15 +70,15 @@ public enum RoleChange {
     /// `siteIndex` and `siteCount`: see ``nextEpoch(after:siteIndex:siteCount:)``.
     public static func promotion(position: ReplicaPosition, generation: UInt64, recordedEpoch: UInt64,
                                  recordedHistory: [GenerationRecord], volumeSize: UInt64, regionSize: UInt64,
-                                 followed: String?, siteIndex: Int, siteCount: Int) -> Promotion {
+                                 followed: String?, siteIndex: Int, siteCount: Int, rolledBack: [BlockRange] = []) -> Promotion {
         promotion(position: position, generation: generation, recordedEpoch: recordedEpoch, recordedHistory: recordedHistory,
                   volumeSize: volumeSize, regionSize: regionSize, followed: followed, siteIndex: siteIndex, siteCount: siteCount,
-                  plantedBug: nil)
+                  plantedBug: nil, rolledBack: rolledBack)
     }
 
     static func promotion(position: ReplicaPosition, generation: UInt64, recordedEpoch: UInt64, recordedHistory: [GenerationRecord],
                           volumeSize: UInt64, regionSize: UInt64, followed: String?, siteIndex: Int, siteCount: Int,
-                          plantedBug: PlantedBug?) -> Promotion {
+                          plantedBug: PlantedBug?, rolledBack: [BlockRange] = []) -> Promotion {
         let seen = max(recordedEpoch, position.epoch)
         let epoch = plantedBug == .promoteWithoutNewEpoch ? seen : nextEpoch(after: seen, siteIndex: siteIndex, siteCount: siteCount)
         // The line of history the image is on: as its primary sent it, else as recorded here,
@@ -93,8 +93,12 @@ public enum RoleChange {
         history.append(GenerationRecord(id: generation, epoch: epoch, branchSeq: position.appliedSeq))
         var peers: [String: PrimaryVolume.Metadata.Peer] = [:]
         if let followed, position.consistent, position.initialized {
-            let empty = DirtyBitmap(volumeSize: volumeSize, regionSize: regionSize)
-            peers[followed] = PrimaryVolume.Metadata.Peer(dirtyWords: empty.words, initialSyncPending: false, lastPoint: nil)
+            // Clean, except what a roll-back (`promote --at`, or out of a catch-up) put back: the
+            // followed site holds the newer bytes there, which it may not know it must lose (a
+            // demoted site's needs do not name them).
+            var bitmap = DirtyBitmap(volumeSize: volumeSize, regionSize: regionSize)
+            for range in rolledBack { _ = bitmap.set(range) }
+            peers[followed] = PrimaryVolume.Metadata.Peer(dirtyWords: bitmap.words, initialSyncPending: false, lastPoint: nil)
         }
         // Sequences continue above what this replica applied.
         let metadata = PrimaryVolume.Metadata(peers: peers, lastSeq: position.appliedSeq, sequenceCeiling: position.appliedSeq,
