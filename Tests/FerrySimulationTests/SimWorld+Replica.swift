@@ -1,6 +1,19 @@
 @testable import FerryCore
 
 /// A replica's files: its persisted position and its receive log.
+extension SimWorld {
+    /// Records a replica's position (a newer version wins); a consistent one ends a catch-up's
+    /// undo base, as ``ReplicaVolumeRuntime`` does.
+    func storePosition(_ s: SimSite, _ position: ReplicaPosition, version: UInt64) {
+        guard version > s.store.positionVersion else { return }
+        s.store.persist(position, version: version)
+        if position.consistent {
+            s.undoBase = nil
+            s.catchUpFromConsistent = false
+        }
+    }
+}
+
 struct ReplicaStore {
     enum LogRecord {
         case item(ReplicationItem, [UInt64])
@@ -147,6 +160,8 @@ extension SimWorld {
         }
         let actions = machine.recover(log: barriers)
         s.replica = machine
+        // A replica that restarts consistent has nothing to go back to.
+        if s.store.position.consistent { s.undoBase = nil }
         log("\(name) starts as a replica at \(s.store.position)")
         runReplica(name, actions, stamps: [])
     }
@@ -159,6 +174,7 @@ extension SimWorld {
         case .region(let item): log("\(name) ← region #\(item.index) \(item.range)")
         default: log("\(name) ← \(message)")
         }
+        let before = machine.position
         let actions = machine.received(message, on: link)
         s.replica = machine
         // What the checkers learn from the stream: a catch-up (out of order) begins or ends here.
@@ -166,15 +182,26 @@ extension SimWorld {
         if accepted {
             switch message {
             case .open(let open): s.modeByLink[link] = open.mode
-            case .barrier(let b) where b.kind == .catchUpBegin: s.midCatchUp = true; s.catchUpEndIndex = nil
+            case .barrier(let b) where b.kind == .catchUpBegin:
+                s.midCatchUp = true
+                s.catchUpEndIndex = nil
+                if before.consistent { s.catchUpFromConsistent = true }
+                if scenario.roles && rng.chance(0.1) { after(rng.nanos(2_000_000...40_000_000), .failoverDuringCatchUp(name)) }
             case .barrier(let b) where b.kind == .catchUpEnd: s.catchUpEndIndex = b.index
             default: break
             }
         }
-        runReplica(name, actions, stamps: stamps)
+        runReplica(name, actions, stamps: stamps, before: before)
     }
 
-    func runReplica(_ name: String, _ actions: [ReplicaVolume.Action], stamps: [UInt64]) {
+    /// The undo log saves what a write overwrites, once per sector since the base.
+    func saveBeforeImages(_ s: SimSite, _ first: Int, _ count: Int) {
+        guard var base = s.undoBase else { return }
+        for sector in first..<first + count where base.saved[sector] == nil { base.saved[sector] = s.disk.cache[sector] }
+        s.undoBase = base
+    }
+
+    func runReplica(_ name: String, _ actions: [ReplicaVolume.Action], stamps: [UInt64], before: ReplicaPosition? = nil) {
         let s = site(name)
         for action in actions {
             guard failure == nil, s.replica != nil else { return }
@@ -186,6 +213,7 @@ extension SimWorld {
                 var payload = stamps
                 if let held = s.store.heldPayloads.removeValue(forKey: item.index) { payload = held }
                 let (first, count) = sectorsOf(item.range)
+                saveBeforeImages(s, first, count)
                 s.disk.write(first, item.isZero ? Array(repeating: 0, count: count) : payload)
                 var machine = s.replica!
                 let more = machine.applied(link: link, index: item.index)
@@ -206,6 +234,7 @@ extension SimWorld {
                 }
                 for record in s.store.log[s.store.applyIssuedCount..<end] {
                     if case .item(let item, let payload) = record {
+                        saveBeforeImages(s, sectorsOf(item.range).first, payload.count)
                         s.disk.write(sectorsOf(item.range).first, payload)
                     }
                 }
@@ -225,9 +254,13 @@ extension SimWorld {
             case .flush(let link, let index):
                 after(rng.nanos(50_000...2_000_000), .replicaFlushed(name, incarnation: incarnation, link, index: index))
             case .persistPosition(let position):
+                // As ReplicaVolumeRuntime: a catch-up leaving a consistent state keeps it.
+                if let before, !position.consistent, before.consistent, s.undoBase == nil, scenario.bug != .skipUndo {
+                    s.undoBase = (before, [:])
+                }
                 let version = s.store.nextVersion
                 s.store.nextVersion += 1
-                s.store.persist(position, version: version)
+                storePosition(s, position, version: version)
             case .refuse(let link, let reason):
                 log("\(name) refuses \(link): \(reason)")
                 refusals.append(reason)

@@ -20,6 +20,22 @@ extension SimWorld {
         after(rng.nanos(5_000_000...300_000_000), .promote(target, force: false))
     }
 
+    /// The primary is demoted while `name` is in the middle of a catch-up, and the operator
+    /// promotes `name` at once: the undo log's case (P3).
+    func failoverDuringCatchUp(_ name: String) {
+        // Only a catch-up that has a way back (else the promotion could be refused, and the
+        // operator would have demoted the only primary for nothing).
+        guard !workloadOver, site(name).midCatchUp, site(name).undoBase != nil, site(name).replica != nil,
+              let old = servingSite, old != name, site(old).client.outstanding.isEmpty else { return }
+        // The old primary is demoted (its VM shut down): it follows the promoted site, and must
+        // be sent again what the roll-back put back. (Crashing it here instead finds liveness
+        // gaps between three primaries that the closing note of 2026-12-06 describes.)
+        site(old).clientAttached = false
+        log("operator: demoting \(old) while \(name) catches up; promoting \(name)")
+        makeSecondary(old, plan: nil, keepAsideFor: nil, why: "demoted by the operator")
+        after(rng.nanos(1_000_000...20_000_000), .promote(name, force: true))
+    }
+
     /// The primary is cut off from a replica (it goes on serving its client), and the operator
     /// promotes the replica there: both write, a split brain the handshake must stop.
     func splitFailover() {
@@ -37,13 +53,32 @@ extension SimWorld {
     @discardableResult
     func promote(_ name: String, force requested: Bool, why: String) -> Bool {
         let s = site(name)
-        guard s.running, let replica = s.replica else { return false }
-        let position = replica.position
+        guard s.running, var replica = s.replica else { return false }
         let streaming = replica.sessionLink.flatMap { link -> String? in
             guard let peer = peer(of: name, on: link), links[key(name, peer)]?.id == link, links[key(name, peer)]?.up == true
             else { return nil }
             return peer
         }
+        // Mid catch-up, `ferry promote` puts the image back to the state the catch-up started
+        // from (the undo log); the operator sometimes keeps the image instead (--force-inconsistent).
+        var rolledBack: [BlockRange] = []
+        if s.midCatchUp && s.catchUpFromConsistent && s.undoBase == nil {
+            fail("P3 violated: \(name) is in the middle of a catch-up that began on a consistent image, and kept no way back to it")
+            return false
+        }
+        if !replica.position.consistent, let base = s.undoBase, streaming == nil || requested, !rng.chance(0.3) {
+            for (sector, value) in base.saved { s.disk.write(sector, [value]) }
+            s.disk.flush()
+            rolledBack = base.saved.keys.sorted().map { BlockRange(offset: UInt64($0) * sectorSize, length: sectorSize) }
+            let actions = replica.rolledBack(to: base.position)
+            s.replica = replica
+            runReplica(name, actions, stamps: [])
+            s.midCatchUp = false
+            s.catchUpEndIndex = nil
+            rollbacks += 1
+            log("operator: \(name) rolled back \(rolledBack.count) sector(s) to \(base.position), the state before its unfinished catch-up")
+        }
+        let position = replica.position
         var force = requested
         if let refusal = RoleChange.promotionRefusal(volume: "vm1", position: position, force: false,
                                                      streamingPrimary: streaming, plantedBug: scenario.bug) {
@@ -78,7 +113,7 @@ extension SimWorld {
                                         recordedHistory: s.history, volumeSize: config.volumeSize, regionSize: config.regionSize,
                                         followed: followed.flatMap { peers[$0] != nil && position.consistent ? $0 : nil },
                                         siteIndex: siteNames.sorted().firstIndex(of: name)!, siteCount: siteNames.count,
-                                        plantedBug: scenario.bug)
+                                        plantedBug: scenario.bug, rolledBack: rolledBack)
         var machine = config
         machine.epoch = plan.epoch
         machine.generation = generation
@@ -94,6 +129,8 @@ extension SimWorld {
         s.preserved = [:]
         s.pendingFlushes = []
         s.replica = nil
+        s.undoBase = nil
+        s.catchUpFromConsistent = false
         s.midCatchUp = false
         s.client.reset()
         promotions += 1
@@ -137,6 +174,8 @@ extension SimWorld {
         s.preserved = [:]
         s.pendingFlushes = []
         s.store = ReplicaStore()
+        s.undoBase = nil
+        s.catchUpFromConsistent = false
         s.store.position = demotion.position
         lastDemoted = name
         log("\(name) becomes a secondary (\(why)); kept aside \(divergent.count) ranges; position \(demotion.position)")
@@ -209,7 +248,14 @@ extension SimWorld {
         let s = site(name)
         guard let machine = s.primary, machine.rivals[peer] != nil else { return }
         resolutions += 1
-        let keep = rng.chance(0.5) ? name : peer
+        // The operator looks at both sites: a rival that has given way since (a stale record
+        // here) is not the one to keep.
+        var keep = rng.chance(0.5) || site(peer).primary == nil ? name : peer
+        // Nor does it reverse its own decision for the same two sites (reversing it is not
+        // handled: see the closing note of 2026-12-06, seed 174).
+        let pair = [name, peer].sorted().joined(separator: "+")
+        if let earlier = resolvedKeep[pair], site(earlier).primary != nil { keep = earlier }
+        resolvedKeep[pair] = keep
         log("operator: resolve on \(name) keeping \(keep)")
         if keep == name {
             var m = machine

@@ -37,6 +37,13 @@ final class SimSite {
     /// A catch-up began here and has not completed: the image is out of order.
     var midCatchUp = false
     var catchUpEndIndex: UInt64?
+    /// The replica's undo log, as ``UndoLog`` keeps it for a catch-up (P3): the position the
+    /// catch-up started from and, per sector written since, what it held before (durable
+    /// before the write: the log is write-ahead). Survives crashes; gone once a consistent
+    /// position is recorded.
+    var undoBase: (position: ReplicaPosition, saved: [Int: UInt64])?
+    /// The catch-up under way began on a consistent replica (P3: its state must be kept).
+    var catchUpFromConsistent = false
     /// The mode of each stream opened here, and of the one that last moved the position (P2
     /// holds for async and scheduled).
     var modeByLink: [LinkID: ReplicationMode] = [:]
@@ -97,6 +104,8 @@ final class SimWorld {
         case replicaLogApplied(String, incarnation: Int, LinkID?, index: UInt64, ReplicaPosition, version: UInt64)
         // The operator (failover schedules).
         case failover
+        /// The primary dies while `name` is catching up, and `name` is promoted (P3's case).
+        case failoverDuringCatchUp(String)
         case promote(String, force: Bool)
         case splitFailover
         case switchover
@@ -140,7 +149,11 @@ final class SimWorld {
     var checks = 0
     var refusals: [String] = []
     var promotions = 0, switchovers = 0, resolutions = 0, rejoins = 0
+    /// Promotions mid catch-up that rolled the image back (the undo log).
+    var rollbacks = 0
     var resolving = false
+    /// The site the operator kept when it last resolved a split brain between two sites.
+    var resolvedKeep: [String: String] = [:]
     var lastDemoted: String?
 
     // What the checkers know of every generation.
@@ -360,7 +373,7 @@ final class SimWorld {
             let s = site(name)
             guard s.incarnation == incarnation else { return }
             s.disk.flush()
-            s.store.persist(position, version: version)
+            storePosition(s, position, version: version)
             s.store.dropAppliedLog()
             guard var machine = s.replica else { return }
             let actions = machine.logApplied(link: link, index: index)
@@ -370,6 +383,8 @@ final class SimWorld {
             failover()
         case .promote(let name, let force):
             promote(name, force: force, why: "failover")
+        case .failoverDuringCatchUp(let name):
+            failoverDuringCatchUp(name)
         case .splitFailover:
             splitFailover()
         case .switchover:

@@ -302,6 +302,14 @@ extension PrimaryVolume {
     mutating func opened(_ peer: inout PeerState, position: ReplicaPosition, _ out: inout [Action]) {
         let sameHistory = position.initialized && position.generation == config.generation
         let sharedPast = position.initialized && config.ancestors.contains(position.generation)
+        if peer.initialSyncPending && position.generation != config.generation && (position.initialized || position.needs != nil) {
+            // A copy under way to a site whose image has since moved to another line (it was
+            // promoted, or followed another primary, and gave way again): what was already sent
+            // no longer describes it; the copy starts over. Found by the failover simulation
+            // (seed 291: a region sent before the site's promotion was never sent again).
+            peer.dirty.setAll()
+            persistNeeded = true
+        }
         if sameHistory && !peer.initialSyncPending {
             // A site on this very generation that gave way to it (a former primary of it whose
             // promotion elsewhere lost): what it wrote that this site lacks is overwritten.

@@ -648,10 +648,16 @@ enum PlantedBug: String, Sendable, CaseIterable {
     /// Failover: a site that gives way does not say which blocks the new primary must overwrite.
     case rejoinWithoutNeeds = "rejoin-without-needs"
 
+    /// A promotion that rolled its image back does not resend the rolled-back blocks to the
+    /// site it followed.
+    case rollbackNotResent = "rollback-not-resent"
+    /// A replica keeps no way back when a catch-up begins: a promotion mid catch-up serves
+    /// the half-written image.
+    case skipUndo = "skip-undo"
     /// Bugs of role changes, which only the failover schedules exercise.
     var isFailover: Bool {
         switch self {
-        case .promoteInconsistent, .promoteWithoutNewEpoch, .skipKeepAside, .rejoinWithoutNeeds: true
+        case .promoteInconsistent, .promoteWithoutNewEpoch, .skipKeepAside, .rejoinWithoutNeeds, .rollbackNotResent, .skipUndo: true
         default: false
         }
     }

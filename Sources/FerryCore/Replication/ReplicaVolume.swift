@@ -235,6 +235,13 @@ public struct ReplicaVolume: Sendable {
         let logged = open.mode == .async || open.mode == .scheduled
         var actions: [Action] = []
         if session?.logged ?? logged { actions.append(.discardLogTail) }
+        if let old = session, old.link != link {
+            // The primary of the replaced stream is told, or it would go on counting this
+            // replica as in sync while it follows another (found by the failover simulation:
+            // an idle former primary kept a replica "in-sync" that held a rival's bytes).
+            actions.append(.send(old.link, .refuse(reason: "a stream at epoch \(open.epoch) replaced this one; "
+                                                  + "this replica of \(volume) follows that primary now")))
+        }
         if open.epoch > position.epoch {
             // The newest epoch seen, kept: an older primary is refused from now on, and a
             // promotion here takes an epoch above it (P4).

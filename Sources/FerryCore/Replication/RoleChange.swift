@@ -97,7 +97,7 @@ public enum RoleChange {
             // followed site holds the newer bytes there, which it may not know it must lose (a
             // demoted site's needs do not name them).
             var bitmap = DirtyBitmap(volumeSize: volumeSize, regionSize: regionSize)
-            for range in rolledBack { _ = bitmap.set(range) }
+            if plantedBug != .rollbackNotResent { for range in rolledBack { _ = bitmap.set(range) } }
             peers[followed] = PrimaryVolume.Metadata.Peer(dirtyWords: bitmap.words, initialSyncPending: false, lastPoint: nil)
         }
         // Sequences continue above what this replica applied.
