@@ -122,7 +122,7 @@ public final class UndoLog: @unchecked Sendable {
     }
 
     private func readRecord(at offset: UInt64) throws -> (Record, UInt64)? {
-        var header = try FileIO.read(fd, offset: offset, count: Self.headerSize, path: path, allocator: allocator)
+        let header = try FileIO.read(fd, offset: offset, count: Self.headerSize, path: path, allocator: allocator)
         guard header.readableBytes == Self.headerSize,
               header.getInteger(at: header.readerIndex, endianness: .little, as: UInt32.self) == Self.magic else { return nil }
         let type = header.getInteger(at: header.readerIndex + 4, as: UInt8.self)!
@@ -180,6 +180,9 @@ public final class UndoLog: @unchecked Sendable {
     public var size: UInt64 { lock.withLock { end - (records.first?.start ?? end) } }
 
     public var isEmpty: Bool { lock.withLock { records.isEmpty } }
+
+    /// Whether writes must be saved first (the log holds a mark).
+    public var isRecording: Bool { lock.withLock { markCount > 0 } }
 
     private func recount() {
         undoBytes = [:]

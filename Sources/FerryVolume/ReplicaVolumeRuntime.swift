@@ -64,6 +64,11 @@ public final class ReplicaVolumeRuntime: Sendable {
         /// the links with a send of them scheduled: one ack per level per read burst.
         var pendingAcks: [LinkID: [AckLevel: UInt64]] = [:]
         var ackSendScheduled: Set<LinkID> = []
+        /// Direct items held back while the undo log records (group commit): applied together
+        /// at the end of the link's read burst, or before any later action but a send, so one
+        /// fdatasync of the undo log covers the burst's before-images.
+        var deferred: [(link: LinkID, item: ReplicationItem, payload: ByteBuffer?)] = []
+        var drainScheduled = false
     }
 
     public init(name: String, image: VolumeImage, stateDirectory: String, threadPool: NIOThreadPool,
@@ -162,6 +167,7 @@ public final class ReplicaVolumeRuntime: Sendable {
         var closes: [(LinkID, String)] = []
         var peersOfCloses: [String] = []
         var ackSends: [LinkID] = []
+        var drains: [LinkID] = []
         core.withLockedValue { core in
             let before = core.machine.position
             var queue = event(&core)
@@ -172,6 +178,13 @@ public final class ReplicaVolumeRuntime: Sendable {
                 let action = queue[i]
                 i += 1
                 switch action {
+                case .send, .apply: break
+                default:
+                    // Whatever follows held-back writes sees them applied first (a flush covers
+                    // them, a point or a catch-up base is marked after their before-images).
+                    if !core.deferred.isEmpty { queue.append(contentsOf: drain(&core)) }
+                }
+                switch action {
                 case .send(let link, let message):
                     if case .ack(let level, let index) = message {
                         // Acks are cumulative: sent once the link's loop is done with what it is
@@ -181,6 +194,12 @@ public final class ReplicaVolumeRuntime: Sendable {
                     } else {
                         if frames[link] == nil { order.append(link) }
                         frames[link, default: []].append(VolumeFrame(volume: name, message: message, payload: nil))
+                    }
+                case .apply(let link, let item) where !core.deferred.isEmpty || undo.isRecording:
+                    core.deferred.append((link, item, payload))
+                    if !core.drainScheduled {
+                        core.drainScheduled = true
+                        drains.append(link)
                     }
                 case .apply(let link, let item):
                     do {
@@ -282,8 +301,34 @@ public final class ReplicaVolumeRuntime: Sendable {
             peersOfCloses = closes.map { core.linkPeers[$0.0] ?? "" }
         }
         for (i, (link, reason)) in closes.enumerated() { links.close(peer: peersOfCloses[i], link: link, reason: reason) }
+        for link in drains where !links.afterCurrentTurn(of: link, { [self] in drainNow() }) { drainNow() }
         for link in ackSends where !links.afterCurrentTurn(of: link, { [self] in sendAcks(link) }) { sendAcks(link) }
         for work in offloads { threadPool.submit { _ in work() } }
+    }
+
+    /// The end of a read burst: the writes held back are applied together.
+    func drainNow() {
+        handle(payload: nil) { core in
+            core.drainScheduled = false
+            return drain(&core)
+        }
+    }
+
+    /// Applies the held-back writes: their before-images saved and made durable once, then the
+    /// image written; returns what the machine says to each (acks `written`).
+    func drain(_ core: inout Core) -> [ReplicaVolume.Action] {
+        let batch = core.deferred
+        core.deferred = []
+        guard !batch.isEmpty else { return [] }
+        do {
+            try undo.protect(batch.map { ($0.item.range.offset, $0.item.range.length) }, image: image) {
+                for held in batch { try write(held.item, payload: held.payload) }
+            }
+        } catch {
+            fail(&core, "applying \(batch.count) item(s) failed: \(error)")
+            return Array(Set(batch.map(\.link))).map { .refuse($0, reason: "replica \(name) cannot write its image: \(error)") }
+        }
+        return batch.flatMap { core.machine.applied(link: $0.link, index: $0.item.index) }
     }
 
     /// Sends the acks gathered for `link` since the last send.
