@@ -32,17 +32,29 @@ struct RecoveryPointTests {
         return found
     }
 
-    @Test func promoteAtAPointRestoresExactlyItsBytesAndTheOldPrimaryRejoins() throws {
+    /// A sync pair keeping an hour of history, in sync, with 4 MiB of 0x11 written on east and
+    /// west's recovery point of that state (the next point can come a second later).
+    func sitesWithPointA() throws -> (ReplicationSites, SiteStatus.PointRef?) {
         let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M", history: "1h")
-        try sites.startAll()
-        defer { sites.stopAll() }
-        sites.waitInSync()
-
-        // qemu-io flushes when it is done: that barrier is a point (sync links: at most one a second).
-        let beforeA = Date()
-        try sites.qemuIO(["write -P 0x11 0 4M"])
+        var beforeA = Date()
+        do {
+            try sites.startAll()
+            sites.waitInSync()
+            // qemu-io flushes when it is done: that barrier is a point (sync links: at most one a second).
+            beforeA = Date()
+            try sites.qemuIO(["write -P 0x11 0 4M"])
+        } catch {
+            sites.stopAll()
+            throw error
+        }
         let pointA = pointAfter(beforeA, sites.west)
         _ = eventually(.seconds(5)) { Date().timeIntervalSince(pointA?.time ?? .distantPast) > 1.2 }
+        return (sites, pointA)
+    }
+
+    @Test func promoteAtAPointRestoresExactlyItsBytesAndTheOldPrimaryRejoins() throws {
+        let (sites, pointA) = try sitesWithPointA()
+        defer { sites.stopAll() }
         let beforeB = Date()
         try sites.qemuIO(["write -P 0x22 2M 4M"])
         _ = pointAfter(beforeB, sites.west)
@@ -98,14 +110,8 @@ struct RecoveryPointTests {
     /// The old primary demoted (not dead) before `promote --at`: it follows the promoted site and
     /// ends byte-identical, although its needs never named what the roll-back put back.
     @Test func promoteAtAPointAfterADemoteConverges() throws {
-        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M", history: "1h")
-        try sites.startAll()
+        let (sites, pointA) = try sitesWithPointA()
         defer { sites.stopAll() }
-        sites.waitInSync()
-        let beforeA = Date()
-        try sites.qemuIO(["write -P 0x11 0 4M"])
-        let pointA = pointAfter(beforeA, sites.west)
-        _ = eventually(.seconds(5)) { Date().timeIntervalSince(pointA?.time ?? .distantPast) > 1.2 }
         try sites.qemuIO(["write -P 0x22 2M 4M"])
         sites.waitInSync()
         let demoted = try ferry(["demote", "vm1"], sites.east)
