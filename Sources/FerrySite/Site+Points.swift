@@ -185,6 +185,8 @@ final class DrillDevice: BlockDevice {
     let threadPool: NIOThreadPool
     /// Granules the drill wrote (they read from the overlay), and bytes written.
     private let written = NIOLockedValueBox<(granules: Set<UInt64>, bytes: UInt64)>(([], 0))
+    /// Writes one at a time: two first partial writes to one granule must not both copy it up.
+    private let writeLock = NIOLock()
     static let granule = UndoLog.granule
 
     init(replica: ReplicaVolumeRuntime, point: UInt64, overlayPath: String, threadPool: NIOThreadPool) throws {
@@ -217,6 +219,10 @@ final class DrillDevice: BlockDevice {
     }
 
     private func writeNow(offset: UInt64, data: ByteBuffer) throws {
+        try writeLock.withLock { try writeLocked(offset: offset, data: data) }
+    }
+
+    private func writeLocked(offset: UInt64, data: ByteBuffer) throws {
         let end = offset + UInt64(data.readableBytes)
         guard end > offset else { return }
         // Granules partly written for the first time get the point's bytes first.

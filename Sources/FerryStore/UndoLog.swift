@@ -78,8 +78,14 @@ public final class UndoLog: @unchecked Sendable {
     private var nextID: UInt64 = 1
     /// Granules saved since the last mark.
     private var saved: Set<UInt64> = []
-    /// Bytes of before-images after each mark, by point ID (what going back to it costs).
-    private var undoBytes: [UInt64: UInt64] = [:]
+    /// Bytes of before-images recorded in all, and that count when each mark was made: what
+    /// going back to a point costs is the difference (O(1) per write, however many points).
+    private var savedTotal: UInt64 = 0
+    private var savedAtMark: [UInt64: UInt64] = [:]
+    /// Indexes into `records` of marks not yet confirmed (few: the ones since the last store).
+    private var unconfirmed: [Int] = []
+    /// Drill views by point, kept up to date as before-images are added.
+    private var views: [UInt64: [UInt64: UInt64?]] = [:]
     /// Marks in the log: with none, nothing needs saving.
     private var markCount = 0
 
@@ -174,7 +180,7 @@ public final class UndoLog: @unchecked Sendable {
     }
 
     /// Bytes of before-images recorded after the point: what going back to it rewrites.
-    public func undoBytes(after id: UInt64) -> UInt64 { lock.withLock { undoBytes[id] ?? 0 } }
+    public func undoBytes(after id: UInt64) -> UInt64 { lock.withLock { savedAtMark[id].map { savedTotal - $0 } ?? 0 } }
 
     /// Bytes the log occupies (from its start to its end).
     public var size: UInt64 { lock.withLock { end - (records.first?.start ?? end) } }
@@ -185,17 +191,21 @@ public final class UndoLog: @unchecked Sendable {
     public var isRecording: Bool { lock.withLock { markCount > 0 } }
 
     private func recount() {
-        undoBytes = [:]
+        savedAtMark = [:]
         markCount = 0
+        unconfirmed = []
+        views = [:]
         var total: UInt64 = 0
-        for record in records.reversed() {
+        for (i, record) in records.enumerated() {
             switch record.content {
             case .before(_, let count, _): total += count * Self.granule
-            case .mark(let p, _):
-                undoBytes[p.id] = total
+            case .mark(let p, let confirmed):
+                savedAtMark[p.id] = total
                 markCount += 1
+                if !confirmed { unconfirmed.append(i) }
             }
         }
+        savedTotal = total
     }
 
     // MARK: - Writing
@@ -212,7 +222,8 @@ public final class UndoLog: @unchecked Sendable {
             let start = try append(type: 1, zero: false, offset: 0, length: 0, payload: payload)
             nextID += 1
             records.append(Record(content: .mark(point, confirmed: confirmed), start: start))
-            undoBytes[point.id] = 0
+            if !confirmed { unconfirmed.append(records.count - 1) }
+            savedAtMark[point.id] = savedTotal
             markCount += 1
             saved = []
             return point
@@ -222,11 +233,11 @@ public final class UndoLog: @unchecked Sendable {
     /// Marks reached by the recorded `position` now count.
     public func confirm(through position: ReplicaPosition) {
         lock.withLock {
-            for (i, record) in records.enumerated() {
-                guard case .mark(let p, false) = record.content else { continue }
-                if p.position.generation == position.generation && p.position.appliedSeq <= position.appliedSeq {
-                    records[i].content = .mark(p, confirmed: true)
-                }
+            unconfirmed.removeAll { i in
+                guard i < records.count, case .mark(let p, false) = records[i].content else { return true }
+                guard p.position.generation == position.generation && p.position.appliedSeq <= position.appliedSeq else { return false }
+                records[i].content = .mark(p, confirmed: true)
+                return true
             }
         }
     }
@@ -242,23 +253,26 @@ public final class UndoLog: @unchecked Sendable {
     public func protect(_ ranges: [(offset: UInt64, length: UInt64)], image: VolumeImage, write: () throws -> Void) throws {
         try lock.withLock {
             if markCount > 0 {
-                var wrote = false
+                var wrote = Set<UInt64>()
                 for range in ranges where range.length > 0 {
                     let first = range.offset / Self.granule
                     let last = (min(range.offset + range.length, image.size) - 1) / Self.granule
                     var g = first
                     while g <= last {
                         // A run of granules not yet saved.
-                        guard !saved.contains(g) else { g += 1; continue }
+                        guard !saved.contains(g), !wrote.contains(g) else { g += 1; continue }
                         var n: UInt64 = 1
-                        while g + n <= last && !saved.contains(g + n) && n < 256 { n += 1 }
+                        while g + n <= last && !saved.contains(g + n) && !wrote.contains(g + n) && n < 256 { n += 1 }
                         try saveBefore(granule: g, count: n, image: image)
-                        for k in g ..< g + n { saved.insert(k) }
-                        wrote = true
+                        wrote.formUnion(g ..< g + n)
                         g += n
                     }
                 }
-                if wrote { try FileIO.datasync(fd, path: path) }
+                if !wrote.isEmpty {
+                    try FileIO.datasync(fd, path: path)
+                    // Only once durable: a failed sync leaves them to be saved again.
+                    saved.formUnion(wrote)
+                }
             }
             try write()
         }
@@ -278,7 +292,10 @@ public final class UndoLog: @unchecked Sendable {
         }
         let start = try append(type: 2, zero: zero, offset: offset, length: n * Self.granule, payload: payload)
         records.append(Record(content: .before(granule: g, count: n, data: zero ? nil : start + UInt64(Self.headerSize)), start: start))
-        for key in undoBytes.keys { undoBytes[key]! += n * Self.granule }
+        savedTotal += n * Self.granule
+        for id in views.keys {
+            for k in 0 ..< n where views[id]![g + k] == nil { views[id]![g + k] = .some(zero ? nil : start + UInt64(Self.headerSize) + k * Self.granule) }
+        }
     }
 
     // MARK: - Going back
@@ -302,7 +319,8 @@ public final class UndoLog: @unchecked Sendable {
     /// Reads `length` bytes at `offset` as the image held them at point `id`.
     public func read(at id: UInt64, offset: UInt64, length: Int, image: VolumeImage) throws -> ByteBuffer {
         try lock.withLock {
-            guard let view = view(of: id) else { throw StoreError("read point", path: path, detail: "no recovery point \(id) in the undo log") }
+            if views[id] == nil { views[id] = view(of: id) }
+            guard let view = views[id] else { throw StoreError("read point", path: path, detail: "no recovery point \(id) in the undo log") }
             var buffer = try image.read(offset: offset, length: length, allocator: allocator)
             let first = offset / Self.granule
             let last = (offset + UInt64(length) - 1) / Self.granule
@@ -370,15 +388,16 @@ public final class UndoLog: @unchecked Sendable {
     public func prune(olderThan before: Double?, maxBytes: UInt64?, pinned: Set<UInt64>) throws -> Int {
         try lock.withLock {
             var dropped = 0
-            while true {
-                let marks = records.indices.filter { if case .mark = records[$0].content { return true } else { return false } }
-                guard marks.count >= 2, case .mark(let oldest, _) = records[marks[0]].content, !pinned.contains(oldest.id) else { break }
+            let marks = records.indices.filter { if case .mark = records[$0].content { return true } else { return false } }
+            var cut = 0   // records before marks[dropped] go
+            while dropped + 1 < marks.count, case .mark(let oldest, _) = records[marks[dropped]].content, !pinned.contains(oldest.id) {
                 let tooOld = before.map { oldest.time < $0 } ?? false
-                let tooBig = maxBytes.map { end - records[0].start > $0 } ?? false
+                let tooBig = maxBytes.map { end - records[cut].start > $0 } ?? false
                 guard tooOld || tooBig else { break }
-                records.removeSubrange(0 ..< marks[1])
                 dropped += 1
+                cut = marks[dropped]
             }
+            if cut > 0 { records.removeSubrange(0 ..< cut) }
             guard dropped > 0, let start = records.first?.start else { return dropped }
             try startFile.store(start)
             // Only whole 4 KiB blocks before the new start are punched out.
@@ -392,14 +411,14 @@ public final class UndoLog: @unchecked Sendable {
     /// Empties the log (nothing to go back to any more).
     public func reset() throws {
         try lock.withLock {
+            // The start first: a crash between the two must not leave it pointing into later records.
+            try startFile.store(0)
             try FileIO.truncate(fd, to: 0, path: path)
             try FileIO.datasync(fd, path: path)
-            try startFile.store(0)
             records = []
             end = 0
             saved = []
-            undoBytes = [:]
-            markCount = 0
+            recount()
         }
     }
 }

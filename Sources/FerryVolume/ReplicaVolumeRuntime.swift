@@ -29,6 +29,8 @@ public final class ReplicaVolumeRuntime: Sendable {
     let receiveLog: ReceiveLog
     let logLock = NIOLock()
     let positionFile: MetadataFile<ReplicaPosition>
+    /// The point a roll-back under way goes to (0: none), so a crash midway goes back to it.
+    let rollbackTarget: MetadataFile<UInt64>
     let positionStore = NIOLockedValueBox<UInt64>(0)   // the version last stored
     let core: NIOLockedValueBox<Core>
     /// Before-images and recovery points (``UndoLog``): history for `points`/`promote --at`, the
@@ -40,8 +42,10 @@ public final class ReplicaVolumeRuntime: Sendable {
 
     /// What the undo log is kept for, besides history. Lock order: `core`, then this, then the log's own.
     struct PointState: Sendable {
-        /// The point a running catch-up started from (what a promotion rolls back to).
+        /// The point a running catch-up started from (what a promotion rolls back to), and the
+        /// version of the position store that began it: only a newer consistent store ends it.
         var catchUpBase: UInt64?
+        var catchUpBaseVersion: UInt64 = 0
         /// The point a running drill reads.
         var drillBase: UInt64?
         var lastMarkTime: Double = 0
@@ -86,7 +90,11 @@ public final class ReplicaVolumeRuntime: Sendable {
         let undo = try UndoLog.open(path: stateDirectory + "/undo.log", position: position)
         self.undo = undo
         // Mid catch-up after a restart: the newest point is the state it started from.
-        self.points = NIOLockedValueBox(PointState(catchUpBase: position.consistent ? nil : undo.points.last?.id))
+        self.rollbackTarget = try MetadataFile(path: stateDirectory + "/rollback.target")
+        // Mid catch-up (or mid roll-back) after a restart: the point to go back to is the one a
+        // roll-back was headed for, else the newest (the state the catch-up started from).
+        let target = try rollbackTarget.load().flatMap { t in undo.points.contains { $0.id == t } ? t : nil }
+        self.points = NIOLockedValueBox(PointState(catchUpBase: position.consistent ? nil : target ?? undo.points.last?.id))
         if history == nil && position.consistent && !undo.isEmpty { try undo.reset() }
         let (log, barriers) = try ReceiveLog.open(path: stateDirectory + "/receive.log")
         self.receiveLog = log
@@ -271,9 +279,9 @@ public final class ReplicaVolumeRuntime: Sendable {
                         handle(payload: nil) { $0.machine.flushed(link: link, index: index) }
                     }
                 case .persistPosition(let position):
-                    if !position.consistent && before.consistent { keepCatchUpBase(before) }
                     let version = core.nextVersion
                     core.nextVersion += 1
+                    if !position.consistent && before.consistent { keepCatchUpBase(before, version: version) }
                     do {
                         try store(position, version: version)
                     } catch {
@@ -376,7 +384,8 @@ public final class ReplicaVolumeRuntime: Sendable {
             // Points the image has reached durably count; a finished catch-up needs no way back.
             undo.confirm(through: position)
             try points.withLockedValue { p in
-                guard p.catchUpBase != nil else { return }
+                // An older store finishing late (a log group's) does not end a newer catch-up.
+                guard p.catchUpBase != nil, version > p.catchUpBaseVersion else { return }
                 p.catchUpBase = nil
                 if history == nil && p.drillBase == nil { try undo.reset() }
             }
@@ -387,11 +396,12 @@ public final class ReplicaVolumeRuntime: Sendable {
 
     /// A catch-up starts overwriting the image out of order from `base`, its last consistent
     /// state: that state is kept (a confirmed point) until the catch-up completes (P3).
-    func keepCatchUpBase(_ base: ReplicaPosition) {
+    func keepCatchUpBase(_ base: ReplicaPosition, version: UInt64) {
         do {
             try points.withLockedValue { p in
                 guard p.catchUpBase == nil else { return }
                 p.catchUpBase = try undo.mark(base, time: Self.now(), kind: "catch-up", confirmed: true).id
+                p.catchUpBaseVersion = version
             }
         } catch {
             logger.error("volume \(name): recording the state a catch-up starts from failed: \(error); a promotion mid catch-up cannot roll back")
@@ -466,30 +476,50 @@ public final class ReplicaVolumeRuntime: Sendable {
     /// inconsistent, its catch-up base the point, so the same roll-back runs again. Any stream
     /// ends (its primary is told the new position when it opens again). Returns the ranges written back.
     public func rollBack(to id: UInt64) throws -> (point: RecoveryPoint, ranges: [BlockRange]) {
-        guard let point = undo.points.first(where: { $0.id == id }) else {
-            throw ReplicaError("no recovery point \(id) for \(name)")
-        }
-        var ranges: [BlockRange] = []
+        var result: (point: RecoveryPoint, ranges: [BlockRange])?
         var failure: (any Error)?
         handle(payload: nil) { core in
+            // Writes held back are applied first (their before-images saved): the roll-back
+            // undoes them too, and none lands on the image after it.
+            var actions = drain(&core)
+            // Under the core lock: no point is pruned meanwhile.
+            guard let point = undo.points.first(where: { $0.id == id }) else {
+                failure = ReplicaError("no recovery point \(id) for \(name)")
+                return actions
+            }
+            var midway = core.machine.position
+            midway.consistent = false
             do {
-                var midway = core.machine.position
-                midway.consistent = false
                 let version = core.nextVersion
                 core.nextVersion += 1
                 try store(midway, version: version)
+                // Which point a crash midway must go back to (else the newest would be taken).
+                try rollbackTarget.store(id)
                 points.withLockedValue { $0.catchUpBase = id }
-                ranges = try undo.rollBack(to: id, image: image)
+                let ranges = try undo.rollBack(to: id, image: image)
+                // The image is at the point now; a primary of the same line that opens again
+                // must overwrite what was put back (it acked those writes once): the position
+                // names them, or the whole volume when they are too many to name.
+                var target = point.position
+                target.needs = ranges.count <= ReplicaPosition.maxNeeds ? (ranges.isEmpty ? nil : ranges)
+                    : [BlockRange(offset: 0, length: image.size)]
                 points.withLockedValue { $0.catchUpBase = nil }
+                try? rollbackTarget.store(0)
+                result = (point, ranges)
+                return actions + core.machine.rolledBack(to: target)
             } catch {
                 failure = error
-                return []
+                fail(&core, "rolling back to point #\(id) failed: \(error); the replica stays inconsistent")
+                // Inconsistent, the stream ended: nothing is acked on top of a half roll-back.
+                actions += core.machine.rolledBack(to: midway)
+                return actions
             }
-            return core.machine.rolledBack(to: point.position)
         }
         if let failure { throw failure }
-        return (point, ranges)
+        guard let result else { throw ReplicaError("rolling back \(name) to point \(id) did not run") }
+        return result
     }
+
 
     func write(_ item: ReplicationItem, payload: ByteBuffer?) throws {
         if item.isZero {

@@ -340,6 +340,9 @@ public struct ReplicaVolume: Sendable {
     /// primary opens again and is told the new position).
     public mutating func rolledBack(to point: ReplicaPosition) -> [Action] {
         let logged = session?.logged ?? false
+        // The primary streaming here is told the stream ended (an idle one would go on
+        // counting this replica in sync); it opens again and learns the position.
+        let told: [Action] = session.map { [.send($0.link, .refuse(reason: "the replica of \(volume) was rolled back to a recovery point; open the stream again"))] } ?? []
         session = nil
         // The primary followed still holds this point's line (it says what it wrote past it when
         // it rejoins); a point of another generation was not streamed by it.
@@ -347,7 +350,7 @@ public struct ReplicaVolume: Sendable {
         var next = point
         next.epoch = max(point.epoch, position.epoch)   // the newest epoch seen stays (P4)
         position = next
-        return (logged ? [.discardLogTail] : []) + [.persistPosition(next)]
+        return told + (logged ? [.discardLogTail] : []) + [.persistPosition(next)]
     }
 
     // MARK: - Checks
