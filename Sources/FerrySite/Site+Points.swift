@@ -32,7 +32,7 @@ extension Site {
         }
         let trimmed = text.trimmingCharacters(in: .whitespaces)
         if let id = UInt64(trimmed.hasPrefix("#") ? String(trimmed.dropFirst()) : trimmed) {
-            guard let point = points.first(where: { $0.id == id }) else { return refuse("no recovery point #\(id) of \(volume) here") }
+            guard let point = replica.undo.point(id) else { return refuse("no recovery point #\(id) of \(volume) here") }
             return .success(point)
         }
         guard let time = parseISOTime(trimmed) else {

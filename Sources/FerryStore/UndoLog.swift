@@ -179,6 +179,18 @@ public final class UndoLog: @unchecked Sendable {
         lock.withLock { records.compactMap { if case .mark(let p, true) = $0.content { return p } else { return nil } } }
     }
 
+    /// The confirmed point `id`, if the log holds it.
+    public func point(_ id: UInt64) -> RecoveryPoint? {
+        lock.withLock {
+            guard let i = markIndex(of: id), case .mark(let p, true) = records[i].content else { return nil }
+            return p
+        }
+    }
+
+    private func markIndex(of id: UInt64) -> Int? {
+        records.firstIndex { if case .mark(let p, _) = $0.content { return p.id == id } else { return false } }
+    }
+
     /// Bytes of before-images recorded after the point: what going back to it rewrites.
     public func undoBytes(after id: UInt64) -> UInt64 { lock.withLock { savedAtMark[id].map { savedTotal - $0 } ?? 0 } }
 
@@ -303,9 +315,7 @@ public final class UndoLog: @unchecked Sendable {
     /// For each granule written since point `id`, where its content at the point is (a file
     /// offset of the log, or nil: zeros). Nil when the log holds no such point.
     private func view(of id: UInt64) -> [UInt64: UInt64?]? {
-        guard let at = records.firstIndex(where: { if case .mark(let p, _) = $0.content { return p.id == id } else { return false } }) else {
-            return nil
-        }
+        guard let at = markIndex(of: id) else { return nil }
         var view: [UInt64: UInt64?] = [:]
         for record in records[(at + 1)...] {
             guard case .before(let g, let n, let data) = record.content else { continue }
@@ -347,8 +357,7 @@ public final class UndoLog: @unchecked Sendable {
     @discardableResult
     public func rollBack(to id: UInt64, image: VolumeImage) throws -> [BlockRange] {
         try lock.withLock {
-            guard let view = view(of: id),
-                  let at = records.firstIndex(where: { if case .mark(let p, _) = $0.content { return p.id == id } else { return false } }) else {
+            guard let view = view(of: id), let at = markIndex(of: id) else {
                 throw StoreError("roll back", path: path, detail: "no recovery point \(id) in the undo log")
             }
             var written: [BlockRange] = []
@@ -359,8 +368,8 @@ public final class UndoLog: @unchecked Sendable {
                 if let fileOffset = view[g]! {
                     let bytes = try FileIO.read(fd, offset: fileOffset, count: Int(length), path: path, allocator: allocator)
                     try image.write(offset: offset, data: bytes)
-                } else if try !image.punchHole(offset: offset, length: length), try !image.zeroRangeFast(offset: offset, length: length) {
-                    try image.writeZeroBytes(offset: offset, length: length)
+                } else {
+                    try image.zero(offset: offset, length: length)
                 }
                 if let last = written.last, last.offset + last.length == offset {
                     written[written.count - 1].length += length

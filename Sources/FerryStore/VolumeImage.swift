@@ -132,6 +132,14 @@ public final class VolumeImage: Sendable {
         throw StoreError("zero range in", path: path, errno: e)
     }
 
+    /// Makes the range read as zeros the cheapest way the filesystem allows: a hole, a zeroed
+    /// range, or zero bytes written.
+    public func zero(offset: UInt64, length: UInt64) throws {
+        if try !punchHole(offset: offset, length: length), try !zeroRangeFast(offset: offset, length: length) {
+            try writeZeroBytes(offset: offset, length: length)
+        }
+    }
+
     /// Zeroes the range by writing zero bytes (the slow path, always available).
     public func writeZeroBytes(offset: UInt64, length: UInt64) throws {
         let chunk = 1 << 20

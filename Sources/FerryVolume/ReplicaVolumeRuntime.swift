@@ -2,13 +2,11 @@ import FerryCore
 import FerryNBD
 import FerryStore
 import FerryWire
+import Foundation
 import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
-#if canImport(Glibc)
-import Glibc
-#endif
 
 /// A volume on a secondary: the replica image, its receive log and persisted position, running
 /// FerryCore's ``ReplicaVolume`` machine (DESIGN §5.1).
@@ -89,11 +87,10 @@ public final class ReplicaVolumeRuntime: Sendable {
         self.history = history
         let undo = try UndoLog.open(path: stateDirectory + "/undo.log", position: position)
         self.undo = undo
-        // Mid catch-up after a restart: the newest point is the state it started from.
         self.rollbackTarget = try MetadataFile(path: stateDirectory + "/rollback.target")
         // Mid catch-up (or mid roll-back) after a restart: the point to go back to is the one a
         // roll-back was headed for, else the newest (the state the catch-up started from).
-        let target = try rollbackTarget.load().flatMap { t in undo.points.contains { $0.id == t } ? t : nil }
+        let target = try rollbackTarget.load().flatMap { undo.point($0)?.id }
         self.points = NIOLockedValueBox(PointState(catchUpBase: position.consistent ? nil : target ?? undo.points.last?.id))
         if history == nil && position.consistent && !undo.isEmpty { try undo.reset() }
         let (log, barriers) = try ReceiveLog.open(path: stateDirectory + "/receive.log")
@@ -427,11 +424,7 @@ public final class ReplicaVolumeRuntime: Sendable {
     }
 
     /// Wall-clock seconds since 1970 (what recovery points are listed and chosen by).
-    static func now() -> Double {
-        var ts = timespec()
-        clock_gettime(CLOCK_REALTIME, &ts)
-        return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
-    }
+    static func now() -> Double { Date().timeIntervalSince1970 }
 
     /// A drill starts: at point `id`, or (nil) at the image's state now, which must be consistent.
     /// The point is kept, and every write replication makes saves what it overwrites, until
@@ -441,7 +434,7 @@ public final class ReplicaVolumeRuntime: Sendable {
             try points.withLockedValue { p in
                 guard p.drillBase == nil else { throw ReplicaError("a drill of \(name) is already running") }
                 if let id {
-                    guard let point = undo.points.first(where: { $0.id == id }) else { throw ReplicaError("no recovery point \(id) of \(name)") }
+                    guard let point = undo.point(id) else { throw ReplicaError("no recovery point \(id) of \(name)") }
                     p.drillBase = id
                     return point
                 }
@@ -469,7 +462,7 @@ public final class ReplicaVolumeRuntime: Sendable {
     /// catch-up started from.
     public var catchUpBase: RecoveryPoint? {
         guard let id = points.withLockedValue({ $0.catchUpBase }) else { return nil }
-        return undo.points.first { $0.id == id }
+        return undo.point(id)
     }
 
     /// Puts the image back to point `id`, then the position: a crash midway leaves the replica
@@ -483,7 +476,7 @@ public final class ReplicaVolumeRuntime: Sendable {
             // undoes them too, and none lands on the image after it.
             var actions = drain(&core)
             // Under the core lock: no point is pruned meanwhile.
-            guard let point = undo.points.first(where: { $0.id == id }) else {
+            guard let point = undo.point(id) else {
                 failure = ReplicaError("no recovery point \(id) for \(name)")
                 return actions
             }
@@ -520,13 +513,9 @@ public final class ReplicaVolumeRuntime: Sendable {
         return result
     }
 
-
     func write(_ item: ReplicationItem, payload: ByteBuffer?) throws {
         if item.isZero {
-            if try !image.punchHole(offset: item.range.offset, length: item.range.length),
-               try !image.zeroRangeFast(offset: item.range.offset, length: item.range.length) {
-                try image.writeZeroBytes(offset: item.range.offset, length: item.range.length)
-            }
+            try image.zero(offset: item.range.offset, length: item.range.length)
         } else {
             guard let payload, UInt64(payload.readableBytes) == item.range.length else {
                 throw ReplicaError("item \(item.index) for \(item.range) arrived without its \(item.range.length) bytes")

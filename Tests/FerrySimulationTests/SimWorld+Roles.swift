@@ -81,7 +81,7 @@ extension SimWorld {
         let position = replica.position
         var force = requested
         if let refusal = RoleChange.promotionRefusal(volume: "vm1", position: position, force: false,
-                                                     streamingPrimary: streaming, plantedBug: scenario.bug) {
+                                                     streamingPrimary: streaming, plantedBug: scenario.bug, inconsistentAllowed: false) {
             // The operator forces some refused promotions, never one beside a reachable primary.
             guard requested || rng.chance(scenario.forceChance), streaming == nil else {
                 log("operator: promoting \(name) refused: \(refusal)")

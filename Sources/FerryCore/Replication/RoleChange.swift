@@ -25,8 +25,8 @@ public enum RoleChange {
     }
 
     static func promotionRefusal(volume: String, position: ReplicaPosition, force: Bool, streamingPrimary: String?,
-                                 plantedBug: PlantedBug?, inconsistentAllowed: Bool? = nil) -> String? {
-        if !position.consistent && !(inconsistentAllowed ?? force) && plantedBug != .promoteInconsistent {
+                                 plantedBug: PlantedBug?, inconsistentAllowed: Bool) -> String? {
+        if !position.consistent && !inconsistentAllowed && plantedBug != .promoteInconsistent {
             let why = position.initialized
                 ? "a catch-up is writing it out of order (applied up to sequence \(position.appliedSeq))"
                 : "its initial sync has not completed"
