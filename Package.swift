@@ -18,6 +18,9 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "6.2.2"),
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1"),
     ],
     targets: [
         .systemLibrary(name: "CZstd", pkgConfig: "libzstd", providers: [.apt(["libzstd-dev"])]),
@@ -46,6 +49,7 @@ let package = Package(
         // NBD server: serves any BlockDevice; knows nothing of replication.
         .target(name: "FerryNBD", dependencies: [
             "FerryCore",
+            .product(name: "CoreMetrics", package: "swift-metrics"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
@@ -60,7 +64,7 @@ let package = Package(
         ]),
         // The daemon: config, services, admin API, status.
         .target(name: "FerrySite", dependencies: [
-            "FerryCore", "FerryWire", "FerryStore", "FerryNBD", "FerryVolume",
+            "FerryCore", "FerryWire", "FerryStore", "FerryNBD", "FerryVolume", "CFerrySys",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -68,8 +72,19 @@ let package = Package(
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Yams", package: "Yams"),
         ]),
+        // Operating the daemon: Prometheus metrics and the status page on `listen.metrics`.
+        .target(name: "FerryMonitor", dependencies: [
+            "FerrySite", "FerryCore", "FerryWire",
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "CoreMetrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "Hummingbird", package: "hummingbird"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
         .executableTarget(name: "ferry", dependencies: [
-            "FerrySite", "FerryCore", "FerryWire", "CFerrySys",
+            "FerrySite", "FerryMonitor", "FerryCore", "FerryWire", "CFerrySys",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
 

@@ -28,3 +28,9 @@ int64_t ferry_seek_hole(int fd, int64_t offset) {
 }
 
 void ferry_stdout_line_buffered(void) { setvbuf(stdout, NULL, _IOLBF, 0); }
+
+#ifndef FERRY_COMMIT
+#define FERRY_COMMIT "unknown"
+#endif
+
+const char *ferry_build_commit(void) { return FERRY_COMMIT; }

@@ -64,10 +64,15 @@ final class NBDConnectionHandler: ChannelInboundHandler {
     var draining = false
     var shuttingDown = false
 
-    init(exports: NBDExportTable, logger: Logger, connectionID: String) {
+    /// Set at attach when the server records metrics (`NBDServer(recordsMetrics:)`).
+    let recordsMetrics: Bool
+    var metrics: NBDRequestMetrics?
+
+    init(exports: NBDExportTable, logger: Logger, connectionID: String, recordsMetrics: Bool = false) {
         self.exports = exports
         self.logger = logger
         self.connectionID = connectionID
+        self.recordsMetrics = recordsMetrics
     }
 
     func handlerAdded(context: ChannelHandlerContext) {
@@ -304,6 +309,7 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         guard let (export, gate) = exports.attach(name, id: ObjectIdentifier(self), client: client) else { return nil }
         self.gate = gate
         attached = true
+        if recordsMetrics { metrics = NBDRequestMetrics(volume: export.name) }
         return export
     }
 

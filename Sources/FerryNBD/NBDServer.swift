@@ -12,6 +12,7 @@ public final class NBDServer: Sendable {
     public let exports: NBDExportTable
     private let group: any EventLoopGroup
     private let connectionLoop: (any EventLoop)?
+    private let recordsMetrics: Bool
     private let logger: Logger
 
     private struct State {
@@ -24,8 +25,12 @@ public final class NBDServer: Sendable {
 
     /// - Parameter connectionLoop: if given, every client connection runs on this loop of `group`
     ///   (listeners stay on `group`); by default connections are spread over `group`.
-    public init(exports: NBDExportTable, group: any EventLoopGroup, connectionLoop: (any EventLoop)? = nil, logger: Logger) {
+    /// - Parameter recordsMetrics: record requests, bytes, latency and errors through swift-metrics
+    ///   (`ferry_nbd_*`); off, a request records nothing.
+    public init(exports: NBDExportTable, group: any EventLoopGroup, connectionLoop: (any EventLoop)? = nil,
+                recordsMetrics: Bool = false, logger: Logger) {
         self.exports = exports
+        self.recordsMetrics = recordsMetrics
         self.group = group
         self.connectionLoop = connectionLoop
         self.logger = logger
@@ -69,7 +74,8 @@ public final class NBDServer: Sendable {
             .childChannelInitializer { [self] channel in
                 channel.eventLoop.makeCompletedFuture {
                     let id = state.withLockedValue { s -> Int in defer { s.nextID += 1 }; return s.nextID }
-                    let handler = NBDConnectionHandler(exports: exports, logger: logger, connectionID: "nbd-\(id)")
+                    let handler = NBDConnectionHandler(exports: exports, logger: logger, connectionID: "nbd-\(id)",
+                                                       recordsMetrics: recordsMetrics)
                     try channel.pipeline.syncOperations.addHandler(handler)
                     let key = ObjectIdentifier(channel)
                     state.withLockedValue {

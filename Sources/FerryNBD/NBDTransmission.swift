@@ -25,6 +25,8 @@ extension NBDConnectionHandler {
         var cookie: UInt64
         var offset: UInt64
         var length: UInt32
+        /// When it was parsed (monotonic ns), for the latency metric; 0 when not recorded.
+        var started: UInt64 = 0
     }
 
     func parseRequest(_ buffer: inout ByteBuffer) -> Bool {
@@ -40,7 +42,8 @@ extension NBDConnectionHandler {
             type: buffer.getInteger(at: start + 6, as: UInt16.self)!,
             cookie: buffer.getInteger(at: start + 8, as: UInt64.self)!,
             offset: buffer.getInteger(at: start + 16, as: UInt64.self)!,
-            length: buffer.getInteger(at: start + 24, as: UInt32.self)!)
+            length: buffer.getInteger(at: start + 24, as: UInt32.self)!,
+            started: metrics == nil ? 0 : NBDRequestMetrics.now())
         var payload: ByteBuffer?
         if request.type == NBD.Command.write {
             guard Int(request.length) <= NBD.maxPayload else {
@@ -232,6 +235,7 @@ extension NBDConnectionHandler {
     /// structured (proto.md: "the server MUST NOT send a simple reply to a READ").
     func reply(_ r: Request, error: UInt32) {
         guard phase == .transmission else { return }
+        metrics?.record(type: r.type, length: r.length, started: r.started, error: error)
         if structuredReplies && (r.type == NBD.Command.read || (error != 0 && r.type == NBD.Command.blockStatus)) {
             if error == 0 {
                 send(chunkHeader(r.cookie, type: NBD.ChunkType.none, length: 0))
@@ -252,6 +256,7 @@ extension NBDConnectionHandler {
 
     private func replyRead(_ r: Request, data: ByteBuffer) {
         guard phase == .transmission else { return }
+        metrics?.record(type: r.type, length: r.length, started: r.started, error: 0)
         if structuredReplies {
             var header = chunkHeader(r.cookie, type: NBD.ChunkType.offsetData, length: 8 + data.readableBytes, extra: 8)
             header.writeInteger(r.offset)
@@ -268,6 +273,7 @@ extension NBDConnectionHandler {
 
     private func replyBlockStatus(_ r: Request, extents: [BlockExtent]) {
         guard phase == .transmission else { return }
+        metrics?.record(type: r.type, length: r.length, started: r.started, error: 0)
         // Extents must be non-empty, each of non-zero length below 2^32; with REQ_ONE exactly one,
         // not past the request. Without it, the last may run past the request (proto.md).
         var list = extents.filter { $0.length > 0 }

@@ -105,12 +105,20 @@ public struct ListenSection: Sendable, Equatable {
     public var nbdSocket: String?
     /// The admin API's Unix socket (absolute path); `<data>/admin.sock` unless configured.
     public var adminSocket: String
+    /// Prometheus metrics (`/metrics`) and the status page (`/`) over HTTP; off when nil.
+    public var metrics: HostPort?
+    /// A file holding the bearer token the metrics listener asks for (absolute path); required
+    /// when `metrics` is not a loopback address.
+    public var metricsTokenFile: String?
 
-    public init(replication: HostPort, nbd: HostPort? = nil, nbdSocket: String? = nil, adminSocket: String) {
+    public init(replication: HostPort, nbd: HostPort? = nil, nbdSocket: String? = nil, adminSocket: String,
+                metrics: HostPort? = nil, metricsTokenFile: String? = nil) {
         self.replication = replication
         self.nbd = nbd
         self.nbdSocket = nbdSocket
         self.adminSocket = adminSocket
+        self.metrics = metrics
+        self.metricsTokenFile = metricsTokenFile
     }
 
     /// The admin socket used when `listen.admin-socket` is not set.

@@ -85,6 +85,12 @@ public struct HostPort: Sendable, Hashable, CustomStringConvertible {
         host == "0.0.0.0" || host == "::" || host == "0:0:0:0:0:0:0:0"
     }
 
+    /// True for loopback hosts (`127.0.0.0/8`, `::1`, `localhost`): reachable from this machine only.
+    public var isLoopback: Bool {
+        let h = host.lowercased()
+        return h == "localhost" || h == "::1" || h == "0:0:0:0:0:0:0:1" || h.hasPrefix("127.")
+    }
+
     /// Whether two listeners would collide: the same port on the same host, or on any host when
     /// one of them binds the wildcard address. Port 0 is a fresh port each time, so never collides.
     func collides(with other: HostPort) -> Bool {

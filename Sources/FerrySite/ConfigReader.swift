@@ -18,7 +18,7 @@ struct ConfigReader {
 
     static let topKeys = ["site", "listen", "peers", "volumes", "log-level"]
     static let siteKeys = ["name", "data"]
-    static let listenKeys = ["replication", "nbd", "nbd-socket", "admin-socket"]
+    static let listenKeys = ["replication", "nbd", "nbd-socket", "admin-socket", "metrics", "metrics-token-file"]
     static let peerKeys = ["address", "site-id"]
     static let volumeKeys = ["size", "primary", "replicas", "on-promote", "history"]
 
@@ -117,8 +117,28 @@ struct ConfigReader {
             report("listen.\(field)", "\"\(adminSocket)\" is also the \(other); give each socket its own path",
                    line: fields.line(of: field))
         }
+        let metrics = address(fields, "metrics", required: false, example: "127.0.0.1:9480", listening: true)
+        let tokenFile = filePath(fields, "metrics-token-file", example: "/etc/ferry/metrics.token")
+        if let metrics {
+            for (key, other) in [("replication", replication), ("nbd", nbd)] {
+                if let other, metrics.collides(with: other) {
+                    report("listen.metrics", "\(metrics) is also the address of listen.\(key) (\(other)); "
+                           + "give the metrics listener its own port, e.g. 127.0.0.1:9480", line: fields.line(of: "metrics"))
+                }
+            }
+            if !metrics.isLoopback && !fields.has("metrics-token-file") {
+                report("listen.metrics", "\(metrics) is reachable from other machines, so the page and /metrics need a "
+                       + "bearer token: set metrics-token-file to a file holding one (e.g. `openssl rand -hex 32 > "
+                       + "/etc/ferry/metrics.token`), or bind a loopback address such as 127.0.0.1:9480",
+                       line: fields.line(of: "metrics"))
+            }
+        } else if fields.has("metrics-token-file") {
+            report("listen.metrics-token-file", "is set but listen.metrics is not; set metrics (e.g. 127.0.0.1:9480) "
+                   + "to serve the metrics, or leave the token file out", line: fields.line(of: "metrics-token-file"))
+        }
         guard let replication, let adminSocket else { return nil }
-        return ListenSection(replication: replication, nbd: nbd, nbdSocket: nbdSocket, adminSocket: adminSocket)
+        return ListenSection(replication: replication, nbd: nbd, nbdSocket: nbdSocket, adminSocket: adminSocket,
+                             metrics: metrics, metricsTokenFile: tokenFile)
     }
 
     private mutating func address(_ fields: ConfigFields, _ key: String, required: Bool, example: String,
@@ -130,6 +150,16 @@ struct ConfigReader {
             report(fields.path(key), error.description, line: fields.line(of: key))
             return nil
         }
+    }
+
+    private mutating func filePath(_ fields: ConfigFields, _ key: String, example: String) -> String? {
+        guard let text = text(fields, key, required: false, example: example) else { return nil }
+        guard !text.isEmpty else {
+            report(fields.path(key), "\"\" is not a path; give the file's path, e.g. \(example), or leave the field out",
+                   line: fields.line(of: key))
+            return nil
+        }
+        return ConfigPath.resolve(text, against: directory)
     }
 
     private mutating func socketPath(_ fields: ConfigFields, _ key: String, example: String) -> String? {

@@ -22,6 +22,10 @@ extension SiteConfig {
         if listen.adminSocket != ListenSection.defaultAdminSocket(dataDirectory: site.dataDirectory) {
             lines.append("  admin-socket: \(R.scalar(listen.adminSocket))")
         }
+        if let metrics = listen.metrics { lines.append("  metrics: \(R.scalar(metrics.description))") }
+        if let tokenFile = listen.metricsTokenFile {
+            lines.append("  metrics-token-file: \(R.scalar(tokenFile))")
+        }
         if peers.isEmpty {
             lines.append("peers: {}")
         } else {

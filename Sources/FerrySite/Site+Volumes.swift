@@ -249,6 +249,13 @@ extension Site {
             status.replicas = runtime.status().map(Self.replicaStatus)
             status.lastError = runtime.lastError
             status.fenced = runtime.isFenced ? exports.fenceReason(v.config.name) ?? "another site holds a newer epoch" : nil
+            let split = runtime.rivals.filter {
+                switch $0.value.decision {
+                case .splitBrain, .unrelated: return true
+                default: return false
+                }
+            }
+            status.splitBrain = split.isEmpty ? nil : split.keys.sorted()
         }
         status.onPromote = state.withLockedValue { $0.hookResults[v.config.name] }
         if let record = v.record {

@@ -49,6 +49,8 @@ public final class Site: Service, Sendable {
         var hookResults: [String: String] = [:]
         /// DR drills running, by volume.
         var drills: [String: DrillState] = [:]
+        /// The metrics listener's URL, once it serves.
+        var metricsURL: String?
     }
     let state = NIOLockedValueBox(State())
     let exports = NBDExportTable()
@@ -58,11 +60,15 @@ public final class Site: Service, Sendable {
     private let admin: AdminServer
     private let dataLock = NIOLockedValueBox<Int32>(-1)
     private let ownsGroup: Bool
+    private let monitor: (any SiteMonitor)?
 
+    /// - Parameter monitor: the metrics listener and status page, started once the site serves.
     /// - Parameter eventLoopGroup: the loops to run on; by default the site makes its own (one
     ///   per core) and shuts them down when it stops. An injected group is left running.
-    public init(config: SiteConfig, logger: Logger, eventLoopGroup: MultiThreadedEventLoopGroup? = nil) {
+    public init(config: SiteConfig, logger: Logger, monitor: (any SiteMonitor)? = nil,
+                eventLoopGroup: MultiThreadedEventLoopGroup? = nil) {
         self.config = config
+        self.monitor = monitor
         self.logger = logger
         self.group = eventLoopGroup ?? MultiThreadedEventLoopGroup(numberOfThreads: System.coreCount)
         self.ownsGroup = eventLoopGroup == nil
@@ -73,7 +79,8 @@ public final class Site: Service, Sendable {
         // (BENCHMARKS.md, sync). With more cores, connections spread over every loop.
         self.linkLoop = group.next()
         let loops = Array(group.makeIterator()).count
-        self.nbd = NBDServer(exports: exports, group: group, connectionLoop: loops <= 2 ? linkLoop : nil, logger: logger)
+        self.nbd = NBDServer(exports: exports, group: group, connectionLoop: loops <= 2 ? linkLoop : nil,
+                             recordsMetrics: monitor != nil, logger: logger)
         self.admin = AdminServer(group: group, logger: logger)
     }
 
@@ -86,7 +93,10 @@ public final class Site: Service, Sendable {
             throw error
         }
         logger.info("site running", metadata: ["site": "\(config.site.name)", "pid": "\(getpid())"])
+        // systemd (Type=notify): ready only now, with NBD, peer, admin and metrics listeners up.
+        SystemdNotify.send("READY=1\nSTATUS=serving \(config.site.name)\nMAINPID=\(getpid())")
         try? await gracefulShutdown()
+        SystemdNotify.send("STOPPING=1\nSTATUS=stopping: finishing NBD requests, flushing images")
         logger.info("shutting down")
         await stop()
         logger.info("stopped cleanly")
@@ -152,9 +162,15 @@ public final class Site: Service, Sendable {
 
         try await admin.start(socketPath: config.listen.adminSocket, status: { [self] in status() },
                               action: { [self] path in adminAction(path) })
+        if let monitor {
+            let url = try await monitor.start(site: self)
+            state.withLockedValue { $0.metricsURL = url }
+            logger.info("metrics and status page", metadata: ["url": "\(url)"])
+        }
     }
 
     private func stop() async {
+        await monitor?.stop()
         await nbd.shutdown()
         let (volumes, engine) = state.withLockedValue { ($0.volumes, $0.engine) }
         if let peers = state.withLockedValue({ $0.peers }) { await peers.stop() }
@@ -174,13 +190,17 @@ public final class Site: Service, Sendable {
         unlockDataDirectory()
     }
 
+    /// The loops the site runs on, for listeners that plug in (the metrics listener).
+    public var eventLoops: MultiThreadedEventLoopGroup { group }
+
     /// The site's status as the admin API serves it.
     public func status() -> SiteStatus {
         let s = state.withLockedValue { $0 }
         let site = SiteStatus.Site(
             name: config.site.name, siteID: s.identity?.siteID.description ?? "", pid: getpid(),
             startedAt: startedAt, configPath: config.path, dataDirectory: config.site.dataDirectory,
-            replicationAddress: s.replicationAddress, nbdAddresses: s.nbdAddresses, adminSocket: config.listen.adminSocket)
+            replicationAddress: s.replicationAddress, nbdAddresses: s.nbdAddresses, adminSocket: config.listen.adminSocket,
+            metrics: s.metricsURL)
         let volumes = s.volumes.map { volumeStatus($0, uriBases: s.nbdURIBases) }
         return SiteStatus(site: site, peers: s.peers?.status() ?? [], volumes: volumes)
     }

@@ -15,6 +15,28 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         public var replicationAddress: String?
         public var nbdAddresses: [String]
         public var adminSocket: String
+        /// The metrics listener and status page (`listen.metrics`), e.g. `http://127.0.0.1:9480/`;
+        /// null when it is off.
+        public var metrics: String?
+
+        private enum CodingKeys: String, CodingKey {
+            case name, siteID, pid, startedAt, configPath, dataDirectory, replicationAddress, nbdAddresses, adminSocket, metrics
+        }
+
+        /// As synthesized, but `metrics` is written as null when off (scripts test for it).
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(name, forKey: .name)
+            try c.encode(siteID, forKey: .siteID)
+            try c.encode(pid, forKey: .pid)
+            try c.encode(startedAt, forKey: .startedAt)
+            try c.encode(configPath, forKey: .configPath)
+            try c.encode(dataDirectory, forKey: .dataDirectory)
+            try c.encodeIfPresent(replicationAddress, forKey: .replicationAddress)
+            try c.encode(nbdAddresses, forKey: .nbdAddresses)
+            try c.encode(adminSocket, forKey: .adminSocket)
+            try c.encode(metrics, forKey: .metrics)
+        }
     }
 
     public struct Volume: Codable, Sendable, Equatable {
@@ -54,6 +76,9 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         public var recoveryPoints: RecoveryPoints?
         /// A DR drill running on this site (`ferry drill`).
         public var drill: Drill?
+        /// On a primary: the peers that are primaries of the volume too, with a history that
+        /// diverged from this one (split brain; `ferry resolve` settles it).
+        public var splitBrain: [String]?
 
         public struct Generation: Codable, Sendable, Equatable {
             /// The generation's 64-bit ID, in hex.

@@ -1,5 +1,6 @@
 import ArgumentParser
 import FerryCore
+import FerryMonitor
 import FerrySite
 import FerryWire
 import Foundation
@@ -16,6 +17,7 @@ struct Ferry: AsyncParsableCommand {
             A real site: `ferry init --site NAME --data DIR`, write a config (docs/configuration.md),
             then `ferry serve --config FILE` and `ferry status --config FILE`.
             """,
+        version: BuildInfo.description,
         subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Promote.self, Demote.self, Diverged.self, Resolve.self, Switchover.self, Verify.self, Points.self, Drill.self, Quickstart.self])
 }
 
@@ -110,7 +112,8 @@ struct Serve: AsyncParsableCommand {
         }
         var logger = Logger(label: "ferry")
         logger[metadataKey: "site"] = "\(cfg.site.name)"
-        let site = Site(config: cfg, logger: logger)
+        let monitor = cfg.listen.metrics == nil ? nil : MonitorServer(config: cfg, logger: logger)
+        let site = Site(config: cfg, logger: logger, monitor: monitor)
         let group = ServiceGroup(configuration: .init(
             services: [.init(service: site)],
             gracefulShutdownSignals: [.sigterm, .sigint],

@@ -1,0 +1,231 @@
+import FerryCore
+import FerrySite
+import FerryWire
+import Foundation
+import NIOConcurrencyHelpers
+import Prometheus
+
+/// Once a second: reads the site's status (what `ferry status --json` prints), sets the
+/// Prometheus gauges from it, and keeps the last 15 minutes for the status page's plots, so the
+/// page needs no Prometheus server. Series of things that went away (a volume that became a
+/// secondary no longer has links) are unregistered, not left at their last value.
+public final class StatusSampler: Sendable {
+    /// 15 minutes at one sample a second.
+    public static let historyLength = 900
+
+    /// One row of the page: a volume and one of its peers (or the volume alone).
+    public struct RowSample: Sendable {
+        public var lagBytes: UInt64
+        public var lagSeconds: Double
+        /// Bytes a second sent to the peer (primary) or received (secondary) since the last sample.
+        public var throughput: Double
+    }
+
+    public struct Sample: Sendable {
+        public var time: Date
+        public var rows: [String: RowSample]
+        /// Heartbeat round trip by peer, in seconds.
+        public var rtt: [String: Double]
+    }
+
+    struct State {
+        var latest: SiteStatus?
+        var history: [Sample] = []
+        /// Counters fed from cumulative status figures: the last figure seen, by series.
+        var lastTotals: [String: UInt64] = [:]
+        /// When each row was last seen caught up (lag 0, consistent, connected).
+        var lastInSync: [String: Date] = [:]
+        /// Each peer's `since` while connected: a new value is a reconnect.
+        var upSince: [String: Date] = [:]
+        var gauges: [String: Gauge] = [:]
+        var counters: [String: Counter] = [:]
+    }
+
+    let registry: PrometheusCollectorRegistry
+    let config: SiteConfig
+    private let state = NIOLockedValueBox(State())
+
+    init(registry: PrometheusCollectorRegistry, config: SiteConfig) {
+        self.registry = registry
+        self.config = config
+    }
+
+    public var latest: SiteStatus? { state.withLockedValue { $0.latest } }
+    public var history: [Sample] { state.withLockedValue { $0.history } }
+
+    /// Row key: `volume` or `volume/peer`.
+    static func rowKey(_ volume: String, _ peer: String?) -> String { peer.map { "\(volume)/\($0)" } ?? volume }
+
+    /// Takes one sample of `status` at `now`.
+    func sample(_ status: SiteStatus, now: Date = Date()) {
+        state.withLockedValue { s in
+            var touched = Set<String>()
+            var w = Writer(registry: registry, state: s, touched: touched)
+            var sample = Sample(time: now, rows: [:], rtt: [:])
+            let elapsed = s.history.last.map { now.timeIntervalSince($0.time) } ?? 0
+            w.gauge("ferry_build_info", "1 always; the version and commit as labels.",
+                    [("version", BuildInfo.version), ("commit", BuildInfo.commit)], 1)
+            w.gauge("ferry_site_info", "1 always; the site's name and ID as labels.",
+                    [("site", status.site.name), ("site_id", status.site.siteID)], 1)
+            w.gauge("ferry_start_time_seconds", "When the daemon started, Unix time.", [], status.site.startedAt.timeIntervalSince1970)
+
+            for peer in status.peers {
+                let l = [("peer", peer.name)]
+                let up = peer.state == .connected
+                w.gauge("ferry_peer_up", "1 while the peer link is connected.", l, up ? 1 : 0)
+                w.gauge("ferry_peer_state_since_timestamp_seconds", "When the link last came up (connected) or went down.",
+                        l, peer.since.timeIntervalSince1970)
+                if let rtt = peer.rttMilliseconds {
+                    w.gauge("ferry_peer_rtt_seconds", "The last heartbeat round trip to the peer.", l, rtt / 1000)
+                    sample.rtt[peer.name] = rtt / 1000
+                }
+                let reconnects = w.counter("ferry_peer_reconnects_total", "Times the link to the peer came up since start.", l)
+                if up, w.state.upSince[peer.name] != peer.since {
+                    w.state.upSince[peer.name] = peer.since
+                    reconnects.increment()
+                }
+            }
+
+            for v in status.volumes {
+                let vl = [("volume", v.name)]
+                for role in ["primary", "secondary"] {
+                    w.gauge("ferry_volume_role", "1 for the volume's role on this site, 0 for the other.",
+                            vl + [("role", role)], v.role == role ? 1 : 0)
+                }
+                w.gauge("ferry_volume_size_bytes", "The volume's size.", vl, Double(v.sizeBytes))
+                if let epoch = v.epoch { w.gauge("ferry_volume_epoch", "The epoch this site holds the volume in.", vl, Double(epoch)) }
+                w.gauge("ferry_volume_fenced", "1 when this site was the primary and another holds a newer epoch.", vl, v.fenced == nil ? 0 : 1)
+                w.gauge("ferry_volume_split_brain", "1 when another site is primary too, with a diverged history.", vl,
+                        (v.splitBrain ?? []).isEmpty ? 0 : 1)
+                w.gauge("ferry_volume_error", "1 while the volume's last I/O or replication step failed.", vl, v.lastError == nil ? 0 : 1)
+                w.gauge("ferry_nbd_connections", "NBD clients connected to the volume's export.", vl, Double(v.clientsConnected))
+                w.gauge("ferry_volume_drill_active", "1 while a DR drill of the volume runs on this site.", vl, v.drill == nil ? 0 : 1)
+                if let points = v.recoveryPoints {
+                    w.gauge("ferry_volume_recovery_points", "Recovery points this site keeps (history:).", vl, Double(points.count))
+                    w.gauge("ferry_volume_undo_log_bytes", "Bytes of before-images that keep the recovery points reachable.",
+                            vl, Double(points.undoLogBytes))
+                    if let oldest = points.oldest {
+                        w.gauge("ferry_volume_history_window_seconds", "Age of the oldest recovery point.", vl,
+                                max(0, now.timeIntervalSince(oldest.time)))
+                    }
+                    if let newest = points.newest {
+                        w.gauge("ferry_volume_last_point_timestamp_seconds", "When the newest recovery point was taken.",
+                                vl, newest.time.timeIntervalSince1970)
+                    }
+                }
+                if let r = v.replicaState {
+                    w.gauge("ferry_volume_consistent", "1 when this copy equals a state of the primary.", vl, r.consistent ? 1 : 0)
+                    w.gauge("ferry_volume_applied_sequence", "The last write sequence applied to this copy.", vl, Double(r.appliedSequence))
+                    let received = w.total("ferry_volume_received_bytes_total", "Replication bytes received for the volume.",
+                                           vl, r.bytesReceived)
+                    let key = Self.rowKey(v.name, nil)
+                    sample.rows[key] = RowSample(lagBytes: 0, lagSeconds: 0, throughput: elapsed > 0 ? Double(received) / elapsed : 0)
+                }
+                let policies = config.volumes.first { $0.name == v.name }?.replicas ?? [:]
+                for r in v.replicas {
+                    replica(r, volume: v.name, policy: policies[r.peer], now: now, elapsed: elapsed, writer: &w, sample: &sample)
+                }
+            }
+            touched = w.touched
+            s = w.state
+            // Series not set in this sample describe what no longer exists.
+            for (key, gauge) in s.gauges where !touched.contains(key) {
+                registry.unregisterGauge(gauge)
+                s.gauges[key] = nil
+            }
+            s.latest = status
+            s.history.append(sample)
+            if s.history.count > Self.historyLength { s.history.removeFirst(s.history.count - Self.historyLength) }
+        }
+    }
+
+    private func replica(_ r: SiteStatus.Replica, volume: String, policy: ReplicaPolicy?, now: Date, elapsed: Double,
+                         writer w: inout Writer, sample: inout Sample) {
+        let l = [("volume", volume), ("peer", r.peer)]
+        for state in ReplicaLinkState.allCases {
+            w.gauge("ferry_volume_link_state", "1 for the link's current state, 0 for the others.",
+                    l + [("mode", r.mode), ("state", state.rawValue)], r.state == state.rawValue ? 1 : 0)
+        }
+        w.gauge("ferry_volume_peer_connected", "1 while the volume has a session with the peer.", l, r.connected ? 1 : 0)
+        w.gauge("ferry_volume_peer_consistent", "1 when the peer's copy equals a state of this primary.", l, r.consistent ? 1 : 0)
+        w.gauge("ferry_volume_lag_bytes", "Data bytes the peer is behind.", l, Double(r.lagBytes))
+        w.gauge("ferry_volume_lag_seconds", "Age of the oldest write the peer lacks (the live RPO); 0 when caught up.", l, r.lagSeconds)
+        w.gauge("ferry_volume_dirty_bytes", "Bytes marked for the peer in the dirty bitmap (to resync).", l, Double(r.dirtyBytes))
+        w.gauge("ferry_volume_inflight_bytes", "Bytes sent to the peer and not yet acknowledged.", l, Double(r.inFlightBytes))
+        w.gauge("ferry_volume_resync_remaining_bytes", "Initial sync or catch-up: bytes left (0 when none runs).",
+                l, Double(r.syncRemainingBytes ?? 0))
+        w.gauge("ferry_volume_resync_total_bytes", "Initial sync or catch-up: bytes in all (0 when none runs).",
+                l, Double(r.syncTotalBytes ?? 0))
+        if let policy {
+            switch policy.mode {
+            case .sync, .semiSync:
+                w.gauge("ferry_volume_rpo_target_seconds", "The RPO the configuration asks of the peer.", l, 0)
+            case .async:
+                if let seconds = policy.maxLagSeconds {
+                    w.gauge("ferry_volume_rpo_target_seconds", "The RPO the configuration asks of the peer.", l, Double(seconds))
+                }
+                if let bytes = policy.maxLagBytes {
+                    w.gauge("ferry_volume_max_lag_bytes", "The lag in bytes the configuration allows the peer (max-lag).", l, Double(bytes))
+                }
+            case .scheduled:
+                if let schedule = policy.schedule {
+                    w.gauge("ferry_volume_schedule_interval_seconds", "Seconds between scheduled points (every:/at:).",
+                            l, Double(schedule.intervalSeconds))
+                }
+            }
+        }
+        let sent = w.total("ferry_volume_sent_bytes_total", "Data bytes sent to the peer since the daemon started.", l, r.bytesSent)
+        let key = Self.rowKey(volume, r.peer)
+        if r.mode == ReplicationMode.scheduled.rawValue {
+            if let point = r.lastPoint { w.state.lastInSync[key] = point.completedAt }
+        } else if r.connected && r.consistent && r.lagBytes == 0 {
+            w.state.lastInSync[key] = now
+        }
+        if let last = w.state.lastInSync[key] {
+            w.gauge("ferry_volume_last_sync_timestamp_seconds",
+                    "When the peer last held everything (scheduled: when the last point completed).", l, last.timeIntervalSince1970)
+        }
+        sample.rows[key] = RowSample(lagBytes: r.lagBytes, lagSeconds: r.lagSeconds,
+                                     throughput: elapsed > 0 ? Double(sent) / elapsed : 0)
+    }
+
+    /// Sets gauges and counters, remembering which series this sample touched.
+    struct Writer {
+        let registry: PrometheusCollectorRegistry
+        var state: State
+        var touched: Set<String>
+
+        static func key(_ name: String, _ labels: [(String, String)]) -> String {
+            ([name] + labels.map { "\($0.0)=\($0.1)" }).joined(separator: "\u{1}")
+        }
+
+        mutating func gauge(_ name: String, _ help: String, _ labels: [(String, String)], _ value: Double) {
+            let key = Self.key(name, labels)
+            touched.insert(key)
+            if let g = state.gauges[key] { return g.set(value) }
+            let g = labels.isEmpty ? registry.makeGauge(name: name, help: help) : registry.makeGauge(name: name, labels: labels, help: help)
+            state.gauges[key] = g
+            g.set(value)
+        }
+
+        mutating func counter(_ name: String, _ help: String, _ labels: [(String, String)]) -> Counter {
+            let key = Self.key(name, labels)
+            if let c = state.counters[key] { return c }
+            let c = registry.makeCounter(name: name, labels: labels, help: help)
+            state.counters[key] = c
+            return c
+        }
+
+        /// A counter fed from a cumulative figure: adds what it grew by since the last sample
+        /// (all of it after a restart of the figure); returns that growth.
+        mutating func total(_ name: String, _ help: String, _ labels: [(String, String)], _ figure: UInt64) -> UInt64 {
+            let c = counter(name, help, labels)
+            let key = Self.key(name, labels)
+            let last = state.lastTotals[key] ?? 0
+            let grown = figure >= last ? figure - last : figure
+            state.lastTotals[key] = figure
+            if grown > 0 { c.increment(by: Int64(clamping: grown)) }
+            return grown
+        }
+    }
+}
