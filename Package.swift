@@ -58,6 +58,7 @@ let package = Package(
         // journals and links.
         .target(name: "FerryVolume", dependencies: [
             "FerryCore", "FerryStore", "FerryWire", "FerryNBD",
+            .product(name: "CoreMetrics", package: "swift-metrics"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
@@ -109,6 +110,10 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ]),
         .testTarget(name: "FerrySiteTests", dependencies: ["FerrySite"]),
+        .testTarget(name: "FerryMonitorTests", dependencies: [
+            "FerryMonitor", "FerrySite", "FerryCore", "FerryWire",
+            .product(name: "Prometheus", package: "swift-prometheus"),
+        ]),
         .testTarget(name: "IntegrationTests", dependencies: ["FerryCore", "FerrySite", "FerryWire", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "Logging", package: "swift-log")]),
     ],
     swiftLanguageModes: [.v6]

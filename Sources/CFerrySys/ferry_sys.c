@@ -29,6 +29,10 @@ int64_t ferry_seek_hole(int fd, int64_t offset) {
 
 void ferry_stdout_line_buffered(void) { setvbuf(stdout, NULL, _IOLBF, 0); }
 
+/* `make` writes ferry_commit.h (not in git) with the commit it builds. */
+#if __has_include("ferry_commit.h")
+#include "ferry_commit.h"
+#endif
 #ifndef FERRY_COMMIT
 #define FERRY_COMMIT "unknown"
 #endif

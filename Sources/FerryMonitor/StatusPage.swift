@@ -32,7 +32,8 @@ enum StatusPage {
         .ok{color:#17663a}.warn{color:#9a6200}.bad{color:#b3261e}.reason{color:#444;font-size:.92em}
         .plots{display:flex;flex-wrap:wrap;gap:8px;margin-top:4px}figure{margin:0}figcaption{font-size:.75em;color:#666}
         svg{background:#f3f5f7;border-radius:3px}polyline{fill:none;stroke:#2a6fb0;stroke-width:1.5}
-        @media (max-width:700px){thead{display:none}tr,td{display:block;border:0}tr{border-bottom:1px solid #ddd;padding:6px 0}td{padding:2px 4px}}
+        @media (max-width:700px){thead{display:none}tr,td{display:block;border:0}tr{border-bottom:1px solid #ddd;padding:6px 0}td{padding:2px 4px}
+        td[data-label]::before{content:attr(data-label) ": ";color:#666;font-size:.8em}}
         """
 
     /// Polls the fragment, keeping the bearer token the page was opened with (`?token=`).
@@ -93,10 +94,11 @@ enum StatusPage {
         let rows = history.map { $0.rows[key] }
         return "<tr data-volume=\"\(escape(v.name))\" data-peer=\"\(escape(r.peer))\" data-role=\"primary\" "
             + "data-mode=\"\(escape(r.mode))\" data-state=\"\(escape(r.state))\">"
-            + "<td>\(escape(v.name))</td><td>\(escape(r.peer))</td><td>primary</td><td>\(escape(r.mode))</td>"
+            + "<td data-label=\"volume\">\(escape(v.name))</td><td data-label=\"peer\">\(escape(r.peer))</td>"
+            + "<td data-label=\"role\">primary</td><td data-label=\"mode\">\(escape(r.mode))</td>"
             + "<td><span class=\"state \(cls)\">\(escape(r.state))</span>"
             + "<div class=\"reason\" data-reason>\(escape(reason(v, r, peers: peers)))</div></td>"
-            + "<td>\(lag)</td><td><div class=\"plots\">"
+            + "<td data-label=\"lag\">\(lag)</td><td><div class=\"plots\">"
             + plot("lag-bytes", "lag (bytes)", series: rows.map { $0.map { Double($0.lagBytes) } }, unit: .bytes,
                    labels: [("volume", v.name), ("peer", r.peer)])
             + plot("lag-seconds", "lag (seconds)", series: rows.map { $0?.lagSeconds }, unit: .seconds,
@@ -130,11 +132,12 @@ enum StatusPage {
         let cls = state == "consistent" || state == "not-replicated" ? "ok" : state == "fenced" ? "bad" : "warn"
         return "<tr data-volume=\"\(escape(v.name))\" data-peer=\"\(escape(v.role == "primary" ? "" : v.primarySite))\" "
             + "data-role=\"\(escape(v.role))\" data-mode=\"\" data-state=\"\(state)\">"
-            + "<td>\(escape(v.name))</td><td>\(v.role == "primary" ? "—" : "from " + escape(v.primarySite))</td>"
-            + "<td>\(escape(v.role))</td><td>—</td>"
+            + "<td data-label=\"volume\">\(escape(v.name))</td><td data-label=\"peer\">\(v.role == "primary" ? "—" : "from " + escape(v.primarySite))</td>"
+            + "<td data-label=\"role\">\(escape(v.role))</td><td data-label=\"mode\">—</td>"
             + "<td><span class=\"state \(cls)\">\(state)</span><div class=\"reason\" data-reason>\(escape(withError))</div></td>"
             + "<td>—</td><td><div class=\"plots\">"
-            + plot("throughput", "received (bytes/s)", series: rows.map { $0?.throughput }, unit: .bytes, labels: [("volume", v.name)])
+            + (v.replicaState == nil ? "" : plot("throughput", "received (bytes/s)", series: rows.map { $0?.throughput }, unit: .bytes,
+                                                 labels: [("volume", v.name)]))
             + "</div></td></tr>"
     }
 
@@ -166,24 +169,29 @@ enum StatusPage {
 
     enum Unit { case bytes, seconds }
 
-    /// A sparkline of the last 15 minutes (nil: no sample for the row then), with its newest value.
+    /// A sparkline of the last 15 minutes (nil: no sample for the row then), newest at the right
+    /// edge on a fixed 15-minute axis, with the newest value and the peak in its caption.
     static func plot(_ kind: String, _ caption: String, series: [Double?], unit: Unit, labels: [(String, String)]) -> String {
         let width = 180.0, height = 40.0
         let values = series.compactMap { $0 }
         let peak = max(values.max() ?? 0, unit == .seconds ? 0.001 : 1)
-        let n = max(series.count, 2)
+        let slots = Double(StatusSampler.historyLength - 1)
         var points: [String] = []
         for (i, value) in series.enumerated() {
             guard let value else { continue }
-            let x = width * Double(i) / Double(n - 1)
+            let age = Double(series.count - 1 - i)
+            let x = width * (slots - min(age, slots)) / slots
             let y = height - 2 - (height - 4) * value / peak
             points.append(String(format: "%.1f,%.1f", x, y))
         }
-        let newest = values.last.map { unit == .bytes ? bytes(UInt64(max(0, $0))) : seconds($0) } ?? "—"
+        func shown(_ v: Double) -> String { unit == .bytes ? bytes(UInt64(max(0, v))) : seconds(v) }
+        let text = values.last.map { newest in
+            (values.max() ?? 0) > newest ? "\(shown(newest)) (peak \(shown(peak)))" : shown(newest)
+        } ?? "no data yet"
         let attrs = labels.map { " data-\($0.0)=\"\(escape($0.1))\"" }.joined()
         return "<figure data-plot=\"\(kind)\"\(attrs)><svg width=\"\(Int(width))\" height=\"\(Int(height))\" viewBox=\"0 0 \(Int(width)) \(Int(height))\" "
-            + "role=\"img\" aria-label=\"\(escape(caption))\"><polyline points=\"\(points.joined(separator: " "))\"/></svg>"
-            + "<figcaption>\(escape(caption)): \(newest) (peak \(unit == .bytes ? bytes(UInt64(peak)) : seconds(peak)))</figcaption></figure>"
+            + "role=\"img\" aria-label=\"\(escape(caption)), last 15 minutes\"><polyline points=\"\(points.joined(separator: " "))\"/></svg>"
+            + "<figcaption>\(escape(caption)): \(text)</figcaption></figure>"
     }
 
     static func bytes(_ n: UInt64) -> String {

@@ -97,7 +97,7 @@ public final class StatusSampler: Sendable {
                 w.gauge("ferry_volume_fenced", "1 when this site was the primary and another holds a newer epoch.", vl, v.fenced == nil ? 0 : 1)
                 w.gauge("ferry_volume_split_brain", "1 when another site is primary too, with a diverged history.", vl,
                         (v.splitBrain ?? []).isEmpty ? 0 : 1)
-                w.gauge("ferry_volume_error", "1 while the volume's last I/O or replication step failed.", vl, v.lastError == nil ? 0 : 1)
+                w.gauge("ferry_volume_error", "1 once an I/O or replication step of the volume failed (ferry status says which); until a restart.", vl, v.lastError == nil ? 0 : 1)
                 w.gauge("ferry_nbd_connections", "NBD clients connected to the volume's export.", vl, Double(v.clientsConnected))
                 w.gauge("ferry_volume_drill_active", "1 while a DR drill of the volume runs on this site.", vl, v.drill == nil ? 0 : 1)
                 if let points = v.recoveryPoints {
@@ -173,6 +173,11 @@ public final class StatusSampler: Sendable {
                             l, Double(schedule.intervalSeconds))
                 }
             }
+        }
+        if let used = r.journalBytes, let limit = r.journalLimitBytes {
+            w.gauge("ferry_volume_journal_used_bytes", "async: journal bytes the peer has not acknowledged.", l, Double(used))
+            w.gauge("ferry_volume_journal_limit_bytes", "async: the most the journal may hold for the peer (journal-size).",
+                    l, Double(limit))
         }
         let sent = w.total("ferry_volume_sent_bytes_total", "Data bytes sent to the peer since the daemon started.", l, r.bytesSent)
         let key = Self.rowKey(volume, r.peer)

@@ -204,6 +204,7 @@ extension Site {
             machine.regionSize = regionSize
             machine.history = plan.history
             (machine.siteIndex, machine.siteCount) = stripe
+            machine.recordsAckLatency = recordsMetrics
             try MetadataFile<PrimaryVolume.Metadata>(path: metaPath).store(plan.metadata)
             try catalog.setRole(name: name, role: "primary", epoch: Int64(epoch), generation: generation, history: historyJSON)
             runtime = try PrimaryVolumeRuntime(

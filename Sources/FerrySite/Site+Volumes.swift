@@ -54,6 +54,7 @@ extension Site {
                     machine.regionSize = PrimaryVolume.Config.regionSize(forVolumeSize: v.sizeBytes)
                     machine.history = Self.history(record)
                     (machine.siteIndex, machine.siteCount) = v.epochStripe(of: config.site.name)
+                    machine.recordsAckLatency = recordsMetrics
                     let runtime = try PrimaryVolumeRuntime(
                         name: v.name, image: image, config: machine, stateDirectory: stateDir, cleanShutdown: clean,
                         threadPool: threadPool, links: links, logger: logger, onEvent: onEvent)
@@ -340,7 +341,8 @@ extension Site {
         return SiteStatus.Replica(
             peer: r.peer, mode: r.mode.rawValue, state: r.state.rawValue, reason: r.reason, connected: r.connected,
             consistent: r.consistent, lagBytes: r.lagBytes, lagSeconds: r.lagSeconds, dirtyBytes: r.dirtyBytes,
-            inFlightBytes: r.inFlightBytes, bytesSent: r.bytesSent, syncRemainingBytes: r.syncRemainingBytes,
+            inFlightBytes: r.inFlightBytes, bytesSent: r.bytesSent, journalBytes: r.journalBytes,
+            journalLimitBytes: r.journalLimitBytes, syncRemainingBytes: r.syncRemainingBytes,
             syncTotalBytes: r.syncTotalBytes, syncETASeconds: r.syncETASeconds, rpoZero: r.rpoZero, lastPoint: point, nextPointAt: next)
     }
 }

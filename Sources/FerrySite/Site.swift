@@ -61,6 +61,8 @@ public final class Site: Service, Sendable {
     private let dataLock = NIOLockedValueBox<Int32>(-1)
     private let ownsGroup: Bool
     private let monitor: (any SiteMonitor)?
+    /// A monitor is attached: NBD requests and volume acks are recorded through swift-metrics.
+    var recordsMetrics: Bool { monitor != nil }
 
     /// - Parameter monitor: the metrics listener and status page, started once the site serves.
     /// - Parameter eventLoopGroup: the loops to run on; by default the site makes its own (one

@@ -127,6 +127,10 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         public var inFlightBytes: UInt64
         /// Data bytes sent to the peer since the daemon started.
         public var bytesSent: UInt64
+        /// async: journal bytes the peer has not acknowledged, and the journal's bound
+        /// (`journal-size`); absent for other modes.
+        public var journalBytes: UInt64?
+        public var journalLimitBytes: UInt64?
         /// Initial sync or catch-up in progress: bytes left, bytes in all.
         public var syncRemainingBytes: UInt64?
         public var syncTotalBytes: UInt64?

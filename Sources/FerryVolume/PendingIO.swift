@@ -22,10 +22,11 @@ struct DeferredWork: Sendable {
     var persistNow: (token: UInt64, metadata: PrimaryVolume.Metadata)?
     var events: [VolumeEvent] = []
     var closes: [(peer: String, link: LinkID, reason: String)] = []
+    var ackSamples: [AckSample] = []
 
     var isEmpty: Bool {
         localWrites.isEmpty && offloaded.isEmpty && completions.isEmpty && persistNow == nil
-            && events.isEmpty && closes.isEmpty
+            && events.isEmpty && closes.isEmpty && ackSamples.isEmpty
     }
 }
 

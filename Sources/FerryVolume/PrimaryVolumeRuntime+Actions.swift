@@ -12,6 +12,7 @@ extension PrimaryVolumeRuntime {
         let work = core.withLockedValue { core -> DeferredWork in
             var work = DeferredWork()
             plan(event(&core), core: &core, work: &work)
+            if ackTimers != nil { work.ackSamples = core.machine.takeAckSamples() }
             return work
         }
         perform(work)
@@ -151,6 +152,7 @@ extension PrimaryVolumeRuntime {
     /// After the lock: local writes, offloads, persists, answers, events.
     func perform(_ work: DeferredWork) {
         guard !work.isEmpty else { return }
+        if let ackTimers { for sample in work.ackSamples { ackTimers.record(sample) } }
         for event in work.events { onEvent(event) }
         for close in work.closes { links.close(peer: close.peer, link: close.link, reason: close.reason) }
         Self.complete(work.completions)

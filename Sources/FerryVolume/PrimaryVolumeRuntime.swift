@@ -32,6 +32,8 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
     let journalLock = NIOLock()
     let logger: Logger
     let onEvent: @Sendable (VolumeEvent) -> Void
+    /// `ferry_volume_ack_duration_seconds`, when the machine records ack latency.
+    let ackTimers: AckTimers?
     let core: NIOLockedValueBox<Core>
     let ticker: NIOLockedValueBox<RepeatedTask?> = NIOLockedValueBox(nil)
 
@@ -65,6 +67,7 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
         self.clock = clock
         self.logger = logger
         self.onEvent = onEvent
+        self.ackTimers = config.recordsAckLatency ? AckTimers(volume: name, peers: Array(config.peers.keys)) : nil
         self.metadataFile = try MetadataFile(path: stateDirectory + "/primary.meta")
         let metadata = try metadataFile.load() ?? PrimaryVolume.Metadata()
         var entries: [JournalEntry] = []

@@ -105,11 +105,7 @@ struct Serve: AsyncParsableCommand {
     func run() async throws {
         let cfg = try loadConfigOrExit(config)
         let level = cfg.loggerLevel
-        LoggingSystem.bootstrap { label in
-            var handler = StreamLogHandler.standardError(label: label)
-            handler.logLevel = level
-            return handler
-        }
+        LoggingSystem.bootstrap { label in JournalLogHandler(label: label, level: level) }
         var logger = Logger(label: "ferry")
         logger[metadataKey: "site"] = "\(cfg.site.name)"
         let monitor = cfg.listen.metrics == nil ? nil : MonitorServer(config: cfg, logger: logger)

@@ -63,9 +63,10 @@ struct Quickstart: AsyncParsableCommand {
                 identities[name] = id
             }
         }
-        let ports = try (0..<4).map { _ in try freeLoopbackPort() }
+        let ports = try (0..<6).map { _ in try freeLoopbackPort() }
         let replication = ["east": ports[0], "west": ports[1]]
         let nbdPorts = ["east": ports[2], "west": ports[3]]
+        let metricsPorts = ["east": ports[4], "west": ports[5]]
         var configPaths: [String: String] = [:]
         var adminSockets: [String: String] = [:]
         for name in names {
@@ -75,7 +76,8 @@ struct Quickstart: AsyncParsableCommand {
                 site: SiteSection(name: name, dataDirectory: data),
                 listen: ListenSection(replication: HostPort(host: "127.0.0.1", port: replication[name]!),
                                       nbd: HostPort(host: "127.0.0.1", port: nbdPorts[name]!),
-                                      nbdSocket: "\(data)/nbd.sock", adminSocket: "\(data)/admin.sock"),
+                                      nbdSocket: "\(data)/nbd.sock", adminSocket: "\(data)/admin.sock",
+                                      metrics: HostPort(host: "127.0.0.1", port: metricsPorts[name]!)),
                 peers: [PeerConfig(name: other, address: HostPort(host: "127.0.0.1", port: replication[other]!),
                                    siteID: identities[other]!.siteID)],
                 volumes: [Self.quickstartVolume(sizeBytes: sizeBytes, policy: policy)],
@@ -134,6 +136,10 @@ struct Quickstart: AsyncParsableCommand {
 
             vm1 replicates from east to west in \(replicationMode.rawValue) mode\(replicationMode == .scheduled ? " (a point every 15 minutes, or now with `ferry checkpoint vm1 --config \(configPaths["east"]!)`)" : "").
             west holds the replica at \(statuses["west"]?.volumes.first?.image ?? "?") and exports it read-only.
+
+            status pages (live; Prometheus metrics at /metrics on the same listeners):
+              east  \(east.site.metrics ?? "(off)")
+              west  \(statuses["west"]?.site.metrics ?? "(off)")
 
             see it work (in another terminal):
               nbdinfo \(uri)

@@ -143,6 +143,22 @@ struct ConfigTests {
         #expect(text.contains("    address: \"[fd00::3]:7801\"\n"))
     }
 
+    @Test("listen.metrics and its token file are read, resolved and rendered back")
+    func metricsListenerRoundTrips() throws {
+        let yaml = ConfigFixture.with(("  admin-socket: /run/ferry/east.admin\n",
+                                       "  admin-socket: /run/ferry/east.admin\n  metrics: 10.0.0.1:9480\n  metrics-token-file: metrics.token\n"))
+        let config = try SiteConfig.parse(yaml: yaml, path: ConfigFixture.file)
+        #expect(config.listen.metrics == HostPort(host: "10.0.0.1", port: 9480))
+        #expect(config.listen.metricsTokenFile == "/etc/ferry/metrics.token")
+        #expect(try SiteConfig.parse(yaml: config.yaml(), path: config.path) == config)
+        let loopback = try SiteConfig.parse(yaml: ConfigFixture.with(("  admin-socket: /run/ferry/east.admin\n",
+                                                                     "  admin-socket: /run/ferry/east.admin\n  metrics: \"[::1]:9480\"\n")),
+                                            path: ConfigFixture.file)
+        #expect(loopback.listen.metrics?.isLoopback == true)
+        #expect(loopback.listen.metricsTokenFile == nil)
+        #expect(try SiteConfig.parse(yaml: ConfigFixture.yaml, path: ConfigFixture.file).listen.metrics == nil)
+    }
+
     @Test("yaml() leaves out the default admin socket and writes empty sections as {}")
     func roundTripMinimal() throws {
         let config = SiteConfig(

@@ -152,6 +152,14 @@ struct CLITests {
         let uri = printed.split(separator: "\n").first { $0.contains("nbdinfo nbd://") }.map { String($0.split(separator: " ").last!) } ?? ""
         let info = try run(nbdinfo, [uri])
         #expect(info.stdout.contains("67108864"))
+        // The two status pages it prints answer, each with its site's row for vm1.
+        let pages = printed.split(separator: "\n").filter { $0.hasPrefix("  east  http://") || $0.hasPrefix("  west  http://") }
+            .map { String($0.split(separator: " ").last!) }
+        #expect(pages.count == 2, "no status page URLs: \(printed)")
+        for page in pages {
+            let got = try httpGet(page)
+            #expect(got.code == 200 && got.body.contains(#"data-volume="vm1""#), "\(page): \(got.code)")
+        }
         // Ctrl-C stops both sites cleanly.
         kill(p.processIdentifier, SIGINT)
         #expect(eventually(.seconds(40)) { !p.isRunning })

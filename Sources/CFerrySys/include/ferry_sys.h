@@ -16,7 +16,7 @@ int64_t ferry_seek_hole(int fd, int64_t offset);
 /// Makes stdout line-buffered, so each line reaches a pipe as it is printed.
 void ferry_stdout_line_buffered(void);
 
-/// The commit the binary was built from (-DFERRY_COMMIT=\"…\"), or "unknown".
+/// The commit the binary was built from (from ferry_commit.h, which make writes), or "unknown".
 const char *ferry_build_commit(void);
 
 #endif

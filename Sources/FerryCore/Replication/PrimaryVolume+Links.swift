@@ -11,7 +11,7 @@ extension PrimaryVolume {
                 let index = session.take()
                 let item = ReplicationItem(epoch: config.epoch, index: index, seq: seq, range: range, isZero: isZero)
                 out.append(.send(peer: name, session.link, .write(item)))
-                session.record(SentItem(index: index, kind: .write(seq: seq), range: range, bytes: isZero ? 0 : range.length))
+                session.record(at: now.monotonicNanos, SentItem(index: index, kind: .write(seq: seq), range: range, bytes: isZero ? 0 : range.length))
                 session.lastSentSeq = seq
                 peer.bytesSent += isZero ? 0 : range.length
                 var level: AckLevel = peer.policy.mode == .sync ? .written : .received
@@ -19,7 +19,7 @@ extension PrimaryVolume {
                 if fua {
                     let b = session.take()
                     out.append(.send(peer: name, session.link, .barrier(ReplicationBarrier(epoch: config.epoch, index: b, seq: seq, kind: .flush))))
-                    session.record(SentItem(index: b, kind: .barrier(.flush, seq: seq), range: nil, bytes: 0))
+                    session.record(at: now.monotonicNanos, SentItem(index: b, kind: .barrier(.flush, seq: seq), range: nil, bytes: 0))
                     session.lastCutAt = now.monotonicNanos
                     if peer.policy.mode == .sync { level = .durable; waitIndex = b }
                 } else if session.bytesSinceCut >= config.directCutBytes {
@@ -72,7 +72,7 @@ extension PrimaryVolume {
                 peer.session = nil
                 let index = session.take()
                 out.append(.send(peer: name, session.link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: seq, kind: .flush))))
-                session.record(SentItem(index: index, kind: .barrier(.flush, seq: seq), range: nil, bytes: 0))
+                session.record(at: now.monotonicNanos, SentItem(index: index, kind: .barrier(.flush, seq: seq), range: nil, bytes: 0))
                 session.lastCutAt = now.monotonicNanos
                 session.lastSentSeq = max(session.lastSentSeq, seq)
                 request.waits.append(.ack(peer: name, session.link, index: index, level: peer.policy.mode == .sync ? .durable : .received))
@@ -90,7 +90,7 @@ extension PrimaryVolume {
     mutating func cutBarrier(_ session: inout Session, peer name: String, seq: UInt64, _ out: inout [Action]) {
         let index = session.take()
         out.append(.send(peer: name, session.link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: seq, kind: .cut))))
-        session.record(SentItem(index: index, kind: .barrier(.cut, seq: seq), range: nil, bytes: 0))
+        session.record(at: now.monotonicNanos, SentItem(index: index, kind: .barrier(.cut, seq: seq), range: nil, bytes: 0))
         session.barrierSeqs.append((index, seq))
         session.lastCutAt = now.monotonicNanos
     }
@@ -372,7 +372,7 @@ extension PrimaryVolume {
     mutating func startCatchUp(_ session: inout Session, peer: inout PeerState, _ out: inout [Action]) {
         let index = session.take()
         out.append(.send(peer: peer.name, session.link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: lastAdmitted, kind: .catchUpBegin))))
-        session.record(SentItem(index: index, kind: .barrier(.catchUpBegin, seq: lastAdmitted), range: nil, bytes: 0))
+        session.record(at: now.monotonicNanos, SentItem(index: index, kind: .barrier(.catchUpBegin, seq: lastAdmitted), range: nil, bytes: 0))
         session.catchUp = CatchUp(initial: peer.initialSyncPending, totalBytes: peer.dirty.dirtyBytes, startedAt: now.monotonicNanos)
         if peer.state != .pullAhead {
             setState(&peer, peer.initialSyncPending ? .initialSync : .catchingUp,
@@ -385,6 +385,10 @@ extension PrimaryVolume {
     mutating func acked(_ peer: inout PeerState, level: AckLevel, index: UInt64, _ out: inout [Action]) {
         guard var session = peer.session else { return }
         peer.session = nil
+        if config.recordsAckLatency, index > session.acked(level), let sentAt = session.sentAt(index: index) {
+            if ackSamples.count >= 4096 { ackSamples.removeFirst(2048) }   // nobody drains them
+            ackSamples.append(AckSample(peer: peer.name, level: level, nanos: now.monotonicNanos - sentAt))
+        }
         switch level {
         case .received: session.ackedReceived = max(session.ackedReceived, index)
         case .written: session.ackedWritten = max(session.ackedWritten, index)

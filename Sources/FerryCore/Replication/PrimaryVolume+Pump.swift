@@ -20,13 +20,13 @@ extension PrimaryVolume {
                 let index = session.take()
                 if entry.isBarrier {
                     out.append(.send(peer: name, link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: entry.seq, kind: .flush))))
-                    session.record(SentItem(index: index, kind: .barrier(.flush, seq: entry.seq), range: nil, bytes: 0))
+                    session.record(at: now.monotonicNanos, SentItem(index: index, kind: .barrier(.flush, seq: entry.seq), range: nil, bytes: 0))
                     session.barrierSeqs.append((index, entry.seq))
                     session.lastCutAt = now.monotonicNanos
                 } else {
                     let item = ReplicationItem(epoch: config.epoch, index: index, seq: entry.seq, range: entry.range, isZero: entry.isZero)
                     out.append(.send(peer: name, link, .write(item)))
-                    session.record(SentItem(index: index, kind: .write(seq: entry.seq), range: entry.range, bytes: entry.bytes))
+                    session.record(at: now.monotonicNanos, SentItem(index: index, kind: .write(seq: entry.seq), range: entry.range, bytes: entry.bytes))
                     peer.bytesSent += entry.bytes
                 }
                 session.lastSentSeq = entry.seq
@@ -98,7 +98,7 @@ extension PrimaryVolume {
             if peer.dirty.isEmpty, session.readsQueued.isEmpty {
                 let index = session.take()
                 out.append(.send(peer: name, link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: lastAdmitted, kind: .catchUpEnd))))
-                session.record(SentItem(index: index, kind: .barrier(.catchUpEnd, seq: lastAdmitted), range: nil, bytes: 0))
+                session.record(at: now.monotonicNanos, SentItem(index: index, kind: .barrier(.catchUpEnd, seq: lastAdmitted), range: nil, bytes: 0))
                 session.lastSentSeq = max(session.lastSentSeq, lastAdmitted)
                 catchUp.endIndex = index
                 peer.dirtySince = nil
@@ -127,7 +127,7 @@ extension PrimaryVolume {
             if point.regions.firstSet(from: point.cursor) == nil, point.readsQueued.isEmpty {
                 let index = session.take()
                 out.append(.send(peer: name, link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: point.seq, kind: .point))))
-                session.record(SentItem(index: index, kind: .barrier(.point, seq: point.seq), range: nil, bytes: 0))
+                session.record(at: now.monotonicNanos, SentItem(index: index, kind: .barrier(.point, seq: point.seq), range: nil, bytes: 0))
                 point.barrierIndex = index
             }
             peer.point = point
@@ -171,7 +171,7 @@ extension PrimaryVolume {
                 let index = session.take()
                 let item = ReplicationItem(epoch: config.epoch, index: index, seq: 0, range: range, isZero: false)
                 out.append(.sendRegion(peer: name, link, item, preserved: preserved))
-                session.record(SentItem(index: index, kind: .regions(piece, forPoint: true), range: range, bytes: range.length))
+                session.record(at: now.monotonicNanos, SentItem(index: index, kind: .regions(piece, forPoint: true), range: range, bytes: range.length))
                 for r in piece { point.sent.insert(r) }
                 point.bytes += range.length
                 peer.bytesSent += range.length
@@ -187,7 +187,7 @@ extension PrimaryVolume {
                 let index = session.take()
                 let item = ReplicationItem(epoch: config.epoch, index: index, seq: 0, range: range, isZero: false)
                 out.append(.sendRegion(peer: name, link, item, preserved: false))
-                session.record(SentItem(index: index, kind: .regions(piece, forPoint: false), range: range, bytes: range.length))
+                session.record(at: now.monotonicNanos, SentItem(index: index, kind: .regions(piece, forPoint: false), range: range, bytes: range.length))
                 for r in piece { session.regionsInFlight[r] = index }
                 peer.bytesSent += range.length
             }
@@ -271,7 +271,10 @@ extension PrimaryVolume {
                     guard done > 0, elapsed >= 1 else { return nil }
                     return Double(peer.dirty.dirtyBytes) / (Double(done) / elapsed)
                 },
-                bytesSent: peer.bytesSent, lastPoint: peer.lastPoint, nextPointAt: peer.nextPointAt,
+                bytesSent: peer.bytesSent,
+                journalBytes: peer.policy.mode == .async ? (peer.journaled ? journal.bytes(after: peer.ackedSeq) : 0) : nil,
+                journalLimitBytes: peer.policy.mode == .async ? peer.policy.journalSizeBytes : nil,
+                lastPoint: peer.lastPoint, nextPointAt: peer.nextPointAt,
                 rpoZero: peer.isDirect && session?.open == true && catchUp == nil && peer.dirty.isEmpty)
         }
     }

@@ -100,6 +100,8 @@ struct SentItem: Sendable {
     var kind: Kind
     var range: BlockRange?
     var bytes: UInt64
+    /// When it was sent (monotonic ns), for the ack latency metric.
+    var sentAt: Int64 = 0
 }
 
 /// One live session of a volume with a peer, on one link.
@@ -164,7 +166,9 @@ struct Session: Sendable {
 
     var inFlightCount: Int { notReceived.count - notReceivedHead }
 
-    mutating func record(_ item: SentItem) {
+    mutating func record(at now: Int64, _ item: SentItem) {
+        var item = item
+        item.sentAt = now
         // The stall watchdog counts from when something is first in flight (set at the next tick).
         if inFlightCount == 0 { lastProgressAt = -1 }
         unacked.append(item)
@@ -207,6 +211,16 @@ struct Session: Sendable {
     }
 
     var pendingItems: ArraySlice<SentItem> { unacked[unackedHead...] }
+
+    /// When the item with stream index `index` was sent, while it waits for its durable ack.
+    func sentAt(index: UInt64) -> Int64? {
+        var low = unackedHead, high = unacked.count
+        while low < high {
+            let mid = (low + high) / 2
+            if unacked[mid].index < index { low = mid + 1 } else { high = mid }
+        }
+        return low < unacked.count && unacked[low].index == index ? unacked[low].sentAt : nil
+    }
 }
 
 struct CatchUp: Sendable {
@@ -280,6 +294,13 @@ struct PeerState: Sendable {
 }
 
 /// What status shows for one peer of a volume.
+/// How long one ack took: from sending the item it names to the ack's arrival.
+public struct AckSample: Sendable, Equatable {
+    public var peer: String
+    public var level: AckLevel
+    public var nanos: Int64
+}
+
 public struct ReplicaLinkStatus: Sendable, Equatable {
     public var peer: String
     public var mode: ReplicationMode
@@ -299,6 +320,10 @@ public struct ReplicaLinkStatus: Sendable, Equatable {
     /// anything arrived).
     public var syncETASeconds: Double?
     public var bytesSent: UInt64
+    /// async: journal bytes the peer has not acknowledged, and the most it may hold
+    /// (`journal-size`); nil for other modes. Not journaled (pull-ahead, catching up): 0.
+    public var journalBytes: UInt64? = nil
+    public var journalLimitBytes: UInt64? = nil
     public var lastPoint: PointRecord?
     public var nextPointAt: Int64?
     /// RPO is zero: a sync peer with a session and nothing dirty.

@@ -51,6 +51,8 @@ public struct PrimaryVolume: Sendable {
         /// epochs it may take (``RoleChange/nextEpoch(after:siteIndex:siteCount:)``).
         public var siteIndex = 0
         public var siteCount = 1
+        /// Keep an ``AckSample`` per ack for ``takeAckSamples()`` (the metrics listener is on).
+        public var recordsAckLatency = false
         /// Dirty-bitmap granularity.
         public var regionSize: UInt64 = 64 << 10
         /// Adjacent dirty regions are read and sent as one item of up to this many bytes.
@@ -248,6 +250,14 @@ public struct PrimaryVolume: Sendable {
     let extentsPerGranule: Int
     var journal = Journal()
     var journalEnabled: Bool
+    /// Ack latencies since the last ``takeAckSamples()`` (``Config/recordsAckLatency``).
+    var ackSamples: [AckSample] = []
+
+    /// The ack latencies recorded since the last call.
+    public mutating func takeAckSamples() -> [AckSample] {
+        defer { ackSamples.removeAll(keepingCapacity: true) }
+        return ackSamples
+    }
 
     var nextToken: UInt64 = 1
     var persistedToken: UInt64 = 0

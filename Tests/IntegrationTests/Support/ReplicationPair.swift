@@ -16,9 +16,13 @@ final class ReplicationSites {
     var west: TestSite { sites["west"]! }
 
     init(replicas: [String: String], size: String = "256M", extraVolumes: [TestSite.Volume] = [], onPromote: String? = nil,
-         history: String? = nil) throws {
+         history: String? = nil, metrics: Bool = false) throws {
         var sites: [String: TestSite] = [:]
-        for name in ["east"] + replicas.keys.sorted() { sites[name] = try TestSite(name: name, root: dir.path) }
+        for name in ["east"] + replicas.keys.sorted() {
+            let site = try TestSite(name: name, root: dir.path)
+            if metrics { site.metricsPort = freePort() }
+            sites[name] = site
+        }
         self.sites = sites
         self.volumeSize = size
         for (name, site) in sites {

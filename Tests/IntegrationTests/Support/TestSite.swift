@@ -18,6 +18,12 @@ final class TestSite {
     let nbdPort: Int
     var siteID: String = ""
     private(set) var process: Process?
+    /// `listen.metrics` on this port when set (before `writeConfig`), with the token file if any.
+    var metricsPort: Int?
+    var metricsTokenFile: String?
+    var metricsURL: String { "http://127.0.0.1:\(metricsPort ?? 0)" }
+    /// Extra environment for `ferry serve` (NOTIFY_SOCKET).
+    var environment: [String: String] = [:]
 
     var nbdSocket: String { dataDirectory + "/nbd.sock" }
     var adminSocket: String { dataDirectory + "/admin.sock" }
@@ -67,9 +73,11 @@ final class TestSite {
               nbd: 127.0.0.1:\(nbdPort)
               nbd-socket: \(nbdSocket)
               admin-socket: \(adminSocket)
-            log-level: debug
 
             """
+        if let metricsPort { yaml += "  metrics: 127.0.0.1:\(metricsPort)\n" }
+        if let metricsTokenFile { yaml += "  metrics-token-file: \(metricsTokenFile)\n" }
+        yaml += "log-level: debug\n"
         if !peers.isEmpty {
             yaml += "peers:\n"
             for p in peers { yaml += "  \(p.name):\n    address: 127.0.0.1:\(p.port)\n    site-id: \(p.siteID)\n" }
@@ -95,6 +103,7 @@ final class TestSite {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: try ferryBinary())
         p.arguments = ["serve", "--config", configPath]
+        if !environment.isEmpty { p.environment = ProcessInfo.processInfo.environment.merging(environment) { $1 } }
         if !FileManager.default.fileExists(atPath: logPath) {
             _ = FileManager.default.createFile(atPath: logPath, contents: nil)
         }
