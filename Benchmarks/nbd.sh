@@ -75,4 +75,14 @@ start_ferry metered "$METRICS_NBD_PORT" "  metrics: 127.0.0.1:$METRICS_PORT"
 PIDS+=($!)
 
 echo "# $(date -u +%Y-%m-%dT%H:%MZ) $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg), ferry $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo '?')" >&2
-"$BASELINES" "$@" ferry="nbd://127.0.0.1:$NBD_PORT/vm1" ferry-metrics="nbd://127.0.0.1:$METRICS_NBD_PORT/vm1"
+# FERRY_METRICS_FIRST=1 runs ferry-metrics before ferry in each job (to see what order costs);
+# FERRY_METRICS_ABAB=1 runs both twice, alternating (ferry, ferry-metrics, ferry-2, ferry-metrics-2),
+# so that drift of the machine during a job falls on both alike.
+PLAIN="nbd://127.0.0.1:$NBD_PORT/vm1"; METERED="nbd://127.0.0.1:$METRICS_NBD_PORT/vm1"
+if [ "${FERRY_METRICS_ABAB:-0}" = 1 ]; then
+    "$BASELINES" "$@" ferry="$PLAIN" ferry-metrics="$METERED" ferry-2="$PLAIN" ferry-metrics-2="$METERED"
+elif [ "${FERRY_METRICS_FIRST:-0}" = 1 ]; then
+    "$BASELINES" "$@" ferry-metrics="$METERED" ferry="$PLAIN"
+else
+    "$BASELINES" "$@" ferry="$PLAIN" ferry-metrics="$METERED"
+fi
