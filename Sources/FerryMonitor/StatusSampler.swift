@@ -39,6 +39,9 @@ public final class StatusSampler: Sendable {
         var upSince: [String: Date] = [:]
         var gauges: [String: Gauge] = [:]
         var counters: [String: Counter] = [:]
+        /// The help text each name was first registered with: the registry stops the process on
+        /// a second, different one.
+        var helps: [String: String] = [:]
     }
 
     let registry: PrometheusCollectorRegistry
@@ -208,6 +211,7 @@ public final class StatusSampler: Sendable {
             let key = Self.key(name, labels)
             touched.insert(key)
             if let g = state.gauges[key] { return g.set(value) }
+            let help = firstHelp(name, help)
             let g = labels.isEmpty ? registry.makeGauge(name: name, help: help) : registry.makeGauge(name: name, labels: labels, help: help)
             state.gauges[key] = g
             g.set(value)
@@ -216,9 +220,15 @@ public final class StatusSampler: Sendable {
         mutating func counter(_ name: String, _ help: String, _ labels: [(String, String)]) -> Counter {
             let key = Self.key(name, labels)
             if let c = state.counters[key] { return c }
-            let c = registry.makeCounter(name: name, labels: labels, help: help)
+            let c = registry.makeCounter(name: name, labels: labels, help: firstHelp(name, help))
             state.counters[key] = c
             return c
+        }
+
+        mutating func firstHelp(_ name: String, _ help: String) -> String {
+            if let first = state.helps[name] { return first }
+            state.helps[name] = help
+            return help
         }
 
         /// A counter fed from a cumulative figure: adds what it grew by since the last sample

@@ -152,10 +152,12 @@ struct ConfigReader {
         }
     }
 
-    private mutating func filePath(_ fields: ConfigFields, _ key: String, example: String) -> String? {
+    /// An optional path field, resolved against the config's directory; `noun` names what it is
+    /// the path of, in the message for an empty one.
+    private mutating func filePath(_ fields: ConfigFields, _ key: String, example: String, noun: String = "file") -> String? {
         guard let text = text(fields, key, required: false, example: example) else { return nil }
         guard !text.isEmpty else {
-            report(fields.path(key), "\"\" is not a path; give the file's path, e.g. \(example), or leave the field out",
+            report(fields.path(key), "\"\" is not a path; give the \(noun)'s path, e.g. \(example), or leave the field out",
                    line: fields.line(of: key))
             return nil
         }
@@ -163,13 +165,7 @@ struct ConfigReader {
     }
 
     private mutating func socketPath(_ fields: ConfigFields, _ key: String, example: String) -> String? {
-        guard let text = text(fields, key, required: false, example: example) else { return nil }
-        guard !text.isEmpty else {
-            report(fields.path(key), "\"\" is not a path; give the socket's path, e.g. \(example), or leave the field out",
-                   line: fields.line(of: key))
-            return nil
-        }
-        let path = ConfigPath.resolve(text, against: directory)
+        guard let path = filePath(fields, key, example: example, noun: "socket") else { return nil }
         guard path.utf8.count <= ConfigPath.maxSocketPathBytes else {
             report(fields.path(key), "\"\(path)\" is \(path.utf8.count) bytes, longer than the "
                    + "\(ConfigPath.maxSocketPathBytes) a Unix socket path can have; use a shorter path, e.g. \(example)",

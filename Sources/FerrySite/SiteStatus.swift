@@ -212,6 +212,7 @@ extension SiteStatus {
         out += "  pid \(site.pid), up \(Self.age(from: site.startedAt, to: now)), config \(site.configPath)\n"
         if let r = site.replicationAddress { out += "  replication on \(r)\n" }
         if !site.nbdAddresses.isEmpty { out += "  NBD on \(site.nbdAddresses.joined(separator: ", "))\n" }
+        if let metrics = site.metrics { out += "  status page and /metrics at \(metrics)\n" }
         out += "\npeers\n"
         if peers.isEmpty { out += "  (none configured)\n" }
         for p in peers {
