@@ -73,6 +73,8 @@ let package = Package(
             .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             .product(name: "Yams", package: "Yams"),
         ]),
+        // Directory trees: chunking, (later) scanning, manifests, transfer, restore.
+        .target(name: "FerryTree", dependencies: ["FerryCore"]),
         // Operating the daemon: Prometheus metrics and the status page on `listen.metrics`.
         .target(name: "FerryMonitor", dependencies: [
             "FerrySite", "FerryCore", "FerryWire",
@@ -110,6 +112,7 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ]),
         .testTarget(name: "FerrySiteTests", dependencies: ["FerrySite"]),
+        .testTarget(name: "FerryTreeTests", dependencies: ["FerryTree", "FerryCore"]),
         .testTarget(name: "FerryMonitorTests", dependencies: [
             "FerryMonitor", "FerrySite", "FerryCore", "FerryWire",
             .product(name: "Prometheus", package: "swift-prometheus"),

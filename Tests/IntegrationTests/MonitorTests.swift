@@ -1,3 +1,4 @@
+import FerryCore
 import FerrySite
 import Foundation
 import Testing
@@ -30,6 +31,11 @@ struct MonitorTests {
                 && prometheus.value(#"ferry_volume_role{job="west",volume="vm1",role="secondary"}"#) == 1
         }
         #expect(scraped, "series never showed vm1 in sync: \((try? prometheus.query(#"{__name__=~"ferry_volume_.*",peer="west"}"#)).map { "\($0)" } ?? "no answer")")
+        // The journal's bound, and the acks the initial sync drew, timed.
+        #expect(prometheus.value("ferry_volume_journal_limit_bytes{\(link)}") == Double(ReplicaPolicy.defaultJournalSizeBytes))
+        #expect(eventually(.seconds(30)) {
+            (prometheus.value(#"sum(ferry_volume_ack_duration_seconds_count{job="east",\#(link),level="durable"})"#) ?? 0) > 0
+        }, "no ack latency recorded: \((try? prometheus.query(#"{__name__=~"ferry_volume_ack.*"}"#)).map { "\($0)" } ?? "")")
 
         // The peer goes away and the primary keeps writing: the state leaves in-sync, the lag grows.
         sites.west.stop()
