@@ -1,0 +1,229 @@
+import CXXHash
+import Foundation
+import GRDB
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A content-addressed store of chunks (issue 11, the peer's side of tree replication): chunks
+/// are appended to pack files (`packs/NNNNNN.pack`, at most ``packLimit`` bytes each) and found
+/// through an index in SQLite (`index.sqlite`: id → pack, offset, length), never one file per
+/// chunk.
+///
+/// A chunk's ID is the SHA-256 of its content, computed by the caller (FerryTree); the store
+/// checks each record with XXH3 when it reads it, and ``verify(_:)`` re-hashes content against
+/// the ID with a function the caller passes.
+///
+/// Durability: ``put(_:id:)`` appends to the open pack; ``commit()`` fdatasyncs the pack, then
+/// adds the new chunks to the index in one transaction. A crash between the two leaves records in
+/// the pack that the index does not name: opening the store indexes every whole, checksummed
+/// record past the last indexed one and cuts the pack after the last good record, so what had
+/// arrived is not sent again and a torn tail is never read.
+///
+/// Record: magic `FCK1` (4) | id (32) | length u32 | checksum u64 (XXH3 of id and data) | data.
+public final class ChunkStore: @unchecked Sendable {
+    public static let idLength = 32
+    static let magic: UInt32 = 0x4643_4B31   // "FCK1"
+    static let headerLength = 4 + 32 + 4 + 8
+    /// A pack is closed and a new one begun once it holds this many bytes.
+    public let packLimit: UInt64
+
+    public let directory: String
+    private let db: DatabaseQueue
+    private let lock = NSLock()
+    private struct Location { var pack: Int; var offset: UInt64; var length: Int }
+    /// Appended since the last commit: found by ``contains(_:)`` and ``get(_:)`` already.
+    private var pending: [[UInt8]: Location] = [:]
+    private var packNumber: Int
+    private var packFD: Int32
+    private var packSize: UInt64
+
+    public init(directory: String, packLimit: UInt64 = 64 << 20) throws {
+        self.directory = directory
+        self.packLimit = packLimit
+        try FileManager.default.createDirectory(atPath: directory + "/packs", withIntermediateDirectories: true)
+        var config = Configuration()
+        config.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
+        do {
+            db = try DatabaseQueue(path: directory + "/index.sqlite", configuration: config)
+            try db.writeWithoutTransaction { try $0.execute(sql: "PRAGMA journal_mode = WAL") }
+            try db.write { db in
+                try db.execute(sql: """
+                    CREATE TABLE IF NOT EXISTS chunk (
+                        id BLOB PRIMARY KEY NOT NULL, pack INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL
+                    ) WITHOUT ROWID
+                    """)
+            }
+        } catch let error as DatabaseError {
+            throw StoreError("open chunk index", path: directory + "/index.sqlite", detail: error.message ?? "\(error)")
+        }
+        let packs = (try? FileManager.default.contentsOfDirectory(atPath: directory + "/packs")) ?? []
+        packNumber = packs.compactMap { $0.hasSuffix(".pack") ? Int($0.dropLast(5)) : nil }.max() ?? 1
+        let path = Self.packPath(directory, packNumber)
+        packFD = try FileIO.open(path, create: true)
+        packSize = try FileIO.size(packFD, path: path)
+        try recoverTail()
+    }
+
+    deinit { close(packFD) }
+
+    static func packPath(_ directory: String, _ number: Int) -> String {
+        let digits = String(number)
+        return directory + "/packs/" + String(repeating: "0", count: max(0, 6 - digits.count)) + digits + ".pack"
+    }
+
+    /// Indexes the whole records at the end of the packs that the index does not name (a crash
+    /// after a pack's fdatasync and before the index commit), and cuts off a torn one. Only the
+    /// packs from the newest the index names onwards can hold such records.
+    private func recoverTail() throws {
+        let newestIndexed: Int = try db.read { try Int.fetchOne($0, sql: "SELECT MAX(pack) FROM chunk") } ?? 1
+        for number in min(newestIndexed, packNumber)...packNumber {
+            let path = Self.packPath(directory, number)
+            guard FileIO.exists(path) else { continue }
+            let fd = number == packNumber ? packFD : try FileIO.open(path, create: false)
+            defer { if fd != packFD { close(fd) } }
+            let size = try FileIO.size(fd, path: path)
+            var offset: UInt64 = try db.read { db in
+                try UInt64.fetchOne(db, sql: "SELECT MAX(offset + length) FROM chunk WHERE pack = ?", arguments: [number]) ?? 0
+            }
+            var found: [([UInt8], Location)] = []
+            while offset + UInt64(Self.headerLength) <= size {
+                guard let (id, length) = try readRecord(fd: fd, path: path, at: offset, verify: true) else { break }
+                found.append((id, Location(pack: number, offset: offset, length: Self.headerLength + length)))
+                offset += UInt64(Self.headerLength + length)
+            }
+            if offset < size {
+                try FileIO.truncate(fd, to: offset, path: path)
+                try FileIO.datasync(fd, path: path)
+                if number == packNumber { packSize = offset }
+            }
+            if !found.isEmpty { try insert(found) }
+        }
+    }
+
+    /// Reads the record at `offset`: its ID and data length, and checks it when `verify`; nil when
+    /// it is not a whole, well-formed record.
+    private func readRecord(fd: Int32, path: String, at offset: UInt64, verify: Bool) throws -> (id: [UInt8], length: Int)? {
+        let header = try FileIO.read(fd, offset: offset, count: Self.headerLength, path: path, allocator: ByteBufferAllocator())
+        guard header.readableBytes == Self.headerLength, header.getInteger(at: header.readerIndex, as: UInt32.self) == Self.magic
+        else { return nil }
+        let id = header.getBytes(at: header.readerIndex + 4, length: Self.idLength)!
+        let length = Int(header.getInteger(at: header.readerIndex + 36, as: UInt32.self)!)
+        let checksum = header.getInteger(at: header.readerIndex + 40, as: UInt64.self)!
+        guard verify else { return (id, length) }
+        let data = try FileIO.read(fd, offset: offset + UInt64(Self.headerLength), count: length, path: path, allocator: ByteBufferAllocator())
+        guard data.readableBytes == length, Self.checksum(id: id, data: data) == checksum else { return nil }
+        return (id, length)
+    }
+
+    static func checksum(id: [UInt8], data: ByteBuffer) -> UInt64 {
+        RecordChecksum.of(ByteBuffer(bytes: id), data)
+    }
+
+    private func insert(_ entries: [([UInt8], Location)]) throws {
+        do {
+            try db.write { db in
+                for (id, at) in entries {
+                    try db.execute(sql: "INSERT OR IGNORE INTO chunk (id, pack, offset, length) VALUES (?, ?, ?, ?)",
+                                   arguments: [Data(id), at.pack, Int64(at.offset), at.length])
+                }
+            }
+        } catch let error as DatabaseError {
+            throw StoreError("update chunk index", path: directory + "/index.sqlite", detail: error.message ?? "\(error)")
+        }
+    }
+
+    /// Appends a chunk unless the store has it; true when it was added. Durable at ``commit()``.
+    @discardableResult
+    public func put(_ data: ByteBuffer, id: [UInt8]) throws -> Bool {
+        precondition(id.count == Self.idLength, "a chunk ID is 32 bytes")
+        return try lock.withLock {
+            if try location(id) != nil { return false }
+            if packSize >= packLimit { try nextPack() }
+            var header = ByteBuffer()
+            header.writeInteger(Self.magic)
+            header.writeBytes(id)
+            header.writeInteger(UInt32(data.readableBytes))
+            header.writeInteger(Self.checksum(id: id, data: data))
+            let path = Self.packPath(directory, packNumber)
+            try FileIO.write(packFD, offset: packSize, [header, data], path: path)
+            pending[id] = Location(pack: packNumber, offset: packSize, length: Self.headerLength + data.readableBytes)
+            packSize += UInt64(Self.headerLength + data.readableBytes)
+            return true
+        }
+    }
+
+    /// Makes every chunk put so far durable and indexed.
+    public func commit() throws {
+        try lock.withLock {
+            guard !pending.isEmpty else { return }
+            try FileIO.datasync(packFD, path: Self.packPath(directory, packNumber))
+            try insert(pending.map { ($0.key, $0.value) })
+            pending.removeAll()
+        }
+    }
+
+    private func nextPack() throws {
+        let old = Self.packPath(directory, packNumber)
+        try FileIO.datasync(packFD, path: old)
+        close(packFD)
+        packNumber += 1
+        let path = Self.packPath(directory, packNumber)
+        packFD = try FileIO.open(path, create: true)
+        packSize = 0
+        try FileIO.syncDirectory(directory + "/packs")
+    }
+
+    private func location(_ id: [UInt8]) throws -> Location? {
+        if let at = pending[id] { return at }
+        return try db.read { db in
+            try Row.fetchOne(db, sql: "SELECT pack, offset, length FROM chunk WHERE id = ?", arguments: [Data(id)])
+                .map { Location(pack: $0["pack"], offset: UInt64($0["offset"] as Int64), length: $0["length"]) }
+        }
+    }
+
+    public func contains(_ id: [UInt8]) throws -> Bool { try lock.withLock { try location(id) != nil } }
+
+    /// Of `ids`, those the store lacks: what a peer asks the source to send.
+    public func missing(_ ids: [[UInt8]]) throws -> [[UInt8]] {
+        try lock.withLock { try ids.filter { try location($0) == nil } }
+    }
+
+    /// The chunk's content, checked against its record checksum; nil when the store lacks it.
+    /// Throws when the record is damaged.
+    public func get(_ id: [UInt8]) throws -> ByteBuffer? {
+        try lock.withLock {
+            guard let at = try location(id) else { return nil }
+            let path = Self.packPath(directory, at.pack)
+            let fd = at.pack == packNumber ? packFD : try FileIO.open(path, create: false)
+            defer { if fd != packFD { close(fd) } }
+            let record = try FileIO.read(fd, offset: at.offset, count: at.length, path: path, allocator: ByteBufferAllocator())
+            guard record.readableBytes == at.length,
+                  record.getInteger(at: record.readerIndex, as: UInt32.self) == Self.magic,
+                  record.getBytes(at: record.readerIndex + 4, length: Self.idLength) == id
+            else { throw StoreError("read chunk", path: path, detail: "the record at offset \(at.offset) is not the chunk the index names") }
+            let checksum = record.getInteger(at: record.readerIndex + 40, as: UInt64.self)!
+            let data = record.getSlice(at: record.readerIndex + Self.headerLength, length: at.length - Self.headerLength)!
+            guard Self.checksum(id: id, data: data) == checksum else {
+                throw StoreError("read chunk", path: path, detail: "the chunk at offset \(at.offset) fails its checksum (damaged on disk)")
+            }
+            return data
+        }
+    }
+
+    /// Chunks in the index.
+    public func count() throws -> Int {
+        try lock.withLock { try db.read { try Int.fetchOne($0, sql: "SELECT COUNT(*) FROM chunk") ?? 0 } + pending.count }
+    }
+
+    /// Re-reads every indexed chunk and checks it with `hash` (SHA-256 → its ID); returns the IDs
+    /// of the damaged or unreadable ones.
+    public func verify(_ hash: (ByteBuffer) -> [UInt8]) throws -> [[UInt8]] {
+        let ids: [[UInt8]] = try db.read { db in try Data.fetchAll(db, sql: "SELECT id FROM chunk").map { Array($0) } }
+        return ids.filter { id in
+            guard let data = try? get(id) else { return true }
+            return hash(data) != id
+        }
+    }
+}
