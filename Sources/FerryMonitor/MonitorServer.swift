@@ -39,22 +39,19 @@ public final class MonitorServer: SiteMonitor {
         let auth = BearerCheck(token: token, logger: logger)
         let sampler = self.sampler
         let registry = sampler.registry
-        router.get("/metrics") { request, context in
-            if let refused = auth.refusal(request, context) { return refused }
-            return Self.response(registry.emitToString(), type: "text/plain; version=0.0.4; charset=utf-8")
+        // Every path answers GET only, and only with the token when one is configured.
+        func serve(_ path: String, type: String, _ body: @escaping @Sendable () -> String) {
+            router.get(RouterPath(path)) { request, context in
+                if let refused = auth.refusal(request, context) { return refused }
+                return Self.response(body(), type: type)
+            }
         }
-        router.get("/") { request, context in
-            if let refused = auth.refusal(request, context) { return refused }
-            return Self.response(StatusPage.page(sampler.latest, history: sampler.history, now: Date()), type: "text/html; charset=utf-8")
-        }
-        router.get("/fragment") { request, context in
-            if let refused = auth.refusal(request, context) { return refused }
-            return Self.response(StatusPage.fragment(sampler.latest, history: sampler.history, now: Date()), type: "text/html; charset=utf-8")
-        }
-        router.get("/status.json") { request, context in
-            if let refused = auth.refusal(request, context) { return refused }
-            let body = (try? SiteStatus.encoder().encode(sampler.latest)) ?? Data("null".utf8)
-            return Self.response(String(decoding: body, as: UTF8.self), type: "application/json")
+        let html = "text/html; charset=utf-8"
+        serve("/metrics", type: "text/plain; version=0.0.4; charset=utf-8") { registry.emitToString() }
+        serve("/", type: html) { StatusPage.page(sampler.latest, history: sampler.history, now: Date()) }
+        serve("/fragment", type: html) { StatusPage.fragment(sampler.latest, history: sampler.history, now: Date()) }
+        serve("/status.json", type: "application/json") {
+            String(decoding: (try? SiteStatus.encoder().encode(sampler.latest)) ?? Data("null".utf8), as: UTF8.self)
         }
 
         let bound = NIOLockedValueBox<CheckedContinuation<Int, any Error>?>(nil)

@@ -51,19 +51,14 @@ enum StatusPage {
             + "updated <span data-updated>\(clock(now))</span> UTC</div>"
         out += "<h2>Volumes</h2><table><thead><tr><th>Volume</th><th>Peer</th><th>Role</th><th>Mode</th><th>State</th>"
             + "<th>Lag</th><th>Last 15 minutes</th></tr></thead><tbody>"
-        var rows = 0
         for v in status.volumes {
             if v.role == "primary" && !v.replicas.isEmpty {
-                for r in v.replicas {
-                    out += replicaRow(v, r, peers: status.peers, history: history)
-                    rows += 1
-                }
+                for r in v.replicas { out += replicaRow(v, r, peers: status.peers, history: history) }
             } else {
                 out += volumeRow(v, history: history)
-                rows += 1
             }
         }
-        if rows == 0 { out += "<tr><td colspan=\"7\">No volumes are configured on this site.</td></tr>" }
+        if status.volumes.isEmpty { out += "<tr><td colspan=\"7\">No volumes are configured on this site.</td></tr>" }
         out += "</tbody></table>"
         out += "<h2>Peers</h2><table><thead><tr><th>Peer</th><th>Link</th><th>Since</th><th>RTT</th><th>Last 15 minutes</th></tr></thead><tbody>"
         for p in status.peers {
@@ -92,6 +87,7 @@ enum StatusPage {
         }
         let lag = r.rpoZero ? "0 (RPO 0)" : "\(bytes(r.lagBytes)), \(seconds(r.lagSeconds))"
         let rows = history.map { $0.rows[key] }
+        let labels = [("volume", v.name), ("peer", r.peer)]
         return "<tr data-volume=\"\(escape(v.name))\" data-peer=\"\(escape(r.peer))\" data-role=\"primary\" "
             + "data-mode=\"\(escape(r.mode))\" data-state=\"\(escape(r.state))\">"
             + "<td data-label=\"volume\">\(escape(v.name))</td><td data-label=\"peer\">\(escape(r.peer))</td>"
@@ -99,12 +95,9 @@ enum StatusPage {
             + "<td><span class=\"state \(cls)\">\(escape(r.state))</span>"
             + "<div class=\"reason\" data-reason>\(escape(reason(v, r, peers: peers)))</div></td>"
             + "<td data-label=\"lag\">\(lag)</td><td><div class=\"plots\">"
-            + plot("lag-bytes", "lag (bytes)", series: rows.map { $0.map { Double($0.lagBytes) } }, unit: .bytes,
-                   labels: [("volume", v.name), ("peer", r.peer)])
-            + plot("lag-seconds", "lag (seconds)", series: rows.map { $0?.lagSeconds }, unit: .seconds,
-                   labels: [("volume", v.name), ("peer", r.peer)])
-            + plot("throughput", "sent (bytes/s)", series: rows.map { $0?.throughput }, unit: .bytes,
-                   labels: [("volume", v.name), ("peer", r.peer)])
+            + plot("lag-bytes", "lag (bytes)", series: rows.map { $0.map { Double($0.lagBytes) } }, unit: .bytes, labels: labels)
+            + plot("lag-seconds", "lag (seconds)", series: rows.map { $0?.lagSeconds }, unit: .seconds, labels: labels)
+            + plot("throughput", "sent (bytes/s)", series: rows.map { $0?.throughput }, unit: .bytes, labels: labels)
             + "</div></td></tr>"
     }
 

@@ -62,8 +62,7 @@ public final class StatusSampler: Sendable {
     /// Takes one sample of `status` at `now`.
     func sample(_ status: SiteStatus, now: Date = Date()) {
         state.withLockedValue { s in
-            var touched = Set<String>()
-            var w = Writer(registry: registry, state: s, touched: touched)
+            var w = Writer(registry: registry, state: s, touched: [])
             var sample = Sample(time: now, rows: [:], rtt: [:])
             let elapsed = s.history.last.map { now.timeIntervalSince($0.time) } ?? 0
             w.gauge("ferry_build_info", "1 always; the version and commit as labels.",
@@ -129,10 +128,9 @@ public final class StatusSampler: Sendable {
                     replica(r, volume: v.name, policy: policies[r.peer], now: now, elapsed: elapsed, writer: &w, sample: &sample)
                 }
             }
-            touched = w.touched
             s = w.state
             // Series not set in this sample describe what no longer exists.
-            for (key, gauge) in s.gauges where !touched.contains(key) {
+            for (key, gauge) in s.gauges where !w.touched.contains(key) {
                 registry.unregisterGauge(gauge)
                 s.gauges[key] = nil
             }
@@ -160,21 +158,22 @@ public final class StatusSampler: Sendable {
         w.gauge("ferry_volume_resync_total_bytes", "Initial sync or catch-up: bytes in all (0 when none runs).",
                 l, Double(r.syncTotalBytes ?? 0))
         if let policy {
-            switch policy.mode {
-            case .sync, .semiSync:
-                w.gauge("ferry_volume_rpo_target_seconds", "The RPO the configuration asks of the peer.", l, 0)
-            case .async:
-                if let seconds = policy.maxLagSeconds {
-                    w.gauge("ferry_volume_rpo_target_seconds", "The RPO the configuration asks of the peer.", l, Double(seconds))
-                }
-                if let bytes = policy.maxLagBytes {
-                    w.gauge("ferry_volume_max_lag_bytes", "The lag in bytes the configuration allows the peer (max-lag).", l, Double(bytes))
-                }
-            case .scheduled:
-                if let schedule = policy.schedule {
-                    w.gauge("ferry_volume_schedule_interval_seconds", "Seconds between scheduled points (every:/at:).",
-                            l, Double(schedule.intervalSeconds))
-                }
+            // sync and semi-sync promise RPO 0; async its max-lag duration when it has one;
+            // scheduled is judged by its interval instead.
+            let rpoTarget: Int64? = switch policy.mode {
+            case .sync, .semiSync: 0
+            case .async: policy.maxLagSeconds
+            case .scheduled: nil
+            }
+            if let rpoTarget {
+                w.gauge("ferry_volume_rpo_target_seconds", "The RPO the configuration asks of the peer.", l, Double(rpoTarget))
+            }
+            if policy.mode == .async, let bytes = policy.maxLagBytes {
+                w.gauge("ferry_volume_max_lag_bytes", "The lag in bytes the configuration allows the peer (max-lag).", l, Double(bytes))
+            }
+            if policy.mode == .scheduled, let schedule = policy.schedule {
+                w.gauge("ferry_volume_schedule_interval_seconds", "Seconds between scheduled points (every:/at:).",
+                        l, Double(schedule.intervalSeconds))
             }
         }
         if let used = r.journalBytes, let limit = r.journalLimitBytes {
