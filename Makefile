@@ -7,8 +7,8 @@ SWIFT ?= swift
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 BUILD_PKGS := pkg-config libzstd-dev libxxhash-dev libsqlite3-dev
 TEST_PKGS := qemu-utils libnbd-bin nbdkit fio strace qemu-system-x86 linux-image-cloud-amd64 busybox-static cpio libvirt-daemon-system libvirt-clients \
-	curl prometheus chromium systemd lintian dpkg-dev
-BENCH_PKGS := $(sort $(TEST_PKGS) qemu-utils qemu-system-common nbdkit libnbd-bin fio iproute2)
+	curl prometheus chromium systemd lintian dpkg-dev rsync
+BENCH_PKGS := $(sort $(TEST_PKGS) restic lsyncd qemu-utils qemu-system-common nbdkit libnbd-bin fio iproute2)
 BENCH_ARGS ?=
 QUICKSTART_ARGS ?=
 

@@ -74,7 +74,12 @@ let package = Package(
             .product(name: "Yams", package: "Yams"),
         ]),
         // Directory trees: chunking, (later) scanning, manifests, transfer, restore.
-        .target(name: "FerryTree", dependencies: ["FerryCore"]),
+        .target(name: "FerryTree", dependencies: [
+            "FerryCore", "FerryStore", "CFerrySys",
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "GRDB", package: "GRDB.swift"),
+        ]),
         // Operating the daemon: Prometheus metrics and the status page on `listen.metrics`.
         .target(name: "FerryMonitor", dependencies: [
             "FerrySite", "FerryCore", "FerryWire",
@@ -112,7 +117,10 @@ let package = Package(
             .product(name: "NIOEmbedded", package: "swift-nio"),
         ]),
         .testTarget(name: "FerrySiteTests", dependencies: ["FerrySite"]),
-        .testTarget(name: "FerryTreeTests", dependencies: ["FerryTree", "FerryCore"]),
+        .testTarget(name: "FerryTreeTests", dependencies: [
+            "FerryTree", "FerryCore", "FerryStore",
+            .product(name: "NIOCore", package: "swift-nio"),
+        ]),
         .testTarget(name: "FerryMonitorTests", dependencies: [
             "FerryMonitor", "FerrySite", "FerryCore", "FerryWire",
             .product(name: "Prometheus", package: "swift-prometheus"),

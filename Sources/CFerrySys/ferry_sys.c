@@ -27,6 +27,8 @@ int64_t ferry_seek_hole(int fd, int64_t offset) {
     return (int64_t)lseek(fd, (off_t)offset, SEEK_HOLE);
 }
 
+int ferry_syncfs(int fd) { return syncfs(fd); }
+
 void ferry_stdout_line_buffered(void) { setvbuf(stdout, NULL, _IOLBF, 0); }
 
 /* `make` writes ferry_commit.h (not in git) with the commit it builds. */

@@ -12,6 +12,8 @@ int ferry_zero_range(int fd, int64_t offset, int64_t length);
 int64_t ferry_seek_data(int fd, int64_t offset);
 /// lseek(fd, offset, SEEK_HOLE).
 int64_t ferry_seek_hole(int fd, int64_t offset);
+/// syncfs(2): commits the filesystem holding fd.
+int ferry_syncfs(int fd);
 /// sync_file_range flags are not needed; fdatasync is in Glibc.
 /// Makes stdout line-buffered, so each line reaches a pipe as it is printed.
 void ferry_stdout_line_buffered(void);

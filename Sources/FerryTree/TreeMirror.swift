@@ -1,0 +1,296 @@
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Where the mirror writer finds blobs and chunks by ID.
+public protocol ChunkSource: AnyObject {
+    func blob(_ id: ChunkID) throws -> ByteBuffer?
+}
+
+/// Writes a snapshot's manifest into a directory: the peer's live mirror (from the last applied
+/// snapshot to the new one) or a restore (into an empty directory).
+///
+/// Each file is written under a temporary name in its directory (`.ferry-NNNN.tmp`), given its
+/// metadata (mode, owner and group when run as root, times to the nanosecond), then renamed over
+/// its name, so a reader sees the old file or the new one, never a part. Holes stay holes. Names
+/// the manifest does not have are removed, directories' metadata are set after their contents.
+/// Subtrees whose blob ID did not change since `old` are skipped unless the last apply was cut
+/// short (`full`).
+public final class TreeMirror {
+    public struct Stats: Sendable, Equatable {
+        public var filesWritten = 0
+        public var bytesWritten: UInt64 = 0
+        public var linked = 0
+        public var removed = 0
+        public var directoriesVisited = 0
+    }
+
+    let source: any ChunkSource
+    let root: String
+    let rootFD: Int32
+    let full: Bool
+    let setOwner: Bool
+    public private(set) var stats = Stats()
+    /// Hard-link groups met this apply: group → path (from the root) of the name written first.
+    public private(set) var groups: [UInt64: [UInt8]] = [:]
+    /// Hard-link groups written by earlier applies (the peer keeps them), to link a new name to a
+    /// file in a directory this apply skips.
+    let knownGroups: [UInt64: [UInt8]]
+    private var tempCounter = 0
+
+    public init(source: any ChunkSource, into root: String, full: Bool, knownGroups: [UInt64: [UInt8]] = [:]) throws {
+        self.source = source
+        self.root = root
+        self.full = full
+        self.knownGroups = knownGroups
+        self.setOwner = geteuid() == 0
+        let fd = PosixFS.openDirectory(root)
+        guard fd >= 0 else { throw TreeFSError("open directory", Array(root.utf8)) }
+        self.rootFD = fd
+    }
+
+    deinit { close(rootFD) }
+
+    public struct Incomplete: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    func entries(_ id: ChunkID, path: [UInt8]) throws -> [TreeEntry] {
+        guard let blob = try source.blob(id) else {
+            throw Incomplete(description: "the manifest of directory \(TreePath.display(path)) (\(id)) is missing")
+        }
+        guard ChunkID.of(blob) == id else {
+            throw Incomplete(description: "the manifest of directory \(TreePath.display(path)) (\(id)) is damaged")
+        }
+        return try DirectoryBlob.decode(blob)
+    }
+
+    /// Applies the snapshot whose root blob is `new` over the one whose root blob is `old`
+    /// (nil: nothing is assumed of the directory).
+    public func apply(old: ChunkID?, new: ChunkID) throws {
+        let newRoot = try entries(new, path: [])
+        guard newRoot.count == 1, newRoot[0].kind == .directory, let top = newRoot[0].subtree else {
+            throw Incomplete(description: "the snapshot's root blob \(new) does not name one directory")
+        }
+        var oldTop: ChunkID?
+        if let old, let oldRoot = try? entries(old, path: []), oldRoot.count == 1 { oldTop = oldRoot[0].subtree }
+        try applyDirectory(rootFD, path: [], old: oldTop, new: top)
+        try setMetadata(fd: rootFD, newRoot[0], path: [])
+    }
+
+    /// Restores the subtree at `path` of the snapshot: the directory's contents, or one file or
+    /// link, into `root` (which must be empty).
+    public func restore(snapshotRoot: ChunkID, path: [UInt8]) throws {
+        var entry = try entries(snapshotRoot, path: [])[0]
+        for component in TreePath.components(path) {
+            guard entry.kind == .directory, let sub = entry.subtree,
+                  let next = try entries(sub, path: path).first(where: { $0.name == component }) else {
+                throw Incomplete(description: "\(TreePath.display(path)) is not in this snapshot")
+            }
+            entry = next
+        }
+        if entry.kind == .directory {
+            try applyDirectory(rootFD, path: [], old: nil, new: entry.subtree!)
+            try setMetadata(fd: rootFD, entry, path: [])
+        } else {
+            try applyEntry(rootFD, entry, path: entry.name, old: nil)
+        }
+    }
+
+    private func applyDirectory(_ fd: Int32, path: [UInt8], old: ChunkID?, new: ChunkID) throws {
+        stats.directoriesVisited += 1
+        let newEntries = try entries(new, path: path)
+        var oldByName: [[UInt8]: TreeEntry] = [:]
+        if let old, let list = try? entries(old, path: path) {
+            for e in list { oldByName[e.name] = e }
+        }
+        let wanted = Set(newEntries.map(\.name))
+        guard let present = PosixFS.names(in: fd) else { throw TreeFSError("list directory", path) }
+        for name in present where !wanted.contains(name) {
+            try removeTree(fd, name, path: TreePath.join(path, name))
+            stats.removed += 1
+        }
+        for e in newEntries {
+            try applyEntry(fd, e, path: TreePath.join(path, e.name), old: oldByName[e.name])
+        }
+    }
+
+    private func applyEntry(_ fd: Int32, _ e: TreeEntry, path: [UInt8], old: TreeEntry?) throws {
+        let st = PosixFS.lstat(at: fd, e.name)
+        switch e.kind {
+        case .directory:
+            if let st, !PosixFS.isDirectory(st) { try removeTree(fd, e.name, path: path) }
+            if st == nil || !PosixFS.isDirectory(st!) {
+                let rc = PosixFS.withCName(e.name) { mkdirat(fd, $0, 0o700) }
+                guard rc == 0 else { throw TreeFSError("create directory", path) }
+            }
+            let unchanged = !full && st.map(PosixFS.isDirectory) == true && old?.kind == .directory && old?.subtree == e.subtree
+            let sub = PosixFS.openDirectory(at: fd, e.name)
+            guard sub >= 0 else { throw TreeFSError("open directory", path) }
+            defer { close(sub) }
+            if !unchanged { try applyDirectory(sub, path: path, old: old?.kind == .directory ? old?.subtree : nil, new: e.subtree!) }
+            if !unchanged || old.map({ !sameMetadata($0, e) }) == true { try setMetadata(fd: sub, e, path: path) }
+        case .file:
+            try applyFile(fd, e, path: path, st: st, old: old)
+        case .symlink:
+            if let st, PosixFS.isSymlink(st), PosixFS.readlink(at: fd, e.name, size: Int(st.st_size)) == e.target {
+                try setLinkMetadata(fd, e.name, e, path: path, st: st)
+                return
+            }
+            let temp = nextTemp()
+            let rc = PosixFS.withCName(e.target) { t in PosixFS.withCName(temp) { symlinkat(t, fd, $0) } }
+            guard rc == 0 else { throw TreeFSError("create symlink", path) }
+            try setLinkMetadata(fd, temp, e, path: path, st: nil)
+            try replace(fd, temp, with: e.name, path: path, existing: st)
+            stats.filesWritten += 1
+        case .fifo:
+            if let st, PosixFS.isFIFO(st) {
+                try setLinkMetadata(fd, e.name, e, path: path, st: st)
+                return
+            }
+            let temp = nextTemp()
+            let rc = PosixFS.withCName(temp) { mkfifoat(fd, $0, 0o600) }
+            guard rc == 0 else { throw TreeFSError("create fifo", path) }
+            try setLinkMetadata(fd, temp, e, path: path, st: nil)
+            try replace(fd, temp, with: e.name, path: path, existing: st)
+        }
+    }
+
+    private func sameMetadata(_ a: TreeEntry, _ b: TreeEntry) -> Bool {
+        a.mode == b.mode && a.uid == b.uid && a.gid == b.gid && a.mtime == b.mtime
+    }
+
+    private func applyFile(_ fd: Int32, _ e: TreeEntry, path: [UInt8], st: stat?, old: TreeEntry?) throws {
+        if e.linkGroup != 0, let first = groups[e.linkGroup] ?? knownGroups[e.linkGroup], first != path {
+            if let target = PosixFS.lstat(at: rootFD, first), PosixFS.isRegular(target),
+               UInt64(target.st_size) == e.size, PosixFS.time(target.st_mtim) == e.mtime {
+                if let st, st.st_ino == target.st_ino, st.st_dev == target.st_dev { return }
+                let temp = nextTemp()
+                let rc = PosixFS.withCName(first) { f in PosixFS.withCName(temp) { linkat(rootFD, f, fd, $0, 0) } }
+                if rc == 0 {
+                    try replace(fd, temp, with: e.name, path: path, existing: st)
+                    stats.linked += 1
+                    groups[e.linkGroup] = groups[e.linkGroup] ?? first
+                    return
+                }
+            }
+        }
+        if e.linkGroup != 0 && groups[e.linkGroup] == nil { groups[e.linkGroup] = path }
+        // The data on disk is the entry's when size and mtime match, unless the source changed
+        // the content under the same mtime (then the chunk lists differ).
+        if let st, PosixFS.isRegular(st), UInt64(st.st_size) == e.size, PosixFS.time(st.st_mtim) == e.mtime,
+           old == nil || old!.kind != .file || old!.segments == e.segments || old!.mtime != e.mtime, !full || old?.segments == e.segments {
+            if st.st_nlink > 1 && e.linkGroup == 0 {
+                // Was a hard link, no longer is: give it data of its own.
+            } else {
+                if UInt32(st.st_mode) & 0o7777 != e.mode || (setOwner && (st.st_uid != e.uid || st.st_gid != e.gid)) {
+                    try setLinkMetadata(fd, e.name, e, path: path, st: st)
+                }
+                return
+            }
+        }
+        let temp = nextTemp()
+        let out = PosixFS.withCName(temp) { openat(fd, $0, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
+        guard out >= 0 else { throw TreeFSError("create", path) }
+        do {
+            try writeData(out, e, path: path)
+            if setOwner { guard fchown(out, e.uid, e.gid) == 0 else { throw TreeFSError("chown", path) } }
+            guard fchmod(out, mode_t(e.mode)) == 0 else { throw TreeFSError("chmod", path) }
+            var times = [timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds)),
+                         timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds))]
+            guard futimens(out, &times) == 0 else { throw TreeFSError("set times", path) }
+            close(out)
+        } catch {
+            close(out)
+            _ = PosixFS.withCName(temp) { unlinkat(fd, $0, 0) }
+            throw error
+        }
+        try replace(fd, temp, with: e.name, path: path, existing: st)
+        stats.filesWritten += 1
+        stats.bytesWritten += e.size
+    }
+
+    private func writeData(_ out: Int32, _ e: TreeEntry, path: [UInt8]) throws {
+        guard ftruncate(out, off_t(e.size)) == 0 else { throw TreeFSError("write", path) }
+        for segment in e.segments {
+            var offset = segment.offset
+            for chunk in segment.chunks {
+                guard let data = try source.blob(chunk.id), data.readableBytes == Int(chunk.length) else {
+                    throw Incomplete(description: "chunk \(chunk.id) of \(TreePath.display(path)) is missing")
+                }
+                try data.withUnsafeReadableBytes { raw in
+                    var done = 0
+                    while done < raw.count {
+                        let n = pwrite(out, raw.baseAddress! + done, raw.count - done, off_t(offset) + off_t(done))
+                        if n < 0 {
+                            if errno == EINTR { continue }
+                            throw TreeFSError("write", path)
+                        }
+                        done += n
+                    }
+                }
+                offset += UInt64(chunk.length)
+            }
+        }
+    }
+
+    private func nextTemp() -> [UInt8] {
+        tempCounter += 1
+        return Array(".ferry-\(getpid())-\(tempCounter).tmp".utf8)
+    }
+
+    /// Renames `temp` over `name`; a directory in the way is removed first.
+    private func replace(_ fd: Int32, _ temp: [UInt8], with name: [UInt8], path: [UInt8], existing: stat?) throws {
+        if let existing, PosixFS.isDirectory(existing) { try removeTree(fd, name, path: path) }
+        let rc = PosixFS.withCName(temp) { t in PosixFS.withCName(name) { renameat(fd, t, fd, $0) } }
+        guard rc == 0 else {
+            let saved = errno
+            _ = PosixFS.withCName(temp) { unlinkat(fd, $0, 0) }
+            throw TreeFSError("rename into place", path, saved)
+        }
+    }
+
+    private func setLinkMetadata(_ fd: Int32, _ name: [UInt8], _ e: TreeEntry, path: [UInt8], st: stat?) throws {
+        if setOwner && (st == nil || st!.st_uid != e.uid || st!.st_gid != e.gid) {
+            let rc = PosixFS.withCName(name) { fchownat(fd, $0, e.uid, e.gid, AT_SYMLINK_NOFOLLOW) }
+            guard rc == 0 else { throw TreeFSError("chown", path) }
+        }
+        if e.kind != .symlink && (st == nil || UInt32(st!.st_mode) & 0o7777 != e.mode) {
+            let rc = PosixFS.withCName(name) { fchmodat(fd, $0, mode_t(e.mode), 0) }
+            guard rc == 0 else { throw TreeFSError("chmod", path) }
+        }
+        if st == nil || PosixFS.time(st!.st_mtim) != e.mtime {
+            var times = [timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds)),
+                         timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds))]
+            let rc = PosixFS.withCName(name) { utimensat(fd, $0, &times, AT_SYMLINK_NOFOLLOW) }
+            guard rc == 0 else { throw TreeFSError("set times", path) }
+        }
+    }
+
+    private func setMetadata(fd: Int32, _ e: TreeEntry, path: [UInt8]) throws {
+        if setOwner { guard fchown(fd, e.uid, e.gid) == 0 else { throw TreeFSError("chown", path) } }
+        guard fchmod(fd, mode_t(e.mode)) == 0 else { throw TreeFSError("chmod", path) }
+        var times = [timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds)),
+                     timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds))]
+        guard futimens(fd, &times) == 0 else { throw TreeFSError("set times", path) }
+    }
+
+    /// Removes a name and, for a directory, everything under it.
+    func removeTree(_ fd: Int32, _ name: [UInt8], path: [UInt8]) throws {
+        if PosixFS.withCName(name, { unlinkat(fd, $0, 0) }) == 0 { return }
+        guard errno == EISDIR || errno == EPERM else {
+            if errno == ENOENT { return }
+            throw TreeFSError("remove", path)
+        }
+        let sub = PosixFS.openDirectory(at: fd, name)
+        guard sub >= 0 else { throw TreeFSError("open directory", path) }
+        // A read-only directory cannot lose its entries.
+        _ = fchmod(sub, 0o700)
+        for child in PosixFS.names(in: sub) ?? [] {
+            try removeTree(sub, child, path: TreePath.join(path, child))
+        }
+        close(sub)
+        guard PosixFS.withCName(name, { unlinkat(fd, $0, AT_REMOVEDIR) }) == 0 else { throw TreeFSError("remove directory", path) }
+    }
+}

@@ -1,0 +1,251 @@
+import CFerrySys
+import FerryStore
+import Foundation
+import GRDB
+import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A committed snapshot of a tree on the peer that keeps it.
+public struct TreeSnapshot: Codable, Equatable, Sendable {
+    /// Increasing per tree on this peer.
+    public var id: Int64
+    /// The manifest's root blob (hex).
+    public var root: String
+    /// When the peer committed it (its clock).
+    public var committedAt: Date
+    /// When the source's scan for it began (the source's clock): "the tree as it was then".
+    public var sourceTime: Date
+    public var epoch: Int64
+    public var files: Int64
+    public var directories: Int64
+    public var bytes: Int64
+
+    public var rootID: ChunkID { ChunkID(bytes: Self.bytes(hex: root)) ?? ChunkID(a: 0, b: 0, c: 0, d: 0) }
+
+    static func bytes(hex: String) -> [UInt8] {
+        var out: [UInt8] = []
+        var chars = Array(hex.utf8)[...]
+        while chars.count >= 2 {
+            guard let byte = UInt8(String(decoding: chars.prefix(2), as: UTF8.self), radix: 16) else { return [] }
+            out.append(byte)
+            chars = chars.dropFirst(2)
+        }
+        return out
+    }
+}
+
+/// What the source says about the run it commits.
+public struct RunSummary: Sendable, Equatable {
+    public var sourceTime: Date
+    public var epoch: Int64
+    public var files: Int64
+    public var directories: Int64
+    public var bytes: Int64
+
+    public init(sourceTime: Date, epoch: Int64, files: Int64, directories: Int64, bytes: Int64) {
+        self.sourceTime = sourceTime
+        self.epoch = epoch
+        self.files = files
+        self.directories = directories
+        self.bytes = bytes
+    }
+}
+
+/// A tree's store on a peer: its chunks (``ChunkStore``), its snapshots, and its live mirror.
+///
+/// A snapshot is committed only when the whole run is there and applied (P7): the chunks are made
+/// durable (pack fdatasync, index commit), the manifest is applied to the mirror and the mirror's
+/// filesystem synced, and only then is the snapshot's row inserted. A crash anywhere before leaves
+/// the previous snapshot as the newest; the chunks that arrived stay, so the resumed run does not
+/// send them again; and the next apply walks the whole mirror, since the cut-short one may have
+/// changed any part of it.
+public final class TreeRepository: ChunkSource, @unchecked Sendable {
+    public let directory: String
+    public let chunks: ChunkStore
+    private let db: DatabaseQueue
+
+    public init(directory: String) throws {
+        self.directory = directory
+        try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        chunks = try ChunkStore(directory: directory + "/chunks")
+        var config = Configuration()
+        config.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
+        do {
+            db = try DatabaseQueue(path: directory + "/snapshots.sqlite", configuration: config)
+            try db.writeWithoutTransaction { try $0.execute(sql: "PRAGMA journal_mode = WAL") }
+            try db.write { db in
+                try db.execute(sql: """
+                    CREATE TABLE IF NOT EXISTS snapshot (
+                        id INTEGER PRIMARY KEY AUTOINCREMENT, root TEXT NOT NULL, committedAt DOUBLE NOT NULL,
+                        sourceTime DOUBLE NOT NULL, epoch INTEGER NOT NULL, files INTEGER NOT NULL,
+                        directories INTEGER NOT NULL, bytes INTEGER NOT NULL);
+                    CREATE TABLE IF NOT EXISTS link_group (grp INTEGER PRIMARY KEY NOT NULL, path BLOB NOT NULL);
+                    CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY NOT NULL, value TEXT NOT NULL);
+                    """)
+            }
+        } catch let error as DatabaseError {
+            throw StoreError("open snapshot list", path: directory + "/snapshots.sqlite", detail: error.message ?? "\(error)")
+        }
+    }
+
+    // MARK: chunks
+
+    /// Of `ids`, the ones this store lacks.
+    public func lacking(_ ids: [ChunkID]) throws -> [ChunkID] {
+        let missing = Set(try chunks.missing(ids.map(\.bytes)).compactMap { ChunkID(bytes: $0) })
+        return ids.filter { missing.contains($0) }
+    }
+
+    /// Stores a chunk after checking that its content hashes to its ID: nothing from the wire is
+    /// taken on trust.
+    public func put(_ id: ChunkID, _ data: ByteBuffer) throws {
+        guard ChunkID.of(data) == id else {
+            throw TreeMirror.Incomplete(description: "chunk \(id) arrived damaged (its SHA-256 does not match)")
+        }
+        try chunks.put(data, id: id.bytes)
+    }
+
+    public func blob(_ id: ChunkID) throws -> ByteBuffer? { try chunks.get(id.bytes) }
+
+    // MARK: snapshots
+
+    public func snapshots() throws -> [TreeSnapshot] {
+        try db.read { db in
+            try Row.fetchAll(db, sql: "SELECT * FROM snapshot ORDER BY id").map(Self.snapshot)
+        }
+    }
+
+    public func latest() throws -> TreeSnapshot? {
+        try db.read { db in try Row.fetchOne(db, sql: "SELECT * FROM snapshot ORDER BY id DESC LIMIT 1").map(Self.snapshot) }
+    }
+
+    static func snapshot(_ row: Row) -> TreeSnapshot {
+        TreeSnapshot(id: row["id"], root: row["root"], committedAt: Date(timeIntervalSince1970: row["committedAt"]),
+                     sourceTime: Date(timeIntervalSince1970: row["sourceTime"]), epoch: row["epoch"], files: row["files"],
+                     directories: row["directories"], bytes: row["bytes"])
+    }
+
+    private func state(_ key: String) throws -> String? {
+        try db.read { try String.fetchOne($0, sql: "SELECT value FROM state WHERE key = ?", arguments: [key]) }
+    }
+
+    private func setState(_ key: String, _ value: String?) throws {
+        try db.write { db in
+            if let value {
+                try db.execute(sql: "INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", arguments: [key, value])
+            } else {
+                try db.execute(sql: "DELETE FROM state WHERE key = ?", arguments: [key])
+            }
+        }
+    }
+
+    /// Commits a run whose root blob is `root`: chunks made durable, the mirror (when there is
+    /// one) brought to it, then the snapshot recorded. Throws, recording nothing, when a blob or
+    /// chunk the manifest names is missing or the mirror cannot be written (a full disk).
+    @discardableResult
+    public func commit(root: ChunkID, summary: RunSummary, mirror: String?) throws -> (TreeSnapshot, TreeMirror.Stats) {
+        try chunks.commit()
+        var stats = TreeMirror.Stats()
+        if let mirror {
+            try FileManager.default.createDirectory(atPath: mirror, withIntermediateDirectories: true)
+            let cutShort = try state("applying") != nil
+            try setState("applying", root.hex)
+            let known: [UInt64: [UInt8]] = try db.read { db in
+                Dictionary(try Row.fetchAll(db, sql: "SELECT grp, path FROM link_group").map { (UInt64(bitPattern: $0["grp"]), Array($0["path"] as Data)) },
+                           uniquingKeysWith: { a, _ in a })
+            }
+            let writer = try TreeMirror(source: self, into: mirror, full: cutShort, knownGroups: known)
+            try writer.apply(old: try latest()?.rootID, new: root)
+            stats = writer.stats
+            let fd = PosixFS.openDirectory(mirror)
+            if fd >= 0 {
+                let rc = ferry_syncfs(fd)
+                let saved = errno
+                close(fd)
+                guard rc == 0 else { throw TreeFSError("sync the mirror's filesystem", Array(mirror.utf8), saved) }
+            }
+            try db.write { db in
+                for (group, path) in writer.groups {
+                    try db.execute(sql: "INSERT OR REPLACE INTO link_group (grp, path) VALUES (?, ?)",
+                                   arguments: [Int64(bitPattern: group), Data(path)])
+                }
+            }
+        } else {
+            try checkComplete(root)
+        }
+        let snapshot: TreeSnapshot = try db.write { db in
+            try db.execute(sql: """
+                INSERT INTO snapshot (root, committedAt, sourceTime, epoch, files, directories, bytes) VALUES (?, ?, ?, ?, ?, ?, ?)
+                """, arguments: [root.hex, Date().timeIntervalSince1970, summary.sourceTime.timeIntervalSince1970, summary.epoch,
+                                 summary.files, summary.directories, summary.bytes])
+            try db.execute(sql: "DELETE FROM state WHERE key = 'applying'")
+            return Self.snapshot(try Row.fetchOne(db, sql: "SELECT * FROM snapshot WHERE id = last_insert_rowid()")!)
+        }
+        return (snapshot, stats)
+    }
+
+    /// Throws unless every blob and chunk under `root` is in the store.
+    public func checkComplete(_ root: ChunkID) throws {
+        var problems: [String] = []
+        try walk(root, path: []) { path, entry in
+            for id in entry.chunkIDs where try !chunks.contains(id.bytes) {
+                problems.append("chunk \(id) of \(TreePath.display(path))")
+            }
+        } missing: { problems.append($0) }
+        if let first = problems.first {
+            throw TreeMirror.Incomplete(description: "the snapshot is incomplete: \(first)\(problems.count > 1 ? " and \(problems.count - 1) more" : "")")
+        }
+    }
+
+    /// Visits every entry under `root` (files with their path); `missing` hears of each directory
+    /// blob that cannot be read, and its subtree is skipped.
+    public func walk(_ root: ChunkID, path: [UInt8], _ visit: ([UInt8], TreeEntry) throws -> Void,
+                     missing: (String) -> Void) throws {
+        func entries(_ id: ChunkID, _ path: [UInt8]) -> [TreeEntry]? {
+            guard let blob = try? blob(id), ChunkID.of(blob) == id, let list = try? DirectoryBlob.decode(blob) else {
+                missing("the manifest of directory \(TreePath.display(path)) (\(id)) is missing or damaged")
+                return nil
+            }
+            return list
+        }
+        func visitDirectory(_ id: ChunkID, _ path: [UInt8]) throws {
+            guard let list = entries(id, path) else { return }
+            for e in list {
+                let p = TreePath.join(path, e.name)
+                try visit(p, e)
+                if e.kind == .directory, let sub = e.subtree { try visitDirectory(sub, p) }
+            }
+        }
+        guard let top = entries(root, path) else { return }
+        for e in top {
+            try visit(path, e)
+            if let sub = e.subtree { try visitDirectory(sub, path) }
+        }
+    }
+
+    /// The newest snapshot at or before `time`, or the one with ID `id`.
+    public func snapshot(at selector: String) throws -> TreeSnapshot? {
+        let all = try snapshots()
+        if let id = Int64(selector) { return all.first { $0.id == id } }
+        let formatter = ISO8601DateFormatter()
+        formatter.formatOptions = [.withInternetDateTime]
+        var date = formatter.date(from: selector)
+        if date == nil {
+            formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
+            date = formatter.date(from: selector)
+        }
+        guard let date else { return nil }
+        return all.last { $0.sourceTime <= date }
+    }
+
+    /// Restores a snapshot (or the subtree at `path` of it) into `target`, which must not exist or
+    /// be empty.
+    public func restore(_ snapshot: TreeSnapshot, path: [UInt8], to target: String) throws -> TreeMirror.Stats {
+        try FileManager.default.createDirectory(atPath: target, withIntermediateDirectories: true)
+        let writer = try TreeMirror(source: self, into: target, full: true)
+        try writer.restore(snapshotRoot: snapshot.rootID, path: path)
+        return writer.stats
+    }
+}
