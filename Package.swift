@@ -65,7 +65,7 @@ let package = Package(
         ]),
         // The daemon: config, services, admin API, status.
         .target(name: "FerrySite", dependencies: [
-            "FerryCore", "FerryWire", "FerryStore", "FerryNBD", "FerryVolume", "CFerrySys",
+            "FerryCore", "FerryWire", "FerryStore", "FerryNBD", "FerryVolume", "FerryTree", "CFerrySys",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -75,7 +75,8 @@ let package = Package(
         ]),
         // Directory trees: chunking, (later) scanning, manifests, transfer, restore.
         .target(name: "FerryTree", dependencies: [
-            "FerryCore", "FerryStore", "CFerrySys",
+            "FerryCore", "FerryStore", "FerryWire", "CFerrySys",
+            .product(name: "Logging", package: "swift-log"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "GRDB", package: "GRDB.swift"),

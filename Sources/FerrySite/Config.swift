@@ -19,6 +19,8 @@ public struct SiteConfig: Sendable, Equatable {
     public var peers: [PeerConfig]
     /// Sorted by name.
     public var volumes: [VolumeConfig]
+    /// Sorted by name.
+    public var trees: [TreeConfig] = []
     /// One of `trace`, `debug`, `info`, `notice`, `warning`, `error`, `critical`; `info` by default.
     public var logLevel: String
     /// The absolute path of the file this configuration was read from (or is to be written to);
@@ -40,6 +42,7 @@ public struct SiteConfig: Sendable, Equatable {
 
     public func peer(named name: String) -> PeerConfig? { peers.first { $0.name == name } }
     public func volume(named name: String) -> VolumeConfig? { volumes.first { $0.name == name } }
+    public func tree(named name: String) -> TreeConfig? { trees.first { $0.name == name } }
 
     /// Reads and validates the file at `path` (relative to the current directory if not absolute).
     ///
@@ -174,3 +177,48 @@ public struct VolumeConfig: Sendable, Equatable {
     public var replicaNames: [String] { replicas.keys.sorted() }
 }
 
+
+/// `trees.<name>`: a directory replicated from its primary's `source` to a `target` directory on
+/// each replica site (issue 11).
+public struct TreeConfig: Sendable, Equatable {
+    public enum Mode: String, Sendable, CaseIterable {
+        /// Watched with inotify: a change is on the peers within about a second.
+        case continuous
+        /// A run at each point of ``schedule``.
+        case scheduled
+    }
+
+    /// The same rule as a volume's name.
+    public var name: String
+    /// The site whose `source` directory is replicated.
+    public var primary: String
+    /// The directory replicated (absolute), on the primary.
+    public var source: String
+    /// Replica site → its target directory (absolute): the live mirror.
+    public var replicas: [String: String]
+    public var mode: Mode
+    /// When `mode` is scheduled.
+    public var schedule: Schedule?
+    /// Glob patterns: without `/` a name anywhere, with `/` a path from the tree's root.
+    public var exclude: [String]
+    /// Which snapshots the replicas keep; nil keeps every one.
+    public var keep: Retention?
+    public var compression: ReplicationCompression
+    /// The most bytes per second a run sends to each replica; nil: no limit.
+    public var bandwidthLimit: UInt64?
+
+    public init(name: String, primary: String, source: String, replicas: [String: String], mode: Mode,
+                schedule: Schedule? = nil, exclude: [String] = [], keep: Retention? = nil,
+                compression: ReplicationCompression = .zstd, bandwidthLimit: UInt64? = nil) {
+        self.name = name
+        self.primary = primary
+        self.source = source
+        self.replicas = replicas
+        self.mode = mode
+        self.schedule = schedule
+        self.exclude = exclude
+        self.keep = keep
+        self.compression = compression
+        self.bandwidthLimit = bandwidthLimit
+    }
+}

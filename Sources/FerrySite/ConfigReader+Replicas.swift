@@ -123,7 +123,7 @@ extension ConfigReader {
     }
 
     /// A field whose value is one of `T`'s raw values, in any case.
-    private mutating func choice<T: RawRepresentable & CaseIterable>(_ fields: ConfigFields, _ key: String,
+    mutating func choice<T: RawRepresentable & CaseIterable>(_ fields: ConfigFields, _ key: String,
                                                                      what: String) -> T? where T.RawValue == String {
         let values = T.allCases.map(\.rawValue)
         guard let text = text(fields, key, required: false, example: values[0]) else { return nil }
@@ -195,14 +195,17 @@ extension ConfigReader {
     }
 
     /// `resync-rate`: a size per second, `100M` or `100M/s`.
-    private mutating func readResyncRate(_ fields: ConfigFields) -> UInt64? {
-        guard let text = text(fields, "resync-rate", required: false, example: "100M") else { return nil }
+    private mutating func readResyncRate(_ fields: ConfigFields) -> UInt64? { readRate(fields, "resync-rate") }
+
+    /// A size per second, `100M` or `100M/s`.
+    mutating func readRate(_ fields: ConfigFields, _ key: String) -> UInt64? {
+        guard let text = text(fields, key, required: false, example: "100M") else { return nil }
         var size = text
         while size.last == " " { size.removeLast() }
         if size.hasSuffix("/s") { size.removeLast(2) }
         guard let bytes = ByteSize.parse(size), bytes > 0 else {
-            report(fields.path("resync-rate"), "\"\(text)\" is not a rate; give bytes per second as a size, e.g. 100M "
-                   + "(or 100M/s), or leave the field out for no limit", line: fields.line(of: "resync-rate"))
+            report(fields.path(key), "\"\(text)\" is not a rate; give bytes per second as a size, e.g. 100M "
+                   + "(or 100M/s), or leave the field out for no limit", line: fields.line(of: key))
             return nil
         }
         return bytes
@@ -212,7 +215,7 @@ extension ConfigReader {
 
     /// `every`, or `at` with an optional `on`; the fields given are those that apply (the flags say
     /// which). Reports a scheduled replica that has neither or both.
-    private mutating func readSchedule(_ fields: ConfigFields, every: Bool, at: Bool, on: Bool,
+    mutating func readSchedule(_ fields: ConfigFields, every: Bool, at: Bool, on: Bool,
                                        scheduled: Bool) -> Schedule? {
         if scheduled && !every && !at {
             report(fields.path, "a scheduled replica needs every or at: every: 1h, or at: \"02:00\" (daily), "

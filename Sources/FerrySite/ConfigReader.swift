@@ -16,7 +16,7 @@ struct ConfigReader {
         self.directory = directory
     }
 
-    static let topKeys = ["site", "listen", "peers", "volumes", "log-level"]
+    static let topKeys = ["site", "listen", "peers", "volumes", "trees", "log-level"]
     static let siteKeys = ["name", "data"]
     static let listenKeys = ["replication", "nbd", "nbd-socket", "admin-socket", "metrics", "metrics-token-file"]
     static let peerKeys = ["address", "site-id"]
@@ -33,12 +33,16 @@ struct ConfigReader {
         let listen = readListen(fields["listen"], line: fields.keyLines["listen"], dataDirectory: site.dataDirectory)
         let peers = readPeers(fields["peers"], line: fields.keyLines["peers"], siteName: site.name, replication: listen?.replication)
         let volumes = readVolumes(fields["volumes"], line: fields.keyLines["volumes"], siteName: site.name, peerNames: peers.names)
+        let trees = readTrees(fields["trees"], line: fields.keyLines["trees"], siteName: site.name, peerNames: peers.names,
+                              volumeNames: volumes.map(\.name))
         let logLevel = readLogLevel(fields)
 
         guard problems.isEmpty, let name = site.name, let data = site.dataDirectory, let listen, let logLevel
         else { return nil }
-        return SiteConfig(site: SiteSection(name: name, dataDirectory: data), listen: listen,
-                          peers: peers.configs, volumes: volumes, logLevel: logLevel, path: file)
+        var config = SiteConfig(site: SiteSection(name: name, dataDirectory: data), listen: listen,
+                                peers: peers.configs, volumes: volumes, logLevel: logLevel, path: file)
+        config.trees = trees
+        return config
     }
 
     // MARK: site
@@ -154,7 +158,7 @@ struct ConfigReader {
 
     /// An optional path field, resolved against the config's directory; `noun` names what it is
     /// the path of, in the message for an empty one.
-    private mutating func filePath(_ fields: ConfigFields, _ key: String, example: String, noun: String = "file") -> String? {
+    mutating func filePath(_ fields: ConfigFields, _ key: String, example: String, noun: String = "file") -> String? {
         guard let text = text(fields, key, required: false, example: example) else { return nil }
         guard !text.isEmpty else {
             report(fields.path(key), "\"\" is not a path; give the \(noun)'s path, e.g. \(example), or leave the field out",

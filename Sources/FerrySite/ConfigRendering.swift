@@ -60,6 +60,39 @@ extension SiteConfig {
                 }
             }
         }
+        if !trees.isEmpty {
+            lines.append("trees:")
+            for tree in trees {
+                lines.append("  \(R.scalar(tree.name)):")
+                lines.append("    primary: \(R.scalar(tree.primary))")
+                lines.append("    source: \(R.scalar(tree.source))")
+                lines.append("    replicas:")
+                for name in tree.replicas.keys.sorted() {
+                    lines.append("      \(R.scalar(name)): { target: \(R.scalar(tree.replicas[name]!)) }")
+                }
+                lines.append("    mode: \(tree.mode.rawValue)")
+                if let schedule = tree.schedule {
+                    switch schedule.kind {
+                    case .every(let seconds): lines.append("    every: \(DurationText.format(seconds: seconds))")
+                    case .daily, .weekly: lines.append("    at: \"\(schedule.timeOfDay ?? "00:00")\"")
+                    }
+                    if case .weekly(let day, _) = schedule.kind { lines.append("    on: \(day.description)") }
+                }
+                if !tree.exclude.isEmpty {
+                    lines.append("    exclude: [\(tree.exclude.map(R.scalar).joined(separator: ", "))]")
+                }
+                if let keep = tree.keep {
+                    var parts: [String] = []
+                    if !keep.grid.isEmpty {
+                        parts.append("grid: \(R.scalar(keep.grid.map { "\($0.count)x\(DurationText.format(seconds: $0.seconds))" }.joined(separator: " | ")))")
+                    }
+                    if let last = keep.last { parts.append("last: \(last)") }
+                    lines.append("    keep: {\(parts.joined(separator: ", "))}")
+                }
+                if tree.compression != .zstd { lines.append("    compression: \(tree.compression.rawValue)") }
+                if let limit = tree.bandwidthLimit { lines.append("    bandwidth-limit: \(R.size(limit))") }
+            }
+        }
         lines.append("log-level: \(R.scalar(logLevel))")
         return lines.joined(separator: "\n") + "\n"
     }

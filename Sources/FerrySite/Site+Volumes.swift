@@ -1,6 +1,7 @@
 import FerryCore
 import FerryNBD
 import FerryStore
+import FerryTree
 import FerryVolume
 import FerryWire
 import Foundation
@@ -123,11 +124,29 @@ extension Site {
     }
 
     /// Routes link events and replication frames to the volumes.
-    func connect(_ engine: VolumeEngine, to peers: PeerLinks) {
+    func connect(_ engine: VolumeEngine, trees: TreeEngine, to peers: PeerLinks) {
         let logger = self.logger
-        peers.onLinkUp = { peer, link in engine.linkUp(peer: peer, link: link) }
-        peers.onLinkDown = { peer, link, _ in engine.linkDown(peer: peer, link: link) }
+        peers.onLinkUp = { peer, link in
+            engine.linkUp(peer: peer, link: link)
+            trees.linkUp(peer)
+        }
+        peers.onLinkDown = { peer, link, reason in
+            engine.linkDown(peer: peer, link: link)
+            trees.linkDown(peer, reason: reason)
+        }
+        peers.onWritabilityChanged = { peer, _, writable in
+            if writable { trees.writable(peer) }
+        }
         peers.onFrame = { frame in
+            if frame.frame.type == .tree {
+                do {
+                    try trees.received(frame.frame, from: frame.peer)
+                } catch {
+                    logger.warning("closing the link to \(frame.peer): bad tree frame: \(error)")
+                    peers.close(peer: frame.peer, link: frame.link, reason: "bad tree frame: \(error)")
+                }
+                return
+            }
             do {
                 let volumeFrame = try VolumeFrame(frame: frame.frame)
                 engine.received(volumeFrame, from: frame.peer, link: frame.link)
@@ -294,6 +313,11 @@ extension Site {
         let pieces = path.split(separator: "?", maxSplits: 1)
         let query = pieces.count > 1 ? pieces[1].split(separator: "&").map(String.init) : []
         let parts = pieces.first.map { $0.split(separator: "/").map(String.init) } ?? []
+        if parts.count == 4, parts[0] == "v1", parts[1] == "trees" {
+            return treeAction(parts[2], parts[3]) { key in
+                query.first { $0.hasPrefix(key + "=") }.map { String($0.dropFirst(key.count + 1)).removingPercentEncoding ?? "" }
+            }
+        }
         guard parts.count == 4, parts[0] == "v1", parts[1] == "volumes", ["checkpoint", "promote", "demote", "diverged", "resolve", "switchover", "verify", "points", "drill"].contains(parts[3]) else {
             return reply(404, "error", "no route POST \(path); try POST /v1/volumes/NAME/{checkpoint,promote,demote,diverged,resolve,switchover,verify,points,drill}")
         }

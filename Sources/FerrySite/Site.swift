@@ -1,6 +1,7 @@
 import FerryCore
 import FerryNBD
 import FerryStore
+import FerryTree
 import FerryVolume
 import FerryWire
 import Foundation
@@ -43,6 +44,7 @@ public final class Site: Service, Sendable {
         var nbdURIBases: [String] = []
         var peers: PeerLinks?
         var engine: VolumeEngine?
+        var trees: TreeEngine?
         /// The last line logged per volume and kind, to keep repeats out of the log.
         var lastErrors: [String: String] = [:]
         /// How each volume's last `on-promote` hook ended (or that it is running).
@@ -121,9 +123,11 @@ public final class Site: Service, Sendable {
         let links = volumeLinks
         let volumes = try openVolumes(catalog: catalog, links: links)
         let engine = makeEngine(volumes, links: links)
+        let trees = try TreeEngine(config: config, catalog: catalog, logger: logger)
         state.withLockedValue {
             $0.volumes = volumes
             $0.engine = engine
+            $0.trees = trees
         }
 
         var nbdAddresses: [String] = []
@@ -150,9 +154,12 @@ public final class Site: Service, Sendable {
             identity: identity,
             listen: (host: config.listen.replication.host, port: config.listen.replication.port),
             peers: config.peers.map { PeerEndpoint(name: $0.name, host: $0.address.host, port: $0.address.port, siteID: $0.siteID) },
-            group: group, linkLoop: linkLoop, logger: logger, dataFrameTypes: VolumeFrame.frameTypes)
+            group: group, linkLoop: linkLoop, logger: logger,
+            dataFrameTypes: VolumeFrame.frameTypes.merging(TreeMessage.frameTypes) { a, _ in a })
         links.attach(peers)
-        connect(engine, to: peers)
+        trees.attach(peers)
+        connect(engine, trees: trees, to: peers)
+        try trees.start()
         engine.start(on: group.next())
         watchLinks(engine, peers: peers, on: group.next())
         try await peers.start()
@@ -174,7 +181,8 @@ public final class Site: Service, Sendable {
     private func stop() async {
         await monitor?.stop()
         await nbd.shutdown()
-        let (volumes, engine) = state.withLockedValue { ($0.volumes, $0.engine) }
+        let (volumes, engine, trees) = state.withLockedValue { ($0.volumes, $0.engine, $0.trees) }
+        trees?.stop()
         if let peers = state.withLockedValue({ $0.peers }) { await peers.stop() }
         engine?.stop()
         for v in volumes {
@@ -204,7 +212,9 @@ public final class Site: Service, Sendable {
             replicationAddress: s.replicationAddress, nbdAddresses: s.nbdAddresses, adminSocket: config.listen.adminSocket,
             metrics: s.metricsURL)
         let volumes = s.volumes.map { volumeStatus($0, uriBases: s.nbdURIBases) }
-        return SiteStatus(site: site, peers: s.peers?.status() ?? [], volumes: volumes)
+        var status = SiteStatus(site: site, peers: s.peers?.status() ?? [], volumes: volumes)
+        status.trees = treeStatuses(s.trees)
+        return status
     }
 
     static func uri(base: String, export: String) -> String {

@@ -187,9 +187,100 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         public var bytesReceived: UInt64
     }
 
+    /// A replicated directory (issue 11), as its primary or a replica sees it.
+    public struct Tree: Codable, Sendable, Equatable {
+        public struct Snapshot: Codable, Sendable, Equatable {
+            public var id: Int64
+            /// When the source's scan for it began: the tree as it was then.
+            public var time: Date
+            public var committedAt: Date
+            public var files: Int64
+            public var bytes: Int64
+        }
+
+        public struct Progress: Codable, Sendable, Equatable {
+            public var startedAt: Date
+            public var filesScanned: Int
+            public var bytesScanned: UInt64
+            /// The last run's totals: what this one probably covers.
+            public var expectedFiles: Int
+            public var expectedBytes: UInt64
+            public var etaSeconds: Double?
+        }
+
+        public struct Replica: Codable, Sendable, Equatable {
+            public var peer: String
+            public var target: String?
+            /// `in-sync`, `behind` (no snapshot of the last run yet) or `failed`.
+            public var state: String
+            public var lastSnapshot: Snapshot?
+            public var lastError: String?
+            public var bytesSentLastRun: UInt64
+            /// Chunk data sent since the daemon started (before compression), and all bytes on the wire.
+            public var bytesSent: UInt64
+            public var bytesOnWire: UInt64
+        }
+
+        public var name: String
+        /// `primary` (this site holds the source) or `replica`.
+        public var role: String
+        /// On the primary: the directory replicated.
+        public var source: String?
+        /// On a replica: the directory it keeps the tree in.
+        public var target: String?
+        /// `continuous` or `scheduled`.
+        public var mode: String
+        public var schedule: String?
+        /// Primary: `idle`, `scanning`, `committing`, `error`, `retrying`; replica: `idle`,
+        /// `receiving`, `applying`.
+        public var state: String
+        /// The newest snapshot every replica has (primary), or this replica's newest.
+        public var lastSnapshot: Snapshot?
+        /// Seconds since the oldest change not yet on every replica (0 when none is pending).
+        public var lagSeconds: Double
+        public var progress: Progress?
+        /// Files and directories the last scan could not take (unreadable, changing), each a line.
+        public var errors: [String]
+        public var lastError: String?
+        public var nextRunAt: Date?
+        public var files: Int?
+        public var bytes: UInt64?
+        /// On a replica: chunk bytes received since the daemon started.
+        public var bytesReceived: UInt64?
+        public var replicas: [Replica]
+
+        private enum CodingKeys: String, CodingKey {
+            case name, role, source, target, mode, schedule, state, lastSnapshot, lagSeconds, progress, errors, lastError
+            case nextRunAt, files, bytes, bytesReceived, replicas
+        }
+
+        /// `lastSnapshot` and `lagSeconds` are always present (null when there is none yet).
+        public func encode(to encoder: any Encoder) throws {
+            var c = encoder.container(keyedBy: CodingKeys.self)
+            try c.encode(name, forKey: .name)
+            try c.encode(role, forKey: .role)
+            try c.encodeIfPresent(source, forKey: .source)
+            try c.encodeIfPresent(target, forKey: .target)
+            try c.encode(mode, forKey: .mode)
+            try c.encodeIfPresent(schedule, forKey: .schedule)
+            try c.encode(state, forKey: .state)
+            try c.encode(lastSnapshot, forKey: .lastSnapshot)
+            try c.encode(lagSeconds, forKey: .lagSeconds)
+            try c.encodeIfPresent(progress, forKey: .progress)
+            try c.encode(errors, forKey: .errors)
+            try c.encodeIfPresent(lastError, forKey: .lastError)
+            try c.encodeIfPresent(nextRunAt, forKey: .nextRunAt)
+            try c.encodeIfPresent(files, forKey: .files)
+            try c.encodeIfPresent(bytes, forKey: .bytes)
+            try c.encodeIfPresent(bytesReceived, forKey: .bytesReceived)
+            try c.encode(replicas, forKey: .replicas)
+        }
+    }
+
     public var site: Site
     public var peers: [PeerLinkStatus]
     public var volumes: [Volume]
+    public var trees: [Tree] = []
 
     public static func decoder() -> JSONDecoder {
         let d = JSONDecoder()

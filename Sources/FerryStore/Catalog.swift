@@ -74,7 +74,54 @@ public final class Catalog: Sendable {
                 t.add(column: "history", .text).notNull().defaults(to: "[]")
             }
         }
+        m.registerMigration("v3-trees") { db in
+            try db.execute(sql: """
+                CREATE TABLE tree_file (tree TEXT NOT NULL, path BLOB NOT NULL, record BLOB NOT NULL,
+                                        PRIMARY KEY (tree, path)) WITHOUT ROWID;
+                CREATE TABLE tree_state (tree TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+                                         PRIMARY KEY (tree, key)) WITHOUT ROWID;
+                """)
+        }
         return m
+    }
+
+    // MARK: trees
+
+    /// The files cache of a tree's source (issue 11): path bytes → the scanner's record of it.
+    public func treeFiles(tree: String) throws -> [(path: [UInt8], record: [UInt8])] {
+        try db.read { db in
+            try Row.fetchAll(db, sql: "SELECT path, record FROM tree_file WHERE tree = ?", arguments: [tree])
+                .map { (Array($0["path"] as Data), Array($0["record"] as Data)) }
+        }
+    }
+
+    /// Updates a tree's files cache and its state values in one transaction.
+    public func updateTree(_ tree: String, upsert: [(path: [UInt8], record: [UInt8])], delete: [[UInt8]],
+                           state: [String: String?] = [:]) throws {
+        try db.write { db in
+            for (path, record) in upsert {
+                try db.execute(sql: "INSERT OR REPLACE INTO tree_file (tree, path, record) VALUES (?, ?, ?)",
+                               arguments: [tree, Data(path), Data(record)])
+            }
+            for path in delete {
+                try db.execute(sql: "DELETE FROM tree_file WHERE tree = ? AND path = ?", arguments: [tree, Data(path)])
+            }
+            for (key, value) in state {
+                if let value {
+                    try db.execute(sql: "INSERT OR REPLACE INTO tree_state (tree, key, value) VALUES (?, ?, ?)",
+                                   arguments: [tree, key, value])
+                } else {
+                    try db.execute(sql: "DELETE FROM tree_state WHERE tree = ? AND key = ?", arguments: [tree, key])
+                }
+            }
+        }
+    }
+
+    public func treeState(_ tree: String) throws -> [String: String] {
+        try db.read { db in
+            Dictionary(try Row.fetchAll(db, sql: "SELECT key, value FROM tree_state WHERE tree = ?", arguments: [tree])
+                .map { ($0["key"] as String, $0["value"] as String) }, uniquingKeysWith: { a, _ in a })
+        }
     }
 
     /// Records `role` alone (`fenced`: another site holds a newer epoch; kept so that a restart

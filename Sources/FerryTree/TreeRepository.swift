@@ -186,6 +186,16 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         return (snapshot, stats)
     }
 
+    /// Forgets snapshots (retention). Their chunks stay until garbage collection.
+    public func forget(_ ids: [Int64]) throws {
+        guard let newest = try latest()?.id else { return }
+        try db.write { db in
+            for id in ids where id != newest {
+                try db.execute(sql: "DELETE FROM snapshot WHERE id = ?", arguments: [id])
+            }
+        }
+    }
+
     /// Throws unless every blob and chunk under `root` is in the store.
     public func checkComplete(_ root: ChunkID) throws {
         var problems: [String] = []
@@ -247,5 +257,45 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         let writer = try TreeMirror(source: self, into: target, full: true)
         try writer.restore(snapshotRoot: snapshot.rootID, path: path)
         return writer.stats
+    }
+}
+
+extension TreeRepository {
+    public struct VerifyReport: Sendable {
+        public var chunks: Int
+        public var snapshots: Int
+        /// One line per problem, naming the chunk and the files (and snapshots) that need it.
+        public var damage: [String]
+    }
+
+    /// Re-hashes every chunk, then walks every snapshot's manifest: names each damaged or missing
+    /// chunk or directory blob with the paths and snapshots that need it.
+    public func verify() throws -> VerifyReport {
+        try chunks.commit()
+        let bad = Set(try chunks.verify { ChunkID.of($0).bytes }.compactMap { ChunkID(bytes: $0) })
+        var damage: [String] = []
+        let all = try snapshots()
+        var users: [ChunkID: [String]] = [:]
+        for snapshot in all {
+            if bad.contains(snapshot.rootID) || (try? blob(snapshot.rootID)) == nil {
+                damage.append("snapshot \(snapshot.id): its root manifest \(snapshot.rootID) is missing or damaged")
+                continue
+            }
+            try walk(snapshot.rootID, path: []) { path, entry in
+                for id in entry.chunkIDs where try bad.contains(id) || !chunks.contains(id.bytes) {
+                    if users[id, default: []].count < 3 { users[id, default: []].append("\(TreePath.display(path)) in snapshot \(snapshot.id)") }
+                }
+                if let sub = entry.subtree, bad.contains(sub) {
+                    users[sub, default: []].append("directory \(TreePath.display(path)) in snapshot \(snapshot.id)")
+                }
+            } missing: { damage.append("snapshot \(snapshot.id): \($0)") }
+        }
+        for (id, paths) in users.sorted(by: { $0.key < $1.key }) {
+            damage.append("chunk \(id) is \(bad.contains(id) ? "damaged" : "missing"); it holds data of \(paths.joined(separator: ", "))")
+        }
+        for id in bad.sorted() where users[id] == nil {
+            damage.append("chunk \(id) is damaged (no kept snapshot needs it)")
+        }
+        return VerifyReport(chunks: try chunks.count(), snapshots: all.count, damage: damage)
     }
 }

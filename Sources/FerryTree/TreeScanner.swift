@@ -94,6 +94,8 @@ public final class TreeScanner {
     let previous: [[UInt8]: CachedEntry]
     /// How often a file that changes while read is read again before it is reported.
     let readAttempts: Int
+    /// Files and bytes covered so far, for status.
+    public var progress: ScanProgress?
     /// Called between the reads of a file's attempts: tests change files here.
     var afterRead: ((_ path: [UInt8], _ attempt: Int) -> Void)?
 
@@ -294,12 +296,14 @@ public final class TreeScanner {
             if entry.linkGroup != 0 { linksSeen[entry.linkGroup] = cache[path] }
             files += 1
             bytes += entry.size
+            progress?.add(files: 1, bytes: entry.size)
             return entry
         }
         remember(path, entry, st)
         if group != 0 { linksSeen[group] = cache[path] }
         files += 1
         bytes += entry.size
+        progress?.add(files: 1, bytes: entry.size)
         return entry
     }
 

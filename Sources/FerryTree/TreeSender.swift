@@ -86,16 +86,20 @@ public final class TreeRun: ScanSink {
     /// Runs a scan and sends it. `cacheRoot` is the root of the scan that produced the scanner's
     /// files cache (nil when it is empty).
     public func run(_ scanner: TreeScanner, cacheRoot: ChunkID?, epoch: Int64, sourceTime: Date = Date()) throws -> Report {
+        try begin(cacheRoot: cacheRoot)
+        let scan = try scanner.scan(into: self)
+        return try finish(scan, epoch: epoch, sourceTime: sourceTime)
+    }
+
+    /// Asks the peer for its newest snapshot, before the scan.
+    public func begin(cacheRoot: ChunkID?) throws {
         let peerRoot = try transport.latestRoot()
         checkUnread = cacheRoot == nil || peerRoot != cacheRoot
-        let scan = try scanner.scan(into: self)
-        // The root blob names the top directory with its own metadata.
-        var st = stat()
-        _ = PosixFS.withCPath(sourceRoot) { lstat($0, &st) }
-        let top = TreeEntry(name: [], kind: .directory, mode: UInt32(st.st_mode) & 0o7777, uid: st.st_uid, gid: st.st_gid,
-                            mtime: PosixFS.time(st.st_mtim), subtree: scan.root)
-        let rootBlob = DirectoryBlob.encode([top])
-        let root = ChunkID.of(rootBlob)
+    }
+
+    /// After the scan: sends the root blob and what is still held, then commits.
+    public func finish(_ scan: TreeScanner.Result, epoch: Int64, sourceTime: Date) throws -> Report {
+        let (root, rootBlob) = Self.rootBlob(scan, sourceRoot: sourceRoot)
         try offer(root, rootBlob)
         try flush()
         try flushUnread()
@@ -104,6 +108,19 @@ public final class TreeRun: ScanSink {
         let snapshot = try transport.commit(root: root, summary: summary)
         return Report(snapshot: snapshot, scan: scan, chunksSent: chunksSent, bytesSent: bytesSent, chunksSkipped: chunksSkipped)
     }
+
+    /// The root blob names the top directory with its own metadata.
+    static func rootBlob(_ scan: TreeScanner.Result, sourceRoot: String) -> (ChunkID, ByteBuffer) {
+        var st = stat()
+        _ = PosixFS.withCPath(sourceRoot) { lstat($0, &st) }
+        let top = TreeEntry(name: [], kind: .directory, mode: UInt32(st.st_mode) & 0o7777, uid: st.st_uid, gid: st.st_gid,
+                            mtime: PosixFS.time(st.st_mtim), subtree: scan.root)
+        let blob = DirectoryBlob.encode([top])
+        return (ChunkID.of(blob), blob)
+    }
+
+    /// Progress of the run so far.
+    public var sent: (chunks: Int, bytes: UInt64) { (chunksSent, bytesSent) }
 
     public func chunk(_ id: ChunkID, _ data: ByteBuffer) throws { try offer(id, data) }
 
@@ -185,4 +202,27 @@ public final class TreeRun: ScanSink {
         public var path: [UInt8]
         public var description: String { "\(TreePath.display(path)) changed while the run was sending it; the run is retried" }
     }
+}
+
+/// One scan sent to several peers at once: each peer's ``TreeRun`` hears every chunk and blob; a
+/// peer that fails (its link went down) is dropped from the rest of the scan, the others go on.
+public final class FanOutSink: ScanSink {
+    public private(set) var runs: [String: TreeRun]
+    public private(set) var failures: [String: any Error] = [:]
+
+    public init(_ runs: [String: TreeRun]) { self.runs = runs }
+
+    private func each(_ body: (TreeRun) throws -> Void) throws {
+        for (name, run) in runs {
+            do { try body(run) } catch {
+                failures[name] = error
+                runs[name] = nil
+            }
+        }
+        if runs.isEmpty, let error = failures.values.first { throw error }
+    }
+
+    public func chunk(_ id: ChunkID, _ data: ByteBuffer) throws { try each { try $0.chunk(id, data) } }
+    public func file(_ path: [UInt8], _ entry: TreeEntry, read: Bool) throws { try each { try $0.file(path, entry, read: read) } }
+    public func directory(_ path: [UInt8], _ id: ChunkID, _ blob: ByteBuffer) throws { try each { try $0.directory(path, id, blob) } }
 }

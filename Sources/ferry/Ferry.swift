@@ -18,7 +18,7 @@ struct Ferry: AsyncParsableCommand {
             then `ferry serve --config FILE` and `ferry status --config FILE`.
             """,
         version: BuildInfo.description,
-        subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Promote.self, Demote.self, Diverged.self, Resolve.self, Switchover.self, Verify.self, Points.self, Drill.self, Quickstart.self])
+        subcommands: [Init.self, ID.self, Serve.self, Status.self, Checkpoint.self, Promote.self, Demote.self, Diverged.self, Resolve.self, Switchover.self, Verify.self, Points.self, Drill.self, Tree.self, Quickstart.self])
 }
 
 /// Loads a config, or prints every problem and exits with status 2 (docs/configuration.md).

@@ -1,0 +1,131 @@
+import FerryTree
+import Foundation
+
+extension Site {
+    static func snapshotStatus(_ s: TreeSnapshot?) -> SiteStatus.Tree.Snapshot? {
+        s.map { .init(id: $0.id, time: $0.sourceTime, committedAt: $0.committedAt, files: $0.files, bytes: $0.bytes) }
+    }
+
+    /// Every configured tree this site takes part in, as status shows it.
+    func treeStatuses(_ engine: TreeEngine?) -> [SiteStatus.Tree] {
+        guard let engine else { return [] }
+        var out: [SiteStatus.Tree] = []
+        for tree in config.trees {
+            let schedule = tree.schedule?.description
+            if let source = engine.sources[tree.name] {
+                let s = source.status
+                let replicas = tree.replicas.keys.sorted().map { peer -> SiteStatus.Tree.Replica in
+                    let p = s.peers[peer] ?? TreeSource.PeerState()
+                    let state = p.lastError != nil ? "failed" : (s.lagSeconds == 0 && p.lastSnapshot != nil ? "in-sync" : "behind")
+                    return .init(peer: peer, target: tree.replicas[peer], state: state, lastSnapshot: Self.snapshotStatus(p.lastSnapshot),
+                                 lastError: p.lastError, bytesSentLastRun: p.lastRunBytesSent, bytesSent: p.dataBytesTotal,
+                                 bytesOnWire: p.wireBytesTotal)
+                }
+                let snapshots = tree.replicas.keys.map { s.peers[$0]?.lastSnapshot }
+                let oldest = snapshots.contains { $0 == nil } ? nil : snapshots.compactMap { $0 }.min { $0.sourceTime < $1.sourceTime }
+                let progress = s.progress.map { p -> SiteStatus.Tree.Progress in
+                    let elapsed = Date().timeIntervalSince(p.startedAt)
+                    let eta: Double? = p.bytesRead > 0 && p.expectedBytes > p.bytesRead
+                        ? elapsed * Double(p.expectedBytes - p.bytesRead) / Double(p.bytesRead) : nil
+                    return .init(startedAt: p.startedAt, filesScanned: p.filesScanned, bytesScanned: p.bytesRead,
+                                 expectedFiles: p.expectedFiles, expectedBytes: p.expectedBytes, etaSeconds: eta)
+                }
+                out.append(.init(name: tree.name, role: "primary", source: tree.source, target: nil, mode: tree.mode.rawValue,
+                                 schedule: schedule, state: s.state, lastSnapshot: Self.snapshotStatus(oldest),
+                                 lagSeconds: (s.lagSeconds * 1000).rounded() / 1000, progress: progress, errors: s.problems,
+                                 lastError: s.lastError, nextRunAt: s.nextRunAt, files: s.files, bytes: s.bytes, bytesReceived: nil,
+                                 replicas: replicas))
+            } else if let receiver = engine.receivers[tree.name] {
+                let s = receiver.status
+                let lag = s.pendingSince.map { max(0, Date().timeIntervalSince($0)) } ?? 0
+                out.append(.init(name: tree.name, role: "replica", source: nil, target: receiver.target, mode: tree.mode.rawValue,
+                                 schedule: schedule, state: s.phase, lastSnapshot: Self.snapshotStatus(s.lastSnapshot),
+                                 lagSeconds: (lag * 1000).rounded() / 1000, progress: nil, errors: [], lastError: s.lastError,
+                                 nextRunAt: nil, files: s.lastSnapshot.map { Int($0.files) }, bytes: s.lastSnapshot.map { UInt64($0.bytes) },
+                                 bytesReceived: s.received, replicas: []))
+            }
+        }
+        return out
+    }
+}
+
+extension Site {
+    /// `POST /v1/trees/NAME/{snapshots,restore,verify,sync}`.
+    func treeAction(_ name: String, _ action: String, value: (String) -> String?) -> (code: Int, body: Data) {
+        func reply(_ code: Int, _ key: String, _ text: String) -> (code: Int, body: Data) {
+            (code, (try? JSONSerialization.data(withJSONObject: [key: text])) ?? Data())
+        }
+        guard let tree = config.tree(named: name) else {
+            let known = config.trees.map(\.name).joined(separator: ", ")
+            return reply(404, "error", "no tree \"\(name)\" is configured on site \(config.site.name)" + (known.isEmpty ? "" : " (trees: \(known))"))
+        }
+        let engine = state.withLockedValue { $0.trees }
+        if action == "sync" {
+            guard let source = engine?.sources[name] else {
+                return reply(409, "error", "site \(config.site.name) is not the primary of tree \(name) (its primary is \(tree.primary)); run sync there")
+            }
+            source.changed()
+            return reply(200, "message", "a run of \(name) to \(tree.replicas.keys.sorted().joined(separator: ", ")) is starting; `ferry status` shows it")
+        }
+        guard let receiver = engine?.receivers[name] else {
+            let where_ = tree.replicas.keys.sorted().joined(separator: " or ")
+            return reply(409, "error", "site \(config.site.name) keeps no replica of tree \(name); its snapshots are on \(where_): run \(action) there")
+        }
+        let repository = receiver.repository
+        do {
+            switch action {
+            case "snapshots":
+                let all = try repository.snapshots()
+                guard !all.isEmpty else { return reply(200, "message", "tree \(name) has no snapshot yet on \(config.site.name)") }
+                let f = ISO8601DateFormatter()
+                var lines = ["ID      TIME (source, UTC)     FILES        SIZE  ROOT"]
+                for s in all {
+                    lines.append(String(format: "%-7lld ", s.id) + f.string(from: s.sourceTime).padding(toLength: 22, withPad: " ", startingAt: 0)
+                                 + String(format: " %8lld  %10@  %@", s.files, Self.size(UInt64(s.bytes)), String(s.root.prefix(12))))
+                }
+                lines.append("restore one with: ferry tree restore \(name) --at ID|TIME --to DIR [--path SUBPATH]")
+                return reply(200, "message", lines.joined(separator: "\n"))
+            case "restore":
+                guard let at = value("at"), !at.isEmpty else { return reply(400, "error", "give --at: a snapshot ID or a UTC time such as 2026-11-30T23:00:00Z") }
+                guard let to = value("to"), to.hasPrefix("/") else { return reply(400, "error", "give --to: the directory to restore into (an absolute path)") }
+                guard let snapshot = try repository.snapshot(at: at) else {
+                    let all = try repository.snapshots()
+                    let range = all.isEmpty ? "there are none yet" : "they run from \(all.first!.id) (\(ISO8601DateFormatter().string(from: all.first!.sourceTime))) to \(all.last!.id) (\(ISO8601DateFormatter().string(from: all.last!.sourceTime)))"
+                    return reply(404, "error", "no snapshot of \(name) at \(at); \(range). `ferry tree snapshots \(name)` lists them")
+                }
+                let target = (to as NSString).standardizingPath
+                if target == receiver.target || target.hasPrefix(receiver.target + "/") {
+                    return reply(409, "error", "\(to) is inside the live mirror \(receiver.target); restore somewhere else")
+                }
+                if let contents = try? FileManager.default.contentsOfDirectory(atPath: target), !contents.isEmpty {
+                    return reply(409, "error", "\(target) is not empty; restore into a new or empty directory (nothing was written)")
+                }
+                let path = value("path").map { Array($0.utf8) } ?? []
+                let started = Date()
+                let stats = try repository.restore(snapshot, path: TreePath.components(path).reduce([], TreePath.join), to: target)
+                let seconds = String(format: "%.1f", Date().timeIntervalSince(started))
+                return reply(200, "message", "restored snapshot \(snapshot.id) of \(name) (as it was at \(ISO8601DateFormatter().string(from: snapshot.sourceTime)))"
+                             + (path.isEmpty ? "" : ", \(TreePath.display(path)),") + " into \(target): \(stats.filesWritten) files, "
+                             + "\(Self.size(stats.bytesWritten)), \(stats.linked) hard links, in \(seconds) s")
+            case "verify":
+                let report = try receiver.sync { try repository.verify() }
+                if report.damage.isEmpty {
+                    return reply(200, "message", "tree \(name): \(report.chunks) chunks re-hashed and \(report.snapshots) snapshots' manifests checked; nothing is damaged")
+                }
+                return reply(422, "error", "tree \(name): \(report.damage.count) problems:\n" + report.damage.prefix(200).joined(separator: "\n"))
+            default:
+                return reply(404, "error", "no tree action \(action); use snapshots, restore, verify or sync")
+            }
+        } catch {
+            return reply(500, "error", "\(action) of tree \(name) failed: \(error)")
+        }
+    }
+
+    static func size(_ bytes: UInt64) -> String {
+        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
+        var value = Double(bytes)
+        var unit = 0
+        while value >= 1024 && unit < units.count - 1 { value /= 1024; unit += 1 }
+        return unit == 0 ? "\(bytes) B" : String(format: "%.1f %@", value, units[unit])
+    }
+}

@@ -1,0 +1,302 @@
+import FerryCore
+import FerryStore
+import FerryWire
+import Foundation
+import Logging
+import NIOCore
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How tree runtimes reach peers: the site's peer links.
+public protocol TreePort: AnyObject, Sendable {
+    /// Sends frames on the peer's current link; false when it has none.
+    func send(_ frames: [Frame], to peer: String) -> Bool
+    /// Whether the peer's link takes more data now.
+    func isWritable(_ peer: String) -> Bool
+}
+
+/// A ``TreeTransport`` over a peer link: requests carry IDs, the replies arrive through
+/// ``deliver(_:)``; a lost link fails every call waiting on it.
+public final class RemoteTreeTransport: TreeTransport, @unchecked Sendable {
+    public let tree: String
+    public let peer: String
+    let port: any TreePort
+    let compress: Bool
+    let bytesPerSecond: UInt64?
+    let timeout: Double
+    private let condition = NSCondition()
+    private var nextRequest: UInt64 = 1
+    private var replies: [UInt64: TreeMessage] = [:]
+    private var failure: String?
+    /// Epoch and the oldest change not yet sent, told to the peer in each hello.
+    public var epoch: UInt64 = 1
+    public var pendingSince: Date?
+    private var sendStart = Date()
+    private var sentSinceStart: UInt64 = 0
+    private let wireCounter = Atomic<UInt64>(0)
+    private let dataCounter = Atomic<UInt64>(0)
+    /// All bytes sent on the wire for this tree since the daemon started.
+    public var wireBytes: UInt64 { wireCounter.load(ordering: .relaxed) }
+    /// Chunk and blob bytes sent (before compression) since the daemon started.
+    public var dataBytes: UInt64 { dataCounter.load(ordering: .relaxed) }
+
+    public init(tree: String, peer: String, port: any TreePort, compress: Bool, bytesPerSecond: UInt64?, timeout: Double = 600) {
+        self.tree = tree
+        self.peer = peer
+        self.port = port
+        self.compress = compress
+        self.bytesPerSecond = bytesPerSecond
+        self.timeout = timeout
+    }
+
+    public struct Failed: Error, CustomStringConvertible {
+        public var description: String
+    }
+
+    /// A reply from the peer (on a link's event loop).
+    public func deliver(_ message: TreeMessage) {
+        let request: UInt64
+        switch message {
+        case .latest(let r, _, _), .lacking(let r, _), .committed(let r, _, _), .failed(let r, _): request = r
+        default: return
+        }
+        condition.lock()
+        replies[request] = message
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// The link went down: every waiting call fails.
+    public func linkDown(_ reason: String) {
+        condition.lock()
+        failure = "the link to \(peer) went down (\(reason))"
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// The link can take data again.
+    public func writable() {
+        condition.lock()
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// Starts a run afresh (a new link may be up since the last).
+    public func reset() {
+        condition.lock()
+        failure = nil
+        replies.removeAll()
+        condition.unlock()
+        sendStart = Date()
+        sentSinceStart = 0
+    }
+
+    private func send(_ message: TreeMessage) throws {
+        let frame = message.frame(tree: tree, compress: compress)
+        wireCounter.add(UInt64(frame.payloadLength + Frame.headerSize + Frame.trailerSize), ordering: .relaxed)
+        guard port.send([frame], to: peer) else { throw Failed(description: "\(peer) is not connected") }
+    }
+
+    private func request(_ make: (UInt64) -> TreeMessage) throws -> TreeMessage {
+        condition.lock()
+        if let failure {
+            condition.unlock()
+            throw Failed(description: failure)
+        }
+        let id = nextRequest
+        nextRequest += 1
+        condition.unlock()
+        try send(make(id))
+        condition.lock()
+        defer { condition.unlock() }
+        let deadline = Date().addingTimeInterval(timeout)
+        while replies[id] == nil && failure == nil {
+            guard condition.wait(until: deadline) else {
+                throw Failed(description: "\(peer) did not answer within \(Int(timeout)) s")
+            }
+        }
+        if let reply = replies.removeValue(forKey: id) {
+            if case .failed(_, let message) = reply { throw Failed(description: "\(peer): \(message)") }
+            return reply
+        }
+        throw Failed(description: failure ?? "no answer")
+    }
+
+    public func latestRoot() throws -> ChunkID? {
+        let since = pendingSince.map { UInt64(max(0, $0.timeIntervalSince1970 * 1000)) } ?? 0
+        guard case .latest(_, let root, _) = try request({ .hello(request: $0, epoch: epoch, pendingSinceMs: since) }) else {
+            throw Failed(description: "\(peer) answered hello out of turn")
+        }
+        return root
+    }
+
+    public func lacking(_ ids: [ChunkID]) throws -> [ChunkID] {
+        var out: [ChunkID] = []
+        var start = 0
+        while start < ids.count {
+            let part = Array(ids[start..<min(ids.count, start + TreeMessage.maxIDs)])
+            guard case .lacking(_, let lacking) = try request({ .query(request: $0, ids: part) }) else {
+                throw Failed(description: "\(peer) answered a query out of turn")
+            }
+            out += lacking
+            start += part.count
+        }
+        return out
+    }
+
+    public func put(_ id: ChunkID, _ data: ByteBuffer) throws {
+        // Backpressure: wait while the link's buffer is full.
+        condition.lock()
+        let deadline = Date().addingTimeInterval(timeout)
+        while !port.isWritable(peer) && failure == nil {
+            if !condition.wait(until: min(deadline, Date().addingTimeInterval(0.05))) && Date() >= deadline {
+                condition.unlock()
+                throw Failed(description: "\(peer) took no data for \(Int(timeout)) s")
+            }
+        }
+        if let failure {
+            condition.unlock()
+            throw Failed(description: failure)
+        }
+        condition.unlock()
+        if let limit = bytesPerSecond, limit > 0 {
+            sentSinceStart += UInt64(data.readableBytes)
+            let due = Double(sentSinceStart) / Double(limit) - Date().timeIntervalSince(sendStart)
+            if due > 0 { usleep(UInt32(min(due, 10) * 1_000_000)) }
+        }
+        try send(.put(id: id, data: data))
+        dataCounter.add(UInt64(data.readableBytes), ordering: .relaxed)
+    }
+
+    public func commit(root: ChunkID, summary: RunSummary) throws -> TreeSnapshot {
+        guard case .committed(_, let id, let at) = try request({ .commit(request: $0, root: root, summary: summary) }) else {
+            throw Failed(description: "\(peer) answered a commit out of turn")
+        }
+        return TreeSnapshot(id: id, root: root.hex, committedAt: at, sourceTime: summary.sourceTime, epoch: summary.epoch,
+                            files: summary.files, directories: summary.directories, bytes: summary.bytes)
+    }
+}
+
+/// A tree on a replica site: keeps its repository and live mirror, answers the primary.
+///
+/// Work runs on the tree's own serial queue, in the order the frames arrived, so a put is stored
+/// before a later query is answered and the link's event loop never waits on the disk.
+public final class TreeReceiver: @unchecked Sendable {
+    public let name: String
+    public let target: String
+    public let repository: TreeRepository
+    let port: any TreePort
+    let logger: Logger
+    let retention: Retention?
+    private let queue: DispatchQueue
+    private let state = Mutex(State())
+
+    public struct State: Sendable {
+        public var phase = "idle"
+        public var source: String?
+        public var pendingSince: Date?
+        public var lastError: String?
+        public var lastSnapshot: TreeSnapshot?
+        public var received: UInt64 = 0
+    }
+
+    public init(name: String, target: String, directory: String, retention: Retention?, port: any TreePort, logger: Logger) throws {
+        self.name = name
+        self.target = target
+        self.repository = try TreeRepository(directory: directory)
+        self.port = port
+        self.logger = logger
+        self.retention = retention
+        self.queue = DispatchQueue(label: "ferry-tree-\(name)")
+        let latest = try repository.latest()
+        state.withLock { $0.lastSnapshot = latest }
+    }
+
+    public var status: State { state.withLock { $0 } }
+
+    /// A message from the tree's primary (on a link's event loop).
+    public func received(_ message: TreeMessage, from peer: String) {
+        queue.async { [self] in handle(message, from: peer) }
+    }
+
+    /// Runs `body` on the tree's queue (restore, verify), after what is queued.
+    public func sync<R>(_ body: () throws -> R) rethrows -> R { try queue.sync { try body() } }
+
+    private func reply(_ message: TreeMessage, to peer: String) {
+        _ = port.send([message.frame(tree: name)], to: peer)
+    }
+
+    private func handle(_ message: TreeMessage, from peer: String) {
+        switch message {
+        case .hello(let request, _, let since):
+            state.withLock {
+                $0.phase = "receiving"
+                $0.source = peer
+                $0.pendingSince = since == 0 ? nil : Date(timeIntervalSince1970: Double(since) / 1000)
+            }
+            do {
+                let latest = try repository.latest()
+                reply(.latest(request: request, root: latest?.rootID, snapshot: latest?.id ?? 0), to: peer)
+            } catch {
+                reply(.failed(request: request, message: "\(error)"), to: peer)
+            }
+        case .query(let request, let ids):
+            do {
+                reply(.lacking(request: request, ids: try repository.lacking(ids)), to: peer)
+            } catch {
+                reply(.failed(request: request, message: "\(error)"), to: peer)
+            }
+        case .put(let id, let data):
+            do {
+                try repository.put(id, data)
+                state.withLock { $0.received += UInt64(data.readableBytes) }
+            } catch {
+                logger.error("tree chunk not stored", metadata: ["tree": "\(name)", "error": "\(error)"])
+                state.withLock { $0.lastError = "\(error)" }
+            }
+        case .commit(let request, let root, let summary):
+            state.withLock { $0.phase = "applying" }
+            do {
+                let (snapshot, stats) = try repository.commit(root: root, summary: summary, mirror: target)
+                state.withLock {
+                    $0.phase = "idle"
+                    $0.lastSnapshot = snapshot
+                    $0.lastError = nil
+                    $0.pendingSince = nil
+                }
+                logger.info("tree snapshot committed", metadata: [
+                    "tree": "\(name)", "snapshot": "\(snapshot.id)", "files": "\(snapshot.files)",
+                    "written": "\(stats.filesWritten)", "removed": "\(stats.removed)"])
+                reply(.committed(request: request, snapshot: snapshot.id, at: snapshot.committedAt), to: peer)
+                prune()
+            } catch {
+                state.withLock {
+                    $0.phase = "idle"
+                    $0.lastError = "\(error)"
+                }
+                logger.error("tree snapshot not committed", metadata: ["tree": "\(name)", "error": "\(error)"])
+                reply(.failed(request: request, message: "snapshot not committed: \(error)"), to: peer)
+            }
+        case .latest, .lacking, .committed, .failed:
+            break
+        }
+    }
+
+    /// Drops the snapshots the retention policy does not keep (never the newest).
+    private func prune() {
+        guard let retention else { return }
+        do {
+            let all = try repository.snapshots()
+            let kept = retention.kept(times: all.map { $0.sourceTime.timeIntervalSince1970 }, now: Date().timeIntervalSince1970)
+            let drop = all.indices.filter { !kept.contains($0) }.map { all[$0].id }
+            if !drop.isEmpty {
+                try repository.forget(drop)
+                logger.info("tree snapshots pruned", metadata: ["tree": "\(name)", "snapshots": "\(drop.map(String.init).joined(separator: ","))"])
+            }
+        } catch {
+            logger.warning("tree snapshot pruning failed", metadata: ["tree": "\(name)", "error": "\(error)"])
+        }
+    }
+}
