@@ -10,6 +10,11 @@ public struct Retention: Sendable, Equatable, CustomStringConvertible {
     public struct Interval: Sendable, Equatable {
         public var count: Int
         public var seconds: Int64
+
+        public init(count: Int, seconds: Int64) {
+            self.count = count
+            self.seconds = seconds
+        }
     }
 
     public var grid: [Interval]
@@ -24,7 +29,7 @@ public struct Retention: Sendable, Equatable, CustomStringConvertible {
     /// with N ≥ 1 and a duration of 1 s or more.
     public static func parseGrid(_ text: String) -> [Interval]? {
         var out: [Interval] = []
-        for part in text.split(separator: "|") {
+        for part in text.split(separator: "|", omittingEmptySubsequences: false) {
             let trimmed = part.trimmingCharacters(in: " \t")
             let pieces = trimmed.split(separator: "x", maxSplits: 1)
             guard pieces.count == 2, let count = Int(pieces[0]), count >= 1, count <= 100_000,

@@ -353,6 +353,35 @@ extension SiteStatus {
             if let e = v.lastError { line += "\n      last error: \(e)" }
             out += line + "\n"
         }
+        if !trees.isEmpty { out += "\ntrees\n" }
+        for t in trees {
+            var line = "  \(t.name)  \(t.role)  \(t.mode)\(t.schedule.map { " (\($0))" } ?? "")  \(t.state)"
+            line += t.role == "primary" ? "  source \(t.source ?? "?")" : "  target \(t.target ?? "?")"
+            if let s = t.lastSnapshot {
+                line += "\n      last snapshot #\(s.id) of \(Self.age(from: s.time, to: now)) ago: \(s.files) files, \(ByteSize.format(UInt64(max(0, s.bytes))))"
+            } else {
+                line += "\n      no snapshot yet"
+            }
+            line += t.lagSeconds > 0 ? ", lag \(String(format: "%.1f", t.lagSeconds)) s" : ", nothing pending"
+            if let p = t.progress {
+                line += "\n      scanning: \(p.filesScanned) of ~\(p.expectedFiles) files, \(ByteSize.format(p.bytesScanned))"
+                if let eta = p.etaSeconds { line += ", about \(Int(eta.rounded())) s left" }
+            }
+            for r in t.replicas {
+                line += "\n      → \(r.peer): \(r.state)"
+                if let s = r.lastSnapshot { line += ", snapshot #\(s.id)" }
+                line += ", \(ByteSize.format(r.bytesSent)) sent since start"
+                if let e = r.lastError { line += "; \(e)" }
+            }
+            if let next = t.nextRunAt, t.mode == "scheduled" { line += "\n      next run in \(Self.age(from: now, to: next))" }
+            if !t.errors.isEmpty {
+                line += "\n      \(t.errors.count) path\(t.errors.count == 1 ? "" : "s") not replicated this run:"
+                for e in t.errors.prefix(5) { line += "\n        \(e)" }
+                if t.errors.count > 5 { line += "\n        … (`ferry status --json` lists up to 100)" }
+            }
+            if let e = t.lastError { line += "\n      last error: \(e)" }
+            out += line + "\n"
+        }
         return out
     }
 

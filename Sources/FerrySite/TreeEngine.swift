@@ -62,6 +62,11 @@ final class TreeEngine: TreePort, @unchecked Sendable {
         return peers.isWritable(link: link)
     }
 
+    func isConnected(_ peer: String) -> Bool {
+        guard let peers = links.withLockedValue({ $0 }) else { return false }
+        return peers.currentLink(of: peer) != nil
+    }
+
     // MARK: links
 
     func received(_ frame: Frame, from peer: String) throws {
@@ -90,5 +95,6 @@ final class TreeEngine: TreePort, @unchecked Sendable {
         weak var engine: TreeEngine?
         func send(_ frames: [Frame], to peer: String) -> Bool { engine?.send(frames, to: peer) ?? false }
         func isWritable(_ peer: String) -> Bool { engine?.isWritable(peer) ?? true }
+        func isConnected(_ peer: String) -> Bool { engine?.isConnected(peer) ?? false }
     }
 }

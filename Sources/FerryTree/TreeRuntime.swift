@@ -15,6 +15,8 @@ public protocol TreePort: AnyObject, Sendable {
     func send(_ frames: [Frame], to peer: String) -> Bool
     /// Whether the peer's link takes more data now.
     func isWritable(_ peer: String) -> Bool
+    /// Whether the peer has a link up.
+    func isConnected(_ peer: String) -> Bool
 }
 
 /// A ``TreeTransport`` over a peer link: requests carry IDs, the replies arrive through

@@ -68,6 +68,7 @@ public final class TreeSource: @unchecked Sendable {
     let catalog: Catalog
     let logger: Logger
     let transports: [String: RemoteTreeTransport]
+    let port: any TreePort
     private let condition = NSCondition()
     private var dirty = true
     private var stopped = false
@@ -101,6 +102,7 @@ public final class TreeSource: @unchecked Sendable {
         self.settings = settings
         self.catalog = catalog
         self.logger = logger
+        self.port = port
         var transports: [String: RemoteTreeTransport] = [:]
         for peer in settings.peers {
             transports[peer] = RemoteTreeTransport(tree: settings.name, peer: peer, port: port, compress: settings.compress,
@@ -217,11 +219,17 @@ public final class TreeSource: @unchecked Sendable {
             condition.unlock()
 
             try? catalog.updateTree(settings.name, upsert: [], delete: [], state: ["running": ISO8601DateFormatter().string(from: Date())])
-            let ok = runOnce()
+            let outcome = runOnce()
+            let ok = outcome == .done
             if ok { try? catalog.updateTree(settings.name, upsert: [], delete: [], state: ["running": nil]) }
             condition.lock()
             lastRunFailed = !ok
-            if ok {
+            if outcome == .noReplica {
+                // Nothing to send to: wait (without a backoff) until a replica's link comes up.
+                pendingSince = [pendingSince, covering].compactMap { $0 }.min()
+                covering = nil
+                shared.withLock { $0.state = "waiting"; $0.nextRunAt = nil }
+            } else if ok {
                 covering = nil
                 failures = 0
             } else {
@@ -238,8 +246,10 @@ public final class TreeSource: @unchecked Sendable {
         }
     }
 
-    /// One scan, sent to every replica; true when every replica committed it.
-    private func runOnce() -> Bool {
+    enum Outcome { case done, failed, noReplica }
+
+    /// One scan, sent to every connected replica; done when every replica committed it.
+    private func runOnce() -> Outcome {
         let started = Date()
         lastRunStart = started
         let scanProgress = ScanProgress()
@@ -255,6 +265,10 @@ public final class TreeSource: @unchecked Sendable {
         let since = covering
         condition.unlock()
         for (peer, transport) in transports {
+            guard port.isConnected(peer) else {
+                failed[peer] = "\(peer) is not connected"
+                continue
+            }
             transport.reset()
             transport.pendingSince = since
             let run = TreeRun(transport: transport, sourceRoot: settings.source)
@@ -266,8 +280,12 @@ public final class TreeSource: @unchecked Sendable {
             }
         }
         guard !runs.isEmpty else {
+            if failed.values.allSatisfy({ $0.hasSuffix("is not connected") }) {
+                shared.withLock { s in for (peer, message) in failed { s.peers[peer]?.lastError = message } }
+                return .noReplica
+            }
             record(failed: failed, reports: [:], error: "no replica reachable: " + failed.map { "\($0.key): \($0.value)" }.sorted().joined(separator: "; "))
-            return false
+            return .failed
         }
         let scanner = TreeScanner(source: settings.source, excludes: settings.exclude, cache: cache)
         scanner.progress = scanProgress
@@ -278,7 +296,7 @@ public final class TreeSource: @unchecked Sendable {
         } catch {
             for (peer, e) in fan.failures { failed[peer] = "\(e)" }
             record(failed: failed, reports: [:], error: "\(error)")
-            return false
+            return .failed
         }
         for (peer, e) in fan.failures { failed[peer] = "\(e)" }
         saveCache(scan)
@@ -305,7 +323,7 @@ public final class TreeSource: @unchecked Sendable {
                 "tree": "\(settings.name)", "peer": "\(peer)", "snapshot": "\(report.snapshot.id)", "files": "\(scan.files)",
                 "read": "\(scan.filesRead)", "sent": "\(report.bytesSent)", "seconds": "\(String(format: "%.3f", Date().timeIntervalSince(started)))"])
         }
-        return failed.isEmpty
+        return failed.isEmpty ? .done : .failed
     }
 
     private func record(failed: [String: String], reports: [String: TreeRun.Report], error: String?) {

@@ -51,6 +51,15 @@ struct Quickstart: AsyncParsableCommand {
             base = String(cString: made)
         }
         let names = ["east", "west"]
+        // A small tree replicated continuously from east to west.
+        let treeSource = "\(base)/east-docs", treeTarget = "\(base)/west-docs"
+        try FileManager.default.createDirectory(atPath: treeSource, withIntermediateDirectories: true)
+        if !FileManager.default.fileExists(atPath: treeSource + "/README.txt") {
+            try "Files dropped here are replicated to \(treeTarget) within a second.\n"
+                .write(toFile: treeSource + "/README.txt", atomically: true, encoding: .utf8)
+        }
+        let tree = TreeConfig(name: "docs", primary: "east", source: treeSource, replicas: ["west": treeTarget], mode: .continuous,
+                              keep: Retention(grid: Retention.parseGrid("60x1m | 24x1h")!, last: 10))
         var identities: [String: SiteIdentity] = [:]
         for name in names {
             let data = "\(base)/\(name)"
@@ -82,7 +91,9 @@ struct Quickstart: AsyncParsableCommand {
                                    siteID: identities[other]!.siteID)],
                 volumes: [Self.quickstartVolume(sizeBytes: sizeBytes, policy: policy)],
                 logLevel: "info", path: "\(base)/\(name).yaml")
-            try config.yaml().write(toFile: config.path, atomically: true, encoding: .utf8)
+            var withTree = config
+            withTree.trees = [tree]
+            try withTree.yaml().write(toFile: config.path, atomically: true, encoding: .utf8)
             configPaths[name] = config.path
             adminSockets[name] = config.listen.adminSocket
         }
@@ -162,7 +173,23 @@ struct Quickstart: AsyncParsableCommand {
               ferry drill vm1 --end --config \(configPaths["west"]!)        # discard it
             and point-in-time: with east gone, `ferry promote vm1 --at ID|TIME` on west promotes one of those points.
 
+            tree docs replicates continuously from east to west (docs/trees.md):
+              drop a file into  \(treeSource)
+              and watch it in   \(treeTarget)        (within a second; e.g. `watch ls -l \(treeTarget)`)
+              ferry tree snapshots docs --config \(configPaths["west"]!)          # every run is a snapshot
+              ferry tree restore docs --at ID --to /tmp/docs-restored --config \(configPaths["west"]!)
+
             """)
+        // The tree's first snapshot, so the status below shows it.
+        let treeDeadline = Date().addingTimeInterval(20)
+        while Date() < treeDeadline {
+            if let west = try? fetchStatus(socket: adminSockets["west"]!), west.trees.first?.lastSnapshot != nil {
+                statuses["west"] = west
+                statuses["east"] = (try? fetchStatus(socket: adminSockets["east"]!)) ?? statuses["east"]
+                break
+            }
+            try await Task.sleep(for: .milliseconds(200))
+        }
         print("ready")
         for name in names { if let s = statuses[name] { print(s.rendered()) } }
         if once {

@@ -1,0 +1,95 @@
+import FerryCore
+import Foundation
+import Testing
+@testable import FerrySite
+
+@Suite("trees: configuration")
+struct TreeConfigTests {
+    static func yaml(_ trees: String) -> String {
+        ConfigFixture.yaml.replacingOccurrences(of: "log-level: debug\n", with: "log-level: debug\ntrees:\n" + trees)
+    }
+
+    @Test func aFullTreeParsesAndRendersBackToTheSameValue() throws {
+        let text = Self.yaml("""
+              www:
+                primary: east
+                source: /srv/www/
+                replicas:
+                  west: { target: /srv/www-copy }
+                  north: /backup/www
+                mode: scheduled
+                at: "02:30"
+                on: sunday
+                exclude: ["*.tmp", "cache/*"]
+                keep: { grid: "24x1h | 30x1d | 12x30d", last: 10 }
+                compression: none
+                bandwidth-limit: 50M/s
+              home:
+                primary: west
+                source: /home
+                replicas: { east: { target: /srv/home } }
+                keep: "1x15m | 24x1h"
+
+            """)
+        let config = try SiteConfig.parse(yaml: text, path: ConfigFixture.file)
+        #expect(config.trees.map(\.name) == ["home", "www"])
+        let www = try #require(config.tree(named: "www"))
+        #expect(www.source == "/srv/www")
+        #expect(www.replicas == ["west": "/srv/www-copy", "north": "/backup/www"])
+        #expect(www.mode == .scheduled)
+        #expect(www.schedule == Schedule.parseAt("02:30", on: "sunday"))
+        #expect(www.exclude == ["*.tmp", "cache/*"])
+        #expect(www.keep == Retention(grid: [.init(count: 24, seconds: 3600), .init(count: 30, seconds: 86_400), .init(count: 12, seconds: 30 * 86_400)], last: 10))
+        #expect(www.compression == .none)
+        #expect(www.bandwidthLimit == 50 << 20)
+        let home = try #require(config.tree(named: "home"))
+        #expect(home.mode == .continuous)
+        #expect(home.keep?.last == nil)
+        #expect(try SiteConfig.parse(yaml: config.yaml(), path: ConfigFixture.file) == config)
+    }
+
+    @Test func everyMistakeIsReportedAtOnceWithItsPath() {
+        let problems = ConfigFixture.problems(Self.yaml("""
+              Bad Name:
+                primary: east
+                source: /a
+                replicas: { west: /b }
+              www:
+                primary: eest
+                replicas:
+                  east: { target: /x }
+                  south: { target: /y }
+                mode: continous
+                keep: "24 hours"
+                bandwidth-limit: fast
+              sched:
+                primary: east
+                source: /s
+                replicas: { west: { target: "" } }
+                mode: scheduled
+              cont:
+                primary: east
+                source: /
+                replicas: { west: /c }
+                every: 1h
+
+            """))
+        let paths = Set(problems.map(\.path))
+        for path in ["trees.Bad Name", "trees.www.primary", "trees.www.source", "trees.www.replicas.south",
+                     "trees.www.mode", "trees.www.keep", "trees.www.bandwidth-limit", "trees.sched",
+                     "trees.sched.replicas.west.target", "trees.cont.source", "trees.cont.every"] {
+            #expect(paths.contains(path), "no problem at \(path): \(problems.map { "\($0.path): \($0.message)" })")
+        }
+        #expect(problems.first { $0.path == "trees.www.primary" }?.message.contains("did you mean \"east\"") == true)
+        #expect(problems.first { $0.path == "trees.www.mode" }?.message.contains("continuous") == true)
+    }
+
+    @Test func twoTreesInOneDirectoryOfThisSiteAreRefused() {
+        let problems = ConfigFixture.problems(Self.yaml("""
+              a: { primary: east, source: /srv/data, replicas: { west: /x } }
+              b: { primary: west, source: /y, replicas: { east: /srv/data } }
+
+            """))
+        #expect(problems.contains { $0.message.contains("/srv/data") && $0.message.contains("own directory") })
+    }
+}
