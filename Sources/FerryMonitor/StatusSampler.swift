@@ -128,6 +128,7 @@ public final class StatusSampler: Sendable {
                     replica(r, volume: v.name, policy: policies[r.peer], now: now, elapsed: elapsed, writer: &w, sample: &sample)
                 }
             }
+            for t in status.trees { tree(t, config: config.tree(named: t.name), site: status.site.name, writer: &w) }
             s = w.state
             // Series not set in this sample describe what no longer exists.
             for (key, gauge) in s.gauges where !w.touched.contains(key) {
@@ -194,6 +195,45 @@ public final class StatusSampler: Sendable {
         }
         sample.rows[key] = RowSample(lagBytes: r.lagBytes, lagSeconds: r.lagSeconds,
                                      throughput: elapsed > 0 ? Double(sent) / elapsed : 0)
+    }
+
+    /// A tree's series: one set per replica on the primary (`peer` the replica), one on a replica
+    /// (`peer` this site).
+    private func tree(_ t: SiteStatus.Tree, config: TreeConfig?, site: String, writer w: inout Writer) {
+        let tl = [("tree", t.name)]
+        // What the alert compares the lag with: a continuous tree is meant to be seconds behind (a
+        // minute is the target); a scheduled one a schedule's interval.
+        let target = config?.schedule.map { Double($0.intervalSeconds) } ?? 60
+        w.gauge("ferry_tree_rpo_target_seconds", "The lag a tree is meant to stay under: 60 s continuous, the schedule's interval scheduled.",
+                tl, target)
+        w.gauge("ferry_tree_lag_seconds", "Seconds since the oldest change not yet on every replica (scheduled: age of the replicas' copy).",
+                tl, t.lagSeconds)
+        w.gauge("ferry_tree_files", "Files in the tree at the last scan (primary) or the last snapshot (replica).", tl, Double(t.files ?? 0))
+        w.gauge("ferry_tree_bytes", "Bytes of file data in the tree at the last scan or snapshot.", tl, Double(t.bytes ?? 0))
+        w.gauge("ferry_tree_errors", "Paths the last scan could not take (unreadable, changing while read).", tl, Double(t.errors.count))
+        w.gauge("ferry_tree_running", "1 while a run of the tree is under way.", tl, ["scanning", "committing", "receiving", "applying"].contains(t.state) ? 1 : 0)
+        if t.role == "replica" {
+            let l = tl + [("peer", site)]
+            if let s = t.lastSnapshot {
+                w.gauge("ferry_tree_last_snapshot_timestamp_seconds", "When the newest snapshot's scan began (the tree as it was then).",
+                        l, s.time.timeIntervalSince1970)
+                w.gauge("ferry_tree_last_snapshot_id", "The newest snapshot's ID.", l, Double(s.id))
+            }
+            _ = w.total("ferry_tree_received_bytes_total", "Chunk bytes received for the tree since the daemon started.", tl, t.bytesReceived ?? 0)
+            return
+        }
+        for r in t.replicas {
+            let l = tl + [("peer", r.peer)]
+            w.gauge("ferry_tree_replica_failed", "1 when the last run to the replica failed.", l, r.state == "failed" ? 1 : 0)
+            if let s = r.lastSnapshot {
+                w.gauge("ferry_tree_last_snapshot_timestamp_seconds", "When the newest snapshot's scan began (the tree as it was then).",
+                        l, s.time.timeIntervalSince1970)
+                w.gauge("ferry_tree_last_snapshot_id", "The newest snapshot's ID.", l, Double(s.id))
+            }
+            _ = w.total("ferry_tree_sent_bytes_total", "Chunk bytes sent to the replica since the daemon started (before compression).",
+                        l, r.bytesSent)
+            _ = w.total("ferry_tree_wire_bytes_total", "Bytes of tree frames sent to the replica since the daemon started.", l, r.bytesOnWire)
+        }
     }
 
     /// Sets gauges and counters, remembering which series this sample touched.

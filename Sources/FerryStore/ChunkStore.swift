@@ -30,14 +30,16 @@ public final class ChunkStore: @unchecked Sendable {
     public let packLimit: UInt64
 
     public let directory: String
-    private let db: DatabaseQueue
-    private let lock = NSLock()
-    private struct Location { var pack: Int; var offset: UInt64; var length: Int }
+    let db: DatabaseQueue
+    let lock = NSLock()
+    struct Location { var pack: Int; var offset: UInt64; var length: Int }
     /// Appended since the last commit: found by ``contains(_:)`` and ``get(_:)`` already.
-    private var pending: [[UInt8]: Location] = [:]
-    private var packNumber: Int
-    private var packFD: Int32
+    var pending: [[UInt8]: Location] = [:]
+    var packNumber: Int
+    var packFD: Int32
     private var packSize: UInt64
+    /// The pack chunks are appended to now.
+    var currentPack: Int { packNumber }
 
     public init(directory: String, packLimit: UInt64 = 64 << 20) throws {
         self.directory = directory
@@ -121,11 +123,11 @@ public final class ChunkStore: @unchecked Sendable {
         RecordChecksum.of(ByteBuffer(bytes: id), data)
     }
 
-    private func insert(_ entries: [([UInt8], Location)]) throws {
+    func insert(_ entries: [([UInt8], Location)], replace: Bool = false) throws {
         do {
             try db.write { db in
                 for (id, at) in entries {
-                    try db.execute(sql: "INSERT OR IGNORE INTO chunk (id, pack, offset, length) VALUES (?, ?, ?, ?)",
+                    try db.execute(sql: "INSERT OR \(replace ? "REPLACE" : "IGNORE") INTO chunk (id, pack, offset, length) VALUES (?, ?, ?, ?)",
                                    arguments: [Data(id), at.pack, Int64(at.offset), at.length])
                 }
             }
@@ -140,6 +142,14 @@ public final class ChunkStore: @unchecked Sendable {
         precondition(id.count == Self.idLength, "a chunk ID is 32 bytes")
         return try lock.withLock {
             if try location(id) != nil { return false }
+            try append(data, id: id)
+            return true
+        }
+    }
+
+    /// Appends a record to the open pack (the caller holds the lock).
+    func append(_ data: ByteBuffer, id: [UInt8]) throws {
+        do {
             if packSize >= packLimit { try nextPack() }
             var header = ByteBuffer()
             header.writeInteger(Self.magic)
@@ -150,7 +160,6 @@ public final class ChunkStore: @unchecked Sendable {
             try FileIO.write(packFD, offset: packSize, [header, data], path: path)
             pending[id] = Location(pack: packNumber, offset: packSize, length: Self.headerLength + data.readableBytes)
             packSize += UInt64(Self.headerLength + data.readableBytes)
-            return true
         }
     }
 
@@ -175,7 +184,7 @@ public final class ChunkStore: @unchecked Sendable {
         try FileIO.syncDirectory(directory + "/packs")
     }
 
-    private func location(_ id: [UInt8]) throws -> Location? {
+    func location(_ id: [UInt8]) throws -> Location? {
         if let at = pending[id] { return at }
         return try db.read { db in
             try Row.fetchOne(db, sql: "SELECT pack, offset, length FROM chunk WHERE id = ?", arguments: [Data(id)])
@@ -224,6 +233,78 @@ public final class ChunkStore: @unchecked Sendable {
         return ids.filter { id in
             guard let data = try? get(id) else { return true }
             return hash(data) != id
+        }
+    }
+}
+
+extension ChunkStore {
+    public struct Collection: Sendable, Equatable {
+        /// Chunks no longer in the index, and the pack files removed or rewritten.
+        public var chunksRemoved = 0
+        public var packsRemoved = 0
+        public var packsRewritten = 0
+        /// Bytes of pack files given back to the filesystem.
+        public var bytesFreed: UInt64 = 0
+        /// Bytes of chunks still needed that were copied out of mostly dead packs.
+        public var bytesCopied: UInt64 = 0
+    }
+
+    /// Garbage collection: keeps the chunks `isLive` says are needed and gives back the space of
+    /// the others. A pack with no live chunk is deleted; one whose dead bytes are more than
+    /// `maxDeadFraction` of it has its live chunks copied into the open pack (made durable and
+    /// indexed first), then is deleted; other packs are left as they are (their dead chunks stay
+    /// readable, which is harmless). The open pack is never touched, so chunks of a run in
+    /// progress are safe whatever `isLive` says of them.
+    public func collect(maxDeadFraction: Double = 0.2, isLive: ([UInt8]) -> Bool) throws -> Collection {
+        try commit()
+        var result = Collection()
+        let rows: [(id: [UInt8], pack: Int, offset: UInt64, length: Int)] = try db.read { db in
+            try Row.fetchAll(db, sql: "SELECT id, pack, offset, length FROM chunk").map {
+                (Array($0["id"] as Data), $0["pack"], UInt64($0["offset"] as Int64), $0["length"])
+            }
+        }
+        let open = lock.withLock { currentPack }
+        var byPack: [Int: [(id: [UInt8], offset: UInt64, length: Int)]] = [:]
+        for r in rows where r.pack != open { byPack[r.pack, default: []].append((r.id, r.offset, r.length)) }
+        for (pack, chunks) in byPack.sorted(by: { $0.key < $1.key }) {
+            let path = Self.packPath(directory, pack)
+            let fileSize = (try? FileManager.default.attributesOfItem(atPath: path)[.size] as? UInt64) ?? 0
+            let live = chunks.filter { isLive($0.id) }
+            let liveBytes = live.reduce(UInt64(0)) { $0 + UInt64($1.length) }
+            let dead = chunks.count - live.count
+            guard dead > 0 else { continue }
+            if !live.isEmpty && Double(fileSize - min(fileSize, liveBytes)) <= maxDeadFraction * Double(fileSize) { continue }
+            // Copy what is still needed, durably, before the pack goes.
+            for chunk in live {
+                guard let data = try get(chunk.id) else { continue }
+                try lock.withLock { try append(data, id: chunk.id) }
+                result.bytesCopied += UInt64(data.readableBytes)
+            }
+            try lock.withLock {
+                if !pending.isEmpty {
+                    try FileIO.datasync(packFD, path: Self.packPath(directory, packNumber))
+                    try insert(pending.map { ($0.key, $0.value) }, replace: true)
+                    pending.removeAll()
+                }
+            }
+            let deadIDs = chunks.filter { !isLive($0.id) }.map(\.id)
+            try db.write { db in
+                for id in deadIDs { try db.execute(sql: "DELETE FROM chunk WHERE id = ? AND pack = ?", arguments: [Data(id), pack]) }
+            }
+            unlink(path)
+            result.chunksRemoved += deadIDs.count
+            result.bytesFreed += fileSize
+            if live.isEmpty { result.packsRemoved += 1 } else { result.packsRewritten += 1 }
+        }
+        try FileIO.syncDirectory(directory + "/packs")
+        return result
+    }
+
+    /// Bytes of all pack files.
+    public func packBytes() -> UInt64 {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory + "/packs")) ?? []
+        return names.reduce(0) { sum, name in
+            sum + ((try? FileManager.default.attributesOfItem(atPath: directory + "/packs/" + name)[.size] as? UInt64) ?? 0)
         }
     }
 }

@@ -3,6 +3,7 @@ import FerryStore
 import Foundation
 import GRDB
 import NIOCore
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -66,10 +67,10 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
     public let chunks: ChunkStore
     private let db: DatabaseQueue
 
-    public init(directory: String) throws {
+    public init(directory: String, packLimit: UInt64 = 64 << 20) throws {
         self.directory = directory
         try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        chunks = try ChunkStore(directory: directory + "/chunks")
+        chunks = try ChunkStore(directory: directory + "/chunks", packLimit: packLimit)
         var config = Configuration()
         config.prepareDatabase { db in try db.execute(sql: "PRAGMA synchronous = FULL") }
         do {
@@ -105,6 +106,43 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
             throw TreeMirror.Incomplete(description: "chunk \(id) arrived damaged (its SHA-256 does not match)")
         }
         try chunks.put(data, id: id.bytes)
+        received.withLock { _ = $0.insert(id) }
+    }
+
+    /// Chunks received since the last commit: a run in progress needs them, whatever the
+    /// snapshots say, so garbage collection keeps them.
+    private let received = Mutex(Set<ChunkID>())
+
+    /// Drops the chunks no kept snapshot needs and that did not arrive since the last commit.
+    /// Safe while a run is in progress: its chunks are in the open pack or in `received`.
+    @discardableResult
+    public func collectGarbage(maxDeadFraction: Double = 0.2) throws -> ChunkStore.Collection {
+        var live = received.withLock { $0 }
+        var visited = Set<ChunkID>()
+        var problems: [String] = []
+        for snapshot in try snapshots() {
+            live.insert(snapshot.rootID)
+            guard visited.insert(snapshot.rootID).inserted else { continue }
+            try mark(snapshot.rootID, live: &live, visited: &visited, problems: &problems)
+        }
+        return try chunks.collect(maxDeadFraction: maxDeadFraction) { bytes in
+            guard let id = ChunkID(bytes: bytes) else { return true }
+            return live.contains(id)
+        }
+    }
+
+    private func mark(_ blobID: ChunkID, live: inout Set<ChunkID>, visited: inout Set<ChunkID>, problems: inout [String]) throws {
+        guard let blob = try blob(blobID), let entries = try? DirectoryBlob.decode(blob) else {
+            problems.append("\(blobID)")
+            return
+        }
+        for e in entries {
+            for id in e.chunkIDs { live.insert(id) }
+            if let sub = e.subtree {
+                live.insert(sub)
+                if visited.insert(sub).inserted { try mark(sub, live: &live, visited: &visited, problems: &problems) }
+            }
+        }
     }
 
     public func blob(_ id: ChunkID) throws -> ByteBuffer? { try chunks.get(id.bytes) }
@@ -183,6 +221,7 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
             try db.execute(sql: "DELETE FROM state WHERE key = 'applying'")
             return Self.snapshot(try Row.fetchOne(db, sql: "SELECT * FROM snapshot WHERE id = last_insert_rowid()")!)
         }
+        received.withLock { $0.removeAll() }
         return (snapshot, stats)
     }
 

@@ -194,6 +194,10 @@ public final class TreeReceiver: @unchecked Sendable {
     let retention: Retention?
     private let queue: DispatchQueue
     private let state = Mutex(State())
+    /// Garbage collection runs after a pruning, at most this often (seconds).
+    let collectionInterval: Double
+    private var lastCollection = Date.distantPast
+    private var droppedSinceCollection = 0
 
     public struct State: Sendable {
         public var phase = "idle"
@@ -204,7 +208,9 @@ public final class TreeReceiver: @unchecked Sendable {
         public var received: UInt64 = 0
     }
 
-    public init(name: String, target: String, directory: String, retention: Retention?, port: any TreePort, logger: Logger) throws {
+    public init(name: String, target: String, directory: String, retention: Retention?, port: any TreePort, logger: Logger,
+                collectionInterval: Double = 300) throws {
+        self.collectionInterval = collectionInterval
         self.name = name
         self.target = target
         self.repository = try TreeRepository(directory: directory)
@@ -296,6 +302,17 @@ public final class TreeReceiver: @unchecked Sendable {
             if !drop.isEmpty {
                 try repository.forget(drop)
                 logger.info("tree snapshots pruned", metadata: ["tree": "\(name)", "snapshots": "\(drop.map(String.init).joined(separator: ","))"])
+                droppedSinceCollection += drop.count
+            }
+            // Garbage collection after pruning, at most every `collectionInterval`.
+            if droppedSinceCollection > 0 && Date().timeIntervalSince(lastCollection) >= collectionInterval {
+                let started = Date()
+                let result = try repository.collectGarbage()
+                lastCollection = Date()
+                droppedSinceCollection = 0
+                logger.info("tree garbage collected", metadata: [
+                    "tree": "\(name)", "chunks": "\(result.chunksRemoved)", "freed": "\(result.bytesFreed)",
+                    "copied": "\(result.bytesCopied)", "seconds": "\(String(format: "%.2f", Date().timeIntervalSince(started)))"])
             }
         } catch {
             logger.warning("tree snapshot pruning failed", metadata: ["tree": "\(name)", "error": "\(error)"])

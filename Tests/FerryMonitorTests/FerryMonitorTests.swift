@@ -86,6 +86,39 @@ struct FerryMonitorTests {
         #expect(text.contains(#"ferry_volume_consistent{volume="vm1"} 1.0"#))
     }
 
+    @Test func treesHaveTheirSeriesForTheStaleSnapshotAlert() throws {
+        let config = try SiteConfig.parse(yaml: Self.config.yaml() + """
+            trees:
+              docs:
+                primary: east
+                source: /srv/docs
+                replicas: { west: /srv/docs }
+                mode: scheduled
+                every: 1h
+            """, path: "/etc/ferry/east.yaml")
+        let registry = PrometheusCollectorRegistry()
+        let sampler = StatusSampler(registry: registry, config: config)
+        var status = Self.status()
+        let snapshot = SiteStatus.Tree.Snapshot(id: 7, time: Date(timeIntervalSince1970: 1_999_999_000),
+                                                committedAt: Date(timeIntervalSince1970: 1_999_999_010), files: 3, bytes: 99)
+        status.trees = [SiteStatus.Tree(
+            name: "docs", role: "primary", source: "/srv/docs", target: nil, mode: "scheduled", schedule: "every 1h", state: "idle",
+            lastSnapshot: snapshot, lagSeconds: 1000, progress: nil, errors: ["x: Permission denied"], lastError: nil, nextRunAt: nil,
+            files: 3, bytes: 99, bytesReceived: nil,
+            replicas: [.init(peer: "west", target: "/srv/docs", state: "in-sync", lastSnapshot: snapshot, lastError: nil,
+                             bytesSentLastRun: 10, bytesSent: 1234, bytesOnWire: 2000)])]
+        sampler.sample(status, now: Date(timeIntervalSince1970: 2_000_000_000))
+        let text = registry.emitToString()
+        for line in [#"ferry_tree_lag_seconds{tree="docs"} 1000.0"#, #"ferry_tree_rpo_target_seconds{tree="docs"} 3600.0"#,
+                     #"ferry_tree_errors{tree="docs"} 1.0"#, #"ferry_tree_files{tree="docs"} 3.0"#,
+                     #"ferry_tree_last_snapshot_timestamp_seconds{tree="docs",peer="west"} 1999999000.0"#,
+                     #"ferry_tree_last_snapshot_id{tree="docs",peer="west"} 7.0"#,
+                     #"ferry_tree_sent_bytes_total{tree="docs",peer="west"} 1234"#,
+                     #"ferry_tree_replica_failed{tree="docs",peer="west"} 0.0"#] {
+            #expect(text.contains(line), "no \(line) in\n\(text)")
+        }
+    }
+
     @Test func historyKeepsFifteenMinutes() {
         let sampler = StatusSampler(registry: PrometheusCollectorRegistry(), config: Self.config)
         let t0 = Date(timeIntervalSince1970: 2_000_000_000)

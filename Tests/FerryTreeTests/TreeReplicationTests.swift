@@ -19,9 +19,9 @@ import Glibc
         let repository: TreeRepository
         let transport: LocalTreeTransport
 
-        init() throws {
+        init(packLimit: UInt64 = 64 << 20) throws {
             try FileManager.default.createDirectory(atPath: base + "/source", withIntermediateDirectories: true)
-            repository = try TreeRepository(directory: base + "/peer")
+            repository = try TreeRepository(directory: base + "/peer", packLimit: packLimit)
             transport = LocalTreeTransport(repository: repository, mirror: base + "/mirror")
         }
 
@@ -292,5 +292,62 @@ import Glibc
         try side.run()
         #expect(try side.repository.snapshots().count == 1)
         #expect(OddTree.differences(side.source, side.mirror).isEmpty)
+    }
+
+    @Test func pruningAndGarbageCollectionFreeSpaceNeverWhatAKeptSnapshotOrARunInProgressNeeds() throws {
+        let side = try Side(packLimit: 2 << 20)
+        var seed: UInt64 = 11
+        OddTree.write(side.source, "stable", OddTree.random(3 << 20, seed: &seed))
+        var described: [Int64: [String: String]] = [:]
+        for generation in 0..<5 {
+            for i in 0..<4 { OddTree.write(side.source, "changing-\(i)", OddTree.random(1 << 20, seed: &seed)) }
+            OddTree.write(side.source, "gen", Array("\(generation)".utf8))
+            let report = try side.run()
+            described[report.snapshot.id] = OddTree.describe(side.source)
+        }
+        let before = side.repository.chunks.packBytes()
+        try side.repository.forget([1, 2, 3])
+        // A run in progress: its chunks arrived, its commit has not.
+        for i in 0..<4 { OddTree.write(side.source, "changing-\(i)", OddTree.random(1 << 20, seed: &seed)) }
+        let scanner = TreeScanner(source: side.source, cache: side.cache)
+        let run = TreeRun(transport: side.transport, sourceRoot: side.source)
+        try run.begin(cacheRoot: side.cacheRoot)
+        let scan = try scanner.scan(into: run)
+        let collected = try side.repository.collectGarbage()
+        let after = side.repository.chunks.packBytes()
+        print("tree gc: \(collected.chunksRemoved) chunks removed, \(collected.packsRemoved) packs removed, \(collected.packsRewritten) rewritten, \(before) → \(after) bytes")
+        #expect(collected.chunksRemoved >= 12)
+        #expect(after < before - (8 << 20), "packs \(before) → \(after)")
+        // The run in progress commits; the kept snapshots restore exactly; verify finds nothing.
+        let report = try run.finish(scan, epoch: 1, sourceTime: Date())
+        described[report.snapshot.id] = OddTree.describe(side.source)
+        #expect(try side.repository.snapshots().map(\.id) == [4, 5, 6])
+        for snapshot in try side.repository.snapshots() {
+            let target = side.base + "/gc-restore-\(snapshot.id)"
+            try side.repository.restore(snapshot, path: [], to: target)
+            #expect(OddTree.differences(described[snapshot.id]!, OddTree.describe(target)).isEmpty, "snapshot \(snapshot.id)")
+        }
+        let verify = try side.repository.verify()
+        #expect(verify.damage.isEmpty, "\(verify.damage)")
+    }
+
+    @Test func verifyNamesTheFilesAndSnapshotsADamagedChunkBreaks() throws {
+        let side = try Side()
+        var seed: UInt64 = 3
+        OddTree.write(side.source, "victim.bin", OddTree.random(100_000, seed: &seed))
+        OddTree.write(side.source, "fine.txt", Array("fine\n".utf8))
+        try side.run()
+        #expect(try side.repository.verify().damage.isEmpty)
+        // Flip a byte inside the victim's data in the pack.
+        let pack = side.repositoryPath + "/chunks/packs/000001.pack"
+        var bytes = try Data(contentsOf: URL(fileURLWithPath: pack))
+        let needle = try Data(contentsOf: URL(fileURLWithPath: side.source + "/victim.bin")).prefix(64)
+        let at = try #require(bytes.range(of: needle)).lowerBound + 10
+        bytes[at] ^= 0xFF
+        try bytes.write(to: URL(fileURLWithPath: pack))
+        let damage = try side.repository.verify().damage
+        #expect(damage.count == 1)
+        #expect(damage.first?.contains("victim.bin in snapshot 1") == true, "\(damage)")
+        #expect(damage.first?.contains("damaged") == true)
     }
 }
