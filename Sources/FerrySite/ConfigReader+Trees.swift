@@ -28,6 +28,9 @@ extension ConfigReader {
         var trees: [TreeConfig] = []
         for (name, value, keyLine) in entries(of: mapping, at: "trees") {
             let path = "trees.\(name)"
+            if volumeNames.contains(name) {
+                report(path, "\"\(name)\" is also a volume's name; give the tree another (ferry promote NAME must mean one thing)", line: keyLine)
+            }
             if !Self.isVolumeName(name) {
                 report(path, "\"\(name)\" is not a valid tree name; use 1 to 63 lowercase letters, digits, "
                        + "dots, dashes and underscores, starting with a letter or digit", line: keyLine)

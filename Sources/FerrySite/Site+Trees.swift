@@ -14,14 +14,15 @@ extension Site {
             let schedule = tree.schedule?.description
             if let source = engine.sources[tree.name] {
                 let s = source.status
-                let replicas = tree.replicas.keys.sorted().map { peer -> SiteStatus.Tree.Replica in
+                let peers = source.settings.peers
+                let replicas = peers.map { peer -> SiteStatus.Tree.Replica in
                     let p = s.peers[peer] ?? TreeSource.PeerState()
                     let state = p.lastError != nil ? "failed" : (s.lagSeconds == 0 && p.lastSnapshot != nil ? "in-sync" : "behind")
-                    return .init(peer: peer, target: tree.replicas[peer], state: state, lastSnapshot: Self.snapshotStatus(p.lastSnapshot),
+                    return .init(peer: peer, target: TreeEngine.directory(tree, on: peer), state: state, lastSnapshot: Self.snapshotStatus(p.lastSnapshot),
                                  lastError: p.lastError, bytesSentLastRun: p.lastRunBytesSent, bytesSent: p.dataBytesTotal,
                                  bytesOnWire: p.wireBytesTotal)
                 }
-                let snapshots = tree.replicas.keys.map { s.peers[$0]?.lastSnapshot }
+                let snapshots = peers.map { s.peers[$0]?.lastSnapshot }
                 let oldest = snapshots.contains { $0 == nil } ? nil : snapshots.compactMap { $0 }.min { $0.sourceTime < $1.sourceTime }
                 let progress = s.progress.map { p -> SiteStatus.Tree.Progress in
                     let elapsed = Date().timeIntervalSince(p.startedAt)
@@ -30,11 +31,11 @@ extension Site {
                     return .init(startedAt: p.startedAt, filesScanned: p.filesScanned, bytesScanned: p.bytesRead,
                                  expectedFiles: p.expectedFiles, expectedBytes: p.expectedBytes, etaSeconds: eta)
                 }
-                out.append(.init(name: tree.name, role: "primary", source: tree.source, target: nil, mode: tree.mode.rawValue,
+                out.append(.init(name: tree.name, role: "primary", source: source.settings.source, target: nil, mode: tree.mode.rawValue,
                                  schedule: schedule, state: s.state, lastSnapshot: Self.snapshotStatus(oldest),
                                  lagSeconds: (s.lagSeconds * 1000).rounded() / 1000, progress: progress, errors: s.problems,
                                  lastError: s.lastError, nextRunAt: s.nextRunAt, files: s.files, bytes: s.bytes, bytesReceived: nil,
-                                 replicas: replicas))
+                                 replicas: replicas, epoch: Int64(source.settings.epoch), keptAside: []))
             } else if let receiver = engine.receivers[tree.name] {
                 let s = receiver.status
                 let lag = s.pendingSince.map { max(0, Date().timeIntervalSince($0)) } ?? 0
@@ -42,7 +43,7 @@ extension Site {
                                  schedule: schedule, state: s.phase, lastSnapshot: Self.snapshotStatus(s.lastSnapshot),
                                  lagSeconds: (lag * 1000).rounded() / 1000, progress: nil, errors: [], lastError: s.lastError,
                                  nextRunAt: nil, files: s.lastSnapshot.map { Int($0.files) }, bytes: s.lastSnapshot.map { UInt64($0.bytes) },
-                                 bytesReceived: s.received, replicas: []))
+                                 bytesReceived: s.received, replicas: [], epoch: Int64(s.epoch), keptAside: s.keptAside))
             }
         }
         return out
@@ -60,15 +61,23 @@ extension Site {
             return reply(404, "error", "no tree \"\(name)\" is configured on site \(config.site.name)" + (known.isEmpty ? "" : " (trees: \(known))"))
         }
         let engine = state.withLockedValue { $0.trees }
+        if action == "promote" {
+            guard let engine else { return reply(500, "error", "the site is not running its trees yet") }
+            do {
+                return reply(200, "message", try engine.promote(name, force: value("force") == "1"))
+            } catch {
+                return reply(409, "error", "\(error)")
+            }
+        }
         if action == "sync" {
             guard let source = engine?.sources[name] else {
                 return reply(409, "error", "site \(config.site.name) is not the primary of tree \(name) (its primary is \(tree.primary)); run sync there")
             }
             source.changed()
-            return reply(200, "message", "a run of \(name) to \(tree.replicas.keys.sorted().joined(separator: ", ")) is starting; `ferry status` shows it")
+            return reply(200, "message", "a run of \(name) to \(source.settings.peers.joined(separator: ", ")) is starting; `ferry status` shows it")
         }
         guard let receiver = engine?.receivers[name] else {
-            let where_ = tree.replicas.keys.sorted().joined(separator: " or ")
+            let where_ = Set([tree.primary] + tree.replicas.keys).subtracting([config.site.name]).sorted().joined(separator: " or ")
             return reply(409, "error", "site \(config.site.name) keeps no replica of tree \(name); its snapshots are on \(where_): run \(action) there")
         }
         let repository = receiver.repository
@@ -114,7 +123,7 @@ extension Site {
                 }
                 return reply(422, "error", "tree \(name): \(report.damage.count) problems:\n" + report.damage.prefix(200).joined(separator: "\n"))
             default:
-                return reply(404, "error", "no tree action \(action); use snapshots, restore, verify or sync")
+                return reply(404, "error", "no tree action \(action); use snapshots, restore, verify, sync or promote")
             }
         } catch {
             return reply(500, "error", "\(action) of tree \(name) failed: \(error)")

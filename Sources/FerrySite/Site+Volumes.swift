@@ -313,7 +313,10 @@ extension Site {
         let pieces = path.split(separator: "?", maxSplits: 1)
         let query = pieces.count > 1 ? pieces[1].split(separator: "&").map(String.init) : []
         let parts = pieces.first.map { $0.split(separator: "/").map(String.init) } ?? []
-        if parts.count == 4, parts[0] == "v1", parts[1] == "trees" {
+        // `ferry promote NAME` of a tree (names of trees and volumes never clash).
+        let isTree = parts.count == 4 && parts[0] == "v1" && (parts[1] == "trees"
+            || (parts[1] == "volumes" && parts[3] == "promote" && config.volume(named: parts[2]) == nil && config.tree(named: parts[2]) != nil))
+        if isTree {
             return treeAction(parts[2], parts[3]) { key in
                 query.first { $0.hasPrefix(key + "=") }.map { String($0.dropFirst(key.count + 1)).removingPercentEncoding ?? "" }
             }

@@ -248,10 +248,48 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         /// On a replica: chunk bytes received since the daemon started.
         public var bytesReceived: UInt64?
         public var replicas: [Replica]
+        /// Bumped by every promotion of the tree.
+        public var epoch: Int64 = 1
+        /// Files a former primary kept aside instead of overwriting (P6), since the daemon started.
+        public var keptAside: [String] = []
 
         private enum CodingKeys: String, CodingKey {
             case name, role, source, target, mode, schedule, state, lastSnapshot, lagSeconds, progress, errors, lastError
-            case nextRunAt, files, bytes, bytesReceived, replicas
+            case nextRunAt, files, bytes, bytesReceived, replicas, epoch, keptAside
+        }
+
+        public init(name: String, role: String, source: String?, target: String?, mode: String, schedule: String?, state: String,
+                    lastSnapshot: Snapshot?, lagSeconds: Double, progress: Progress?, errors: [String], lastError: String?,
+                    nextRunAt: Date?, files: Int?, bytes: UInt64?, bytesReceived: UInt64?, replicas: [Replica],
+                    epoch: Int64 = 1, keptAside: [String] = []) {
+            self.name = name; self.role = role; self.source = source; self.target = target; self.mode = mode
+            self.schedule = schedule; self.state = state; self.lastSnapshot = lastSnapshot; self.lagSeconds = lagSeconds
+            self.progress = progress; self.errors = errors; self.lastError = lastError; self.nextRunAt = nextRunAt
+            self.files = files; self.bytes = bytes; self.bytesReceived = bytesReceived; self.replicas = replicas
+            self.epoch = epoch; self.keptAside = keptAside
+        }
+
+        public init(from decoder: any Decoder) throws {
+            let c = try decoder.container(keyedBy: CodingKeys.self)
+            name = try c.decode(String.self, forKey: .name)
+            role = try c.decode(String.self, forKey: .role)
+            source = try c.decodeIfPresent(String.self, forKey: .source)
+            target = try c.decodeIfPresent(String.self, forKey: .target)
+            mode = try c.decode(String.self, forKey: .mode)
+            schedule = try c.decodeIfPresent(String.self, forKey: .schedule)
+            state = try c.decode(String.self, forKey: .state)
+            lastSnapshot = try c.decodeIfPresent(Snapshot.self, forKey: .lastSnapshot)
+            lagSeconds = try c.decode(Double.self, forKey: .lagSeconds)
+            progress = try c.decodeIfPresent(Progress.self, forKey: .progress)
+            errors = try c.decode([String].self, forKey: .errors)
+            lastError = try c.decodeIfPresent(String.self, forKey: .lastError)
+            nextRunAt = try c.decodeIfPresent(Date.self, forKey: .nextRunAt)
+            files = try c.decodeIfPresent(Int.self, forKey: .files)
+            bytes = try c.decodeIfPresent(UInt64.self, forKey: .bytes)
+            bytesReceived = try c.decodeIfPresent(UInt64.self, forKey: .bytesReceived)
+            replicas = try c.decode([Replica].self, forKey: .replicas)
+            epoch = try c.decodeIfPresent(Int64.self, forKey: .epoch) ?? 1
+            keptAside = try c.decodeIfPresent([String].self, forKey: .keptAside) ?? []
         }
 
         /// `lastSnapshot` and `lagSeconds` are always present (null when there is none yet).
@@ -274,6 +312,8 @@ public struct SiteStatus: Codable, Sendable, Equatable {
             try c.encodeIfPresent(bytes, forKey: .bytes)
             try c.encodeIfPresent(bytesReceived, forKey: .bytesReceived)
             try c.encode(replicas, forKey: .replicas)
+            try c.encode(epoch, forKey: .epoch)
+            if !keptAside.isEmpty { try c.encode(keptAside, forKey: .keptAside) }
         }
     }
 

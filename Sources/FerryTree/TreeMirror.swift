@@ -24,7 +24,14 @@ public final class TreeMirror {
         public var linked = 0
         public var removed = 0
         public var directoriesVisited = 0
+        /// Paths (shown) moved aside instead of being overwritten or removed.
+        public var keptAside: [String] = []
     }
+
+    /// Anything this apply would overwrite or remove whose ctime is after `after` is moved into
+    /// `directory` (same relative path) instead: a former primary's changes that its replica never
+    /// received (P6).
+    public var keepAside: (after: FileTime, directory: String)?
 
     let source: any ChunkSource
     let root: String
@@ -240,9 +247,27 @@ public final class TreeMirror {
         return Array(".ferry-\(getpid())-\(tempCounter).tmp".utf8)
     }
 
+    /// Moves `name` aside when it changed after the keep-aside time; true when it did.
+    private func keptAside(_ fd: Int32, _ name: [UInt8], path: [UInt8], st: stat?) throws -> Bool {
+        guard let keep = keepAside, let st, PosixFS.time(st.st_ctim) > keep.after else { return false }
+        let destination = Array(keep.directory.utf8) + [0x2F] + path
+        let parent = Array(destination[..<(destination.lastIndex(of: 0x2F)!)])
+        var sofar: [UInt8] = []
+        for component in TreePath.components(parent) {
+            sofar += [0x2F] + component
+            _ = PosixFS.withCName(sofar) { mkdir($0, 0o700) }
+        }
+        let rc = PosixFS.withCName(name) { n in PosixFS.withCName(destination) { renameat(fd, n, AT_FDCWD, $0) } }
+        guard rc == 0 else { throw TreeFSError("keep aside (nothing is overwritten)", path) }
+        stats.keptAside.append(TreePath.display(path))
+        return true
+    }
+
     /// Renames `temp` over `name`; a directory in the way is removed first.
     private func replace(_ fd: Int32, _ temp: [UInt8], with name: [UInt8], path: [UInt8], existing: stat?) throws {
-        if let existing, PosixFS.isDirectory(existing) { try removeTree(fd, name, path: path) }
+        if let existing, try keptAside(fd, name, path: path, st: existing) {
+            // Moved aside; `temp` takes the free name.
+        } else if let existing, PosixFS.isDirectory(existing) { try removeTree(fd, name, path: path) }
         let rc = PosixFS.withCName(temp) { t in PosixFS.withCName(name) { renameat(fd, t, fd, $0) } }
         guard rc == 0 else {
             let saved = errno
@@ -276,8 +301,12 @@ public final class TreeMirror {
         guard futimens(fd, &times) == 0 else { throw TreeFSError("set times", path) }
     }
 
-    /// Removes a name and, for a directory, everything under it.
+    /// Removes a name and, for a directory, everything under it (what changed after the
+    /// keep-aside time is moved aside instead).
     func removeTree(_ fd: Int32, _ name: [UInt8], path: [UInt8]) throws {
+        if keepAside != nil, let st = PosixFS.lstat(at: fd, name) {
+            if !PosixFS.isDirectory(st), try keptAside(fd, name, path: path, st: st) { return }
+        }
         if PosixFS.withCName(name, { unlinkat(fd, $0, 0) }) == 0 { return }
         guard errno == EISDIR || errno == EPERM else {
             if errno == ENOENT { return }

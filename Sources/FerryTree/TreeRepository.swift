@@ -93,10 +93,60 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
 
     // MARK: chunks
 
-    /// Of `ids`, the ones this store lacks.
+    /// Of `ids`, the ones this store lacks. Chunks the seed has (the files of a former primary)
+    /// are copied in from them first, so they need not travel.
     public func lacking(_ ids: [ChunkID]) throws -> [ChunkID] {
-        let missing = Set(try chunks.missing(ids.map(\.bytes)).compactMap { ChunkID(bytes: $0) })
+        var missing = Set(try chunks.missing(ids.map(\.bytes)).compactMap { ChunkID(bytes: $0) })
+        if let seed = seed.withLock({ $0 }), !missing.isEmpty {
+            for id in missing {
+                guard let at = seed.chunks[id], let data = Self.read(seed.root, at), ChunkID.of(data) == id else { continue }
+                try chunks.put(data, id: id.bytes)
+                received.withLock { _ = $0.insert(id) }
+                missing.remove(id)
+                seedCopied.add(UInt64(data.readableBytes), ordering: .relaxed)
+            }
+        }
         return ids.filter { missing.contains($0) }
+    }
+
+    /// Where a former primary's files hold chunks: chunk → (path, offset, length) under `root`.
+    public struct Seed: Sendable {
+        public var root: String
+        public var chunks: [ChunkID: (path: [UInt8], offset: UInt64, length: UInt32)]
+
+        /// From a source's files cache: every chunk of every file, where it is.
+        public init(root: String, cache: [[UInt8]: CachedEntry]) {
+            self.root = root
+            var chunks: [ChunkID: (path: [UInt8], offset: UInt64, length: UInt32)] = [:]
+            for (path, c) in cache where c.entry.kind == .file {
+                for segment in c.entry.segments {
+                    var offset = segment.offset
+                    for chunk in segment.chunks {
+                        chunks[chunk.id] = (path, offset, chunk.length)
+                        offset += UInt64(chunk.length)
+                    }
+                }
+            }
+            self.chunks = chunks
+        }
+    }
+
+    private let seed = Mutex<Seed?>(nil)
+    private let seedCopied = Atomic<UInt64>(0)
+    /// Bytes copied from the seed instead of received.
+    public var bytesFromSeed: UInt64 { seedCopied.load(ordering: .relaxed) }
+
+    public func setSeed(_ value: Seed?) { seed.withLock { $0 = value } }
+
+    static func read(_ root: String, _ at: (path: [UInt8], offset: UInt64, length: UInt32)) -> ByteBuffer? {
+        let fd = PosixFS.withCName(Array(root.utf8) + [0x2F] + at.path) { open($0, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) }
+        guard fd >= 0 else { return nil }
+        defer { close(fd) }
+        var buffer = ByteBuffer()
+        let n = buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(at.length)) { raw in
+            max(0, pread(fd, raw.baseAddress!, Int(at.length), off_t(at.offset)))
+        }
+        return n == Int(at.length) ? buffer : nil
     }
 
     /// Stores a chunk after checking that its content hashes to its ID: nothing from the wire is
@@ -183,7 +233,8 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
     /// one) brought to it, then the snapshot recorded. Throws, recording nothing, when a blob or
     /// chunk the manifest names is missing or the mirror cannot be written (a full disk).
     @discardableResult
-    public func commit(root: ChunkID, summary: RunSummary, mirror: String?) throws -> (TreeSnapshot, TreeMirror.Stats) {
+    public func commit(root: ChunkID, summary: RunSummary, mirror: String?,
+                       keepAside: (after: Double, directory: String)? = nil) throws -> (TreeSnapshot, TreeMirror.Stats) {
         try chunks.commit()
         var stats = TreeMirror.Stats()
         if let mirror {
@@ -195,6 +246,10 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
                            uniquingKeysWith: { a, _ in a })
             }
             let writer = try TreeMirror(source: self, into: mirror, full: cutShort, knownGroups: known)
+            if let keepAside {
+                writer.keepAside = (FileTime(seconds: Int64(keepAside.after), nanoseconds: UInt32((keepAside.after - keepAside.after.rounded(.down)) * 1e9)),
+                                    keepAside.directory)
+            }
             try writer.apply(old: try latest()?.rootID, new: root)
             stats = writer.stats
             let fd = PosixFS.openDirectory(mirror)
@@ -233,6 +288,21 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
                 try db.execute(sql: "DELETE FROM snapshot WHERE id = ?", arguments: [id])
             }
         }
+    }
+
+    /// The mirror can no longer be trusted to match the newest snapshot (a former primary's tree,
+    /// now a replica): the next apply compares every file.
+    public func distrustMirror() throws { try setState("applying", "untrusted") }
+
+    /// Whether an apply was cut short (or the mirror is untrusted).
+    public func mirrorNeedsRepair() throws -> Bool { try state("applying") != nil }
+
+    /// Brings the mirror back to the newest snapshot (after an apply that was cut short).
+    public func repairMirror(_ mirror: String) throws {
+        guard let latest = try latest() else { return }
+        let writer = try TreeMirror(source: self, into: mirror, full: true)
+        try writer.apply(old: nil, new: latest.rootID)
+        try setState("applying", nil)
     }
 
     /// Throws unless every blob and chunk under `root` is in the store.

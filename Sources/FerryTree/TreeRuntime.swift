@@ -206,7 +206,21 @@ public final class TreeReceiver: @unchecked Sendable {
         public var lastError: String?
         public var lastSnapshot: TreeSnapshot?
         public var received: UInt64 = 0
+        /// The epoch of the primary this replica follows.
+        public var epoch: UInt64 = 1
+        /// Files this replica kept aside instead of overwriting (they changed here after the last
+        /// snapshot this site sent when it was the primary), as `path → where it is now`.
+        public var keptAside: [String] = []
     }
+
+    /// Called (on the tree's queue) when a primary of a newer epoch says hello: persist it.
+    public var onEpoch: ((UInt64, String) -> Void)?
+    /// Keep aside what changed here after this time (seconds since 1970) instead of overwriting it:
+    /// set when a former primary becomes a replica (P6).
+    public var keepAsideAfter: Double?
+
+    /// Sets the epoch followed (from the catalog, at start).
+    public func follow(epoch: UInt64) { state.withLock { $0.epoch = epoch } }
 
     public init(name: String, target: String, directory: String, retention: Retention?, port: any TreePort, logger: Logger,
                 collectionInterval: Double = 300) throws {
@@ -238,12 +252,20 @@ public final class TreeReceiver: @unchecked Sendable {
 
     private func handle(_ message: TreeMessage, from peer: String) {
         switch message {
-        case .hello(let request, _, let since):
+        case .hello(let request, let epoch, let since):
+            let mine = state.withLock { $0.epoch }
+            guard epoch >= mine else {
+                reply(.failed(request: request, message: "stale epoch: this site follows tree \(name) at epoch \(mine), "
+                              + "\(peer) sent epoch \(epoch); another site was promoted since"), to: peer)
+                return
+            }
             state.withLock {
                 $0.phase = "receiving"
                 $0.source = peer
                 $0.pendingSince = since == 0 ? nil : Date(timeIntervalSince1970: Double(since) / 1000)
+                $0.epoch = epoch
             }
+            if epoch > mine { onEpoch?(epoch, peer) }
             do {
                 let latest = try repository.latest()
                 reply(.latest(request: request, root: latest?.rootID, snapshot: latest?.id ?? 0), to: peer)
@@ -267,7 +289,17 @@ public final class TreeReceiver: @unchecked Sendable {
         case .commit(let request, let root, let summary):
             state.withLock { $0.phase = "applying" }
             do {
-                let (snapshot, stats) = try repository.commit(root: root, summary: summary, mirror: target)
+                let keep = keepAsideAfter.map { (after: $0, directory: target + ".ferry-kept-aside/" + Self.stamp()) }
+                let (snapshot, stats) = try repository.commit(root: root, summary: summary, mirror: target, keepAside: keep)
+                if !stats.keptAside.isEmpty {
+                    keepAsideAfter = nil
+                    state.withLock { $0.keptAside += stats.keptAside }
+                    logger.warning("tree: \(stats.keptAside.count) files changed here after the last snapshot this site sent were kept aside, not overwritten",
+                                   metadata: ["tree": "\(name)", "directory": "\(keep?.directory ?? "")",
+                                              "files": "\(stats.keptAside.prefix(20).joined(separator: ", "))"])
+                } else {
+                    keepAsideAfter = nil
+                }
                 state.withLock {
                     $0.phase = "idle"
                     $0.lastSnapshot = snapshot
@@ -290,6 +322,12 @@ public final class TreeReceiver: @unchecked Sendable {
         case .latest, .lacking, .committed, .failed:
             break
         }
+    }
+
+    static func stamp() -> String {
+        let f = ISO8601DateFormatter()
+        f.formatOptions = [.withInternetDateTime]
+        return f.string(from: Date()).replacingOccurrences(of: ":", with: "")
     }
 
     /// Drops the snapshots the retention policy does not keep (never the newest).

@@ -17,9 +17,12 @@ public final class TreeSource: @unchecked Sendable {
         public var exclude: [String]
         public var compress: Bool
         public var bytesPerSecond: UInt64?
+        /// The tree's epoch on this site: bumped by every promotion, sent in every hello.
+        public var epoch: UInt64 = 1
 
         public init(name: String, source: String, peers: [String], continuous: Bool, schedule: Schedule?,
-                    exclude: [String], compress: Bool, bytesPerSecond: UInt64?) {
+                    exclude: [String], compress: Bool, bytesPerSecond: UInt64?, epoch: UInt64 = 1) {
+            self.epoch = epoch
             self.name = name
             self.source = source
             self.peers = peers
@@ -105,8 +108,10 @@ public final class TreeSource: @unchecked Sendable {
         self.port = port
         var transports: [String: RemoteTreeTransport] = [:]
         for peer in settings.peers {
-            transports[peer] = RemoteTreeTransport(tree: settings.name, peer: peer, port: port, compress: settings.compress,
-                                                   bytesPerSecond: settings.bytesPerSecond)
+            let transport = RemoteTreeTransport(tree: settings.name, peer: peer, port: port, compress: settings.compress,
+                                                bytesPerSecond: settings.bytesPerSecond)
+            transport.epoch = settings.epoch
+            transports[peer] = transport
         }
         self.transports = transports
         shared.withLock { s in for p in settings.peers { s.peers[p] = PeerState() } }
@@ -312,7 +317,9 @@ public final class TreeSource: @unchecked Sendable {
         var reports: [String: TreeRun.Report] = [:]
         for (peer, run) in fan.runs {
             do {
-                reports[peer] = try run.finish(scan, epoch: 1, sourceTime: started)
+                reports[peer] = try run.finish(scan, epoch: Int64(settings.epoch), sourceTime: started)
+                // What this replica has up to: a former primary keeps aside what changed after it.
+                try? catalog.updateTree(settings.name, upsert: [], delete: [], state: ["sent.\(peer)": "\(started.timeIntervalSince1970)"])
             } catch {
                 failed[peer] = "\(error)"
             }

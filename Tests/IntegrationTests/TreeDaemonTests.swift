@@ -155,6 +155,51 @@ import Glibc
         let list = try run(try ferryBinary(), ["tree", "snapshots", "docs", "--config", pair.west.configPath]).stdout
         #expect(list.contains("\n1 ") && list.contains("\n2 "), "\(list)")
     }
+
+    @Test func promotingTheReplicaThenTheFormerPrimaryReturnsAsAReplicaKeepingItsLateChangesAside() throws {
+        let pair = try Pair(mode: "mode: continuous")
+        pair.write("shared.txt", Array("the same on both\n".utf8))
+        pair.write("changed-on-east-later.txt", Array("version 1\n".utf8))
+        pair.write("big.bin", Self.random(8 << 20, seed: 5))
+        try pair.east.start()
+        try pair.west.start()
+        defer { pair.east.stop(); pair.west.stop() }
+        #expect(eventually(.seconds(60)) { pair.tree(pair.west)?.lastSnapshot != nil && (try? pair.rsyncDifferences().isEmpty) == true })
+
+        // East goes away; west is promoted: its copy becomes the source, at epoch 2.
+        pair.east.stop()
+        let promoted = try run(try ferryBinary(), ["promote", "docs", "--config", pair.west.configPath])
+        #expect(promoted.stdout.contains("now the primary of tree docs at epoch 2"), "\(promoted.stdout)\(promoted.stderr)")
+        #expect(pair.tree(pair.west)?.role == "primary")
+        // Promoting again is refused: it is the primary already.
+        let again = try run(try ferryBinary(), ["promote", "docs", "--config", pair.west.configPath], expect: 1)
+        #expect(again.stderr.contains("already the primary"))
+        FileManager.default.createFile(atPath: pair.target + "/written-on-west.txt", contents: Data("new on west\n".utf8))
+        // Meanwhile east, cut off, still changed things: they must not be overwritten silently.
+        pair.write("changed-on-east-later.txt", Array("version 2, written on east after its last snapshot\n".utf8))
+        pair.write("new-on-east.txt", Array("only on east\n".utf8))
+
+        // East returns: it hears west's newer epoch and becomes its replica.
+        try pair.east.start()
+        let followed = eventually(.seconds(90)) {
+            guard let t = pair.tree(pair.east) else { return false }
+            return t.role == "replica" && t.epoch == 2 && FileManager.default.fileExists(atPath: pair.source + "/written-on-west.txt")
+        }
+        #expect(followed, "east log:\n\(pair.east.log(tail: 40))\nwest log:\n\(pair.west.log(tail: 40))")
+        // East's tree is now west's, exactly.
+        let compare = try run("/usr/bin/rsync", ["-anciH", "--delete", pair.target + "/", pair.source + "/"])
+        #expect(compare.stdout.isEmpty, "\(compare.stdout)")
+        // Its late changes were kept aside and are listed.
+        let east = try #require(pair.tree(pair.east))
+        #expect(Set(east.keptAside) == ["changed-on-east-later.txt", "new-on-east.txt"], "\(east.keptAside)")
+        let aside = try FileManager.default.contentsOfDirectory(atPath: pair.source + ".ferry-kept-aside")
+        let kept = try String(contentsOfFile: pair.source + ".ferry-kept-aside/\(aside.first ?? "")/changed-on-east-later.txt", encoding: .utf8)
+        #expect(kept.hasPrefix("version 2"))
+        // Only what changed travelled: not big.bin again.
+        let sent = pair.tree(pair.west)?.replicas.first?.bytesSent ?? .max
+        print("tree failback: west sent \(sent) bytes to bring east back (big.bin is 8 MiB)")
+        #expect(sent < 1 << 20, "west sent \(sent) bytes")
+    }
 }
 
 /// When each file of a burst was written and when it was seen on the peer (monotonic seconds).
