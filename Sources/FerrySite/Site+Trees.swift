@@ -31,9 +31,12 @@ extension Site {
                     return .init(startedAt: p.startedAt, filesScanned: p.filesScanned, bytesScanned: p.bytesRead,
                                  expectedFiles: p.expectedFiles, expectedBytes: p.expectedBytes, etaSeconds: eta)
                 }
+                // A scheduled tree is not watched: its lag is the age of the replicas' copy.
+                var lag = s.lagSeconds
+                if tree.mode == .scheduled, let oldest { lag = max(lag, Date().timeIntervalSince(oldest.sourceTime)) }
                 out.append(.init(name: tree.name, role: "primary", source: source.settings.source, target: nil, mode: tree.mode.rawValue,
                                  schedule: schedule, state: s.state, lastSnapshot: Self.snapshotStatus(oldest),
-                                 lagSeconds: (s.lagSeconds * 1000).rounded() / 1000, progress: progress, errors: s.problems,
+                                 lagSeconds: (lag * 1000).rounded() / 1000, progress: progress, errors: s.problems,
                                  lastError: s.lastError, nextRunAt: s.nextRunAt, files: s.files, bytes: s.bytes, bytesReceived: nil,
                                  replicas: replicas, epoch: Int64(source.settings.epoch), keptAside: []))
             } else if let receiver = engine.receivers[tree.name] {

@@ -300,6 +300,16 @@ extension ChunkStore {
         return result
     }
 
+    /// Drops chunks from the index (damaged ones: a later put stores them again).
+    public func forget(_ ids: [[UInt8]]) throws {
+        try lock.withLock {
+            for id in ids { pending[id] = nil }
+            try db.write { db in
+                for id in ids { try db.execute(sql: "DELETE FROM chunk WHERE id = ?", arguments: [Data(id)]) }
+            }
+        }
+    }
+
     /// Bytes of all pack files.
     public func packBytes() -> UInt64 {
         let names = (try? FileManager.default.contentsOfDirectory(atPath: directory + "/packs")) ?? []

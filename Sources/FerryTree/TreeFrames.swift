@@ -3,7 +3,7 @@ import Foundation
 import NIOCore
 
 extension FrameType {
-    /// Tree replication (protocol.md §7): one ``TreeMessage`` per frame.
+    /// Tree replication (docs/protocol.md §7): one ``TreeMessage`` per frame.
     public static let tree = FrameType(rawValue: 0x20)
 }
 

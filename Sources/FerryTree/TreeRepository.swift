@@ -195,7 +195,16 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         }
     }
 
-    public func blob(_ id: ChunkID) throws -> ByteBuffer? { try chunks.get(id.bytes) }
+    /// A chunk or blob by ID. One that is damaged on disk is dropped from the index (and the
+    /// error thrown): the next run's query then names it lacking and it is sent again.
+    public func blob(_ id: ChunkID) throws -> ByteBuffer? {
+        do {
+            return try chunks.get(id.bytes)
+        } catch {
+            try? chunks.forget([id.bytes])
+            throw error
+        }
+    }
 
     // MARK: snapshots
 
@@ -404,6 +413,12 @@ extension TreeRepository {
         }
         for id in bad.sorted() where users[id] == nil {
             damage.append("chunk \(id) is damaged (no kept snapshot needs it)")
+        }
+        if !bad.isEmpty {
+            // Out of the index: the next run that needs them is told they are lacking and sends them again.
+            try chunks.forget(bad.map(\.bytes))
+            damage.append("the \(bad.count) damaged chunk\(bad.count == 1 ? " is" : "s are") now out of the index: the next run sends "
+                          + "\(bad.count == 1 ? "it" : "them") again if the source still has that data (`ferry tree sync` on the primary)")
         }
         return VerifyReport(chunks: try chunks.count(), snapshots: all.count, damage: damage)
     }

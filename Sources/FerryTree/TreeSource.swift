@@ -196,7 +196,8 @@ public final class TreeSource: @unchecked Sendable {
     private func nextScheduled() -> Date? {
         guard !settings.continuous, let schedule = settings.schedule else { return nil }
         let after = Int64((lastRunStart ?? Date()).timeIntervalSince1970)
-        return Date(timeIntervalSince1970: Double(schedule.nextPoint(afterSeconds: after, utcOffsetSeconds: Int64(TimeZone.current.secondsFromGMT()))))
+        // UTC, as for scheduled volumes (docs/configuration.md).
+        return Date(timeIntervalSince1970: Double(schedule.nextPoint(afterSeconds: after)))
     }
 
     private func loop() {

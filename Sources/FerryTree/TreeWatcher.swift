@@ -44,7 +44,9 @@ public final class TreeWatcher: @unchecked Sendable {
             problem("inotify is unavailable (\(String(cString: strerror(errno)))); rescanning every \(Int(fallbackInterval)) s instead")
             limitReached = true
         } else {
-            addTree(Array(root.utf8), relative: [])
+            // A source given as a symlink is watched where it leads (the scan follows it too).
+            let resolved = realpath(root, nil).map { p -> String in defer { free(p) }; return String(cString: p) } ?? root
+            addTree(Array(resolved.utf8), relative: [])
         }
         let thread = Thread { [self] in loop() }
         thread.name = "ferry-watch"

@@ -346,8 +346,15 @@ import Glibc
         bytes[at] ^= 0xFF
         try bytes.write(to: URL(fileURLWithPath: pack))
         let damage = try side.repository.verify().damage
-        #expect(damage.count == 1)
+        #expect(damage.count == 2)
         #expect(damage.first?.contains("victim.bin in snapshot 1") == true, "\(damage)")
         #expect(damage.first?.contains("damaged") == true)
+        #expect(damage.last?.contains("the next run sends it again") == true)
+        // The next run (a new scan: the cache is dropped) is told the chunk is lacking and sends it.
+        side.cache = [:]
+        side.cacheRoot = nil
+        let repaired = try side.run()
+        #expect(repaired.chunksSent >= 1)
+        #expect(try side.repository.verify().damage.isEmpty)
     }
 }
