@@ -25,14 +25,7 @@ extension ConfigReader {
         var replicas: [String: ReplicaPolicy] = [:]
         for (name, value, keyLine) in entries(of: mapping, at: path) {
             let replicaPath = "\(path).\(name)"
-            if !SiteName.isValid(name) {
-                report(replicaPath, Self.siteNameAdvice(name) + "; a replica is named by its site's site.name", line: keyLine)
-            } else if let message = Self.unknownSite(name, siteName: siteName, peerNames: peerNames) {
-                report(replicaPath, message + "; a replica is kept by this site or one of its peers", line: keyLine)
-            } else if name == primary {
-                report(replicaPath, "\"\(name)\" is the volume's primary; replicas are the other sites that keep a copy, "
-                       + "so leave it out here", line: keyLine)
-            }
+            checkReplicaSite(name, at: replicaPath, line: keyLine, siteName: siteName, peerNames: peerNames, primary: primary, of: "volume")
             var hint = "; write it as `\(name): { mode: sync }`"
             if case .scalar(let scalar) = value, let mode = ReplicationMode(rawValue: scalar.string.lowercased()) {
                 hint = "; write it as `\(name): { mode: \(mode.rawValue) }`"
@@ -192,6 +185,19 @@ extension ConfigReader {
             return nil
         }
         return bytes
+    }
+
+    /// A replica's key: a valid site name, this site or a peer, and not the primary of `of` (volume or tree).
+    mutating func checkReplicaSite(_ name: String, at replicaPath: String, line keyLine: Int?, siteName: String?,
+                                   peerNames: [String]?, primary: String?, of what: String) {
+        if !SiteName.isValid(name) {
+            report(replicaPath, Self.siteNameAdvice(name) + "; a replica is named by its site's site.name", line: keyLine)
+        } else if let message = Self.unknownSite(name, siteName: siteName, peerNames: peerNames) {
+            report(replicaPath, message + "; a replica is kept by this site or one of its peers", line: keyLine)
+        } else if name == primary {
+            report(replicaPath, "\"\(name)\" is the \(what)'s primary; replicas are the other sites that keep a copy, "
+                   + "so leave it out here", line: keyLine)
+        }
     }
 
     /// `resync-rate`: a size per second, `100M` or `100M/s`.

@@ -104,14 +104,7 @@ extension ConfigReader {
         var replicas: [String: String] = [:]
         for (name, value, keyLine) in entries(of: mapping, at: path) {
             let replicaPath = "\(path).\(name)"
-            if !SiteName.isValid(name) {
-                report(replicaPath, Self.siteNameAdvice(name) + "; a replica is named by its site's site.name", line: keyLine)
-            } else if let message = Self.unknownSite(name, siteName: siteName, peerNames: peerNames) {
-                report(replicaPath, message + "; a replica is kept by this site or one of its peers", line: keyLine)
-            } else if name == primary {
-                report(replicaPath, "\"\(name)\" is the tree's primary; replicas are the other sites that keep a copy, "
-                       + "so leave it out here", line: keyLine)
-            }
+            checkReplicaSite(name, at: replicaPath, line: keyLine, siteName: siteName, peerNames: peerNames, primary: primary, of: "tree")
             var target: String?
             if case .scalar(let scalar) = value {
                 if scalar.string.isEmpty {

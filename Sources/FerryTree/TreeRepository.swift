@@ -244,7 +244,10 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
     @discardableResult
     public func commit(root: ChunkID, summary: RunSummary, mirror: String?,
                        keepAside: (after: Double, directory: String)? = nil) throws -> (TreeSnapshot, TreeMirror.Stats) {
-        try chunks.commit()
+        // The mirror is written from the chunks as they are (the store finds those not yet
+        // indexed); then the mirror's filesystem is synced and the chunks made durable and indexed
+        // (one flush of the disk, not two: on the same filesystem the pack is clean by then); only
+        // then is the snapshot recorded.
         var stats = TreeMirror.Stats()
         if let mirror {
             try FileManager.default.createDirectory(atPath: mirror, withIntermediateDirectories: true)
@@ -268,6 +271,7 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
                 close(fd)
                 guard rc == 0 else { throw TreeFSError("sync the mirror's filesystem", Array(mirror.utf8), saved) }
             }
+            try chunks.commit()
             try db.write { db in
                 for (group, path) in writer.groups {
                     try db.execute(sql: "INSERT OR REPLACE INTO link_group (grp, path) VALUES (?, ?)",
@@ -275,6 +279,7 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
                 }
             }
         } else {
+            try chunks.commit()
             try checkComplete(root)
         }
         let snapshot: TreeSnapshot = try db.write { db in

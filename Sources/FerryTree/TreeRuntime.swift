@@ -21,7 +21,7 @@ public protocol TreePort: AnyObject, Sendable {
 
 /// A ``TreeTransport`` over a peer link: requests carry IDs, the replies arrive through
 /// ``deliver(_:)``; a lost link fails every call waiting on it.
-public final class RemoteTreeTransport: TreeTransport, @unchecked Sendable {
+public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Sendable {
     public let tree: String
     public let peer: String
     let port: any TreePort
@@ -102,6 +102,11 @@ public final class RemoteTreeTransport: TreeTransport, @unchecked Sendable {
     }
 
     private func request(_ make: (UInt64) -> TreeMessage) throws -> TreeMessage {
+        try wait(for: try start(make))
+    }
+
+    /// Sends a request; its answer is waited for with ``wait(for:)``.
+    private func start(_ make: (UInt64) -> TreeMessage) throws -> UInt64 {
         condition.lock()
         if let failure {
             condition.unlock()
@@ -111,6 +116,10 @@ public final class RemoteTreeTransport: TreeTransport, @unchecked Sendable {
         nextRequest += 1
         condition.unlock()
         try send(make(id))
+        return id
+    }
+
+    private func wait(for id: UInt64) throws -> TreeMessage {
         condition.lock()
         defer { condition.unlock() }
         let deadline = Date().addingTimeInterval(timeout)
@@ -146,6 +155,18 @@ public final class RemoteTreeTransport: TreeTransport, @unchecked Sendable {
             start += part.count
         }
         return out
+    }
+
+    public func ask(_ ids: [ChunkID]) throws -> UInt64 {
+        precondition(ids.count <= TreeMessage.maxIDs)
+        return try start { .query(request: $0, ids: ids) }
+    }
+
+    public func answer(_ ticket: UInt64) throws -> [ChunkID] {
+        guard case .lacking(_, let lacking) = try wait(for: ticket) else {
+            throw Failed(description: "\(peer) answered a query out of turn")
+        }
+        return lacking
     }
 
     public func put(_ id: ChunkID, _ data: ByteBuffer) throws {

@@ -17,6 +17,13 @@ public protocol TreeTransport: AnyObject {
     func commit(root: ChunkID, summary: RunSummary) throws -> TreeSnapshot
 }
 
+/// A transport whose queries can be in flight several at once: ``ask(_:)`` sends one, and
+/// ``answer(_:)`` waits for its answer. Answers come in the order the queries were asked.
+public protocol PipelinedTreeTransport: TreeTransport {
+    func ask(_ ids: [ChunkID]) throws -> UInt64
+    func answer(_ ticket: UInt64) throws -> [ChunkID]
+}
+
 /// The peer's store in this process: for tests and for restoring locally.
 public final class LocalTreeTransport: TreeTransport {
     public let repository: TreeRepository
@@ -66,6 +73,9 @@ public final class TreeRun: ScanSink {
     let batchBytes: Int
     let batchCount: Int
     private var held: [(ChunkID, ByteBuffer)] = []
+    /// Batches asked about whose answers are not in yet (pipelined transports).
+    private var inFlight: [(ticket: UInt64, batch: [(ChunkID, ByteBuffer)])] = []
+    let maxInFlight = 3
     private var heldBytes = 0
     private var offered = Set<ChunkID>()
     /// Unread files whose chunks must be asked about (the peer may not have them).
@@ -102,6 +112,7 @@ public final class TreeRun: ScanSink {
         let (root, rootBlob) = Self.rootBlob(scan, sourceRoot: sourceRoot)
         try offer(root, rootBlob)
         try flush()
+        try settleAll()
         try flushUnread()
         let summary = RunSummary(sourceTime: sourceTime, epoch: epoch, files: Int64(scan.files),
                                  directories: Int64(scan.directories), bytes: Int64(scan.bytes))
@@ -140,10 +151,36 @@ public final class TreeRun: ScanSink {
         if heldBytes >= batchBytes || held.count >= batchCount { try flush() }
     }
 
+    /// Offers what is held. Over a link the query is not waited for: up to ``maxInFlight``
+    /// batches are asked about at once, so the scan, the network and the replica's disk overlap;
+    /// the oldest batch's lacking chunks are sent when its answer is in.
     private func flush() throws {
         guard !held.isEmpty else { return }
-        let lacking = Set(try transport.lacking(held.map(\.0)))
-        for (id, data) in held {
+        let batch = held
+        held.removeAll(keepingCapacity: true)
+        heldBytes = 0
+        if let pipelined = transport as? any PipelinedTreeTransport {
+            let ticket = try pipelined.ask(batch.map(\.0))
+            inFlight.append((ticket, batch))
+            while inFlight.count > maxInFlight { try settleOldest(pipelined) }
+            return
+        }
+        try send(batch, lacking: Set(try transport.lacking(batch.map(\.0))))
+    }
+
+    private func settleOldest(_ pipelined: any PipelinedTreeTransport) throws {
+        let (ticket, batch) = inFlight.removeFirst()
+        try send(batch, lacking: Set(try pipelined.answer(ticket)))
+    }
+
+    /// Waits for every batch still asked about and sends what they lack.
+    private func settleAll() throws {
+        guard let pipelined = transport as? any PipelinedTreeTransport else { return }
+        while !inFlight.isEmpty { try settleOldest(pipelined) }
+    }
+
+    private func send(_ batch: [(ChunkID, ByteBuffer)], lacking: Set<ChunkID>) throws {
+        for (id, data) in batch {
             if lacking.contains(id) {
                 try transport.put(id, data)
                 chunksSent += 1
@@ -152,8 +189,6 @@ public final class TreeRun: ScanSink {
                 chunksSkipped += 1
             }
         }
-        held.removeAll(keepingCapacity: true)
-        heldBytes = 0
     }
 
     /// Asks about the chunks of files not read this scan, and reads and sends what the peer lacks.

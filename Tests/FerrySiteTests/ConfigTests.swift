@@ -434,4 +434,5 @@ struct ConfigTemporaryDirectory {
     // It shows replicas of every mode.
     let modes = Set(config.volumes.flatMap { $0.replicas.values.map(\.mode) })
     #expect(modes == Set(ReplicationMode.allCases))
+    #expect(!config.trees.isEmpty, "the example shows a tree too")
 }
