@@ -24,6 +24,8 @@ final class TreeEngine: TreePort, @unchecked Sendable {
     private let catalog: Catalog
     private let logger: Logger
     private let port = PortBox()
+    /// Trees this site is turning from primary into replica (a second newer hello waits for it).
+    private let demoting = NIOLockedValueBox<Set<String>>([])
 
     init(config: SiteConfig, catalog: Catalog, logger: Logger) throws {
         self.config = config
@@ -122,10 +124,11 @@ final class TreeEngine: TreePort, @unchecked Sendable {
                 receiver.received(message, from: peer)
             case .source(let source):
                 let newer = epoch(of: message)
-                if newer > source.settings.epoch {
+                if newer > source.settings.epoch, demoting.withLockedValue({ $0.insert(tree).inserted }) {
                     // Another site was promoted: become its replica, off the link's loop.
                     DispatchQueue.global().async { [self] in demote(tree, to: peer, epoch: newer, then: message) }
                 } else {
+                    if newer > source.settings.epoch { return }   // becoming a replica already
                     _ = send([TreeMessage.failed(request: request, message: "\(config.site.name) is the primary of tree \(tree) "
                                                  + "at epoch \(source.settings.epoch) too: promote one site and demote the other").frame(tree: tree)], to: peer)
                 }
@@ -171,14 +174,26 @@ final class TreeEngine: TreePort, @unchecked Sendable {
                           + "two primaries. Stop it (or cut it off) first, or give --force for a planned switch (\(current) then "
                           + "becomes a replica of this site and keeps aside what it changed since its last snapshot here)")
         }
-        // What is queued is applied first; a mirror cut short is brought back to the last snapshot.
-        try receiver.sync {
-            if try receiver.repository.mirrorNeedsRepair() { try receiver.repository.repairMirror(receiver.target) }
+        if try receiver.repository.awaitingFirstSnapshot() {
+            throw Refused(description: "site \(config.site.name) was the primary of tree \(name) and has not yet received a snapshot "
+                          + "from the site that replaced it; its directory holds its own files, not a snapshot. Wait for that "
+                          + "snapshot, or promote the other site")
         }
         let epoch = status.epoch + 1
-        try catalog.updateTree(name, upsert: [], delete: [], state: ["role": "primary", "epoch": "\(epoch)"])
         let source = makeSource(tree, epoch: epoch)
+        // From now on frames of the tree go to the new source (a late commit of the former
+        // primary is refused); then what was already queued is finished, and a mirror cut short is
+        // brought back to the last snapshot, before the source is started.
         runtimes.withLockedValue { $0[name] = .source(source) }
+        do {
+            try receiver.sync {
+                if try receiver.repository.mirrorNeedsRepair() { try receiver.repository.repairMirror(receiver.target) }
+            }
+            try catalog.updateTree(name, upsert: [], delete: [], state: ["role": "primary", "epoch": "\(epoch)"])
+        } catch {
+            runtimes.withLockedValue { $0[name] = .receiver(receiver) }
+            throw error
+        }
         try source.start()
         logger.notice("tree promoted", metadata: ["tree": "\(name)", "epoch": "\(epoch)", "snapshot": "\(snapshot.id)"])
         return "site \(config.site.name) is now the primary of tree \(name) at epoch \(epoch): \(receiver.target) is the source, "
@@ -189,6 +204,7 @@ final class TreeEngine: TreePort, @unchecked Sendable {
     /// This site was the primary; `peer` was promoted at `epoch`: become its replica, keeping
     /// aside what changed here after the last snapshot sent to it.
     private func demote(_ name: String, to peer: String, epoch: UInt64, then message: TreeMessage) {
+        defer { demoting.withLockedValue { _ = $0.remove(name) } }
         guard let tree = config.tree(named: name), case .source(let source) = runtimes.withLockedValue({ $0[name] }) else { return }
         source.stop()
         do {
@@ -199,7 +215,7 @@ final class TreeEngine: TreePort, @unchecked Sendable {
             for (path, record) in try catalog.treeFiles(tree: name) { cache[path] = CachedEntry(encoded: record) }
             receiver.repository.setSeed(TreeRepository.Seed(root: receiver.target, cache: cache))
             try receiver.repository.distrustMirror()
-            receiver.keepAsideAfter = state["sent.\(peer)"].flatMap(Double.init) ?? 0
+            try receiver.repository.keepAsideAfter(state["sent.\(peer)"].flatMap(Double.init) ?? 0)
             runtimes.withLockedValue { $0[name] = .receiver(receiver) }
             logger.warning("tree: \(peer) was promoted (epoch \(epoch)); this site is now its replica. What changed here after the last snapshot sent to \(peer) is kept aside in \(receiver.target).ferry-kept-aside/",
                            metadata: ["tree": "\(name)"])

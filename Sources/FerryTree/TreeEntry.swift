@@ -232,6 +232,14 @@ public enum DirectoryBlob {
             case .fifo:
                 break
             }
+            // A name is one path component: never empty, `.`, `..`, nor holding `/` or NUL, and
+            // the names are sorted and unique, so a manifest cannot reach outside its directory.
+            guard !name.isEmpty || count == 1, name != [0x2E], name != [0x2E, 0x2E], !name.contains(0x2F), !name.contains(0) else {
+                throw Malformed(description: "directory blob has an entry named \"\(TreePath.display(name))\", which is not a file name")
+            }
+            if let previous = entries.last, !previous.name.lexicographicallyPrecedes(name) {
+                throw Malformed(description: "directory blob's names are not sorted and unique at \"\(TreePath.display(name))\"")
+            }
             entries.append(e)
         }
         guard b.readableBytes == 0 else { throw Malformed(description: "directory blob has \(b.readableBytes) bytes past its last entry") }

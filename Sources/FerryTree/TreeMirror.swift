@@ -315,11 +315,11 @@ public final class TreeMirror {
         let sub = PosixFS.openDirectory(at: fd, name)
         guard sub >= 0 else { throw TreeFSError("open directory", path) }
         // A read-only directory cannot lose its entries.
+        defer { close(sub) }
         _ = fchmod(sub, 0o700)
         for child in PosixFS.names(in: sub) ?? [] {
             try removeTree(sub, child, path: TreePath.join(path, child))
         }
-        close(sub)
         guard PosixFS.withCName(name, { unlinkat(fd, $0, AT_REMOVEDIR) }) == 0 else { throw TreeFSError("remove directory", path) }
     }
 }

@@ -175,6 +175,10 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
             guard visited.insert(snapshot.rootID).inserted else { continue }
             try mark(snapshot.rootID, live: &live, visited: &visited, problems: &problems)
         }
+        // A manifest that cannot be read means what it names is unknown: collect nothing.
+        if let first = problems.first {
+            throw TreeMirror.Incomplete(description: "garbage collection skipped: the manifest \(first)\(problems.count > 1 ? " and \(problems.count - 1) more" : "") could not be read, so what kept snapshots need is not known")
+        }
         return try chunks.collect(maxDeadFraction: maxDeadFraction) { bytes in
             guard let id = ChunkID(bytes: bytes) else { return true }
             return live.contains(id)
@@ -182,7 +186,7 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
     }
 
     private func mark(_ blobID: ChunkID, live: inout Set<ChunkID>, visited: inout Set<ChunkID>, problems: inout [String]) throws {
-        guard let blob = try blob(blobID), let entries = try? DirectoryBlob.decode(blob) else {
+        guard let blob = try? blob(blobID), let entries = try? DirectoryBlob.decode(blob) else {
             problems.append("\(blobID)")
             return
         }
@@ -201,9 +205,30 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         do {
             return try chunks.get(id.bytes)
         } catch {
-            try? chunks.forget([id.bytes])
+            if Self.isDamage(error) { try? forgetDamaged([id]) }
             throw error
         }
+    }
+
+    /// A checksum or record mismatch (not a passing I/O error such as EMFILE).
+    static func isDamage(_ error: any Error) -> Bool {
+        let text = "\(error)"
+        return text.contains("fails its checksum") || text.contains("is not the chunk the index names")
+    }
+
+    /// Takes damaged chunks out of the index and marks the store incomplete: until the next
+    /// commit, hello answers "no snapshot", so the primary asks about every chunk and sends them
+    /// again, and the next apply compares every file.
+    func forgetDamaged(_ ids: [ChunkID]) throws {
+        try chunks.forget(ids.map(\.bytes))
+        try setState("incomplete", "damaged chunks dropped")
+        try setState("applying", "untrusted")
+    }
+
+    /// The root the primary is told this replica has: nil while chunks are known to be missing.
+    public func advertisedRoot() throws -> (root: ChunkID, id: Int64)? {
+        guard try state("incomplete") == nil, let latest = try latest() else { return nil }
+        return (latest.rootID, latest.id)
     }
 
     // MARK: snapshots
@@ -258,6 +283,9 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
                            uniquingKeysWith: { a, _ in a })
             }
             let writer = try TreeMirror(source: self, into: mirror, full: cutShort, knownGroups: known)
+            let keepAside = try keepAside ?? self.state("keepAsideAfter").flatMap(Double.init).map {
+                (after: $0, directory: mirror + ".ferry-kept-aside/" + TreeReceiver.stamp())
+            }
             if let keepAside {
                 writer.keepAside = (FileTime(seconds: Int64(keepAside.after), nanoseconds: UInt32((keepAside.after - keepAside.after.rounded(.down)) * 1e9)),
                                     keepAside.directory)
@@ -265,12 +293,11 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
             try writer.apply(old: try latest()?.rootID, new: root)
             stats = writer.stats
             let fd = PosixFS.openDirectory(mirror)
-            if fd >= 0 {
-                let rc = ferry_syncfs(fd)
-                let saved = errno
-                close(fd)
-                guard rc == 0 else { throw TreeFSError("sync the mirror's filesystem", Array(mirror.utf8), saved) }
-            }
+            guard fd >= 0 else { throw TreeFSError("open the mirror to sync it", Array(mirror.utf8)) }
+            let rc = ferry_syncfs(fd)
+            let saved = errno
+            close(fd)
+            guard rc == 0 else { throw TreeFSError("sync the mirror's filesystem", Array(mirror.utf8), saved) }
             try chunks.commit()
             try db.write { db in
                 for (group, path) in writer.groups {
@@ -287,7 +314,7 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
                 INSERT INTO snapshot (root, committedAt, sourceTime, epoch, files, directories, bytes) VALUES (?, ?, ?, ?, ?, ?, ?)
                 """, arguments: [root.hex, Date().timeIntervalSince1970, summary.sourceTime.timeIntervalSince1970, summary.epoch,
                                  summary.files, summary.directories, summary.bytes])
-            try db.execute(sql: "DELETE FROM state WHERE key = 'applying'")
+            try db.execute(sql: "DELETE FROM state WHERE key IN ('applying', 'incomplete', 'keepAsideAfter')")
             return Self.snapshot(try Row.fetchOne(db, sql: "SELECT * FROM snapshot WHERE id = last_insert_rowid()")!)
         }
         received.withLock { $0.removeAll() }
@@ -307,6 +334,13 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
     /// The mirror can no longer be trusted to match the newest snapshot (a former primary's tree,
     /// now a replica): the next apply compares every file.
     public func distrustMirror() throws { try setState("applying", "untrusted") }
+
+    /// Keep aside, at the next commit, what changed in the mirror after `time` (a former primary
+    /// turned replica, P6); kept across restarts until that commit.
+    public func keepAsideAfter(_ time: Double) throws { try setState("keepAsideAfter", "\(time)") }
+
+    /// Whether this site became a replica and has not yet committed a snapshot of the new primary.
+    public func awaitingFirstSnapshot() throws -> Bool { try state("keepAsideAfter") != nil }
 
     /// Whether an apply was cut short (or the mirror is untrusted).
     public func mirrorNeedsRepair() throws -> Bool { try state("applying") != nil }
@@ -421,7 +455,7 @@ extension TreeRepository {
         }
         if !bad.isEmpty {
             // Out of the index: the next run that needs them is told they are lacking and sends them again.
-            try chunks.forget(bad.map(\.bytes))
+            try forgetDamaged(Array(bad))
             damage.append("the \(bad.count) damaged chunk\(bad.count == 1 ? " is" : "s are") now out of the index: the next run sends "
                           + "\(bad.count == 1 ? "it" : "them") again if the source still has that data (`ferry tree sync` on the primary)")
         }

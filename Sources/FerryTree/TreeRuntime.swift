@@ -236,9 +236,6 @@ public final class TreeReceiver: @unchecked Sendable {
 
     /// Called (on the tree's queue) when a primary of a newer epoch says hello: persist it.
     public var onEpoch: ((UInt64, String) -> Void)?
-    /// Keep aside what changed here after this time (seconds since 1970) instead of overwriting it:
-    /// set when a former primary becomes a replica (P6).
-    public var keepAsideAfter: Double?
 
     /// Sets the epoch followed (from the catalog, at start).
     public func follow(epoch: UInt64) { state.withLock { $0.epoch = epoch } }
@@ -288,8 +285,8 @@ public final class TreeReceiver: @unchecked Sendable {
             }
             if epoch > mine { onEpoch?(epoch, peer) }
             do {
-                let latest = try repository.latest()
-                reply(.latest(request: request, root: latest?.rootID, snapshot: latest?.id ?? 0), to: peer)
+                let latest = try repository.advertisedRoot()
+                reply(.latest(request: request, root: latest?.root, snapshot: latest?.id ?? 0), to: peer)
             } catch {
                 reply(.failed(request: request, message: "\(error)"), to: peer)
             }
@@ -308,18 +305,19 @@ public final class TreeReceiver: @unchecked Sendable {
                 state.withLock { $0.lastError = "\(error)" }
             }
         case .commit(let request, let root, let summary):
+            let followed = state.withLock { $0.epoch }
+            guard UInt64(max(0, summary.epoch)) >= followed else {
+                reply(.failed(request: request, message: "stale epoch: this site follows tree \(name) at epoch \(followed), the run is of epoch \(summary.epoch)"), to: peer)
+                return
+            }
             state.withLock { $0.phase = "applying" }
             do {
-                let keep = keepAsideAfter.map { (after: $0, directory: target + ".ferry-kept-aside/" + Self.stamp()) }
-                let (snapshot, stats) = try repository.commit(root: root, summary: summary, mirror: target, keepAside: keep)
+                let (snapshot, stats) = try repository.commit(root: root, summary: summary, mirror: target)
                 if !stats.keptAside.isEmpty {
-                    keepAsideAfter = nil
                     state.withLock { $0.keptAside += stats.keptAside }
                     logger.warning("tree: \(stats.keptAside.count) files changed here after the last snapshot this site sent were kept aside, not overwritten",
-                                   metadata: ["tree": "\(name)", "directory": "\(keep?.directory ?? "")",
+                                   metadata: ["tree": "\(name)", "directory": "\(target).ferry-kept-aside/",
                                               "files": "\(stats.keptAside.prefix(20).joined(separator: ", "))"])
-                } else {
-                    keepAsideAfter = nil
                 }
                 state.withLock {
                     $0.phase = "idle"

@@ -36,7 +36,7 @@ public final class LocalTreeTransport: TreeTransport {
         self.mirror = mirror
     }
 
-    public func latestRoot() throws -> ChunkID? { try repository.latest()?.rootID }
+    public func latestRoot() throws -> ChunkID? { try repository.advertisedRoot()?.root }
     public func lacking(_ ids: [ChunkID]) throws -> [ChunkID] { try repository.lacking(ids) }
     public func put(_ id: ChunkID, _ data: ByteBuffer) throws {
         try repository.put(id, data)

@@ -111,7 +111,17 @@ public final class TreeWatcher: @unchecked Sendable {
         }
     }
 
+    private var rewatch = false
+
     private func handle(_ buffer: [UInt8], count: Int) {
+        defer {
+            if rewatch {
+                rewatch = false
+                watches.removeAll()
+                let resolved = realpath(root, nil).map { p -> String in defer { free(p) }; return String(cString: p) } ?? root
+                addTree(Array(resolved.utf8), relative: [])
+            }
+        }
         buffer.withUnsafeBytes { raw in
             var offset = 0
             while offset + MemoryLayout<inotify_event>.size <= count {
@@ -121,7 +131,12 @@ public final class TreeWatcher: @unchecked Sendable {
                 let nameBytes = raw[(offset + 16)..<(offset + 16 + length)]
                 let name = Array(nameBytes.prefix { $0 != 0 })
                 offset += 16 + length
-                if mask & UInt32(IN_Q_OVERFLOW) != 0 { continue }   // the next scan covers everything
+                if mask & UInt32(IN_Q_OVERFLOW) != 0 || (mask & UInt32(IN_ISDIR) != 0 && mask & UInt32(IN_MOVED_FROM | IN_MOVED_TO) != 0) {
+                    // The next scan covers every file; the watches are laid again from the root so
+                    // that directories made meanwhile, or moved (their paths changed), are watched.
+                    rewatch = true
+                    continue
+                }
                 if mask & UInt32(IN_IGNORED) != 0 { watches[wd] = nil; continue }
                 if mask & UInt32(IN_ISDIR) != 0 && mask & UInt32(IN_CREATE | IN_MOVED_TO) != 0, let parent = watches[wd] {
                     let relative = TreePath.join(parent, name)

@@ -53,5 +53,13 @@ import Testing
         var cut = blob
         cut.moveWriterIndex(to: cut.writerIndex - 3)
         #expect(throws: DirectoryBlob.Malformed.self) { try DirectoryBlob.decode(cut) }
+        // A manifest cannot name its way out of its directory, nor list a name twice.
+        let file = entries[0]
+        for bad in [[0x2E, 0x2E], [0x2E], Array("a/b".utf8), Array("/etc/passwd".utf8), [0x61, 0x00]] as [[UInt8]] {
+            var e = file
+            e.name = bad
+            #expect(throws: DirectoryBlob.Malformed.self, "\(bad)") { try DirectoryBlob.decode(DirectoryBlob.encode([e, file])) }
+        }
+        #expect(throws: DirectoryBlob.Malformed.self) { try DirectoryBlob.decode(DirectoryBlob.encode([file, file])) }
     }
 }
