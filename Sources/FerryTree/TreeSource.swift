@@ -84,6 +84,8 @@ public final class TreeSource: @unchecked Sendable {
     private var cacheRoot: ChunkID?
     private var lastRunStart: Date?
     private var lastRunFailed = false
+    /// A run is under way (guarded by `condition`).
+    private var running = false
     /// A run was under way when the daemon stopped (the catalog says): it resumes at start.
     private var interrupted = false
 
@@ -164,7 +166,8 @@ public final class TreeSource: @unchecked Sendable {
     public func linkUp(_ peer: String) {
         guard transports[peer] != nil else { return }
         condition.lock()
-        if settings.continuous || lastRunFailed { dirty = true }
+        // A link that comes up during a run (which may have found no replica connected) runs again.
+        if settings.continuous || lastRunFailed || running { dirty = true }
         condition.broadcast()
         condition.unlock()
     }
@@ -220,6 +223,7 @@ public final class TreeSource: @unchecked Sendable {
                 return
             }
             dirty = false
+            running = true
             covering = pendingSince ?? Date()
             pendingSince = nil
             condition.unlock()
@@ -229,6 +233,7 @@ public final class TreeSource: @unchecked Sendable {
             let ok = outcome == .done
             if ok { try? catalog.updateTree(settings.name, upsert: [], delete: [], state: ["running": nil]) }
             condition.lock()
+            running = false
             lastRunFailed = !ok
             if outcome == .noReplica {
                 // Nothing to send to: wait (without a backoff) until a replica's link comes up.
