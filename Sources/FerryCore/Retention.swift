@@ -30,7 +30,7 @@ public struct Retention: Sendable, Equatable, CustomStringConvertible {
     public static func parseGrid(_ text: String) -> [Interval]? {
         var out: [Interval] = []
         for part in text.split(separator: "|", omittingEmptySubsequences: false) {
-            let trimmed = part.trimmingCharacters(in: " \t")
+            let trimmed = String(part).trimmingSpaces()
             let pieces = trimmed.split(separator: "x", maxSplits: 1)
             guard pieces.count == 2, let count = Int(pieces[0]), count >= 1, count <= 100_000,
                   let seconds = DurationText.parseSeconds(String(pieces[1])), seconds >= 1 else { return nil }
@@ -76,14 +76,5 @@ public struct Retention: Sendable, Equatable, CustomStringConvertible {
             }
         }
         return keep
-    }
-}
-
-private extension Substring {
-    func trimmingCharacters(in set: String) -> String {
-        var s = self
-        while let c = s.first, set.contains(c) { s.removeFirst() }
-        while let c = s.last, set.contains(c) { s.removeLast() }
-        return String(s)
     }
 }

@@ -1,3 +1,4 @@
+import FerryCore
 import FerryTree
 import Foundation
 
@@ -93,14 +94,16 @@ extension Site {
                 var lines = ["ID      TIME (source, UTC)     FILES        SIZE  ROOT"]
                 for s in all {
                     lines.append(String(format: "%-7lld ", s.id) + f.string(from: s.sourceTime).padding(toLength: 22, withPad: " ", startingAt: 0)
-                                 + String(format: " %8lld  %10@  %@", s.files, Self.size(UInt64(s.bytes)), String(s.root.prefix(12))))
+                                 + String(format: " %8lld  %10@  %@", s.files, ByteSize.format(UInt64(s.bytes)), String(s.root.prefix(12))))
                 }
                 lines.append("restore one with: ferry tree restore \(name) --at ID|TIME --to DIR [--path SUBPATH]")
                 return reply(200, "message", lines.joined(separator: "\n"))
             case "restore":
                 guard let at = value("at"), !at.isEmpty else { return reply(400, "error", "give --at: a snapshot ID or a UTC time such as 2026-11-30T23:00:00Z") }
                 guard let to = value("to"), to.hasPrefix("/") else { return reply(400, "error", "give --to: the directory to restore into (an absolute path)") }
-                guard let snapshot = try repository.snapshot(at: at) else {
+                let selected = try Int64(at).map { try repository.snapshot(id: $0) }
+                    ?? Self.parseISOTime(at).flatMap { try repository.snapshot(atOrBefore: Date(timeIntervalSince1970: $0)) }
+                guard let snapshot = selected else {
                     let all = try repository.snapshots()
                     let range = all.isEmpty ? "there are none yet" : "they run from \(all.first!.id) (\(ISO8601DateFormatter().string(from: all.first!.sourceTime))) to \(all.last!.id) (\(ISO8601DateFormatter().string(from: all.last!.sourceTime)))"
                     return reply(404, "error", "no snapshot of \(name) at \(at); \(range). `ferry tree snapshots \(name)` lists them")
@@ -118,7 +121,7 @@ extension Site {
                 let seconds = String(format: "%.1f", Date().timeIntervalSince(started))
                 return reply(200, "message", "restored snapshot \(snapshot.id) of \(name) (as it was at \(ISO8601DateFormatter().string(from: snapshot.sourceTime)))"
                              + (path.isEmpty ? "" : ", \(TreePath.display(path)),") + " into \(target): \(stats.filesWritten) files, "
-                             + "\(Self.size(stats.bytesWritten)), \(stats.linked) hard links, in \(seconds) s")
+                             + "\(ByteSize.format(stats.bytesWritten)), \(stats.linked) hard links, in \(seconds) s")
             case "verify":
                 let report = try receiver.sync { try repository.verify() }
                 if report.damage.isEmpty {
@@ -131,13 +134,5 @@ extension Site {
         } catch {
             return reply(500, "error", "\(action) of tree \(name) failed: \(error)")
         }
-    }
-
-    static func size(_ bytes: UInt64) -> String {
-        let units = ["B", "KiB", "MiB", "GiB", "TiB"]
-        var value = Double(bytes)
-        var unit = 0
-        while value >= 1024 && unit < units.count - 1 { value /= 1024; unit += 1 }
-        return unit == 0 ? "\(bytes) B" : String(format: "%.1f %@", value, units[unit])
     }
 }

@@ -35,8 +35,7 @@ final class TreeEngine: TreePort, @unchecked Sendable {
         let site = config.site.name
         var runtimes: [String: Runtime] = [:]
         for tree in config.trees {
-            guard let dir = Self.directory(tree, on: site) else { continue }
-            _ = dir
+            guard Self.directory(tree, on: site) != nil else { continue }
             let state = try catalog.treeState(tree.name)
             let epoch = state["epoch"].flatMap(UInt64.init) ?? 1
             let primary = state["role"].map { $0 == "primary" } ?? (tree.primary == site)
@@ -211,9 +210,7 @@ final class TreeEngine: TreePort, @unchecked Sendable {
             let state = try catalog.treeState(name)
             try catalog.updateTree(name, upsert: [], delete: [], state: ["role": "replica", "epoch": "\(epoch)"])
             let receiver = try makeReceiver(tree, epoch: epoch)
-            var cache: [[UInt8]: CachedEntry] = [:]
-            for (path, record) in try catalog.treeFiles(tree: name) { cache[path] = CachedEntry(encoded: record) }
-            receiver.repository.setSeed(TreeRepository.Seed(root: receiver.target, cache: cache))
+            receiver.repository.setSeed(TreeRepository.Seed(root: receiver.target, cache: try CachedEntry.load(name, from: catalog)))
             try receiver.repository.distrustMirror()
             try receiver.repository.keepAsideAfter(state["sent.\(peer)"].flatMap(Double.init) ?? 0)
             runtimes.withLockedValue { $0[name] = .receiver(receiver) }

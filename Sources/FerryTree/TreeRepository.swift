@@ -392,20 +392,11 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         }
     }
 
-    /// The newest snapshot at or before `time`, or the one with ID `id`.
-    public func snapshot(at selector: String) throws -> TreeSnapshot? {
-        let all = try snapshots()
-        if let id = Int64(selector) { return all.first { $0.id == id } }
-        let formatter = ISO8601DateFormatter()
-        formatter.formatOptions = [.withInternetDateTime]
-        var date = formatter.date(from: selector)
-        if date == nil {
-            formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
-            date = formatter.date(from: selector)
-        }
-        guard let date else { return nil }
-        return all.last { $0.sourceTime <= date }
-    }
+    /// The snapshot with ID `id`.
+    public func snapshot(id: Int64) throws -> TreeSnapshot? { try snapshots().first { $0.id == id } }
+
+    /// The newest snapshot whose scan began at or before `date`.
+    public func snapshot(atOrBefore date: Date) throws -> TreeSnapshot? { try snapshots().last { $0.sourceTime <= date } }
 
     /// Restores a snapshot (or the subtree at `path` of it) into `target`, which must not exist or
     /// be empty.

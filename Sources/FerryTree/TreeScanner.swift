@@ -1,3 +1,4 @@
+import FerryStore
 import NIOCore
 import CFerrySys
 #if canImport(Glibc)
@@ -32,6 +33,13 @@ public struct CachedEntry: Equatable, Sendable {
         var blob = DirectoryBlob.encode([entry])
         buffer.writeBuffer(&blob)
         return Array(buffer.readableBytesView)
+    }
+
+    /// A tree's files cache as the catalog keeps it.
+    public static func load(_ tree: String, from catalog: Catalog) throws -> [[UInt8]: CachedEntry] {
+        var cache: [[UInt8]: CachedEntry] = [:]
+        for (path, record) in try catalog.treeFiles(tree: tree) { cache[path] = CachedEntry(encoded: record) }
+        return cache
     }
 
     public init?(encoded bytes: [UInt8]) {

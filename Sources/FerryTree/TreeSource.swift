@@ -38,7 +38,6 @@ public final class TreeSource: @unchecked Sendable {
         public var lastSnapshot: TreeSnapshot?
         public var lastError: String?
         public var lastRunBytesSent: UInt64 = 0
-        public var lastRunChunksSent = 0
         public var wireBytesTotal: UInt64 = 0
         public var dataBytesTotal: UInt64 = 0
         public init() {}
@@ -59,8 +58,6 @@ public final class TreeSource: @unchecked Sendable {
         public var progress: Progress?
         public var problems: [String]
         public var lastError: String?
-        public var lastRunAt: Date?
-        public var lastRunSeconds: Double?
         public var files: Int
         public var bytes: UInt64
         public var nextRunAt: Date?
@@ -94,8 +91,6 @@ public final class TreeSource: @unchecked Sendable {
         var progress: Progress?
         var problems: [String] = []
         var lastError: String?
-        var lastRunAt: Date?
-        var lastRunSeconds: Double?
         var files = 0
         var bytes: UInt64 = 0
         var nextRunAt: Date?
@@ -120,9 +115,7 @@ public final class TreeSource: @unchecked Sendable {
     }
 
     public func start() throws {
-        for (path, record) in try catalog.treeFiles(tree: settings.name) {
-            if let entry = CachedEntry(encoded: record) { cache[path] = entry }
-        }
+        cache = try CachedEntry.load(settings.name, from: catalog)
         let state = try catalog.treeState(settings.name)
         cacheRoot = state["cacheRoot"].flatMap { ChunkID(bytes: TreeSnapshot.bytes(hex: $0)) }
         interrupted = state["running"] != nil
@@ -191,8 +184,7 @@ public final class TreeSource: @unchecked Sendable {
                 peers[peer]?.dataBytesTotal = t.dataBytes
             }
             return Status(state: s.state, lagSeconds: oldest.map { max(0, Date().timeIntervalSince($0)) } ?? 0,
-                          progress: progress, problems: s.problems, lastError: s.lastError, lastRunAt: s.lastRunAt,
-                          lastRunSeconds: s.lastRunSeconds, files: s.files, bytes: s.bytes, nextRunAt: s.nextRunAt, peers: peers)
+                          progress: progress, problems: s.problems, lastError: s.lastError, files: s.files, bytes: s.bytes, nextRunAt: s.nextRunAt, peers: peers)
         }
     }
 
@@ -269,7 +261,7 @@ public final class TreeSource: @unchecked Sendable {
             $0.progress = Progress(startedAt: started, filesScanned: 0, bytesRead: 0, expectedFiles: $0.files, expectedBytes: $0.bytes)
             $0.scanProgress = scanProgress
         }
-        defer { shared.withLock { $0.progress = nil; $0.scanProgress = nil; $0.lastRunAt = started; $0.lastRunSeconds = Date().timeIntervalSince(started) } }
+        defer { shared.withLock { $0.progress = nil; $0.scanProgress = nil } }
         var runs: [String: TreeRun] = [:]
         var failed: [String: String] = [:]
         condition.lock()
@@ -351,7 +343,6 @@ public final class TreeSource: @unchecked Sendable {
                 s.peers[peer]?.lastSnapshot = report.snapshot
                 s.peers[peer]?.lastError = nil
                 s.peers[peer]?.lastRunBytesSent = report.bytesSent
-                s.peers[peer]?.lastRunChunksSent = report.chunksSent
             }
         }
     }

@@ -44,9 +44,7 @@ public final class TreeWatcher: @unchecked Sendable {
             problem("inotify is unavailable (\(String(cString: strerror(errno)))); rescanning every \(Int(fallbackInterval)) s instead")
             limitReached = true
         } else {
-            // A source given as a symlink is watched where it leads (the scan follows it too).
-            let resolved = realpath(root, nil).map { p -> String in defer { free(p) }; return String(cString: p) } ?? root
-            addTree(Array(resolved.utf8), relative: [])
+            addTree(resolvedRoot, relative: [])
         }
         let thread = Thread { [self] in loop() }
         thread.name = "ferry-watch"
@@ -113,13 +111,18 @@ public final class TreeWatcher: @unchecked Sendable {
 
     private var rewatch = false
 
+    /// The root as a path to watch: a source given as a symlink is watched where it leads (the
+    /// scan follows it too).
+    private var resolvedRoot: [UInt8] {
+        Array((realpath(root, nil).map { p -> String in defer { free(p) }; return String(cString: p) } ?? root).utf8)
+    }
+
     private func handle(_ buffer: [UInt8], count: Int) {
         defer {
             if rewatch {
                 rewatch = false
                 watches.removeAll()
-                let resolved = realpath(root, nil).map { p -> String in defer { free(p) }; return String(cString: p) } ?? root
-                addTree(Array(resolved.utf8), relative: [])
+                addTree(resolvedRoot, relative: [])
             }
         }
         buffer.withUnsafeBytes { raw in

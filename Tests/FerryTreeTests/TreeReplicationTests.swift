@@ -133,11 +133,8 @@ import Glibc
             #expect(hard["hard/" + key]?.replacingOccurrences(of: "hard/", with: "") == value, "\(key)")
         }
         // By time: the last snapshot at or before it.
-        let formatter = ISO8601DateFormatter()
-        formatter.formatOptions = [.withInternetDateTime, .withFractionalSeconds]
         let between = references[1].0.sourceTime.timeIntervalSince1970 / 2 + references[2].0.sourceTime.timeIntervalSince1970 / 2
-        let at = formatter.string(from: Date(timeIntervalSince1970: between))
-        #expect(try side.repository.snapshot(at: at)?.id == references[1].0.id)
+        #expect(try side.repository.snapshot(atOrBefore: Date(timeIntervalSince1970: between))?.id == references[1].0.id)
     }
 
     @Test func aFileChangingWhileReadIsReadAgainAndOneThatKeepsChangingKeepsItsPreviousVersion() throws {
