@@ -210,7 +210,7 @@ final class TreeEngine: TreePort, @unchecked Sendable {
             let state = try catalog.treeState(name)
             try catalog.updateTree(name, upsert: [], delete: [], state: ["role": "replica", "epoch": "\(epoch)"])
             let receiver = try makeReceiver(tree, epoch: epoch)
-            receiver.repository.setSeed(TreeRepository.Seed(root: receiver.target, cache: try CachedEntry.load(name, from: catalog)))
+            receiver.repository.setSeed(try TreeRepository.Seed(root: receiver.target, cache: try FilesCache.load(name, from: catalog)))
             try receiver.repository.distrustMirror()
             try receiver.repository.keepAsideAfter(state["sent.\(peer)"].flatMap(Double.init) ?? 0)
             runtimes.withLockedValue { $0[name] = .receiver(receiver) }

@@ -82,15 +82,26 @@ public final class Catalog: Sendable {
                                          PRIMARY KEY (tree, key)) WITHOUT ROWID;
                 """)
         }
+        // The files cache became one record per directory (issue 11): the per-file rows are
+        // dropped, so the next scan reads every file once and asks the peer which chunks it lacks.
+        m.registerMigration("v4-tree-directories") { db in
+            try db.execute(sql: """
+                DROP TABLE tree_file;
+                CREATE TABLE tree_dir (tree TEXT NOT NULL, path BLOB NOT NULL, record BLOB NOT NULL,
+                                       PRIMARY KEY (tree, path)) WITHOUT ROWID;
+                DELETE FROM tree_state WHERE key = 'cacheRoot';
+                """)
+        }
         return m
     }
 
     // MARK: trees
 
-    /// The files cache of a tree's source (issue 11): path bytes → the scanner's record of it.
-    public func treeFiles(tree: String) throws -> [(path: [UInt8], record: [UInt8])] {
+    /// The files cache of a tree's source (issue 11): a directory's path bytes → the scanner's
+    /// record of it.
+    public func treeDirectories(tree: String) throws -> [(path: [UInt8], record: [UInt8])] {
         try db.read { db in
-            try Row.fetchAll(db, sql: "SELECT path, record FROM tree_file WHERE tree = ?", arguments: [tree])
+            try Row.fetchAll(db, sql: "SELECT path, record FROM tree_dir WHERE tree = ?", arguments: [tree])
                 .map { (Array($0["path"] as Data), Array($0["record"] as Data)) }
         }
     }
@@ -100,11 +111,11 @@ public final class Catalog: Sendable {
                            state: [String: String?] = [:]) throws {
         try db.write { db in
             for (path, record) in upsert {
-                try db.execute(sql: "INSERT OR REPLACE INTO tree_file (tree, path, record) VALUES (?, ?, ?)",
+                try db.execute(sql: "INSERT OR REPLACE INTO tree_dir (tree, path, record) VALUES (?, ?, ?)",
                                arguments: [tree, Data(path), Data(record)])
             }
             for path in delete {
-                try db.execute(sql: "DELETE FROM tree_file WHERE tree = ? AND path = ?", arguments: [tree, Data(path)])
+                try db.execute(sql: "DELETE FROM tree_dir WHERE tree = ? AND path = ?", arguments: [tree, Data(path)])
             }
             for (key, value) in state {
                 if let value {

@@ -63,11 +63,27 @@ public enum TreePath {
 /// relative to directory descriptors, with names as bytes.
 enum PosixFS {
     static func withCName<R>(_ name: [UInt8], _ body: (UnsafePointer<CChar>) throws -> R) rethrows -> R {
-        var z = name
-        z.append(0)
-        return try z.withUnsafeBufferPointer { buffer in
-            try buffer.baseAddress!.withMemoryRebound(to: CChar.self, capacity: z.count) { try body($0) }
+        // On the stack for the usual lengths: the scanner calls this for every entry.
+        try withUnsafeTemporaryAllocation(of: CChar.self, capacity: name.count + 1) { z in
+            name.withUnsafeBytes { UnsafeMutableRawBufferPointer(z).copyMemory(from: $0) }
+            z[name.count] = 0
+            return try body(UnsafePointer(z.baseAddress!))
         }
+    }
+
+    /// Names in manifest order: by bytes (memcmp), a prefix first.
+    static func precedes(_ x: [UInt8], _ y: [UInt8]) -> Bool {
+        x.withUnsafeBytes { a in
+            y.withUnsafeBytes { b in
+                let n = min(a.count, b.count)
+                let order = n == 0 ? 0 : memcmp(a.baseAddress!, b.baseAddress!, n)
+                return order != 0 ? order < 0 : a.count < b.count
+            }
+        }
+    }
+
+    static func fnmatch(_ pattern: [UInt8], _ subject: [UInt8]) -> Bool {
+        withCName(pattern) { p in withCName(subject) { s in Glibc.fnmatch(p, s, 0) == 0 } }
     }
 
     static func withCPath<R>(_ path: String, _ body: (UnsafePointer<CChar>) throws -> R) rethrows -> R {

@@ -1,5 +1,8 @@
 import Crypto
 import NIOCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// A chunk's or manifest blob's ID: the SHA-256 of its content, held inline (no allocation).
 public struct ChunkID: Hashable, Sendable, Comparable, CustomStringConvertible {
@@ -155,38 +158,124 @@ public enum DirectoryBlob {
         buffer.reserveCapacity(8 + entries.count * 96)
         buffer.writeInteger(magic)
         buffer.writeInteger(UInt32(entries.count))
-        for e in entries {
-            buffer.writeInteger(UInt16(e.name.count))
-            buffer.writeBytes(e.name)
-            buffer.writeInteger(e.kind.rawValue)
-            buffer.writeInteger(e.mode)
-            buffer.writeInteger(e.uid)
-            buffer.writeInteger(e.gid)
-            buffer.writeInteger(e.mtime.seconds)
-            buffer.writeInteger(e.mtime.nanoseconds)
-            buffer.writeInteger(e.size)
-            buffer.writeInteger(e.linkGroup)
-            switch e.kind {
-            case .directory:
-                (e.subtree ?? ChunkID(a: 0, b: 0, c: 0, d: 0)).write(to: &buffer)
-            case .symlink:
-                buffer.writeInteger(UInt16(e.target.count))
-                buffer.writeBytes(e.target)
-            case .file:
-                buffer.writeInteger(UInt32(e.segments.count))
-                for s in e.segments {
-                    buffer.writeInteger(s.offset)
-                    buffer.writeInteger(UInt32(s.chunks.count))
-                    for c in s.chunks {
-                        c.id.write(to: &buffer)
-                        buffer.writeInteger(c.length)
-                    }
+        for e in entries { write(e, to: &buffer) }
+        return buffer
+    }
+
+    /// One entry, as ``encode(_:)`` lays it out.
+    static func write(_ e: TreeEntry, to buffer: inout ByteBuffer) {
+        buffer.writeInteger(UInt16(e.name.count))
+        buffer.writeBytes(e.name)
+        buffer.writeInteger(e.kind.rawValue)
+        buffer.writeInteger(e.mode)
+        buffer.writeInteger(e.uid)
+        buffer.writeInteger(e.gid)
+        buffer.writeInteger(e.mtime.seconds)
+        buffer.writeInteger(e.mtime.nanoseconds)
+        buffer.writeInteger(e.size)
+        buffer.writeInteger(e.linkGroup)
+        switch e.kind {
+        case .directory:
+            (e.subtree ?? ChunkID(a: 0, b: 0, c: 0, d: 0)).write(to: &buffer)
+        case .symlink:
+            buffer.writeInteger(UInt16(e.target.count))
+            buffer.writeBytes(e.target)
+        case .file:
+            buffer.writeInteger(UInt32(e.segments.count))
+            for s in e.segments {
+                buffer.writeInteger(s.offset)
+                buffer.writeInteger(UInt32(s.chunks.count))
+                for c in s.chunks {
+                    c.id.write(to: &buffer)
+                    buffer.writeInteger(c.length)
                 }
-            case .fifo:
-                break
+            }
+        case .fifo:
+            break
+        }
+    }
+
+    /// Where each entry of a blob lies, without decoding it (the scanner compares names and copies
+    /// unchanged entries as bytes): offsets from the blob's reader index. Nil when malformed.
+    struct Span {
+        var start: Int
+        var end: Int
+        var nameLength: Int
+        var kind: UInt8
+        /// The name's bytes start two bytes into the entry.
+        var nameStart: Int { start + 2 }
+        /// A directory's subtree ID starts here.
+        var subtreeStart: Int { start + 2 + nameLength + 41 }
+    }
+
+    static func spans(_ blob: ByteBuffer) -> [Span]? {
+        blob.withUnsafeReadableBytes { raw -> [Span]? in
+            func u16(_ at: Int) -> Int { Int(raw[at]) << 8 | Int(raw[at + 1]) }
+            func u32(_ at: Int) -> Int { u16(at) << 16 | u16(at + 2) }
+            guard raw.count >= 8, u32(0) == Int(magic) else { return nil }
+            let count = u32(4)
+            var spans: [Span] = []
+            spans.reserveCapacity(min(count, raw.count / 43))
+            var at = 8
+            for _ in 0..<count {
+                let start = at
+                guard at + 2 <= raw.count else { return nil }
+                let nameLength = u16(at)
+                at += 2 + nameLength
+                // kind u8, mode, uid, gid u32, mtime i64 + u32, size u64, link group u64: 41 bytes.
+                guard at + 41 <= raw.count else { return nil }
+                let kind = raw[at]
+                at += 41
+                switch TreeEntry.Kind(rawValue: kind) {
+                case .directory:
+                    at += 32
+                case .symlink:
+                    guard at + 2 <= raw.count else { return nil }
+                    at += 2 + u16(at)
+                case .file:
+                    guard at + 4 <= raw.count else { return nil }
+                    let segments = u32(at)
+                    at += 4
+                    for _ in 0..<segments {
+                        guard at + 12 <= raw.count else { return nil }
+                        at += 12 + 36 * u32(at + 8)
+                    }
+                case .fifo:
+                    break
+                case nil:
+                    return nil
+                }
+                guard at <= raw.count else { return nil }
+                spans.append(Span(start: start, end: at, nameLength: nameLength, kind: kind))
+            }
+            return at == raw.count ? spans : nil
+        }
+    }
+
+    /// How the name of the entry at `span` orders against `name` (memcmp's sign).
+    static func compareName(_ blob: ByteBuffer, _ span: Span, _ name: [UInt8]) -> Int32 {
+        blob.withUnsafeReadableBytes { raw in
+            name.withUnsafeBytes { other in
+                let n = min(span.nameLength, other.count)
+                let order = n == 0 ? 0 : memcmp(raw.baseAddress! + span.nameStart, other.baseAddress!, n)
+                if order != 0 { return order }
+                return span.nameLength < other.count ? -1 : span.nameLength > other.count ? 1 : 0
             }
         }
-        return buffer
+    }
+
+    /// The subtree ID of the directory entry at `span` (nil for other kinds).
+    static func subtree(_ blob: ByteBuffer, _ span: Span) -> ChunkID? {
+        guard span.kind == TreeEntry.Kind.directory.rawValue else { return nil }
+        var slice = blob.getSlice(at: blob.readerIndex + span.subtreeStart, length: 32)!
+        return ChunkID.read(from: &slice)
+    }
+
+    /// The entry at `span` of `blob`.
+    static func entry(_ blob: ByteBuffer, _ span: Span) throws -> TreeEntry {
+        var b = blob.getSlice(at: blob.readerIndex + span.start, length: span.end - span.start)!
+        guard let e = try readEntry(&b) else { throw Malformed(description: "directory blob cut short") }
+        return e
     }
 
     public struct Malformed: Error, CustomStringConvertible {
@@ -202,36 +291,8 @@ public enum DirectoryBlob {
         entries.reserveCapacity(Int(min(count, 1 << 20)))
         func fail() -> Malformed { Malformed(description: "directory blob cut short at entry \(entries.count) of \(count)") }
         for _ in 0..<count {
-            guard let nameLength = b.readInteger(as: UInt16.self), let name = b.readBytes(length: Int(nameLength)),
-                  let kindByte = b.readInteger(as: UInt8.self), let kind = TreeEntry.Kind(rawValue: kindByte),
-                  let mode = b.readInteger(as: UInt32.self), let uid = b.readInteger(as: UInt32.self),
-                  let gid = b.readInteger(as: UInt32.self), let seconds = b.readInteger(as: Int64.self),
-                  let nanos = b.readInteger(as: UInt32.self), let size = b.readInteger(as: UInt64.self),
-                  let group = b.readInteger(as: UInt64.self)
-            else { throw fail() }
-            var e = TreeEntry(name: name, kind: kind, mode: mode, uid: uid, gid: gid,
-                              mtime: FileTime(seconds: seconds, nanoseconds: nanos), size: size, linkGroup: group)
-            switch kind {
-            case .directory:
-                guard let id = ChunkID.read(from: &b) else { throw fail() }
-                e.subtree = id
-            case .symlink:
-                guard let n = b.readInteger(as: UInt16.self), let target = b.readBytes(length: Int(n)) else { throw fail() }
-                e.target = target
-            case .file:
-                guard let n = b.readInteger(as: UInt32.self) else { throw fail() }
-                for _ in 0..<n {
-                    guard let offset = b.readInteger(as: UInt64.self), let m = b.readInteger(as: UInt32.self) else { throw fail() }
-                    var chunks: [ChunkRef] = []
-                    for _ in 0..<m {
-                        guard let id = ChunkID.read(from: &b), let length = b.readInteger(as: UInt32.self) else { throw fail() }
-                        chunks.append(ChunkRef(id: id, length: length))
-                    }
-                    e.segments.append(FileSegment(offset: offset, chunks: chunks))
-                }
-            case .fifo:
-                break
-            }
+            guard let e = try readEntry(&b) else { throw fail() }
+            let name = e.name
             // A name is one path component: never empty, `.`, `..`, nor holding `/` or NUL, and
             // the names are sorted and unique, so a manifest cannot reach outside its directory.
             guard !name.isEmpty || count == 1, name != [0x2E], name != [0x2E, 0x2E], !name.contains(0x2F), !name.contains(0) else {
@@ -244,6 +305,44 @@ public enum DirectoryBlob {
         }
         guard b.readableBytes == 0 else { throw Malformed(description: "directory blob has \(b.readableBytes) bytes past its last entry") }
         return entries
+    }
+
+    /// One entry (nil when the blob ends inside it); its name is not checked here.
+    static func readEntry(_ b: inout ByteBuffer) throws -> TreeEntry? {
+        guard let nameLength = b.readInteger(as: UInt16.self), let name = b.readBytes(length: Int(nameLength)),
+              let kindByte = b.readInteger(as: UInt8.self), let mode = b.readInteger(as: UInt32.self),
+              let uid = b.readInteger(as: UInt32.self), let gid = b.readInteger(as: UInt32.self),
+              let seconds = b.readInteger(as: Int64.self), let nanos = b.readInteger(as: UInt32.self),
+              let size = b.readInteger(as: UInt64.self), let group = b.readInteger(as: UInt64.self)
+        else { return nil }
+        guard let kind = TreeEntry.Kind(rawValue: kindByte) else {
+            throw Malformed(description: "directory blob has an entry of unknown kind \(kindByte)")
+        }
+        var e = TreeEntry(name: name, kind: kind, mode: mode, uid: uid, gid: gid,
+                          mtime: FileTime(seconds: seconds, nanoseconds: nanos), size: size, linkGroup: group)
+        switch kind {
+        case .directory:
+            guard let id = ChunkID.read(from: &b) else { return nil }
+            e.subtree = id
+        case .symlink:
+            guard let n = b.readInteger(as: UInt16.self), let target = b.readBytes(length: Int(n)) else { return nil }
+            e.target = target
+        case .file:
+            guard let n = b.readInteger(as: UInt32.self) else { return nil }
+            for _ in 0..<n {
+                guard let offset = b.readInteger(as: UInt64.self), let m = b.readInteger(as: UInt32.self) else { return nil }
+                var chunks: [ChunkRef] = []
+                chunks.reserveCapacity(Int(min(m, 1 << 16)))
+                for _ in 0..<m {
+                    guard let id = ChunkID.read(from: &b), let length = b.readInteger(as: UInt32.self) else { return nil }
+                    chunks.append(ChunkRef(id: id, length: length))
+                }
+                e.segments.append(FileSegment(offset: offset, chunks: chunks))
+            }
+        case .fifo:
+            break
+        }
+        return e
     }
 
     /// Orders names as the manifest does: by bytes.

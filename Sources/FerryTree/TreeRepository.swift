@@ -115,11 +115,11 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         public var chunks: [ChunkID: (path: [UInt8], offset: UInt64, length: UInt32)]
 
         /// From a source's files cache: every chunk of every file, where it is.
-        public init(root: String, cache: [[UInt8]: CachedEntry]) {
+        public init(root: String, cache: FilesCache) throws {
             self.root = root
             var chunks: [ChunkID: (path: [UInt8], offset: UInt64, length: UInt32)] = [:]
-            for (path, c) in cache where c.entry.kind == .file {
-                for segment in c.entry.segments {
+            try cache.forEachFile { path, entry, _ in
+                for segment in entry.segments {
                     var offset = segment.offset
                     for chunk in segment.chunks {
                         chunks[chunk.id] = (path, offset, chunk.length)

@@ -5,52 +5,6 @@ import CFerrySys
 import Glibc
 #endif
 
-/// What the scanner remembers of a path from the last scan (the files cache, DESIGN §5.2): a file
-/// whose size, mtime, ctime, inode and device are unchanged is not read again; a directory keeps
-/// its manifest blob ID, so one that cannot be read this time keeps its previous contents instead
-/// of vanishing from the snapshot.
-public struct CachedEntry: Equatable, Sendable {
-    public var entry: TreeEntry
-    public var ctime: FileTime
-    public var inode: UInt64
-    public var device: UInt64
-
-    public init(entry: TreeEntry, ctime: FileTime, inode: UInt64, device: UInt64) {
-        self.entry = entry
-        self.ctime = ctime
-        self.inode = inode
-        self.device = device
-    }
-
-    /// Encoded for the catalog: ctime (i64, u32), inode u64, device u64, then the entry as a
-    /// one-entry directory blob.
-    public func encoded() -> [UInt8] {
-        var buffer = ByteBuffer()
-        buffer.writeInteger(ctime.seconds)
-        buffer.writeInteger(ctime.nanoseconds)
-        buffer.writeInteger(inode)
-        buffer.writeInteger(device)
-        var blob = DirectoryBlob.encode([entry])
-        buffer.writeBuffer(&blob)
-        return Array(buffer.readableBytesView)
-    }
-
-    /// A tree's files cache as the catalog keeps it.
-    public static func load(_ tree: String, from catalog: Catalog) throws -> [[UInt8]: CachedEntry] {
-        var cache: [[UInt8]: CachedEntry] = [:]
-        for (path, record) in try catalog.treeFiles(tree: tree) { cache[path] = CachedEntry(encoded: record) }
-        return cache
-    }
-
-    public init?(encoded bytes: [UInt8]) {
-        var buffer = ByteBuffer(bytes: bytes)
-        guard let seconds = buffer.readInteger(as: Int64.self), let nanos = buffer.readInteger(as: UInt32.self),
-              let inode = buffer.readInteger(as: UInt64.self), let device = buffer.readInteger(as: UInt64.self),
-              let entries = try? DirectoryBlob.decode(buffer), entries.count == 1 else { return nil }
-        self.init(entry: entries[0], ctime: FileTime(seconds: seconds, nanoseconds: nanos), inode: inode, device: device)
-    }
-}
-
 /// Receives what a scan produces, in this order per directory: the chunks of each file read
 /// (``chunk(_:_:)``, then ``file(_:_:read:)``), each entry's file record, then the directory's
 /// blob (``directory(_:_:_:)``), children before parents; the root last.
@@ -62,6 +16,9 @@ public protocol ScanSink: AnyObject {
     func file(_ path: [UInt8], _ entry: TreeEntry, read: Bool) throws
     /// A directory's blob, after everything in it.
     func directory(_ path: [UInt8], _ id: ChunkID, _ blob: ByteBuffer) throws
+    /// Whether ``file(_:_:read:)`` is wanted for files the cache vouches for (it costs decoding
+    /// their entries; a run needs them only when the peer may lack their chunks).
+    var wantsUnreadFiles: Bool { get }
 }
 
 /// Something wrong with one path that did not stop the scan; the previous version is kept where
@@ -92,14 +49,16 @@ public final class TreeScanner {
         public var filesRead: Int
         public var bytesRead: UInt64
         public var problems: [ScanProblem]
-        /// The files cache after this scan: every path in the snapshot.
-        public var cache: [[UInt8]: CachedEntry]
+        /// The files cache after this scan: every directory in the snapshot.
+        public var cache: FilesCache
     }
 
     public let source: String
     let chunker: FastCDC
-    let excludes: [[UInt8]]
-    let previous: [[UInt8]: CachedEntry]
+    /// Exclude patterns matched against a name, and those (holding `/`) matched against the path.
+    let nameExcludes: [[UInt8]]
+    let pathExcludes: [[UInt8]]
+    let previous: FilesCache
     /// How often a file that changes while read is read again before it is reported.
     let readAttempts: Int
     /// Files and bytes covered so far, for status.
@@ -107,16 +66,20 @@ public final class TreeScanner {
     /// Called between the reads of a file's attempts: tests change files here.
     var afterRead: ((_ path: [UInt8], _ attempt: Int) -> Void)?
 
-    private var cache: [[UInt8]: CachedEntry] = [:]
+    private var cache = FilesCache()
     private var problems: [ScanProblem] = []
     private var files = 0, directories = 0, filesRead = 0
     private var bytes: UInt64 = 0, bytesRead: UInt64 = 0
     private var rootDevice: UInt64 = 0
-    private var linksSeen: [UInt64: CachedEntry] = [:]
-    /// The last scan's files by inode: a file whose directory was renamed is found here unread.
-    private lazy var previousByInode: [UInt64: CachedEntry] = {
-        var out: [UInt64: CachedEntry] = [:]
-        for c in previous.values where c.entry.kind == .file { out[c.inode] = c }
+    /// Files with several links met this scan, by inode: another name is not read again.
+    private var linksSeen: [UInt64: (entry: TreeEntry, stamp: StatStamp)] = [:]
+    /// The last scan's files by inode (directory, index in it): a file whose directory was
+    /// renamed, or that was moved, is found here unread. Built on first need.
+    private lazy var previousByInode: [UInt64: (directory: [UInt8], index: Int)] = {
+        var out: [UInt64: (directory: [UInt8], index: Int)] = [:]
+        for (path, directory) in previous.directories {
+            for (index, stamp) in directory.stamps.enumerated() where stamp.isRegular { out[stamp.inode] = (path, index) }
+        }
         return out
     }()
     private var buffer: UnsafeMutableRawBufferPointer
@@ -126,11 +89,13 @@ public final class TreeScanner {
     ///   - excludes: glob patterns (fnmatch): one without `/` matches a name anywhere, one with
     ///     `/` the path from the tree's root.
     ///   - cache: the files cache of the last scan.
-    public init(source: String, chunker: FastCDC = .files, excludes: [String] = [], cache: [[UInt8]: CachedEntry] = [:],
+    public init(source: String, chunker: FastCDC = .files, excludes: [String] = [], cache: FilesCache = FilesCache(),
                 readAttempts: Int = 3) {
         self.source = source
         self.chunker = chunker
-        self.excludes = excludes.map { Array($0.utf8) }
+        let patterns = excludes.map { Array($0.utf8) }
+        self.nameExcludes = patterns.filter { !$0.contains(0x2F) }
+        self.pathExcludes = patterns.filter { $0.contains(0x2F) }
         self.previous = cache
         self.readAttempts = readAttempts
         self.buffer = .allocate(byteCount: max(16 << 20, 2 * chunker.maxSize), alignment: 4096)
@@ -153,7 +118,7 @@ public final class TreeScanner {
             throw ScanFailure(description: "cannot stat the source directory \(source): \(String(cString: strerror(errno)))")
         }
         rootDevice = UInt64(st.st_dev)
-        if let before = previous[[]], before.device != rootDevice {
+        if let before = previous.directories[[]], before.device != rootDevice {
             throw ScanFailure(description: "the source directory \(source) is on a different filesystem than at the last scan (device \(before.device) → \(rootDevice)): was it unmounted? Nothing is replicated until it is back")
         }
         guard let root = try scanDirectory(rootFD, path: [], st: st) else {
@@ -167,12 +132,11 @@ public final class TreeScanner {
         problems.append(ScanProblem(path: path, message: message))
     }
 
-    private func excluded(_ path: [UInt8], name: [UInt8]) -> Bool {
-        for pattern in excludes {
-            let subject = pattern.contains(0x2F) ? path : name
-            let rc = PosixFS.withCName(pattern) { p in PosixFS.withCName(subject) { s in fnmatch(p, s, 0) } }
-            if rc == 0 { return true }
-        }
+    private func excluded(_ parent: [UInt8], name: [UInt8]) -> Bool {
+        for pattern in nameExcludes where PosixFS.fnmatch(pattern, name) { return true }
+        guard !pathExcludes.isEmpty else { return false }
+        let path = TreePath.join(parent, name)
+        for pattern in pathExcludes where PosixFS.fnmatch(pattern, path) { return true }
         return false
     }
 
@@ -181,114 +145,190 @@ public final class TreeScanner {
                   mtime: PosixFS.time(st.st_mtim))
     }
 
-    private func remember(_ path: [UInt8], _ entry: TreeEntry, _ st: stat) {
-        cache[path] = CachedEntry(entry: entry, ctime: PosixFS.time(st.st_ctim), inode: UInt64(st.st_ino), device: UInt64(st.st_dev))
+    /// An entry of the directory being built: unchanged since the last scan (the previous record's
+    /// entry at that index, copied as bytes), or new.
+    private enum Slot {
+        case same(Int)
+        case new(TreeEntry)
     }
 
-    /// The directory's entry with its blob, or nil (reported) when it cannot be read and was not
-    /// in the last scan either.
+    /// The entry at `index` of a directory's previous record.
+    private struct Previous {
+        var record: CachedDirectory
+        var spans: [DirectoryBlob.Span]
+        var index: Int
+        var stamp: StatStamp { record.stamps[index] }
+        var kind: UInt8 { spans[index].kind }
+        func entry() throws -> TreeEntry { try DirectoryBlob.entry(record.blob, spans[index]) }
+    }
+
+    /// The directory's entry with its blob, or nil (reported) when it cannot be listed. A
+    /// directory whose entries all match their stamps keeps its previous record whole.
     private func scanDirectory(_ fd: Int32, path: [UInt8], st: stat) throws -> TreeEntry? {
-        let name = TreePath.components(path).last ?? []
-        guard let names = PosixFS.names(in: fd) else {
+        guard var names = PosixFS.names(in: fd) else {
             report(path, "cannot list directory: \(String(cString: strerror(errno))); kept as it was")
-            return keepPrevious(path)
+            return nil
         }
-        var entries: [TreeEntry] = []
-        entries.reserveCapacity(names.count)
-        for child in names.sorted(by: { $0.lexicographicallyPrecedes($1) }) {
-            let childPath = TreePath.join(path, child)
-            if excluded(childPath, name: child) { continue }
+        names.sort(by: PosixFS.precedes)
+        let before = previous.directories[path]
+        let spans = before.flatMap { DirectoryBlob.spans($0.blob) } ?? []
+        var slots: [Slot] = []
+        var stamps: [StatStamp] = []
+        slots.reserveCapacity(names.count)
+        stamps.reserveCapacity(names.count)
+        var next = 0                 // the first previous entry not yet passed
+        var unreadFiles = 0, unreadBytes: UInt64 = 0
+        for child in names {
+            if (!nameExcludes.isEmpty || !pathExcludes.isEmpty) && excluded(path, name: child) { continue }
+            var match: Previous?
+            if let before {
+                var order: Int32 = 1
+                while next < spans.count {
+                    order = DirectoryBlob.compareName(before.blob, spans[next], child)
+                    if order >= 0 { break }
+                    next += 1
+                }
+                if next < spans.count && order == 0 { match = Previous(record: before, spans: spans, index: next) }
+            }
             guard let cst = PosixFS.lstat(at: fd, child) else {
-                if errno != ENOENT { report(childPath, "cannot stat: \(String(cString: strerror(errno)))") }
-                if errno != ENOENT, let kept = keepPrevious(childPath) { entries.append(kept) }
+                let code = errno
+                guard code != ENOENT else { continue }
+                report(TreePath.join(path, child), "cannot stat: \(String(cString: strerror(code)))")
+                if let match {
+                    keep(match, path: TreePath.join(path, child))
+                    slots.append(.same(match.index))
+                    stamps.append(match.stamp)
+                }
                 continue
             }
-            if let entry = try scanEntry(fd, name: child, path: childPath, st: cst) { entries.append(entry) }
+            let stamp = StatStamp(cst)
+            if let match, stamp == match.stamp, !PosixFS.isDirectory(cst) {
+                // Unchanged since the last scan: neither read nor decoded.
+                slots.append(.same(match.index))
+                stamps.append(stamp)
+                if stamp.isRegular {
+                    unreadFiles += 1
+                    unreadBytes += stamp.size
+                    if cst.st_nlink > 1 || sink.wantsUnreadFiles {
+                        let entry = try match.entry()
+                        if cst.st_nlink > 1 { linksSeen[stamp.inode] = (entry, stamp) }
+                        if sink.wantsUnreadFiles { try sink.file(TreePath.join(path, child), entry, read: false) }
+                    }
+                }
+                continue
+            }
+            guard let (slot, kept) = try scanEntry(fd, name: child, path: TreePath.join(path, child), st: cst, stamp: stamp,
+                                                   previous: match) else { continue }
+            slots.append(slot)
+            stamps.append(kept)
         }
-        let blob = DirectoryBlob.encode(entries)
-        let id = ChunkID.of(blob)
-        try sink.directory(path, id, blob)
+        files += unreadFiles
+        bytes += unreadBytes
+        if unreadFiles > 0 { progress?.add(files: unreadFiles, bytes: unreadBytes) }
+
+        let record: CachedDirectory
+        if let before, before.device == UInt64(st.st_dev), slots.count == spans.count,
+           slots.enumerated().allSatisfy({ if case .same(let i) = $0.element { return i == $0.offset } else { return false } }) {
+            record = before
+        } else {
+            var blob = ByteBuffer()
+            blob.reserveCapacity(8 + slots.count * 96)
+            blob.writeInteger(DirectoryBlob.magic)
+            blob.writeInteger(UInt32(slots.count))
+            for slot in slots {
+                switch slot {
+                case .same(let i):
+                    let span = spans[i]
+                    var bytes = before!.blob.getSlice(at: before!.blob.readerIndex + span.start, length: span.end - span.start)!
+                    blob.writeBuffer(&bytes)
+                case .new(let entry):
+                    DirectoryBlob.write(entry, to: &blob)
+                }
+            }
+            record = CachedDirectory(id: ChunkID.of(blob), blob: blob, stamps: stamps, device: UInt64(st.st_dev))
+        }
+        cache.directories[path] = record
+        try sink.directory(path, record.id, record.blob)
         directories += 1
-        var entry = base(name, .directory, st)
-        entry.subtree = id
-        remember(path, entry, st)
+        var entry = base(TreePath.components(path).last ?? [], .directory, st)
+        entry.subtree = record.id
         return entry
     }
 
-    private func keepPrevious(_ path: [UInt8]) -> TreeEntry? {
-        guard let old = previous[path] else { return nil }
-        // A kept directory keeps everything under it in the cache, so the next scan still knows it.
-        if old.entry.kind == .directory {
+    /// Keeps an entry that cannot be read this scan as it was, with everything under it.
+    private func keep(_ match: Previous, path: [UInt8]) {
+        if match.kind == TreeEntry.Kind.directory.rawValue {
             let prefix = path + [0x2F]
-            for (p, c) in previous where p.starts(with: prefix) || path.isEmpty {
-                cache[p] = c
-                if c.entry.kind == .file { files += 1; bytes += c.entry.size }
+            for (p, record) in previous.directories where p == path || p.starts(with: prefix) {
+                cache.directories[p] = record
+                for stamp in record.stamps where stamp.isRegular {
+                    files += 1
+                    bytes += stamp.size
+                }
             }
-        } else if old.entry.kind == .file {
+        } else if match.stamp.isRegular {
             files += 1
-            bytes += old.entry.size
+            bytes += match.stamp.size
         }
-        cache[path] = old
-        return old.entry
     }
 
-    private func scanEntry(_ dirfd: Int32, name: [UInt8], path: [UInt8], st: stat) throws -> TreeEntry? {
+    /// The slot and stamp of an entry the cache does not vouch for as is; nil when it is left out.
+    private func scanEntry(_ dirfd: Int32, name: [UInt8], path: [UInt8], st: stat, stamp: StatStamp,
+                           previous match: Previous?) throws -> (Slot, StatStamp)? {
+        /// Unreadable now: kept as it was where there was one.
+        func kept() -> (Slot, StatStamp)? {
+            guard let match else { return nil }
+            keep(match, path: path)
+            return (.same(match.index), match.stamp)
+        }
         if PosixFS.isDirectory(st) {
             guard UInt64(st.st_dev) == rootDevice else {
                 report(path, "another filesystem is mounted here; not crossed (its mount point is kept as an empty directory)")
-                let entry = base(name, .directory, st)
-                var empty = entry
+                var empty = base(name, .directory, st)
                 let blob = DirectoryBlob.encode([])
                 empty.subtree = ChunkID.of(blob)
                 try sink.directory(path, empty.subtree!, blob)
-                return empty
+                return (.new(empty), stamp)
             }
             let fd = PosixFS.openDirectory(at: dirfd, name)
             guard fd >= 0 else {
                 report(path, "cannot open directory: \(String(cString: strerror(errno))); kept as it was")
-                return keepPrevious(path)
+                return kept()
             }
             defer { close(fd) }
-            return try scanDirectory(fd, path: path, st: st)
+            guard let entry = try scanDirectory(fd, path: path, st: st) else { return kept() }
+            if let match, match.stamp == stamp, DirectoryBlob.subtree(match.record.blob, match.spans[match.index]) == entry.subtree {
+                return (.same(match.index), stamp)
+            }
+            return (.new(entry), stamp)
         }
         if PosixFS.isSymlink(st) {
             guard let target = PosixFS.readlink(at: dirfd, name, size: Int(st.st_size)) else {
                 report(path, "cannot read symlink: \(String(cString: strerror(errno)))")
-                return keepPrevious(path)
+                return kept()
             }
             var entry = base(name, .symlink, st)
             entry.target = target
-            remember(path, entry, st)
-            return entry
+            return (.new(entry), stamp)
         }
         if PosixFS.isFIFO(st) {
-            let entry = base(name, .fifo, st)
-            remember(path, entry, st)
-            return entry
+            return (.new(base(name, .fifo, st)), stamp)
         }
         guard PosixFS.isRegular(st) else {
             report(path, "a socket or device node; not replicated")
             return nil
         }
-        return try scanFile(dirfd, name: name, path: path, st: st)
-    }
-
-    private func unchanged(_ c: CachedEntry, _ st: stat) -> Bool {
-        c.entry.kind == .file && c.entry.size == UInt64(st.st_size) && c.entry.mtime == PosixFS.time(st.st_mtim)
-            && c.ctime == PosixFS.time(st.st_ctim) && c.inode == UInt64(st.st_ino) && c.device == UInt64(st.st_dev)
-    }
-
-    private func scanFile(_ dirfd: Int32, name: [UInt8], path: [UInt8], st: stat) throws -> TreeEntry? {
-        let group: UInt64 = st.st_nlink > 1 ? UInt64(st.st_ino) : 0
+        let group: UInt64 = st.st_nlink > 1 ? stamp.inode : 0
         var entry: TreeEntry
-        if let seen = linksSeen[UInt64(st.st_ino)], group != 0, unchangedLink(seen, st) {
-            // Another name of a file read this scan: same data, no second read.
+        var remembered = stamp
+        if group != 0, let seen = linksSeen[group], seen.stamp.sameData(stamp) {
+            // Another name of a file met this scan: same data, no second read.
             entry = seen.entry
             entry.name = name
             try sink.file(path, entry, read: false)
-        } else if let cached = previous[path].flatMap({ unchanged($0, st) ? $0 : nil })
-                    ?? previousByInode[UInt64(st.st_ino)].flatMap({ unchanged($0, st) ? $0 : nil }) {
-            entry = cached.entry
+        } else if let moved = try movedFile(stamp, samePath: match) {
+            // Found by its inode: its directory was renamed, or it was moved here.
+            entry = moved
             entry.name = name
             entry.linkGroup = group
             entry.mode = UInt32(st.st_mode) & 0o7777
@@ -296,38 +336,37 @@ public final class TreeScanner {
             entry.gid = st.st_gid
             try sink.file(path, entry, read: false)
         } else {
-            guard let read = try readFile(dirfd, name: name, path: path) else { return keepPrevious(path) }
+            guard let read = try readFile(dirfd, name: name, path: path, hadPrevious: match != nil) else { return kept() }
             entry = read.entry
             entry.linkGroup = read.st.st_nlink > 1 ? UInt64(read.st.st_ino) : 0
+            remembered = StatStamp(read.st)
             try sink.file(path, entry, read: true)
-            remember(path, entry, read.st)
-            if entry.linkGroup != 0 { linksSeen[entry.linkGroup] = cache[path] }
-            files += 1
-            bytes += entry.size
-            progress?.add(files: 1, bytes: entry.size)
-            return entry
         }
-        remember(path, entry, st)
-        if group != 0 { linksSeen[group] = cache[path] }
+        if entry.linkGroup != 0 { linksSeen[entry.linkGroup] = (entry, remembered) }
         files += 1
         bytes += entry.size
         progress?.add(files: 1, bytes: entry.size)
-        return entry
+        return (.new(entry), remembered)
     }
 
-    private func unchangedLink(_ c: CachedEntry, _ st: stat) -> Bool {
-        c.entry.size == UInt64(st.st_size) && c.entry.mtime == PosixFS.time(st.st_mtim) && c.ctime == PosixFS.time(st.st_ctim)
+    /// The last scan's entry of a file found by its inode elsewhere in the tree, with its data
+    /// unchanged. Not looked for when the file at the same path had the same inode (it changed).
+    private func movedFile(_ stamp: StatStamp, samePath match: Previous?) throws -> TreeEntry? {
+        if let match, match.stamp.inode == stamp.inode { return nil }
+        guard let (directory, index) = previousByInode[stamp.inode], let record = previous.directories[directory],
+              record.stamps[index].sameData(stamp), let spans = DirectoryBlob.spans(record.blob) else { return nil }
+        return try DirectoryBlob.entry(record.blob, spans[index])
     }
 
     /// Reads and chunks a file; reads it again while it changes under the read; nil (reported)
     /// when it cannot be read or keeps changing.
-    private func readFile(_ dirfd: Int32, name: [UInt8], path: [UInt8]) throws -> (entry: TreeEntry, st: stat)? {
+    private func readFile(_ dirfd: Int32, name: [UInt8], path: [UInt8], hadPrevious: Bool) throws -> (entry: TreeEntry, st: stat)? {
         // O_NOATIME (Linux 0o1000000) keeps the scan from touching atimes; only the owner (or root)
         // may ask for it, so others open without.
         var fd = PosixFS.withCName(name) { openat(dirfd, $0, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | 0o1000000) }
         if fd < 0 && errno == EPERM { fd = PosixFS.withCName(name) { openat(dirfd, $0, O_RDONLY | O_NOFOLLOW | O_CLOEXEC) } }
         guard fd >= 0 else {
-            report(path, "cannot open: \(String(cString: strerror(errno))); \(previous[path] == nil ? "not replicated" : "the previous version is kept")")
+            report(path, "cannot open: \(String(cString: strerror(errno))); \(!hadPrevious ? "not replicated" : "the previous version is kept")")
             return nil
         }
         defer { close(fd) }
@@ -341,7 +380,7 @@ public final class TreeScanner {
             do {
                 segments = try readSegments(fd, size: UInt64(before.st_size), path: path)
             } catch let error as TreeFSError {
-                report(path, "\(String(cString: strerror(error.code))) while reading; \(previous[path] == nil ? "not replicated" : "the previous version is kept")")
+                report(path, "\(String(cString: strerror(error.code))) while reading; \(!hadPrevious ? "not replicated" : "the previous version is kept")")
                 return nil
             }
             afterRead?(path, attempt)
@@ -356,7 +395,7 @@ public final class TreeScanner {
                 return (entry, after)
             }
         }
-        report(path, "changed while being read \(readAttempts) times; \(previous[path] == nil ? "not replicated this time" : "the previous version is kept")")
+        report(path, "changed while being read \(readAttempts) times; \(!hadPrevious ? "not replicated this time" : "the previous version is kept")")
         return nil
     }
 

@@ -135,6 +135,8 @@ public final class TreeRun: ScanSink {
 
     public func chunk(_ id: ChunkID, _ data: ByteBuffer) throws { try offer(id, data) }
 
+    public var wantsUnreadFiles: Bool { checkUnread }
+
     public func file(_ path: [UInt8], _ entry: TreeEntry, read: Bool) throws {
         guard !read, checkUnread, !entry.segments.isEmpty else { return }
         unread.append((path, entry))
@@ -260,4 +262,5 @@ public final class FanOutSink: ScanSink {
     public func chunk(_ id: ChunkID, _ data: ByteBuffer) throws { try each { try $0.chunk(id, data) } }
     public func file(_ path: [UInt8], _ entry: TreeEntry, read: Bool) throws { try each { try $0.file(path, entry, read: read) } }
     public func directory(_ path: [UInt8], _ id: ChunkID, _ blob: ByteBuffer) throws { try each { try $0.directory(path, id, blob) } }
+    public var wantsUnreadFiles: Bool { runs.values.contains { $0.wantsUnreadFiles } }
 }

@@ -77,7 +77,7 @@ public final class TreeSource: @unchecked Sendable {
     private var thread: Thread?
     private var watcher: TreeWatcher?
     private let shared = Mutex(Shared())
-    private var cache: [[UInt8]: CachedEntry] = [:]
+    private var cache = FilesCache()
     private var cacheRoot: ChunkID?
     private var lastRunStart: Date?
     private var lastRunFailed = false
@@ -115,7 +115,7 @@ public final class TreeSource: @unchecked Sendable {
     }
 
     public func start() throws {
-        cache = try CachedEntry.load(settings.name, from: catalog)
+        cache = try FilesCache.load(settings.name, from: catalog)
         let state = try catalog.treeState(settings.name)
         cacheRoot = state["cacheRoot"].flatMap { ChunkID(bytes: TreeSnapshot.bytes(hex: $0)) }
         interrupted = state["running"] != nil
@@ -350,9 +350,7 @@ public final class TreeSource: @unchecked Sendable {
     /// Writes what changed in the files cache to the catalog, with the scan's root.
     private func saveCache(_ scan: TreeScanner.Result) {
         let (root, _) = TreeRun.rootBlob(scan, sourceRoot: settings.source)
-        var upsert: [(path: [UInt8], record: [UInt8])] = []
-        for (path, entry) in scan.cache where cache[path] != entry { upsert.append((path, entry.encoded())) }
-        let delete = cache.keys.filter { scan.cache[$0] == nil }
+        let (upsert, delete) = scan.cache.changes(from: cache)
         do {
             try catalog.updateTree(settings.name, upsert: upsert, delete: delete, state: ["cacheRoot": root.hex])
             cache = scan.cache

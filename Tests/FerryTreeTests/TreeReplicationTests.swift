@@ -14,7 +14,7 @@ import Glibc
         var source: String { base + "/source" }
         var mirror: String { base + "/mirror" }
         var repositoryPath: String { base + "/peer" }
-        var cache: [[UInt8]: CachedEntry] = [:]
+        var cache = FilesCache()
         var cacheRoot: ChunkID?
         let repository: TreeRepository
         let transport: LocalTreeTransport
@@ -348,7 +348,7 @@ import Glibc
         #expect(damage.first?.contains("damaged") == true)
         #expect(damage.last?.contains("the next run sends it again") == true)
         // The next run (a new scan: the cache is dropped) is told the chunk is lacking and sends it.
-        side.cache = [:]
+        side.cache = FilesCache()
         side.cacheRoot = nil
         let repaired = try side.run()
         #expect(repaired.chunksSent >= 1)
