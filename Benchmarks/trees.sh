@@ -11,9 +11,10 @@
 # Baselines: ../shared/bench/tree-baselines.sh on its own copy of the same tree, right after.
 #
 # Usage: Benchmarks/trees.sh [--files N] [--size GB] [--seed S] [--flat DIRS]
-#                            [--probe N] [--skip-baselines] [--results FILE]
+#                            [--probe N] [--skip-baselines] [--results FILE] [--perf DIR]
 #   --flat DIRS   the flat profile instead: DIRS x 1000 files of 100-1000 bytes (200 → 200k files);
 #                 initial and no-change runs only, with rsync as the baseline
+#   --perf DIR    record both daemons with perf through each timed run (perf report -i DIR/…)
 # FERRY_BIN picks the binary (default: the release build). Run it on an idle machine.
 set -euo pipefail
 export LC_ALL=C
@@ -22,7 +23,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${FERRY_SHARED_BENCH:-$ROOT/../shared/bench}
 GEN="$SHARED/gen-tree.py"
 
-FILES=20000; SIZE=6; SEED=1; FLAT=0; PROBE=200; BASELINES=1; RESULTS=""
+FILES=20000; SIZE=6; SEED=1; FLAT=0; PROBE=200; BASELINES=1; RESULTS=""; PERF=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --files) FILES=$2; shift ;;
@@ -32,6 +33,7 @@ while [ $# -gt 0 ]; do
     --probe) PROBE=$2; shift ;;
     --skip-baselines) BASELINES=0 ;;
     --results) RESULTS=$2; shift ;;
+    --perf) PERF=$2; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -73,6 +75,8 @@ write_configs() {  # MODE-LINES
   tree=$(printf 'trees:\n  bench:\n    primary: east\n    source: %s\n    replicas:\n      west: { target: %s }\n%s\n' "$W/src" "$W/dst" "$1")
   site_config "$W" east "$ER" "$EN" west "$WR" "$WEST_ID" "$tree"
   site_config "$W" west "$WR" "$WN" east "$ER" "$EAST_ID" "$tree"
+  # West logs each commit (info), which wait_snapshot watches for.
+  sed -i 's/^log-level: warning$/log-level: info/' "$W/west.yaml"
 }
 start_sites() {
   "$FERRY_BIN" serve --config "$W/west.yaml" >>"$W/west.log" 2>&1 & WEST_PID=$!
@@ -85,8 +89,10 @@ snapshot_id() {
     | python3 -c 'import json,sys; t=json.load(sys.stdin)["trees"][0]; print((t["lastSnapshot"] or {}).get("id",0))' 2>/dev/null || echo 0
 }
 wait_snapshot() {  # ID: until west has it (30 min cap)
-  local i
-  for i in $(seq 180000); do [ "$(snapshot_id)" -ge "$1" ] && return 0; sleep 0.01; done
+  # West's log line of the commit is waited for with `tail -F` (inotify: no polling that would
+  # take CPU from the daemons being measured), then west's status confirms it.
+  timeout 1800 tail -n +1 -F "$W/west.log" 2>/dev/null | grep -q -m1 "tree snapshot committed.* snapshot=$1 " || true
+  [ "$(snapshot_id)" -ge "$1" ] && return 0
   echo "west never got snapshot $1; logs in $W" >&2; tail -20 "$W/east.log" >&2; exit 1
 }
 wire_bytes() {
@@ -100,10 +106,18 @@ check_same() {  # LABEL
   [ "$n" = 0 ] || { echo "!! after $1, rsync -anciH --delete finds $n differences" >&2; rsync -anciH --delete "$W/src/" "$W/dst/" | head >&2; }
 }
 sync_run() {  # ID LABEL: a run by `ferry tree sync`, timed from the command to west's commit
-  local t0 w0
+  local t0 w0 perfs="" tag
+  if [ -n "$PERF" ]; then  # profile both daemons through the run (--perf DIR)
+    mkdir -p "$PERF"; tag=$(echo "$2" | tr -c 'A-Za-z0-9\n' '-')
+    perf record -F 999 -g -o "$PERF/east-$tag.data" -p "$EAST_PID" >/dev/null 2>&1 & perfs="$!"
+    perf record -F 999 -g -o "$PERF/west-$tag.data" -p "$WEST_PID" >/dev/null 2>&1 & perfs="$perfs $!"
+    sleep 1
+  fi
   w0=$(wire_bytes); t0=$(now)
   "$FERRY_BIN" tree sync bench --config "$W/east.yaml" >/dev/null
   wait_snapshot "$1"
+  # shellcheck disable=SC2086
+  [ -z "$perfs" ] || { kill -INT $perfs; wait $perfs 2>/dev/null || true; }
   row ferry "$2" "$(secs "$t0" "$(now)")" "$(( $(wire_bytes) - w0 ))" "peak RSS east $(peak_rss_mib) MiB"
   check_same "$2"
 }

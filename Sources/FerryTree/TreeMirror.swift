@@ -39,6 +39,9 @@ public final class TreeMirror {
     let full: Bool
     let setOwner: Bool
     public private(set) var stats = Stats()
+    /// Whether this apply changed anything in the directory (a file, a name, metadata): when it
+    /// did not, there is nothing new to make durable.
+    public private(set) var touched = false
     /// Hard-link groups met this apply: group → path (from the root) of the name written first.
     public private(set) var groups: [UInt64: [UInt8]] = [:]
     /// Hard-link groups written by earlier applies (the peer keeps them), to link a new name to a
@@ -129,6 +132,7 @@ public final class TreeMirror {
         case .directory:
             if let st, !PosixFS.isDirectory(st) { try removeTree(fd, e.name, path: path) }
             if st == nil || !PosixFS.isDirectory(st!) {
+                touched = true
                 let rc = PosixFS.withCName(e.name) { mkdirat(fd, $0, 0o700) }
                 guard rc == 0 else { throw TreeFSError("create directory", path) }
             }
@@ -243,6 +247,7 @@ public final class TreeMirror {
     }
 
     private func nextTemp() -> [UInt8] {
+        touched = true
         tempCounter += 1
         return Array(".ferry-\(getpid())-\(tempCounter).tmp".utf8)
     }
@@ -278,14 +283,17 @@ public final class TreeMirror {
 
     private func setLinkMetadata(_ fd: Int32, _ name: [UInt8], _ e: TreeEntry, path: [UInt8], st: stat?) throws {
         if setOwner && (st == nil || st!.st_uid != e.uid || st!.st_gid != e.gid) {
+            touched = true
             let rc = PosixFS.withCName(name) { fchownat(fd, $0, e.uid, e.gid, AT_SYMLINK_NOFOLLOW) }
             guard rc == 0 else { throw TreeFSError("chown", path) }
         }
         if e.kind != .symlink && (st == nil || UInt32(st!.st_mode) & 0o7777 != e.mode) {
+            touched = true
             let rc = PosixFS.withCName(name) { fchmodat(fd, $0, mode_t(e.mode), 0) }
             guard rc == 0 else { throw TreeFSError("chmod", path) }
         }
         if st == nil || PosixFS.time(st!.st_mtim) != e.mtime {
+            touched = true
             var times = [timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds)),
                          timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds))]
             let rc = PosixFS.withCName(name) { utimensat(fd, $0, &times, AT_SYMLINK_NOFOLLOW) }
@@ -294,6 +302,9 @@ public final class TreeMirror {
     }
 
     private func setMetadata(fd: Int32, _ e: TreeEntry, path: [UInt8]) throws {
+        if let st = PosixFS.fstat(fd), UInt32(st.st_mode) & 0o7777 == e.mode, PosixFS.time(st.st_mtim) == e.mtime,
+           !setOwner || (st.st_uid == e.uid && st.st_gid == e.gid) { return }
+        touched = true
         if setOwner { guard fchown(fd, e.uid, e.gid) == 0 else { throw TreeFSError("chown", path) } }
         guard fchmod(fd, mode_t(e.mode)) == 0 else { throw TreeFSError("chmod", path) }
         var times = [timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds)),
@@ -304,6 +315,7 @@ public final class TreeMirror {
     /// Removes a name and, for a directory, everything under it (what changed after the
     /// keep-aside time is moved aside instead).
     func removeTree(_ fd: Int32, _ name: [UInt8], path: [UInt8]) throws {
+        touched = true
         if keepAside != nil, let st = PosixFS.lstat(at: fd, name) {
             if !PosixFS.isDirectory(st), try keptAside(fd, name, path: path, st: st) { return }
         }

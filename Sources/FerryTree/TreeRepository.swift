@@ -132,6 +132,12 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
     }
 
     private let seed = Mutex<Seed?>(nil)
+    /// The mirror was synced after its last change by this process (false at start: a change
+    /// before a restart may not be on disk).
+    private let mirrorSynced = Atomic<Bool>(false)
+    private let mirrorSyncs = Atomic<Int>(0)
+    /// How often a commit synced the mirror's filesystem (tests).
+    public var mirrorSyncCount: Int { mirrorSyncs.load(ordering: .relaxed) }
     private let seedCopied = Atomic<UInt64>(0)
     /// Bytes copied from the seed instead of received.
     public var bytesFromSeed: UInt64 { seedCopied.load(ordering: .relaxed) }
@@ -290,14 +296,21 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
                 writer.keepAside = (FileTime(seconds: Int64(keepAside.after), nanoseconds: UInt32((keepAside.after - keepAside.after.rounded(.down)) * 1e9)),
                                     keepAside.directory)
             }
+            // Synced unless this apply changed nothing and nothing was changed since the last
+            // sync in this process (an apply that failed, or one before a restart, may have).
+            let wasSynced = mirrorSynced.exchange(false, ordering: .acquiringAndReleasing)
             try writer.apply(old: try latest()?.rootID, new: root)
             stats = writer.stats
-            let fd = PosixFS.openDirectory(mirror)
-            guard fd >= 0 else { throw TreeFSError("open the mirror to sync it", Array(mirror.utf8)) }
-            let rc = ferry_syncfs(fd)
-            let saved = errno
-            close(fd)
-            guard rc == 0 else { throw TreeFSError("sync the mirror's filesystem", Array(mirror.utf8), saved) }
+            if writer.touched || !wasSynced {
+                let fd = PosixFS.openDirectory(mirror)
+                guard fd >= 0 else { throw TreeFSError("open the mirror to sync it", Array(mirror.utf8)) }
+                let rc = ferry_syncfs(fd)
+                let saved = errno
+                close(fd)
+                guard rc == 0 else { throw TreeFSError("sync the mirror's filesystem", Array(mirror.utf8), saved) }
+                mirrorSyncs.add(1, ordering: .relaxed)
+            }
+            mirrorSynced.store(true, ordering: .releasing)
             try chunks.commit()
             try db.write { db in
                 for (group, path) in writer.groups {

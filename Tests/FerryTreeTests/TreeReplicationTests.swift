@@ -67,9 +67,13 @@ import Glibc
         // Dedup: the copy of big.bin and the 2,000 identical small files sent once.
         #expect(first.bytesSent < first.scan.bytes - (12 << 20), "initial run sent \(first.bytesSent) of \(first.scan.bytes)")
 
-        // Nothing changed: nothing read, no file data sent.
+        // Nothing changed: nothing read, no file data sent, and the mirror (synced by the last
+        // commit, untouched since) not synced again.
+        let syncs = side.repository.mirrorSyncCount
+        #expect(syncs == 1)
         let idle = try side.run()
         #expect(idle.scan.filesRead == 0)
+        #expect(side.repository.mirrorSyncCount == syncs)
         #expect(idle.bytesSent < 4096, "a run without changes sent \(idle.bytesSent) bytes")
         try check("no change", idle)
 
@@ -96,6 +100,7 @@ import Glibc
         OddTree.write(s, "bulk/d9/file 901.txt", bytes)
         OddTree.setTime(s, Array("bulk/d9/file 901.txt".utf8), seconds: st.st_mtim.tv_sec, nanos: st.st_mtim.tv_nsec)
         let changed = try side.run()
+        #expect(side.repository.mirrorSyncCount == syncs + 1)
         try check("changes", changed)
         // A moved directory of 100 files costs no file data.
         #expect(changed.bytesSent < 256 << 10, "the incremental run sent \(changed.bytesSent) bytes")
