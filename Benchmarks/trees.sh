@@ -127,7 +127,15 @@ write_configs "    mode: scheduled
     every: 1w"
 t0=$(now)
 start_sites
+initial_perfs=""
+if [ -n "$PERF" ]; then
+  mkdir -p "$PERF"
+  perf record -F 499 -g -o "$PERF/east-initial.data" -p "$EAST_PID" >/dev/null 2>&1 & initial_perfs="$!"
+  perf record -F 499 -g -o "$PERF/west-initial.data" -p "$WEST_PID" >/dev/null 2>&1 & initial_perfs="$initial_perfs $!"
+fi
 wait_snapshot 1
+# shellcheck disable=SC2086
+[ -z "$initial_perfs" ] || { kill -INT $initial_perfs; wait $initial_perfs 2>/dev/null || true; }
 row ferry initial "$(secs "$t0" "$(now)")" "$(wire_bytes)" "from daemon start; peak RSS east $(peak_rss_mib) MiB"
 check_same initial
 if [ "$FLAT" = 0 ]; then

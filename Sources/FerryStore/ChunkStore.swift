@@ -37,6 +37,10 @@ public final class ChunkStore: @unchecked Sendable {
     var pending: [[UInt8]: Location] = [:]
     var packNumber: Int
     var packFD: Int32
+    /// Descriptors of closed packs being read (at most ``maxReaders``; dropped before a pack is
+    /// deleted).
+    var readers: [Int: Int32] = [:]
+    static let maxReaders = 64
     private var packSize: UInt64
     /// The pack chunks are appended to now.
     var currentPack: Int { packNumber }
@@ -68,7 +72,10 @@ public final class ChunkStore: @unchecked Sendable {
         try recoverTail()
     }
 
-    deinit { close(packFD) }
+    deinit {
+        close(packFD)
+        for fd in readers.values { close(fd) }
+    }
 
     static func packPath(_ directory: String, _ number: Int) -> String {
         let digits = String(number)
@@ -126,9 +133,9 @@ public final class ChunkStore: @unchecked Sendable {
     func insert(_ entries: [([UInt8], Location)], replace: Bool = false) throws {
         do {
             try db.write { db in
+                let statement = try db.cachedStatement(sql: "INSERT OR \(replace ? "REPLACE" : "IGNORE") INTO chunk (id, pack, offset, length) VALUES (?, ?, ?, ?)")
                 for (id, at) in entries {
-                    try db.execute(sql: "INSERT OR \(replace ? "REPLACE" : "IGNORE") INTO chunk (id, pack, offset, length) VALUES (?, ?, ?, ?)",
-                                   arguments: [Data(id), at.pack, Int64(at.offset), at.length])
+                    try statement.execute(arguments: [Data(id), at.pack, Int64(at.offset), at.length])
                 }
             }
         } catch let error as DatabaseError {
@@ -186,17 +193,27 @@ public final class ChunkStore: @unchecked Sendable {
 
     func location(_ id: [UInt8]) throws -> Location? {
         if let at = pending[id] { return at }
-        return try db.read { db in
-            try Row.fetchOne(db, sql: "SELECT pack, offset, length FROM chunk WHERE id = ?", arguments: [Data(id)])
-                .map { Location(pack: $0["pack"], offset: UInt64($0["offset"] as Int64), length: $0["length"]) }
-        }
+        // A point lookup needs no transaction (`read` adds one and two pragmas per call).
+        return try db.inDatabase { db in try Self.location(id, in: db) }
+    }
+
+    /// The indexed location (one prepared statement, kept by the connection).
+    static func location(_ id: [UInt8], in db: Database) throws -> Location? {
+        let statement = try db.cachedStatement(sql: "SELECT pack, offset, length FROM chunk WHERE id = ?")
+        return try Row.fetchOne(statement, arguments: [Data(id)])
+            .map { Location(pack: $0[0], offset: UInt64($0[1] as Int64), length: $0[2]) }
     }
 
     public func contains(_ id: [UInt8]) throws -> Bool { try lock.withLock { try location(id) != nil } }
 
-    /// Of `ids`, those the store lacks: what a peer asks the source to send.
+    /// Of `ids`, those the store lacks: what a peer asks the source to send. One read of the
+    /// index for the lot.
     public func missing(_ ids: [[UInt8]]) throws -> [[UInt8]] {
-        try lock.withLock { try ids.filter { try location($0) == nil } }
+        try lock.withLock {
+            let unknown = ids.filter { pending[$0] == nil }
+            guard !unknown.isEmpty else { return [] }
+            return try db.inDatabase { db in try unknown.filter { try Self.location($0, in: db) == nil } }
+        }
     }
 
     /// The chunk's content, checked against its record checksum; nil when the store lacks it.
@@ -205,8 +222,7 @@ public final class ChunkStore: @unchecked Sendable {
         try lock.withLock {
             guard let at = try location(id) else { return nil }
             let path = Self.packPath(directory, at.pack)
-            let fd = at.pack == packNumber ? packFD : try FileIO.open(path, create: false)
-            defer { if fd != packFD { close(fd) } }
+            let fd = at.pack == packNumber ? packFD : try reader(at.pack, path: path)
             let record = try FileIO.read(fd, offset: at.offset, count: at.length, path: path, allocator: ByteBufferAllocator())
             guard record.readableBytes == at.length,
                   record.getInteger(at: record.readerIndex, as: UInt32.self) == Self.magic,
@@ -219,6 +235,21 @@ public final class ChunkStore: @unchecked Sendable {
             }
             return data
         }
+    }
+
+    /// A descriptor of a closed pack, kept for the next read (the caller holds the lock).
+    private func reader(_ pack: Int, path: String) throws -> Int32 {
+        if let fd = readers[pack] { return fd }
+        if readers.count >= Self.maxReaders { dropReaders() }
+        let fd = try FileIO.open(path, create: false)
+        readers[pack] = fd
+        return fd
+    }
+
+    /// Closes the kept descriptors (the caller holds the lock).
+    func dropReaders() {
+        for fd in readers.values { close(fd) }
+        readers.removeAll()
     }
 
     /// Chunks in the index.
@@ -289,9 +320,13 @@ extension ChunkStore {
             }
             let deadIDs = chunks.filter { !isLive($0.id) }.map(\.id)
             try db.write { db in
-                for id in deadIDs { try db.execute(sql: "DELETE FROM chunk WHERE id = ? AND pack = ?", arguments: [Data(id), pack]) }
+                let statement = try db.cachedStatement(sql: "DELETE FROM chunk WHERE id = ? AND pack = ?")
+                for id in deadIDs { try statement.execute(arguments: [Data(id), pack]) }
             }
-            unlink(path)
+            lock.withLock {
+                if let fd = readers.removeValue(forKey: pack) { close(fd) }
+                unlink(path)
+            }
             result.chunksRemoved += deadIDs.count
             result.bytesFreed += fileSize
             if live.isEmpty { result.packsRemoved += 1 } else { result.packsRewritten += 1 }
