@@ -7,8 +7,8 @@ import Foundation
 /// plots of the last 15 minutes from the sampler, and the peer links. Self-contained HTML, CSS
 /// and inline SVG (no scripts or fonts from elsewhere); the rows are rendered on the server, and
 /// a few lines of script fetch `/fragment` every 2 seconds to replace them. Stable `data-*`
-/// attributes (`data-volume`, `data-peer`, `data-role`, `data-mode`, `data-state`, `data-plot`)
-/// are a contract for tests and scrapers.
+/// attributes (`data-volume`, `data-tree`, `data-peer`, `data-role`, `data-mode`, `data-state`,
+/// `data-plot`) are a contract for tests and scrapers.
 enum StatusPage {
     static func page(_ status: SiteStatus?, history: [StatusSampler.Sample], now: Date) -> String {
         let title = status.map { "Ferry — \($0.site.name)" } ?? "Ferry"
@@ -60,6 +60,18 @@ enum StatusPage {
         }
         if status.volumes.isEmpty { out += "<tr><td colspan=\"7\">No volumes are configured on this site.</td></tr>" }
         out += "</tbody></table>"
+        if !status.trees.isEmpty {
+            out += "<h2>Trees</h2><table><thead><tr><th>Tree</th><th>Peer</th><th>Role</th><th>Mode</th><th>State</th>"
+                + "<th>Last snapshot</th><th>Lag</th></tr></thead><tbody>"
+            for t in status.trees {
+                if t.role == "primary" && !t.replicas.isEmpty {
+                    for r in t.replicas { out += treeRow(t, replica: r, now: now) }
+                } else {
+                    out += treeRow(t, replica: nil, now: now)
+                }
+            }
+            out += "</tbody></table>"
+        }
         out += "<h2>Peers</h2><table><thead><tr><th>Peer</th><th>Link</th><th>Since</th><th>RTT</th><th>Last 15 minutes</th></tr></thead><tbody>"
         for p in status.peers {
             let up = p.state == .connected
@@ -132,6 +144,48 @@ enum StatusPage {
             + (v.replicaState == nil ? "" : plot("throughput", "received (bytes/s)", series: rows.map { $0?.throughput }, unit: .bytes,
                                                  labels: [("volume", v.name)]))
             + "</div></td></tr>"
+    }
+
+    /// A tree on its primary (one row per replica) or on a replica: the state in words, the last
+    /// snapshot, the lag.
+    static func treeRow(_ t: SiteStatus.Tree, replica r: SiteStatus.Tree.Replica?, now: Date) -> String {
+        let state = r?.state ?? t.state
+        var parts: [String] = []
+        if let r {
+            parts.append(t.source.map { "\($0) → \(r.peer):\(r.target ?? "?")" } ?? "to \(r.peer)")
+        } else if let target = t.target {
+            parts.append("kept in \(target)")
+        }
+        if t.state != "idle" && t.state != state { parts.append(t.state) }
+        if let p = t.progress {
+            var text = "scanning: \(p.filesScanned) of about \(max(p.filesScanned, p.expectedFiles)) files, "
+                + "\(bytes(p.bytesScanned)) read"
+            if let eta = p.etaSeconds { text += ", about \(seconds(eta)) to go" }
+            parts.append(text)
+        }
+        if let next = t.nextRunAt, t.progress == nil { parts.append("next run at \(clock(next))") }
+        if !t.errors.isEmpty {
+            parts.append("\(t.errors.count) path\(t.errors.count == 1 ? "" : "s") not replicated: \(t.errors.prefix(2).joined(separator: "; "))"
+                + (t.errors.count > 2 ? "; …" : ""))
+        }
+        if !t.keptAside.isEmpty { parts.append("\(t.keptAside.count) kept aside (P6)") }
+        if let error = r?.lastError ?? t.lastError { parts.append("last error: \(error)") }
+        let snapshot = r?.lastSnapshot ?? t.lastSnapshot
+        let last = snapshot.map { "#\($0.id) of \(clock($0.time)), \($0.files) files, \(bytes(UInt64(max(0, $0.bytes))))" } ?? "none yet"
+        let cls: String
+        switch state {
+        case "in-sync", "idle": cls = "ok"
+        case "failed", "error": cls = "bad"
+        default: cls = "warn"
+        }
+        let peer = r?.peer ?? ""
+        return "<tr data-tree=\"\(escape(t.name))\" data-peer=\"\(escape(peer))\" data-role=\"\(escape(t.role))\" "
+            + "data-mode=\"\(escape(t.mode))\" data-state=\"\(escape(state))\">"
+            + "<td data-label=\"tree\">\(escape(t.name))</td><td data-label=\"peer\">\(r == nil ? "—" : escape(peer))</td>"
+            + "<td data-label=\"role\">\(escape(t.role))</td>"
+            + "<td data-label=\"mode\">\(escape(t.schedule.map { "\(t.mode), \($0)" } ?? t.mode))</td>"
+            + "<td><span class=\"state \(cls)\">\(escape(state))</span><div class=\"reason\" data-reason>\(escape(parts.joined(separator: ", ")))</div></td>"
+            + "<td data-label=\"last snapshot\">\(escape(last))</td><td data-label=\"lag\">\(seconds(t.lagSeconds))</td></tr>"
     }
 
     /// The row's state in words: "west unreachable since 14:02:11, writes degraded, 38 MiB to resync".

@@ -108,6 +108,11 @@ struct FerryMonitorTests {
             replicas: [.init(peer: "west", target: "/srv/docs", state: "in-sync", lastSnapshot: snapshot, lastError: nil,
                              bytesSentLastRun: 10, bytesSent: 1234, bytesOnWire: 2000)])]
         sampler.sample(status, now: Date(timeIntervalSince1970: 2_000_000_000))
+        // The status page has a row per tree and replica, with the state in words.
+        let html = StatusPage.fragment(status, history: [], now: Date())
+        #expect(html.contains(#"data-tree="docs" data-peer="west" data-role="primary" data-mode="scheduled" data-state="in-sync""#))
+        #expect(html.contains("/srv/docs → west:/srv/docs") && html.contains("1 path not replicated: x: Permission denied"))
+        #expect(html.contains("#7 of ") && html.contains(", 3 files, 99 B") && html.contains("scheduled, every 1h"))
         let text = registry.emitToString()
         for line in [#"ferry_tree_lag_seconds{tree="docs"} 1000.0"#, #"ferry_tree_rpo_target_seconds{tree="docs"} 3600.0"#,
                      #"ferry_tree_errors{tree="docs"} 1.0"#, #"ferry_tree_files{tree="docs"} 3.0"#,
