@@ -26,6 +26,9 @@ public final class TreeMirror {
         public var directoriesVisited = 0
         /// Paths (shown) moved aside instead of being overwritten or removed.
         public var keptAside: [String] = []
+        /// Seconds the commit spent applying the manifest to the mirror, syncing its filesystem
+        /// (0 when nothing changed), and making the chunks durable (for the log).
+        public var applySeconds = 0.0, syncSeconds = 0.0, chunksSeconds = 0.0
     }
 
     /// Anything this apply would overwrite or remove whose ctime is after `after` is moved into

@@ -299,8 +299,11 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
             // Synced unless this apply changed nothing and nothing was changed since the last
             // sync in this process (an apply that failed, or one before a restart, may have).
             let wasSynced = mirrorSynced.exchange(false, ordering: .acquiringAndReleasing)
+            let started = ContinuousClock.now
             try writer.apply(old: try latest()?.rootID, new: root)
             stats = writer.stats
+            let applied = ContinuousClock.now
+            stats.applySeconds = Self.seconds(applied - started)
             if writer.touched || !wasSynced {
                 let fd = PosixFS.openDirectory(mirror)
                 guard fd >= 0 else { throw TreeFSError("open the mirror to sync it", Array(mirror.utf8)) }
@@ -311,7 +314,10 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
                 mirrorSyncs.add(1, ordering: .relaxed)
             }
             mirrorSynced.store(true, ordering: .releasing)
+            let synced = ContinuousClock.now
+            stats.syncSeconds = Self.seconds(synced - applied)
             try chunks.commit()
+            stats.chunksSeconds = Self.seconds(ContinuousClock.now - synced)
             try db.write { db in
                 for (group, path) in writer.groups {
                     try db.execute(sql: "INSERT OR REPLACE INTO link_group (grp, path) VALUES (?, ?)",
@@ -332,6 +338,10 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         }
         received.withLock { $0.removeAll() }
         return (snapshot, stats)
+    }
+
+    static func seconds(_ d: Duration) -> Double {
+        ((Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18) * 1000).rounded() / 1000
     }
 
     /// Forgets snapshots (retention). Their chunks stay until garbage collection.

@@ -302,7 +302,7 @@ public final class TreeSource: @unchecked Sendable {
             return .failed
         }
         for (peer, e) in fan.failures { failed[peer] = "\(e)" }
-        saveCache(scan)
+        let scanned = Date()
         shared.withLock {
             $0.state = "committing"
             $0.files = scan.files
@@ -322,11 +322,16 @@ public final class TreeSource: @unchecked Sendable {
                 failed[peer] = "\(error)"
             }
         }
+        // The files cache is written after the commits, off the path of the replicas' snapshots
+        // (a cache saved or not is right either way: see TreeRun.begin).
+        saveCache(scan)
         record(failed: failed, reports: reports, error: nil)
         for (peer, report) in reports {
             logger.info("tree run committed", metadata: [
                 "tree": "\(settings.name)", "peer": "\(peer)", "snapshot": "\(report.snapshot.id)", "files": "\(scan.files)",
-                "read": "\(scan.filesRead)", "sent": "\(report.bytesSent)", "seconds": "\(String(format: "%.3f", Date().timeIntervalSince(started)))"])
+                "read": "\(scan.filesRead)", "sent": "\(report.bytesSent)",
+                "scan": "\(String(format: "%.3f", scanned.timeIntervalSince(started)))s",
+                "seconds": "\(String(format: "%.3f", Date().timeIntervalSince(started)))"])
         }
         return failed.isEmpty ? .done : .failed
     }
