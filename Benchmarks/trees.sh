@@ -75,8 +75,8 @@ write_configs() {  # MODE-LINES
   tree=$(printf 'trees:\n  bench:\n    primary: east\n    source: %s\n    replicas:\n      west: { target: %s }\n%s\n' "$W/src" "$W/dst" "$1")
   site_config "$W" east "$ER" "$EN" west "$WR" "$WEST_ID" "$tree"
   site_config "$W" west "$WR" "$WN" east "$ER" "$EAST_ID" "$tree"
-  # West logs each commit (info), which wait_snapshot watches for.
-  sed -i 's/^log-level: warning$/log-level: info/' "$W/west.yaml"
+  # Both log each commit (info): wait_snapshot watches west's, sync_run shows both.
+  sed -i "s/^log-level: warning$/log-level: info/" "$W/west.yaml" "$W/east.yaml"
 }
 start_sites() {
   "$FERRY_BIN" serve --config "$W/west.yaml" >>"$W/west.log" 2>&1 & WEST_PID=$!
@@ -119,6 +119,9 @@ sync_run() {  # ID LABEL: a run by `ferry tree sync`, timed from the command to 
   # shellcheck disable=SC2086
   [ -z "$perfs" ] || { kill -INT $perfs; wait $perfs 2>/dev/null || true; }
   row ferry "$2" "$(secs "$t0" "$(now)")" "$(( $(wire_bytes) - w0 ))" "peak RSS east $(peak_rss_mib) MiB"
+  # Where the time went: east's scan, west's apply, sync and chunk commit.
+  grep -h "tree run committed.* snapshot=$1 \|tree snapshot committed.* snapshot=$1 " "$W/east.log" "$W/west.log" 2>/dev/null \
+    | sed 's/^[^ ]* /#   /' || true
   check_same "$2"
 }
 

@@ -74,7 +74,7 @@ public struct FileSegment: Equatable, Sendable {
     public var length: UInt64 { chunks.reduce(0) { $0 + UInt64($1.length) } }
 }
 
-public struct ChunkRef: Equatable, Sendable {
+public struct ChunkRef: Hashable, Sendable {
     public var id: ChunkID
     public var length: UInt32
 

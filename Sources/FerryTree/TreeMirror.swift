@@ -23,6 +23,8 @@ public final class TreeMirror {
         public var bytesWritten: UInt64 = 0
         public var linked = 0
         public var removed = 0
+        /// Names renamed in place of being removed and written again (same content).
+        public var renamed = 0
         public var directoriesVisited = 0
         /// Paths (shown) moved aside instead of being overwritten or removed.
         public var keptAside: [String] = []
@@ -120,12 +122,55 @@ public final class TreeMirror {
         }
         let wanted = Set(newEntries.map(\.name))
         guard let present = PosixFS.names(in: fd) else { throw TreeFSError("list directory", path) }
+        let presentSet = Set(present)
+        // A name that goes and one that comes with the same content (a renamed directory or file)
+        // is renamed here rather than removed and written again.
+        var arrivals = Arrivals(newEntries.filter { !presentSet.contains($0.name) })
+        var renamedFrom: [[UInt8]: TreeEntry] = [:]
         for name in present where !wanted.contains(name) {
+            if keepAside == nil, !arrivals.isEmpty, let was = oldByName[name], let to = arrivals.take(matching: was),
+               PosixFS.withCName(name, { n in PosixFS.withCName(to, { renameat(fd, n, fd, $0) }) }) == 0 {
+                touched = true
+                renamedFrom[to] = was
+                stats.renamed += 1
+                continue
+            }
             try removeTree(fd, name, path: TreePath.join(path, name))
             stats.removed += 1
         }
         for e in newEntries {
-            try applyEntry(fd, e, path: TreePath.join(path, e.name), old: oldByName[e.name])
+            try applyEntry(fd, e, path: TreePath.join(path, e.name), old: oldByName[e.name] ?? renamedFrom[e.name])
+        }
+    }
+
+    /// New names of a directory, by content: a directory by its subtree, a file by its data.
+    private struct Arrivals {
+        var directories: [ChunkID: [UInt8]] = [:]
+        var files: [[ChunkRef]: [UInt8]] = [:]
+
+        init(_ entries: [TreeEntry]) {
+            for e in entries {
+                switch e.kind {
+                case .directory: if let id = e.subtree { directories[id] = e.name }
+                case .file: if e.size > 0 { files[e.segments.flatMap(\.chunks)] = e.name }
+                default: break
+                }
+            }
+        }
+
+        var isEmpty: Bool { directories.isEmpty && files.isEmpty }
+
+        /// The new name with the same content as `old` had (taken: one arrival per departure).
+        mutating func take(matching old: TreeEntry) -> [UInt8]? {
+            switch old.kind {
+            case .directory:
+                guard let id = old.subtree else { return nil }
+                return directories.removeValue(forKey: id)
+            case .file where old.size > 0:
+                return files.removeValue(forKey: old.segments.flatMap(\.chunks))
+            default:
+                return nil
+            }
         }
     }
 

@@ -327,7 +327,7 @@ public final class TreeReceiver: @unchecked Sendable {
                 }
                 logger.info("tree snapshot committed", metadata: [
                     "tree": "\(name)", "snapshot": "\(snapshot.id)", "files": "\(snapshot.files)",
-                    "written": "\(stats.filesWritten)", "removed": "\(stats.removed)",
+                    "written": "\(stats.filesWritten)", "removed": "\(stats.removed)", "renamed": "\(stats.renamed)",
                     "apply": "\(stats.applySeconds)s", "sync": "\(stats.syncSeconds)s", "chunks": "\(stats.chunksSeconds)s"])
                 reply(.committed(request: request, snapshot: snapshot.id, at: snapshot.committedAt), to: peer)
                 prune()

@@ -30,6 +30,8 @@ public final class LocalTreeTransport: TreeTransport {
     public let mirror: String?
     public private(set) var bytesPut: UInt64 = 0
     public private(set) var chunksPut = 0
+    /// What the last commit did to the mirror.
+    public private(set) var lastStats: TreeMirror.Stats?
 
     public init(repository: TreeRepository, mirror: String?) {
         self.repository = repository
@@ -44,7 +46,9 @@ public final class LocalTreeTransport: TreeTransport {
         chunksPut += 1
     }
     public func commit(root: ChunkID, summary: RunSummary) throws -> TreeSnapshot {
-        try repository.commit(root: root, summary: summary, mirror: mirror).0
+        let (snapshot, stats) = try repository.commit(root: root, summary: summary, mirror: mirror)
+        lastStats = stats
+        return snapshot
     }
 }
 

@@ -116,6 +116,13 @@ import Glibc
         OddTree.write(s, "big-copy.bin", bytes)
         try check("kinds swapped", try side.run())
 
+        // Renamed within their directory: the mirror renames them too, nothing is written again.
+        #expect(rename(s + "/bulk/d6", s + "/bulk/d6 renamed") == 0)
+        #expect(rename(s + "/bulk/d7/file 701.txt", s + "/bulk/d7/file 701 renamed.txt") == 0)
+        try check("renamed", try side.run())
+        let renamed = try #require(side.transport.lastStats)
+        #expect(renamed.renamed == 2 && renamed.filesWritten == 0, "\(renamed)")
+
         // Every snapshot restores to the tree as it was.
         let snapshots = try side.repository.snapshots()
         #expect(snapshots.count == references.count)
