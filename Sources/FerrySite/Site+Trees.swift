@@ -77,6 +77,10 @@ extension Site {
             guard let source = engine?.sources[name] else {
                 return reply(409, "error", "site \(config.site.name) is not the primary of tree \(name) (its primary is \(tree.primary)); run sync there")
             }
+            if value("wait") == "1" {
+                let (ok, message) = source.syncAndWait(until: Date().addingTimeInterval(24 * 3600))
+                return ok ? reply(200, "message", message) : reply(409, "error", message)
+            }
             source.changed()
             return reply(200, "message", "a run of \(name) to \(source.settings.peers.joined(separator: ", ")) is starting; `ferry status` shows it")
         }

@@ -85,6 +85,12 @@ public final class TreeSource: @unchecked Sendable {
     private var running = false
     /// A run was under way when the daemon stopped (the catalog says): it resumes at start.
     private var interrupted = false
+    /// Runs asked for by ``syncAndWait(until:)``, the last such request a run began after, and
+    /// the last one a finished run covered, with its outcome (guarded by `condition`).
+    private var requests: UInt64 = 0
+    private var runCovers: UInt64 = 0
+    private var finishedCovers: UInt64 = 0
+    private var finishedOutcome: (ok: Bool, message: String) = (true, "")
 
     struct Shared {
         var state = "starting"
@@ -216,6 +222,7 @@ public final class TreeSource: @unchecked Sendable {
             }
             dirty = false
             running = true
+            runCovers = requests
             covering = pendingSince ?? Date()
             pendingSince = nil
             condition.unlock()
@@ -227,6 +234,9 @@ public final class TreeSource: @unchecked Sendable {
             condition.lock()
             running = false
             lastRunFailed = !ok
+            finishedCovers = runCovers
+            finishedOutcome = (ok, outcomeMessage(outcome))
+            condition.broadcast()
             if outcome == .noReplica {
                 // Nothing to send to: wait (without a backoff) until a replica's link comes up.
                 pendingSince = [pendingSince, covering].compactMap { $0 }.min()
@@ -250,6 +260,42 @@ public final class TreeSource: @unchecked Sendable {
     }
 
     enum Outcome { case done, failed, noReplica }
+
+    /// A run now, waiting until it has finished (`ferry tree sync --wait`): whether every replica
+    /// committed it, and what each holds or why it failed. A run already under way does not count:
+    /// the one that begins after the request does.
+    public func syncAndWait(until deadline: Date) -> (ok: Bool, message: String) {
+        condition.lock()
+        requests += 1
+        let ticket = requests
+        dirty = true
+        if pendingSince == nil { pendingSince = Date() }
+        condition.broadcast()
+        while finishedCovers < ticket && !stopped && Date() < deadline { _ = condition.wait(until: deadline) }
+        let result = finishedCovers >= ticket ? finishedOutcome
+            : (false, stopped ? "the site stopped before the run finished" : "the run had not finished by the deadline; `ferry status` shows it")
+        condition.unlock()
+        return result
+    }
+
+    /// What a finished run did, per replica (called with `condition` held).
+    private func outcomeMessage(_ outcome: Outcome) -> String {
+        shared.withLock { s in
+            if outcome == .noReplica { return "no replica of \(settings.name) is connected; the run waits for one" }
+            var lines: [String] = []
+            for peer in settings.peers.sorted() {
+                let p = s.peers[peer]
+                if let error = p?.lastError {
+                    lines.append("\(peer): failed: \(error)")
+                } else if let snapshot = p?.lastSnapshot {
+                    lines.append("\(peer): snapshot \(snapshot.id) committed (\(snapshot.files) files, \(ByteSize.format(UInt64(max(0, snapshot.bytes))))), "
+                                 + "\(ByteSize.format(p?.lastRunBytesSent ?? 0)) of chunk data sent")
+                }
+            }
+            if outcome != .done, let error = s.lastError, lines.isEmpty { lines.append(error) }
+            return lines.joined(separator: "\n")
+        }
+    }
 
     /// One scan, sent to every connected replica; done when every replica committed it.
     private func runOnce() -> Outcome {

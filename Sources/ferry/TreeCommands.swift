@@ -73,8 +73,11 @@ struct TreeSync: ParsableCommand {
     @Argument(help: "The tree.") var tree: String
     @Option(help: "The config file of the tree's primary.") var config: String?
     @Option(help: "The admin socket, instead of --config.") var socket: String?
+    @Flag(help: "Wait until the run has finished, say what each replica committed, and exit 1 when a replica did not.")
+    var wait = false
 
     func run() throws {
-        try postVolumeAction("/v1/trees/\(tree)/sync", config: config, socket: socket, done: "started")
+        try postVolumeAction("/v1/trees/\(tree)/sync" + (wait ? "?wait=1" : ""), config: config, socket: socket,
+                             done: wait ? "done" : "started", timeoutSeconds: wait ? 24 * 3600 : 30)
     }
 }

@@ -155,6 +155,12 @@ import Glibc
         #expect(sent < UInt64(total) * 9 / 10, "the resumed run sent \(sent) of \(total) bytes")
         let list = try run(try ferryBinary(), ["tree", "snapshots", "docs", "--config", pair.west.configPath]).stdout
         #expect(list.contains("\n\(base) ") && list.contains("\n\(base + 1) "), "\(list)")
+
+        // `tree sync --wait` returns once the run is committed, and says what west holds.
+        pair.write("after-\(victim)", Array("one more file\n".utf8))
+        let waited = try run(try ferryBinary(), ["tree", "sync", "docs", "--wait", "--config", pair.east.configPath])
+        #expect(waited.stdout.contains("west: snapshot ") && waited.stdout.contains(" committed ("), "\(waited.stdout)\(waited.stderr)")
+        #expect(FileManager.default.fileExists(atPath: pair.target + "/after-\(victim)"), "\(waited.stdout)")
     }
 
     @Test func promotingTheReplicaThenTheFormerPrimaryReturnsAsAReplicaKeepingItsLateChangesAside() throws {
