@@ -128,7 +128,9 @@ public final class TreeMirror {
         var arrivals = Arrivals(newEntries.filter { !presentSet.contains($0.name) })
         var renamedFrom: [[UInt8]: TreeEntry] = [:]
         for name in present where !wanted.contains(name) {
-            if keepAside == nil, !arrivals.isEmpty, let was = oldByName[name], let to = arrivals.take(matching: was),
+            // Only when the mirror is known to hold the old manifest (not after a cut-short apply,
+            // nor on a former primary keeping its late changes aside).
+            if !full, keepAside == nil, !arrivals.isEmpty, let was = oldByName[name], let to = arrivals.take(matching: was),
                PosixFS.withCName(name, { n in PosixFS.withCName(to, { renameat(fd, n, fd, $0) }) }) == 0 {
                 touched = true
                 renamedFrom[to] = was
