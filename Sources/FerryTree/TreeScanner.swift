@@ -82,6 +82,7 @@ public final class TreeScanner {
         }
         return out
     }()
+    private var movedSpans: [[UInt8]: [DirectoryBlob.Span]] = [:]
     private var buffer: UnsafeMutableRawBufferPointer
     private var sink: (any ScanSink)!
 
@@ -354,7 +355,16 @@ public final class TreeScanner {
     private func movedFile(_ stamp: StatStamp, samePath match: Previous?) throws -> TreeEntry? {
         if let match, match.stamp.inode == stamp.inode { return nil }
         guard let (directory, index) = previousByInode[stamp.inode], let record = previous.directories[directory],
-              record.stamps[index].sameData(stamp), let spans = DirectoryBlob.spans(record.blob) else { return nil }
+              record.stamps[index].sameData(stamp) else { return nil }
+        // The spans of a directory whose files moved are parsed once, not once per file.
+        let spans: [DirectoryBlob.Span]
+        if let known = movedSpans[directory] {
+            spans = known
+        } else {
+            guard let parsed = DirectoryBlob.spans(record.blob) else { return nil }
+            movedSpans[directory] = parsed
+            spans = parsed
+        }
         return try DirectoryBlob.entry(record.blob, spans[index])
     }
 
