@@ -59,6 +59,12 @@ public enum TreeMessage: Sendable, Equatable {
 
     /// The frame for `tree`; a put's data is compressed when `compress` and zstd makes it smaller.
     public func frame(tree: String, compress: Bool = false) -> Frame {
+        frame(tree: tree, compressor: compress ? ZstdCompressor(level: 1) : nil)
+    }
+
+    /// The frame for `tree`, a put's data compressed with `compressor` (one per sender, reused)
+    /// when that makes it smaller.
+    public func frame(tree: String, compressor: ZstdCompressor?) -> Frame {
         var b = ByteBuffer()
         b.writeInteger(kind)
         let name = Array(tree.utf8)
@@ -82,7 +88,7 @@ public enum TreeMessage: Sendable, Equatable {
             b.writeInteger(request); ids(list)
         case .put(let id, let data):
             id.write(to: &b)
-            if compress, let packed = Zstd.compress(data) {
+            if let compressor, data.readableBytes > 1, let packed = compressor.compress(data, limit: data.readableBytes - 1) {
                 flags = Self.compressedFlag
                 tail = packed
             } else {

@@ -26,6 +26,8 @@ public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Senda
     public let peer: String
     let port: any TreePort
     let compress: Bool
+    /// One zstd context for every put this transport sends.
+    let compressor: ZstdCompressor?
     let bytesPerSecond: UInt64?
     let timeout: Double
     private let condition = NSCondition()
@@ -49,6 +51,7 @@ public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Senda
         self.peer = peer
         self.port = port
         self.compress = compress
+        self.compressor = compress ? ZstdCompressor(level: 1) : nil
         self.bytesPerSecond = bytesPerSecond
         self.timeout = timeout
     }
@@ -96,7 +99,7 @@ public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Senda
     }
 
     private func send(_ message: TreeMessage) throws {
-        let frame = message.frame(tree: tree, compress: compress)
+        let frame = message.frame(tree: tree, compressor: compressor)
         wireCounter.add(UInt64(frame.payloadLength + Frame.headerSize + Frame.trailerSize), ordering: .relaxed)
         guard port.send([frame], to: peer) else { throw Failed(description: "\(peer) is not connected") }
     }

@@ -436,10 +436,10 @@ public struct ReplicationFrameEncoder: Sendable {
 }
 
 /// One zstd compression context, reused; a lock keeps it to one thread at a time.
-final class ZstdCompressor: Sendable {
+public final class ZstdCompressor: Sendable {
     private let context: Mutex<OpaquePointer?>
 
-    init(level: Int32) {
+    public init(level: Int32) {
         let cctx = ZSTD_createCCtx()
         if let cctx {
             ZSTD_CCtx_setParameter(cctx, ZSTD_c_compressionLevel, level)
@@ -456,7 +456,7 @@ final class ZstdCompressor: Sendable {
     }
 
     /// `input` compressed into at most `limit` bytes, or nil when it does not fit (or zstd fails).
-    func compress(_ input: ByteBuffer, limit: Int, allocator: ByteBufferAllocator) -> ByteBuffer? {
+    public func compress(_ input: ByteBuffer, limit: Int, allocator: ByteBufferAllocator = ByteBufferAllocator()) -> ByteBuffer? {
         guard limit > 0 else { return nil }
         var out = allocator.buffer(capacity: limit)
         let written = context.withLock { cctx -> Int in
