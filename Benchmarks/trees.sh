@@ -140,6 +140,8 @@ wait_snapshot 1
 # shellcheck disable=SC2086
 [ -z "$initial_perfs" ] || { kill -INT $initial_perfs; wait $initial_perfs 2>/dev/null || true; }
 row ferry initial "$(secs "$t0" "$(now)")" "$(wire_bytes)" "from daemon start; peak RSS east $(peak_rss_mib) MiB"
+grep -h "tree run committed.* snapshot=1 \|tree snapshot committed.* snapshot=1 " "$W/east.log" "$W/west.log" 2>/dev/null \
+  | sed 's/^[^ ]* /#   /' || true
 check_same initial
 if [ "$FLAT" = 0 ]; then
   python3 "$GEN" mutate "$W/src" --percent 1 --seed "$SEED" >/dev/null
