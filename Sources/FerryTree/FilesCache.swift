@@ -124,8 +124,6 @@ public struct FilesCache: Equatable, Sendable {
 
     public init(directories: [[UInt8]: CachedDirectory] = [:]) { self.directories = directories }
 
-    public var isEmpty: Bool { directories.isEmpty }
-
     /// A tree's files cache as the catalog keeps it; records that do not check out are left out.
     public static func load(_ tree: String, from catalog: Catalog) throws -> FilesCache {
         var cache = FilesCache()

@@ -298,7 +298,7 @@ public enum DirectoryBlob {
             guard !name.isEmpty || count == 1, name != [0x2E], name != [0x2E, 0x2E], !name.contains(0x2F), !name.contains(0) else {
                 throw Malformed(description: "directory blob has an entry named \"\(TreePath.display(name))\", which is not a file name")
             }
-            if let previous = entries.last, !previous.name.lexicographicallyPrecedes(name) {
+            if let previous = entries.last, !PosixFS.precedes(previous.name, name) {
                 throw Malformed(description: "directory blob's names are not sorted and unique at \"\(TreePath.display(name))\"")
             }
             entries.append(e)
@@ -347,6 +347,6 @@ public enum DirectoryBlob {
 
     /// Orders names as the manifest does: by bytes.
     public static func sorted(_ entries: [TreeEntry]) -> [TreeEntry] {
-        entries.sorted { $0.name.lexicographicallyPrecedes($1.name) }
+        entries.sorted { PosixFS.precedes($0.name, $1.name) }
     }
 }

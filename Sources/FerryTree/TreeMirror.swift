@@ -122,15 +122,22 @@ public final class TreeMirror {
         }
         let wanted = Set(newEntries.map(\.name))
         guard let present = PosixFS.names(in: fd) else { throw TreeFSError("list directory", path) }
-        let presentSet = Set(present)
         // A name that goes and one that comes with the same content (a renamed directory or file)
-        // is renamed here rather than removed and written again.
-        var arrivals = Arrivals(newEntries.filter { !presentSet.contains($0.name) })
+        // is renamed here rather than removed and written again. The new names are indexed only
+        // when something goes (never on a first apply).
+        var arrivals: Arrivals?
+        func arrival(matching old: TreeEntry) -> [UInt8]? {
+            if arrivals == nil {
+                let presentSet = Set(present)
+                arrivals = Arrivals(newEntries.filter { !presentSet.contains($0.name) })
+            }
+            return arrivals!.take(matching: old)
+        }
         var renamedFrom: [[UInt8]: TreeEntry] = [:]
         for name in present where !wanted.contains(name) {
             // Only when the mirror is known to hold the old manifest (not after a cut-short apply,
             // nor on a former primary keeping its late changes aside).
-            if !full, keepAside == nil, !arrivals.isEmpty, let was = oldByName[name], let to = arrivals.take(matching: was),
+            if !full, keepAside == nil, let was = oldByName[name], let to = arrival(matching: was),
                PosixFS.withCName(name, { n in PosixFS.withCName(to, { renameat(fd, n, fd, $0) }) }) == 0 {
                 touched = true
                 renamedFrom[to] = was
@@ -159,8 +166,6 @@ public final class TreeMirror {
                 }
             }
         }
-
-        var isEmpty: Bool { directories.isEmpty && files.isEmpty }
 
         /// The new name with the same content as `old` had (taken: one arrival per departure).
         mutating func take(matching old: TreeEntry) -> [UInt8]? {

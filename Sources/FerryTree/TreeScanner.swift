@@ -122,7 +122,7 @@ public final class TreeScanner {
         if let before = previous.directories[[]], before.device != rootDevice {
             throw ScanFailure(description: "the source directory \(source) is on a different filesystem than at the last scan (device \(before.device) → \(rootDevice)): was it unmounted? Nothing is replicated until it is back")
         }
-        guard let root = try scanDirectory(rootFD, path: [], st: st) else {
+        guard let root = try scanDirectory(rootFD, name: [], path: [], st: st) else {
             throw ScanFailure(description: "cannot read the source directory \(source): \(problems.last?.message ?? "unreadable"); nothing is replicated until it is readable")
         }
         return Result(root: root.subtree!, files: files, directories: directories, bytes: bytes, filesRead: filesRead,
@@ -165,7 +165,7 @@ public final class TreeScanner {
 
     /// The directory's entry with its blob, or nil (reported) when it cannot be listed. A
     /// directory whose entries all match their stamps keeps its previous record whole.
-    private func scanDirectory(_ fd: Int32, path: [UInt8], st: stat) throws -> TreeEntry? {
+    private func scanDirectory(_ fd: Int32, name: [UInt8], path: [UInt8], st: stat) throws -> TreeEntry? {
         guard var names = PosixFS.names(in: fd) else {
             report(path, "cannot list directory: \(String(cString: strerror(errno))); kept as it was")
             return nil
@@ -251,7 +251,7 @@ public final class TreeScanner {
         cache.directories[path] = record
         try sink.directory(path, record.id, record.blob)
         directories += 1
-        var entry = base(TreePath.components(path).last ?? [], .directory, st)
+        var entry = base(name, .directory, st)
         entry.subtree = record.id
         return entry
     }
@@ -297,7 +297,7 @@ public final class TreeScanner {
                 return kept()
             }
             defer { close(fd) }
-            guard let entry = try scanDirectory(fd, path: path, st: st) else { return kept() }
+            guard let entry = try scanDirectory(fd, name: name, path: path, st: st) else { return kept() }
             if let match, match.stamp == stamp, DirectoryBlob.subtree(match.record.blob, match.spans[match.index]) == entry.subtree {
                 return (.same(match.index), stamp)
             }
