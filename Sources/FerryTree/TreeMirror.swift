@@ -52,6 +52,11 @@ public final class TreeMirror {
     /// Hard-link groups written by earlier applies (the peer keeps them), to link a new name to a
     /// file in a directory this apply skips.
     let knownGroups: [UInt64: [UInt8]]
+    /// Where a hard-link group's first name is now, while it is inside a new directory still
+    /// under its temporary name (cleared when that directory is renamed into place).
+    private var located: [UInt64: [UInt8]] = [:]
+    /// The new directory being built under a temporary name: its path and where it is now.
+    private var freshTop: (path: [UInt8], now: [UInt8])?
     private var tempCounter = 0
 
     public init(source: any ChunkSource, into root: String, full: Bool, knownGroups: [UInt64: [UInt8]] = [:]) throws {
@@ -113,9 +118,16 @@ public final class TreeMirror {
         }
     }
 
-    private func applyDirectory(_ fd: Int32, path: [UInt8], old: ChunkID?, new: ChunkID) throws {
+    /// Brings the directory open as `fd` to the blob `new`. `fresh`: the directory was made by
+    /// this apply and is not yet under its name (no reader sees it): it is empty, and its
+    /// entries are written under their own names, with no temporary name or rename each.
+    private func applyDirectory(_ fd: Int32, path: [UInt8], old: ChunkID?, new: ChunkID, fresh: Bool = false) throws {
         stats.directoriesVisited += 1
         let newEntries = try entries(new, path: path)
+        if fresh {
+            for e in newEntries { try applyNew(fd, e, path: TreePath.join(path, e.name)) }
+            return
+        }
         var oldByName: [[UInt8]: TreeEntry] = [:]
         if let old, let list = try? entries(old, path: path) {
             for e in list { oldByName[e.name] = e }
@@ -185,13 +197,11 @@ public final class TreeMirror {
         let st = PosixFS.lstat(at: fd, e.name)
         switch e.kind {
         case .directory:
-            if let st, !PosixFS.isDirectory(st) { try removeTree(fd, e.name, path: path) }
-            if st == nil || !PosixFS.isDirectory(st!) {
-                touched = true
-                let rc = PosixFS.withCName(e.name) { mkdirat(fd, $0, 0o700) }
-                guard rc == 0 else { throw TreeFSError("create directory", path) }
+            guard let st, PosixFS.isDirectory(st) else {
+                try applyNewDirectory(fd, e, path: path, existing: st)
+                return
             }
-            let unchanged = !full && st.map(PosixFS.isDirectory) == true && old?.kind == .directory && old?.subtree == e.subtree
+            let unchanged = !full && old?.kind == .directory && old?.subtree == e.subtree
             let sub = PosixFS.openDirectory(at: fd, e.name)
             guard sub >= 0 else { throw TreeFSError("open directory", path) }
             defer { close(sub) }
@@ -228,21 +238,7 @@ public final class TreeMirror {
     }
 
     private func applyFile(_ fd: Int32, _ e: TreeEntry, path: [UInt8], st: stat?, old: TreeEntry?) throws {
-        if e.linkGroup != 0, let first = groups[e.linkGroup] ?? knownGroups[e.linkGroup], first != path {
-            if let target = PosixFS.lstat(at: rootFD, first), PosixFS.isRegular(target),
-               UInt64(target.st_size) == e.size, PosixFS.time(target.st_mtim) == e.mtime {
-                if let st, st.st_ino == target.st_ino, st.st_dev == target.st_dev { return }
-                let temp = nextTemp()
-                let rc = PosixFS.withCName(first) { f in PosixFS.withCName(temp) { linkat(rootFD, f, fd, $0, 0) } }
-                if rc == 0 {
-                    try replace(fd, temp, with: e.name, path: path, existing: st)
-                    stats.linked += 1
-                    groups[e.linkGroup] = groups[e.linkGroup] ?? first
-                    return
-                }
-            }
-        }
-        if e.linkGroup != 0 && groups[e.linkGroup] == nil { groups[e.linkGroup] = path }
+        if try linkToGroup(fd, e, path: path, st: st, fresh: false) { return }
         // The data on disk is the entry's when size and mtime match, unless the source changed
         // the content under the same mtime (then the chunk lists differ).
         if let st, PosixFS.isRegular(st), UInt64(st.st_size) == e.size, PosixFS.time(st.st_mtim) == e.mtime,
@@ -257,7 +253,44 @@ public final class TreeMirror {
             }
         }
         let temp = nextTemp()
-        let out = PosixFS.withCName(temp) { openat(fd, $0, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
+        try writeFile(fd, temp, e, path: path)
+        try replace(fd, temp, with: e.name, path: path, existing: st)
+        stats.filesWritten += 1
+        stats.bytesWritten += e.size
+    }
+
+    /// Makes `e` a hard link to the first name of its group when that is written (by this apply
+    /// or an earlier one) and still holds the same file; true when it did. Otherwise `e` becomes
+    /// its group's first name.
+    private func linkToGroup(_ fd: Int32, _ e: TreeEntry, path: [UInt8], st: stat?, fresh: Bool) throws -> Bool {
+        let group = e.linkGroup
+        guard group != 0 else { return false }
+        if let first = groups[group] ?? knownGroups[group], first != path {
+            let now = located[group] ?? first
+            if let target = PosixFS.lstat(at: rootFD, now), PosixFS.isRegular(target),
+               UInt64(target.st_size) == e.size, PosixFS.time(target.st_mtim) == e.mtime {
+                if let st, st.st_ino == target.st_ino, st.st_dev == target.st_dev { return true }
+                let name = fresh ? e.name : nextTemp()
+                touched = true
+                if PosixFS.withCName(now, { f in PosixFS.withCName(name) { linkat(rootFD, f, fd, $0, 0) } }) == 0 {
+                    if !fresh { try replace(fd, name, with: e.name, path: path, existing: st) }
+                    stats.linked += 1
+                    groups[group] = groups[group] ?? first
+                    return true
+                }
+            }
+        }
+        if groups[group] == nil {
+            groups[group] = path
+            if let top = freshTop { located[group] = top.now + path.dropFirst(top.path.count) }
+        }
+        return false
+    }
+
+    /// Creates the file `name` in `fd` with the entry's data and metadata; removed again when
+    /// that fails.
+    private func writeFile(_ fd: Int32, _ name: [UInt8], _ e: TreeEntry, path: [UInt8]) throws {
+        let out = PosixFS.withCName(name) { openat(fd, $0, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
         guard out >= 0 else { throw TreeFSError("create", path) }
         do {
             try writeData(out, e, path: path)
@@ -269,12 +302,61 @@ public final class TreeMirror {
             close(out)
         } catch {
             close(out)
-            _ = PosixFS.withCName(temp) { unlinkat(fd, $0, 0) }
+            _ = PosixFS.withCName(name) { unlinkat(fd, $0, 0) }
             throw error
         }
-        try replace(fd, temp, with: e.name, path: path, existing: st)
-        stats.filesWritten += 1
-        stats.bytesWritten += e.size
+    }
+
+    /// A directory the mirror lacks (or has something else under its name): built whole under a
+    /// temporary name, then renamed into place, so a reader sees all of it or none of it, and its
+    /// files need no temporary name and rename each.
+    private func applyNewDirectory(_ fd: Int32, _ e: TreeEntry, path: [UInt8], existing: stat?) throws {
+        let temp = nextTemp()
+        guard PosixFS.withCName(temp, { mkdirat(fd, $0, 0o700) }) == 0 else { throw TreeFSError("create directory", path) }
+        freshTop = (path, Array(path.dropLast(e.name.count)) + temp)
+        defer {
+            freshTop = nil
+            located.removeAll()
+        }
+        do {
+            let sub = PosixFS.openDirectory(at: fd, temp)
+            guard sub >= 0 else { throw TreeFSError("open directory", path) }
+            defer { close(sub) }
+            try applyDirectory(sub, path: path, old: nil, new: e.subtree!, fresh: true)
+            try setMetadata(fd: sub, e, path: path)
+            if existing != nil { try removeTree(fd, e.name, path: path) }
+            let rc = PosixFS.withCName(temp) { t in PosixFS.withCName(e.name) { renameat(fd, t, fd, $0) } }
+            guard rc == 0 else { throw TreeFSError("rename into place", path) }
+        } catch {
+            try? removeTree(fd, temp, path: path, keepingAside: false)
+            throw error
+        }
+    }
+
+    /// An entry of a directory this apply is building (see `fresh`): written under its own name.
+    private func applyNew(_ fd: Int32, _ e: TreeEntry, path: [UInt8]) throws {
+        switch e.kind {
+        case .directory:
+            guard PosixFS.withCName(e.name, { mkdirat(fd, $0, 0o700) }) == 0 else { throw TreeFSError("create directory", path) }
+            let sub = PosixFS.openDirectory(at: fd, e.name)
+            guard sub >= 0 else { throw TreeFSError("open directory", path) }
+            defer { close(sub) }
+            try applyDirectory(sub, path: path, old: nil, new: e.subtree!, fresh: true)
+            try setMetadata(fd: sub, e, path: path)
+        case .file:
+            if try linkToGroup(fd, e, path: path, st: nil, fresh: true) { return }
+            try writeFile(fd, e.name, e, path: path)
+            stats.filesWritten += 1
+            stats.bytesWritten += e.size
+        case .symlink:
+            let rc = PosixFS.withCName(e.target) { t in PosixFS.withCName(e.name) { symlinkat(t, fd, $0) } }
+            guard rc == 0 else { throw TreeFSError("create symlink", path) }
+            try setLinkMetadata(fd, e.name, e, path: path, st: nil)
+            stats.filesWritten += 1
+        case .fifo:
+            guard PosixFS.withCName(e.name, { mkfifoat(fd, $0, 0o600) }) == 0 else { throw TreeFSError("create fifo", path) }
+            try setLinkMetadata(fd, e.name, e, path: path, st: nil)
+        }
     }
 
     private func writeData(_ out: Int32, _ e: TreeEntry, path: [UInt8]) throws {
@@ -369,9 +451,9 @@ public final class TreeMirror {
 
     /// Removes a name and, for a directory, everything under it (what changed after the
     /// keep-aside time is moved aside instead).
-    func removeTree(_ fd: Int32, _ name: [UInt8], path: [UInt8]) throws {
+    func removeTree(_ fd: Int32, _ name: [UInt8], path: [UInt8], keepingAside: Bool = true) throws {
         touched = true
-        if keepAside != nil, let st = PosixFS.lstat(at: fd, name) {
+        if keepingAside, keepAside != nil, let st = PosixFS.lstat(at: fd, name) {
             if !PosixFS.isDirectory(st), try keptAside(fd, name, path: path, st: st) { return }
         }
         if PosixFS.withCName(name, { unlinkat(fd, $0, 0) }) == 0 { return }
@@ -385,7 +467,7 @@ public final class TreeMirror {
         defer { close(sub) }
         _ = fchmod(sub, 0o700)
         for child in PosixFS.names(in: sub) ?? [] {
-            try removeTree(sub, child, path: TreePath.join(path, child))
+            try removeTree(sub, child, path: TreePath.join(path, child), keepingAside: keepingAside)
         }
         guard PosixFS.withCName(name, { unlinkat(fd, $0, AT_REMOVEDIR) }) == 0 else { throw TreeFSError("remove directory", path) }
     }

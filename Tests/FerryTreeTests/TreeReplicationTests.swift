@@ -289,13 +289,18 @@ import Glibc
         #expect(mount("tmpfs", side.mirror, "tmpfs", 0, "size=4m") == 0, "mount tmpfs: \(errno)")
         defer { umount2(side.mirror, Int32(MNT_DETACH)) }
         var seed: UInt64 = 5
-        for i in 0..<8 { OddTree.write(side.source, "part-\(i)", OddTree.random(1 << 20, seed: &seed)) }
+        // A new directory is built under a temporary name and renamed into place whole: the
+        // one that does not fit is not left half-written under its name, nor under another.
+        OddTree.mkdirs(side.source, Array("new dir".utf8))
+        for i in 0..<8 { OddTree.write(side.source, (i < 5 ? "new dir/" : "") + "part-\(i)", OddTree.random(1 << 20, seed: &seed)) }
         #expect {
             try side.run()
         } throws: { error in
             "\(error)".contains("No space left on device")
         }
         #expect(try side.repository.snapshots().isEmpty)
+        let left = try FileManager.default.contentsOfDirectory(atPath: side.mirror)
+        #expect(!left.contains("new dir") && !left.contains { $0.hasPrefix(".ferry-") }, "\(left)")
         // Space is freed (the mount grows); the next run commits.
         #expect(mount("tmpfs", side.mirror, "tmpfs", UInt(MS_REMOUNT), "size=64m") == 0)
         try side.run()
