@@ -20,6 +20,8 @@ public protocol ChunkSource: AnyObject {
 public final class TreeMirror {
     public struct Stats: Sendable, Equatable {
         public var filesWritten = 0
+        /// Files written ahead of the commit, in directories staged as their blobs arrived.
+        public var filesStaged = 0
         public var bytesWritten: UInt64 = 0
         public var linked = 0
         public var removed = 0
@@ -44,6 +46,8 @@ public final class TreeMirror {
     let full: Bool
     let setOwner: Bool
     public private(set) var stats = Stats()
+    /// Directories built ahead of this apply (a first run), taken instead of built.
+    var staging: TreeStaging?
     /// Whether this apply changed anything in the directory (a file, a name, metadata): when it
     /// did not, there is nothing new to make durable.
     public private(set) var touched = false
@@ -96,6 +100,9 @@ public final class TreeMirror {
         var oldTop: ChunkID?
         if let old, let oldRoot = try? entries(old, path: []), oldRoot.count == 1 { oldTop = oldRoot[0].subtree }
         try applyDirectory(rootFD, path: [], old: oldTop, new: top)
+        // What was not taken goes before the root's times are set.
+        staging?.discard()
+        staging = nil
         try setMetadata(fd: rootFD, newRoot[0], path: [])
     }
 
@@ -121,6 +128,32 @@ public final class TreeMirror {
     /// Brings the directory open as `fd` to the blob `new`. `fresh`: the directory was made by
     /// this apply and is not yet under its name (no reader sees it): it is empty, and its
     /// entries are written under their own names, with no temporary name or rename each.
+    /// Builds the directory of blob `id` in the staging directory ahead of the commit, when it
+    /// can be (see ``TreeStaging``).
+    func stage(_ id: ChunkID) throws {
+        guard let staging, !staging.has(id) else { return }
+        let list = try entries(id, path: TreeStaging.name)
+        guard list.allSatisfy({ e in
+            !e.name.isEmpty && (e.kind != .file || e.linkGroup == 0) && (e.kind != .directory || e.subtree.map(staging.has) == true)
+        }) else { return }
+        let name = Array("building-".utf8) + TreeStaging.buildName(id)
+        let path = TreeStaging.name + [0x2F] + TreeStaging.buildName(id)
+        guard PosixFS.withCName(name, { mkdirat(staging.fd, $0, 0o700) }) == 0 else { throw TreeFSError("create directory", path) }
+        do {
+            let sub = PosixFS.openDirectory(at: staging.fd, name)
+            guard sub >= 0 else { throw TreeFSError("open directory", path) }
+            defer { close(sub) }
+            try applyDirectory(sub, path: path, old: nil, new: id, fresh: true)
+            let rc = PosixFS.withCName(name) { n in PosixFS.withCName(TreeStaging.buildName(id)) { renameat(staging.fd, n, staging.fd, $0) } }
+            guard rc == 0 else { throw TreeFSError("rename into place", path) }
+        } catch {
+            try? removeTree(staging.fd, name, path: path, keepingAside: false)
+            throw error
+        }
+        staging.add(id)
+        staging.files = stats.filesWritten
+    }
+
     private func applyDirectory(_ fd: Int32, path: [UInt8], old: ChunkID?, new: ChunkID, fresh: Bool = false) throws {
         stats.directoriesVisited += 1
         let newEntries = try entries(new, path: path)
@@ -146,7 +179,14 @@ public final class TreeMirror {
             return arrivals!.take(matching: old)
         }
         var renamedFrom: [[UInt8]: TreeEntry] = [:]
-        for name in present where !wanted.contains(name) {
+        if path.isEmpty, let staging {
+            // A source with a name like the staging directory's: nothing is taken from it.
+            if wanted.contains(TreeStaging.name) {
+                staging.discard()
+                self.staging = nil
+            }
+        }
+        for name in present where !wanted.contains(name) && !(path.isEmpty && staging != nil && name == TreeStaging.name) {
             // Only when the mirror is known to hold the old manifest (not after a cut-short apply,
             // nor on a former primary keeping its late changes aside).
             if !full, keepAside == nil, let was = oldByName[name], let to = arrival(matching: was),
@@ -312,7 +352,10 @@ public final class TreeMirror {
     /// files need no temporary name and rename each.
     private func applyNewDirectory(_ fd: Int32, _ e: TreeEntry, path: [UInt8], existing: stat?) throws {
         let temp = nextTemp()
-        guard PosixFS.withCName(temp, { mkdirat(fd, $0, 0o700) }) == 0 else { throw TreeFSError("create directory", path) }
+        let staged = staging?.take(e.subtree!, into: fd, as: temp) == true
+        if !staged {
+            guard PosixFS.withCName(temp, { mkdirat(fd, $0, 0o700) }) == 0 else { throw TreeFSError("create directory", path) }
+        }
         freshTop = (path, Array(path.dropLast(e.name.count)) + temp)
         defer {
             freshTop = nil
@@ -322,7 +365,7 @@ public final class TreeMirror {
             let sub = PosixFS.openDirectory(at: fd, temp)
             guard sub >= 0 else { throw TreeFSError("open directory", path) }
             defer { close(sub) }
-            try applyDirectory(sub, path: path, old: nil, new: e.subtree!, fresh: true)
+            if !staged { try applyDirectory(sub, path: path, old: nil, new: e.subtree!, fresh: true) }
             try setMetadata(fd: sub, e, path: path)
             if existing != nil { try removeTree(fd, e.name, path: path) }
             let rc = PosixFS.withCName(temp) { t in PosixFS.withCName(e.name) { renameat(fd, t, fd, $0) } }
@@ -337,11 +380,14 @@ public final class TreeMirror {
     private func applyNew(_ fd: Int32, _ e: TreeEntry, path: [UInt8]) throws {
         switch e.kind {
         case .directory:
-            guard PosixFS.withCName(e.name, { mkdirat(fd, $0, 0o700) }) == 0 else { throw TreeFSError("create directory", path) }
+            let staged = staging?.take(e.subtree!, into: fd, as: e.name) == true
+            if !staged {
+                guard PosixFS.withCName(e.name, { mkdirat(fd, $0, 0o700) }) == 0 else { throw TreeFSError("create directory", path) }
+            }
             let sub = PosixFS.openDirectory(at: fd, e.name)
             guard sub >= 0 else { throw TreeFSError("open directory", path) }
             defer { close(sub) }
-            try applyDirectory(sub, path: path, old: nil, new: e.subtree!, fresh: true)
+            if !staged { try applyDirectory(sub, path: path, old: nil, new: e.subtree!, fresh: true) }
             try setMetadata(fd: sub, e, path: path)
         case .file:
             if try linkToGroup(fd, e, path: path, st: nil, fresh: true) { return }

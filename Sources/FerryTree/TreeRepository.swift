@@ -156,13 +156,42 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
     }
 
     /// Stores a chunk after checking that its content hashes to its ID: nothing from the wire is
-    /// taken on trust.
+    /// taken on trust. A directory's blob on a first run is staged (``TreeStaging``).
     public func put(_ id: ChunkID, _ data: ByteBuffer) throws {
         guard ChunkID.of(data) == id else {
             throw TreeMirror.Incomplete(description: "chunk \(id) arrived damaged (its SHA-256 does not match)")
         }
         try chunks.put(data, id: id.bytes)
         received.withLock { _ = $0.insert(id) }
+        if data.readableBytes >= 8, data.getInteger(at: data.readerIndex, as: UInt32.self) == DirectoryBlob.magic {
+            stagingLock.withLock {
+                guard let (staging, writer) = self.staging, !staging.failed else { return }
+                do { try writer.stage(id) } catch { staging.failed = true }
+            }
+        }
+    }
+
+    /// Directories built ahead of the commit and the writer that builds them (a first run).
+    private var staging: (TreeStaging, TreeMirror)?
+    private let stagingLock = NSLock()
+
+    /// A run begins (its hello): the first run into an empty mirror builds its directories as
+    /// their blobs arrive (``TreeStaging``).
+    public func beginRun(mirror: String?) {
+        guard let mirror else { return }
+        stagingLock.withLock {
+            do {
+                guard staging == nil, try latest() == nil, try state("keepAsideAfter") == nil, try state("applying") == nil,
+                      TreeStaging.isEmpty(mirror) else { return }
+                try FileManager.default.createDirectory(atPath: mirror, withIntermediateDirectories: true)
+                guard let ahead = TreeStaging(mirror: mirror) else { return }
+                let writer = try TreeMirror(source: self, into: mirror, full: false)
+                writer.staging = ahead
+                staging = (ahead, writer)
+            } catch {
+                return
+            }
+        }
     }
 
     /// Chunks received since the last commit: a run in progress needs them, whatever the
@@ -280,6 +309,11 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         // (one flush of the disk, not two: on the same filesystem the pack is clean by then); only
         // then is the snapshot recorded.
         var stats = TreeMirror.Stats()
+        let staged = stagingLock.withLock {
+            defer { staging = nil }
+            return staging?.0
+        }
+        defer { staged?.discard() }
         if let mirror {
             try FileManager.default.createDirectory(atPath: mirror, withIntermediateDirectories: true)
             let cutShort = try state("applying") != nil
@@ -289,6 +323,7 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
                            uniquingKeysWith: { a, _ in a })
             }
             let writer = try TreeMirror(source: self, into: mirror, full: cutShort, knownGroups: known)
+            if staged?.mirror == mirror { writer.staging = staged }
             let keepAside = try keepAside ?? self.state("keepAsideAfter").flatMap(Double.init).map {
                 (after: $0, directory: mirror + ".ferry-kept-aside/" + TreeReceiver.stamp())
             }
@@ -302,6 +337,7 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
             let started = ContinuousClock.now
             try writer.apply(old: try latest()?.rootID, new: root)
             stats = writer.stats
+            stats.filesStaged = staged?.files ?? 0
             let applied = ContinuousClock.now
             stats.applySeconds = Self.seconds(applied - started)
             if writer.touched || !wasSynced {

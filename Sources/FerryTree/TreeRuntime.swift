@@ -287,6 +287,7 @@ public final class TreeReceiver: @unchecked Sendable {
                 $0.epoch = epoch
             }
             if epoch > mine { onEpoch?(epoch, peer) }
+            repository.beginRun(mirror: target)
             do {
                 let latest = try repository.advertisedRoot()
                 reply(.latest(request: request, root: latest?.root, snapshot: latest?.id ?? 0), to: peer)
@@ -330,7 +331,7 @@ public final class TreeReceiver: @unchecked Sendable {
                 }
                 logger.info("tree snapshot committed", metadata: [
                     "tree": "\(name)", "snapshot": "\(snapshot.id)", "files": "\(snapshot.files)",
-                    "written": "\(stats.filesWritten)", "removed": "\(stats.removed)", "renamed": "\(stats.renamed)",
+                    "written": "\(stats.filesWritten)", "staged": "\(stats.filesStaged)", "removed": "\(stats.removed)", "renamed": "\(stats.renamed)",
                     "apply": "\(stats.applySeconds)s", "sync": "\(stats.syncSeconds)s", "chunks": "\(stats.chunksSeconds)s"])
                 reply(.committed(request: request, snapshot: snapshot.id, at: snapshot.committedAt), to: peer)
                 prune()

@@ -38,7 +38,10 @@ public final class LocalTreeTransport: TreeTransport {
         self.mirror = mirror
     }
 
-    public func latestRoot() throws -> ChunkID? { try repository.advertisedRoot()?.root }
+    public func latestRoot() throws -> ChunkID? {
+        repository.beginRun(mirror: mirror)
+        return try repository.advertisedRoot()?.root
+    }
     public func lacking(_ ids: [ChunkID]) throws -> [ChunkID] { try repository.lacking(ids) }
     public func put(_ id: ChunkID, _ data: ByteBuffer) throws {
         try repository.put(id, data)
