@@ -199,7 +199,16 @@ public final class TreeMirror {
             try removeTree(fd, name, path: TreePath.join(path, name))
             stats.removed += 1
         }
+        // A directory whose blob was staged whole (the top of a first run): what the mirror
+        // lacks is taken from the build, complete with its metadata.
+        let build = staging?.openBuild(new) ?? -1
+        defer { if build >= 0 { close(build) } }
+        let absent = build >= 0 ? Set(newEntries.map(\.name)).subtracting(present) : []
         for e in newEntries {
+            if absent.contains(e.name), PosixFS.withCName(e.name, { renameat(build, $0, fd, $0) }) == 0 {
+                touched = true
+                continue
+            }
             try applyEntry(fd, e, path: TreePath.join(path, e.name), old: oldByName[e.name] ?? renamedFrom[e.name])
         }
     }

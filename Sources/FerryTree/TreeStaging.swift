@@ -62,6 +62,12 @@ final class TreeStaging {
         return PosixFS.withCName(Self.buildName(id)) { from in PosixFS.withCName(name) { renameat(fd, from, dir, $0) } } == 0
     }
 
+    /// The build of `id`, opened (-1 when there is none), to take its entries one by one.
+    func openBuild(_ id: ChunkID) -> Int32 {
+        guard built.contains(id) else { return -1 }
+        return PosixFS.openDirectory(at: fd, Self.buildName(id))
+    }
+
     /// Removes the staging directory and what is left in it.
     func discard() {
         built.removeAll()

@@ -269,6 +269,38 @@ import Glibc
         #expect(OddTree.differences(side.source, side.mirror).isEmpty)
     }
 
+    @Test func aFirstRunBuildsDirectoriesAsTheirBlobsArriveAndTheCommitOnlyRenamesThem() throws {
+        let side = try Side()
+        var seed: UInt64 = 7
+        for d in 0..<20 {
+            OddTree.mkdirs(side.source, Array("dir \(d)/sub".utf8), mode: d == 3 ? 0o700 : 0o755)
+            for f in 0..<30 { OddTree.write(side.source, "dir \(d)/\(f < 25 ? "" : "sub/")file \(f)", OddTree.random(100 + f * 37, seed: &seed)) }
+        }
+        _ = symlink("dir 1/file 2", side.source + "/a link")
+        OddTree.write(side.source, "top file", Array("top\n".utf8))
+        // A run cut short: nothing committed, and nothing of it visible in the mirror but the
+        // staging directory.
+        let cut = CutTransport(side.transport, after: 300)
+        #expect(throws: CutTransport.Cut.self) {
+            _ = try TreeRun(transport: cut, sourceRoot: side.source).run(TreeScanner(source: side.source, cache: FilesCache()), cacheRoot: nil, epoch: 1)
+        }
+        #expect(try side.repository.snapshots().isEmpty)
+        #expect(try FileManager.default.contentsOfDirectory(atPath: side.mirror) == [".ferry-staged"])
+        // The next run stages every directory up to the top; the commit moves the top's entries
+        // into the mirror and writes no file itself.
+        try side.run()
+        let stats = try #require(side.transport.lastStats)
+        #expect(stats.filesStaged == 20 * 30 + 2 && stats.filesWritten == 0, "\(stats)")
+        #expect(OddTree.differences(side.source, side.mirror).isEmpty)
+        #expect(try OddTree.rsyncDifferences(side.source, side.mirror).isEmpty)
+        // A later run stages nothing: the mirror is no longer empty.
+        OddTree.mkdirs(side.source, Array("dir 20".utf8))
+        OddTree.write(side.source, "dir 20/new", Array("new\n".utf8))
+        try side.run()
+        #expect(side.transport.lastStats?.filesStaged == 0 && side.transport.lastStats?.filesWritten == 1)
+        #expect(try OddTree.rsyncDifferences(side.source, side.mirror).isEmpty)
+    }
+
     @Test func aVanishedOrUnreadableSourceIsReportedNotTakenAsEmpty() throws {
         let side = try Side()
         OddTree.make(side.source, bulk: 50)
