@@ -15,6 +15,12 @@
 #   --flat DIRS   the flat profile instead: DIRS x 1000 files of 100-1000 bytes (200 → 200k files);
 #                 initial and no-change runs only, with rsync as the baseline
 #   --perf DIR    record both daemons with perf through each timed run (perf report -i DIR/…)
+#   --fresh-fs    run everything (Ferry and the baselines) with /tmp on a freshly made ext4
+#                 (a loop device with direct I/O over a sparse file in /var/tmp, so a sync
+#                 flushes what a disk would, in a private mount namespace;
+#                 needs root): ext4 creates inodes several times slower for minutes after a
+#                 mass deletion (recently_deleted), which made runs differ by 2x from one to
+#                 the next on a /tmp that earlier runs and tests had filled and emptied
 # FERRY_BIN picks the binary (default: the release build). Run it on an idle machine.
 set -euo pipefail
 export LC_ALL=C
@@ -23,7 +29,8 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${FERRY_SHARED_BENCH:-$ROOT/../shared/bench}
 GEN="$SHARED/gen-tree.py"
 
-FILES=20000; SIZE=6; SEED=1; FLAT=0; PROBE=200; BASELINES=1; RESULTS=""; PERF=""
+FILES=20000; SIZE=6; SEED=1; FLAT=0; PROBE=200; BASELINES=1; RESULTS=""; PERF=""; FRESH=0
+ARGS=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
     --files) FILES=$2; shift ;;
@@ -34,12 +41,24 @@ while [ $# -gt 0 ]; do
     --skip-baselines) BASELINES=0 ;;
     --results) RESULTS=$2; shift ;;
     --perf) PERF=$2; shift ;;
+    --fresh-fs) FRESH=1 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
 done
 ferry_binary
+if [ "$FRESH" = 1 ] && [ -z "${FERRY_BENCH_FRESH_FS:-}" ]; then
+  img=$(mktemp /var/tmp/ferry-bench-fs-XXXXXX.img)
+  truncate -s 80G "$img" && mkfs.ext4 -q -F "$img"
+  rc=0
+  FERRY_BENCH_FRESH_FS=$img FERRY_BIN=$FERRY_BIN unshare -m --propagation private \
+    bash -c 'dev=$(losetup -f --show --direct-io=on "$FERRY_BENCH_FRESH_FS") && mount "$dev" /tmp && chmod 1777 /tmp &&
+             { "$0" "$@"; rc=$?; umount /tmp; losetup -d "$dev"; exit $rc; }' "$0" "${ARGS[@]}" || rc=$?
+  rm -f "$img"
+  exit "$rc"
+fi
+[ -z "${FERRY_BENCH_FRESH_FS:-}" ] || echo "# /tmp is a fresh ext4 on a loop device ($(df -h /tmp | awk 'NR==2{print $2}'))"
 W=$(mktemp -d /tmp/ferry-tree-bench-XXXXXX)
 EAST_PID=""; WEST_PID=""
 cleanup() { stop "$EAST_PID"; stop "$WEST_PID"; rm -rf "$W"; }

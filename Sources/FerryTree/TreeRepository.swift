@@ -163,13 +163,20 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         }
         try chunks.put(data, id: id.bytes)
         received.withLock { _ = $0.insert(id) }
-        if data.readableBytes >= 8, data.getInteger(at: data.readerIndex, as: UInt32.self) == DirectoryBlob.magic {
-            stagingLock.withLock {
-                guard let (staging, writer) = self.staging, !staging.failed else { return }
-                do { try writer.stage(id) } catch { staging.failed = true }
+        if data.readableBytes >= 8, data.getInteger(at: data.readerIndex, as: UInt32.self) == DirectoryBlob.magic,
+           stagingLock.withLock({ staging != nil }) {
+            // On a thread of its own: the files are created while the next chunks are checked
+            // and stored.
+            stagingQueue.async { [self] in
+                stagingLock.withLock {
+                    guard let (staging, writer) = self.staging, !staging.failed else { return }
+                    do { try writer.stage(id) } catch { staging.failed = true }
+                }
             }
         }
     }
+
+    private let stagingQueue = DispatchQueue(label: "ferry-tree-staging")
 
     /// Directories built ahead of the commit and the writer that builds them (a first run).
     private var staging: (TreeStaging, TreeMirror)?
@@ -309,6 +316,7 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         // (one flush of the disk, not two: on the same filesystem the pack is clean by then); only
         // then is the snapshot recorded.
         var stats = TreeMirror.Stats()
+        stagingQueue.sync {}
         let staged = stagingLock.withLock {
             defer { staging = nil }
             return staging?.0
