@@ -124,6 +124,12 @@ check_same() {  # LABEL
   n=$(rsync -anciH --delete "$W/src/" "$W/dst/" | wc -l)
   [ "$n" = 0 ] || { echo "!! after $1, rsync -anciH --delete finds $n differences" >&2; rsync -anciH --delete "$W/src/" "$W/dst/" | head >&2; }
 }
+commit_lines() {  # ID: where run ID's time went (east: scan, waits; west: apply, sync, chunk commit)
+  # East logs its line just after west's answer: give it a moment.
+  timeout 10 tail -n +1 -F "$W/east.log" 2>/dev/null | grep -q -m1 "tree run committed.* snapshot=$1 " || true
+  grep -h "tree run committed.* snapshot=$1 \|tree snapshot committed.* snapshot=$1 " "$W/east.log" "$W/west.log" 2>/dev/null \
+    | sed 's/^[^ ]* /#   /' || true
+}
 sync_run() {  # ID LABEL: a run by `ferry tree sync`, timed from the command to west's commit
   local t0 w0 perfs="" tag
   if [ -n "$PERF" ]; then  # profile both daemons through the run (--perf DIR)
@@ -138,9 +144,7 @@ sync_run() {  # ID LABEL: a run by `ferry tree sync`, timed from the command to 
   # shellcheck disable=SC2086
   [ -z "$perfs" ] || { kill -INT $perfs; wait $perfs 2>/dev/null || true; }
   row ferry "$2" "$(secs "$t0" "$(now)")" "$(( $(wire_bytes) - w0 ))" "peak RSS east $(peak_rss_mib) MiB"
-  # Where the time went: east's scan, west's apply, sync and chunk commit.
-  grep -h "tree run committed.* snapshot=$1 \|tree snapshot committed.* snapshot=$1 " "$W/east.log" "$W/west.log" 2>/dev/null \
-    | sed 's/^[^ ]* /#   /' || true
+  commit_lines "$1"
   check_same "$2"
 }
 
@@ -159,8 +163,7 @@ wait_snapshot 1
 # shellcheck disable=SC2086
 [ -z "$initial_perfs" ] || { kill -INT $initial_perfs; wait $initial_perfs 2>/dev/null || true; }
 row ferry initial "$(secs "$t0" "$(now)")" "$(wire_bytes)" "from daemon start; peak RSS east $(peak_rss_mib) MiB"
-grep -h "tree run committed.* snapshot=1 \|tree snapshot committed.* snapshot=1 " "$W/east.log" "$W/west.log" 2>/dev/null \
-  | sed 's/^[^ ]* /#   /' || true
+commit_lines 1
 check_same initial
 if [ "$FLAT" = 0 ]; then
   python3 "$GEN" mutate "$W/src" --percent 1 --seed "$SEED" >/dev/null

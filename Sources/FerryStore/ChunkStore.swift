@@ -35,6 +35,8 @@ public final class ChunkStore: @unchecked Sendable {
     struct Location { var pack: Int; var offset: UInt64; var length: Int }
     /// Appended since the last commit: found by ``contains(_:)`` and ``get(_:)`` already.
     var pending: [Key: (id: [UInt8], at: Location)] = [:]
+    /// Chunks ``missing(_:)`` found absent since (the ones a source is about to send).
+    var knownMissing = Set<Key>()
     /// A chunk ID as a dictionary key: four words hash far faster than 32 bytes one by one.
     struct Key: Hashable {
         var a, b, c, d: UInt64
@@ -160,7 +162,10 @@ public final class ChunkStore: @unchecked Sendable {
     public func put(_ data: ByteBuffer, id: [UInt8]) throws -> Bool {
         precondition(id.count == Self.idLength, "a chunk ID is 32 bytes")
         return try lock.withLock {
-            if try location(id) != nil { return false }
+            let key = Key(id)
+            if pending[key] != nil { return false }
+            // What `missing` just named needs no second look in the index.
+            if knownMissing.remove(key) == nil, try location(id) != nil { return false }
             try append(data, id: id)
             return true
         }
@@ -234,7 +239,10 @@ public final class ChunkStore: @unchecked Sendable {
             let unknown = ids.filter { pending[Key($0)] == nil }
             guard !unknown.isEmpty else { return [] }
             // One read transaction for the batch: one lock, not one per ID.
-            return try db.read { db in try unknown.filter { try Self.location($0, in: db) == nil } }
+            let missing = try db.read { db in try unknown.filter { try Self.location($0, in: db) == nil } }
+            if knownMissing.count > 1 << 20 { knownMissing.removeAll() }
+            for id in missing { knownMissing.insert(Key(id)) }
+            return missing
         }
     }
 

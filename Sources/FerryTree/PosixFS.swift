@@ -1,3 +1,4 @@
+import Foundation
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -91,6 +92,15 @@ enum PosixFS {
     }
 
     /// Opens a directory (never through a symlink).
+    /// The process's umask, from /proc/self/status (reading it with umask(2) would change it
+    /// for a moment under other threads); all bits when it cannot be read.
+    static let umask: UInt32 = {
+        guard let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("Umask:") }),
+              let value = UInt32(line.dropFirst(6).trimmingCharacters(in: .whitespaces), radix: 8) else { return 0o777 }
+        return value
+    }()
+
     static func openDirectory(at dirfd: Int32, _ name: [UInt8]) -> Int32 {
         withCName(name) { openat(dirfd, $0, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
     }

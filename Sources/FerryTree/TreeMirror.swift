@@ -338,13 +338,16 @@ public final class TreeMirror {
 
     /// Creates the file `name` in `fd` with the entry's data and metadata; removed again when
     /// that fails.
-    private func writeFile(_ fd: Int32, _ name: [UInt8], _ e: TreeEntry, path: [UInt8]) throws {
-        let out = PosixFS.withCName(name) { openat(fd, $0, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600) }
+    private func writeFile(_ fd: Int32, _ name: [UInt8], _ e: TreeEntry, path: [UInt8], fresh: Bool = false) throws {
+        // In a directory no one sees yet, a file is created with its mode when the umask keeps
+        // it whole and no special bit is set (a chown would clear it): one call less per file.
+        let modeAtCreate = fresh && e.mode & ~0o777 == 0 && e.mode & PosixFS.umask == 0
+        let out = PosixFS.withCName(name) { openat(fd, $0, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, modeAtCreate ? mode_t(e.mode) : 0o600) }
         guard out >= 0 else { throw TreeFSError("create", path) }
         do {
             try writeData(out, e, path: path)
             if setOwner { guard fchown(out, e.uid, e.gid) == 0 else { throw TreeFSError("chown", path) } }
-            guard fchmod(out, mode_t(e.mode)) == 0 else { throw TreeFSError("chmod", path) }
+            if !modeAtCreate { guard fchmod(out, mode_t(e.mode)) == 0 else { throw TreeFSError("chmod", path) } }
             var times = [timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds)),
                          timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds))]
             guard futimens(out, &times) == 0 else { throw TreeFSError("set times", path) }
@@ -400,7 +403,7 @@ public final class TreeMirror {
             try setMetadata(fd: sub, e, path: path)
         case .file:
             if try linkToGroup(fd, e, path: path, st: nil, fresh: true) { return }
-            try writeFile(fd, e.name, e, path: path)
+            try writeFile(fd, e.name, e, path: path, fresh: true)
             stats.filesWritten += 1
             stats.bytesWritten += e.size
         case .symlink:
@@ -415,7 +418,9 @@ public final class TreeMirror {
     }
 
     private func writeData(_ out: Int32, _ e: TreeEntry, path: [UInt8]) throws {
-        guard ftruncate(out, off_t(e.size)) == 0 else { throw TreeFSError("write", path) }
+        // The file is new and empty: only a hole at its end needs the size set apart.
+        let end = e.segments.last.map { $0.offset + $0.chunks.reduce(0) { $0 + UInt64($1.length) } } ?? 0
+        if end != e.size { guard ftruncate(out, off_t(e.size)) == 0 else { throw TreeFSError("write", path) } }
         for segment in e.segments {
             var offset = segment.offset
             for chunk in segment.chunks {

@@ -37,6 +37,8 @@ public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Senda
     /// Epoch and the oldest change not yet sent, told to the peer in each hello.
     public var epoch: UInt64 = 1
     public var pendingSince: Date?
+    /// Seconds `put` waited for the link to take more data (since ``reset()``).
+    public private(set) var linkWait = 0.0
     private var sendStart = Date()
     private var sentSinceStart: UInt64 = 0
     private let wireCounter = Atomic<UInt64>(0)
@@ -96,6 +98,7 @@ public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Senda
         condition.unlock()
         sendStart = Date()
         sentSinceStart = 0
+        linkWait = 0
     }
 
     private func send(_ message: TreeMessage) throws {
@@ -175,6 +178,8 @@ public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Senda
     public func put(_ id: ChunkID, _ data: ByteBuffer) throws {
         // Backpressure: wait while the link's buffer is full.
         condition.lock()
+        let waitStarted = ContinuousClock.now
+        defer { linkWait += TreeRun.seconds(ContinuousClock.now - waitStarted) }
         let deadline = Date().addingTimeInterval(timeout)
         while !port.isWritable(peer) && failure == nil {
             if !condition.wait(until: min(deadline, Date().addingTimeInterval(0.05))) && Date() >= deadline {

@@ -72,6 +72,10 @@ public final class TreeRun: ScanSink {
         public var bytesSent: UInt64
         /// Chunks offered that the peer already had.
         public var chunksSkipped: Int
+        /// Seconds the run waited for the peer: for its answers to queries (the peer busy with
+        /// what came before) and for the link to take more data.
+        public var waitedForAnswers = 0.0
+        public var waitedForLink = 0.0
     }
 
     let transport: any TreeTransport
@@ -124,7 +128,8 @@ public final class TreeRun: ScanSink {
         let summary = RunSummary(sourceTime: sourceTime, epoch: epoch, files: Int64(scan.files),
                                  directories: Int64(scan.directories), bytes: Int64(scan.bytes))
         let snapshot = try transport.commit(root: root, summary: summary)
-        return Report(snapshot: snapshot, scan: scan, chunksSent: chunksSent, bytesSent: bytesSent, chunksSkipped: chunksSkipped)
+        return Report(snapshot: snapshot, scan: scan, chunksSent: chunksSent, bytesSent: bytesSent, chunksSkipped: chunksSkipped,
+                      waitedForAnswers: answerWait, waitedForLink: (transport as? RemoteTreeTransport)?.linkWait ?? 0)
     }
 
     /// The root blob names the top directory with its own metadata.
@@ -179,8 +184,15 @@ public final class TreeRun: ScanSink {
 
     private func settleOldest(_ pipelined: any PipelinedTreeTransport) throws {
         let (ticket, batch) = inFlight.removeFirst()
-        try send(batch, lacking: Set(try pipelined.answer(ticket)))
+        let asked = ContinuousClock.now
+        let lacking = Set(try pipelined.answer(ticket))
+        answerWait += Self.seconds(ContinuousClock.now - asked)
+        try send(batch, lacking: lacking)
     }
+
+    private var answerWait = 0.0
+
+    static func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
 
     /// Waits for every batch still asked about and sends what they lack.
     private func settleAll() throws {

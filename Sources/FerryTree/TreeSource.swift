@@ -377,6 +377,7 @@ public final class TreeSource: @unchecked Sendable {
                 "tree": "\(settings.name)", "peer": "\(peer)", "snapshot": "\(report.snapshot.id)", "files": "\(scan.files)",
                 "read": "\(scan.filesRead)", "sent": "\(report.bytesSent)",
                 "scan": "\(String(format: "%.3f", scanned.timeIntervalSince(started)))s",
+                "peerwait": "\(String(format: "%.3f", report.waitedForAnswers))s", "linkwait": "\(String(format: "%.3f", report.waitedForLink))s",
                 "seconds": "\(String(format: "%.3f", Date().timeIntervalSince(started)))"])
         }
         return failed.isEmpty ? .done : .failed

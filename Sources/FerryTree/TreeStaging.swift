@@ -24,6 +24,8 @@ final class TreeStaging {
     private var built: Set<ChunkID> = []
     /// Files written ahead of the commit (for the log).
     var files = 0
+    /// ``files`` when the filesystem was last synced in the background.
+    var filesAtSync = 0
     var failed = false
 
     /// Opens a new staging directory in `mirror`, removing one a crash left behind.
