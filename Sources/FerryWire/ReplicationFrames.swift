@@ -501,8 +501,17 @@ enum ZstdContexts {
         guard ZSTD_isError(frameSize) == 0, frameSize == input.readableBytes else {
             throw bad("\(input.readableBytes) bytes are not exactly one zstd frame")
         }
+        var failure: String?
+        guard let out = decompress(input, size: length, failure: &failure) else { throw bad(failure ?? "zstd failed") }
+        return out
+    }
+
+    /// Decompresses `input` into `size` bytes with a context from the pool; nil (and `failure`
+    /// set) when zstd fails or the content is not `size` bytes.
+    static func decompress(_ input: ByteBuffer, size: Int, failure: inout String?) -> ByteBuffer? {
         guard let dctx = pool.withLock({ $0.popLast() }) ?? ZSTD_createDCtx().map(DCtx.init) else {
-            throw bad("cannot allocate a zstd context")
+            failure = "cannot allocate a zstd context"
+            return nil
         }
         defer {
             let kept = pool.withLock { idle in
@@ -512,21 +521,21 @@ enum ZstdContexts {
             }
             if !kept { ZSTD_freeDCtx(dctx.pointer) }
         }
-        var out = ByteBufferAllocator().buffer(capacity: length)
-        var failure: String?
+        var out = ByteBufferAllocator().buffer(capacity: size)
+        var error: String?
         input.withUnsafeReadableBytes { src in
-            _ = out.writeWithUnsafeMutableBytes(minimumWritableBytes: max(1, length)) { dst in
-                let n = ZSTD_decompressDCtx(dctx.pointer, dst.baseAddress, length, src.baseAddress, src.count)
+            _ = out.writeWithUnsafeMutableBytes(minimumWritableBytes: max(1, size)) { dst in
+                let n = ZSTD_decompressDCtx(dctx.pointer, dst.baseAddress, size, src.baseAddress, src.count)
                 if ZSTD_isError(n) != 0 {
-                    failure = "zstd: " + String(cString: ZSTD_getErrorName(n))
+                    error = "zstd: " + String(cString: ZSTD_getErrorName(n))
                     return 0
                 }
-                if n != length { failure = "decompresses to \(n) bytes but the range is \(length) bytes" }
+                if n != size { error = "decompresses to \(n) bytes but the range is \(size) bytes" }
                 return n
             }
         }
-        if let failure { throw bad(failure) }
-        return out
+        failure = error
+        return error == nil ? out : nil
     }
 }
 

@@ -42,20 +42,12 @@ public enum Zstd {
         guard size <= UInt64(maxSize) else {
             throw Failure(description: "zstd frame claims \(size) bytes of content; the limit is \(maxSize)")
         }
-        var out = ByteBufferAllocator().buffer(capacity: Int(size))
+        // A pooled context: making one per call (ZSTD_decompress) cost more than decompressing
+        // a small chunk.
         var failure: String?
-        input.withUnsafeReadableBytes { src in
-            _ = out.writeWithUnsafeMutableBytes(minimumWritableBytes: max(1, Int(size))) { dst in
-                let n = ZSTD_decompress(dst.baseAddress, Int(size), src.baseAddress, src.count)
-                if ZSTD_isError(n) != 0 {
-                    failure = String(cString: ZSTD_getErrorName(n))
-                    return 0
-                }
-                if n != Int(size) { failure = "content is \(n) bytes, the frame said \(size)" }
-                return n
-            }
+        guard let out = ZstdContexts.decompress(input, size: Int(size), failure: &failure) else {
+            throw Failure(description: failure ?? "zstd failed")
         }
-        if let failure { throw Failure(description: "zstd: \(failure)") }
         return out
     }
 }
