@@ -51,6 +51,15 @@ public final class TreeMirror {
     /// Whether this apply changed anything in the directory (a file, a name, metadata): when it
     /// did not, there is nothing new to make durable.
     public private(set) var touched = false
+    /// Called once, before the first change this apply makes to the directory (the repository
+    /// records there that an apply is under way).
+    public var beforeFirstChange: (() throws -> Void)?
+
+    private func touch() throws {
+        guard !touched else { return }
+        try beforeFirstChange?()
+        touched = true
+    }
     /// Hard-link groups met this apply: group → path (from the root) of the name written first.
     public private(set) var groups: [UInt64: [UInt8]] = [:]
     /// Hard-link groups written by earlier applies (the peer keeps them), to link a new name to a
@@ -189,12 +198,13 @@ public final class TreeMirror {
         for name in present where !wanted.contains(name) && !(path.isEmpty && staging != nil && name == TreeStaging.name) {
             // Only when the mirror is known to hold the old manifest (not after a cut-short apply,
             // nor on a former primary keeping its late changes aside).
-            if !full, keepAside == nil, let was = oldByName[name], let to = arrival(matching: was),
-               PosixFS.withCName(name, { n in PosixFS.withCName(to, { renameat(fd, n, fd, $0) }) }) == 0 {
-                touched = true
-                renamedFrom[to] = was
-                stats.renamed += 1
-                continue
+            if !full, keepAside == nil, let was = oldByName[name], let to = arrival(matching: was) {
+                try touch()
+                if PosixFS.withCName(name, { n in PosixFS.withCName(to, { renameat(fd, n, fd, $0) }) }) == 0 {
+                    renamedFrom[to] = was
+                    stats.renamed += 1
+                    continue
+                }
             }
             try removeTree(fd, name, path: TreePath.join(path, name))
             stats.removed += 1
@@ -205,9 +215,9 @@ public final class TreeMirror {
         defer { if build >= 0 { close(build) } }
         let absent = build >= 0 ? Set(newEntries.map(\.name)).subtracting(present) : []
         for e in newEntries {
-            if absent.contains(e.name), PosixFS.withCName(e.name, { renameat(build, $0, fd, $0) }) == 0 {
-                touched = true
-                continue
+            if absent.contains(e.name) {
+                try touch()
+                if PosixFS.withCName(e.name, { renameat(build, $0, fd, $0) }) == 0 { continue }
             }
             try applyEntry(fd, e, path: TreePath.join(path, e.name), old: oldByName[e.name] ?? renamedFrom[e.name])
         }
@@ -263,7 +273,7 @@ public final class TreeMirror {
                 try setLinkMetadata(fd, e.name, e, path: path, st: st)
                 return
             }
-            let temp = nextTemp()
+            let temp = try nextTemp()
             let rc = PosixFS.withCName(e.target) { t in PosixFS.withCName(temp) { symlinkat(t, fd, $0) } }
             guard rc == 0 else { throw TreeFSError("create symlink", path) }
             try setLinkMetadata(fd, temp, e, path: path, st: nil)
@@ -274,7 +284,7 @@ public final class TreeMirror {
                 try setLinkMetadata(fd, e.name, e, path: path, st: st)
                 return
             }
-            let temp = nextTemp()
+            let temp = try nextTemp()
             let rc = PosixFS.withCName(temp) { mkfifoat(fd, $0, 0o600) }
             guard rc == 0 else { throw TreeFSError("create fifo", path) }
             try setLinkMetadata(fd, temp, e, path: path, st: nil)
@@ -301,7 +311,7 @@ public final class TreeMirror {
                 return
             }
         }
-        let temp = nextTemp()
+        let temp = try nextTemp()
         try writeFile(fd, temp, e, path: path)
         try replace(fd, temp, with: e.name, path: path, existing: st)
         stats.filesWritten += 1
@@ -319,8 +329,8 @@ public final class TreeMirror {
             if let target = PosixFS.lstat(at: rootFD, now), PosixFS.isRegular(target),
                UInt64(target.st_size) == e.size, PosixFS.time(target.st_mtim) == e.mtime {
                 if let st, st.st_ino == target.st_ino, st.st_dev == target.st_dev { return true }
-                let name = fresh ? e.name : nextTemp()
-                touched = true
+                let name = fresh ? e.name : try nextTemp()
+                try touch()
                 if PosixFS.withCName(now, { f in PosixFS.withCName(name) { linkat(rootFD, f, fd, $0, 0) } }) == 0 {
                     if !fresh { try replace(fd, name, with: e.name, path: path, existing: st) }
                     stats.linked += 1
@@ -363,7 +373,7 @@ public final class TreeMirror {
     /// temporary name, then renamed into place, so a reader sees all of it or none of it, and its
     /// files need no temporary name and rename each.
     private func applyNewDirectory(_ fd: Int32, _ e: TreeEntry, path: [UInt8], existing: stat?) throws {
-        let temp = nextTemp()
+        let temp = try nextTemp()
         let staged = staging?.take(e.subtree!, into: fd, as: temp) == true
         if !staged {
             guard PosixFS.withCName(temp, { mkdirat(fd, $0, 0o700) }) == 0 else { throw TreeFSError("create directory", path) }
@@ -443,8 +453,8 @@ public final class TreeMirror {
         }
     }
 
-    private func nextTemp() -> [UInt8] {
-        touched = true
+    private func nextTemp() throws -> [UInt8] {
+        try touch()
         tempCounter += 1
         return Array(".ferry-\(getpid())-\(tempCounter).tmp".utf8)
     }
@@ -480,17 +490,17 @@ public final class TreeMirror {
 
     private func setLinkMetadata(_ fd: Int32, _ name: [UInt8], _ e: TreeEntry, path: [UInt8], st: stat?) throws {
         if setOwner && (st == nil || st!.st_uid != e.uid || st!.st_gid != e.gid) {
-            touched = true
+            try touch()
             let rc = PosixFS.withCName(name) { fchownat(fd, $0, e.uid, e.gid, AT_SYMLINK_NOFOLLOW) }
             guard rc == 0 else { throw TreeFSError("chown", path) }
         }
         if e.kind != .symlink && (st == nil || UInt32(st!.st_mode) & 0o7777 != e.mode) {
-            touched = true
+            try touch()
             let rc = PosixFS.withCName(name) { fchmodat(fd, $0, mode_t(e.mode), 0) }
             guard rc == 0 else { throw TreeFSError("chmod", path) }
         }
         if st == nil || PosixFS.time(st!.st_mtim) != e.mtime {
-            touched = true
+            try touch()
             var times = [timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds)),
                          timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds))]
             let rc = PosixFS.withCName(name) { utimensat(fd, $0, &times, AT_SYMLINK_NOFOLLOW) }
@@ -501,7 +511,7 @@ public final class TreeMirror {
     private func setMetadata(fd: Int32, _ e: TreeEntry, path: [UInt8]) throws {
         if let st = PosixFS.fstat(fd), UInt32(st.st_mode) & 0o7777 == e.mode, PosixFS.time(st.st_mtim) == e.mtime,
            !setOwner || (st.st_uid == e.uid && st.st_gid == e.gid) { return }
-        touched = true
+        try touch()
         if setOwner { guard fchown(fd, e.uid, e.gid) == 0 else { throw TreeFSError("chown", path) } }
         guard fchmod(fd, mode_t(e.mode)) == 0 else { throw TreeFSError("chmod", path) }
         var times = [timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds)),
@@ -512,7 +522,7 @@ public final class TreeMirror {
     /// Removes a name and, for a directory, everything under it (what changed after the
     /// keep-aside time is moved aside instead).
     func removeTree(_ fd: Int32, _ name: [UInt8], path: [UInt8], keepingAside: Bool = true) throws {
-        touched = true
+        try touch()
         if keepingAside, keepAside != nil, let st = PosixFS.lstat(at: fd, name) {
             if !PosixFS.isDirectory(st), try keptAside(fd, name, path: path, st: st) { return }
         }

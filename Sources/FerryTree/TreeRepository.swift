@@ -325,6 +325,7 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         // (one flush of the disk, not two: on the same filesystem the pack is clean by then); only
         // then is the snapshot recorded.
         var stats = TreeMirror.Stats()
+        var groups: [UInt64: [UInt8]] = [:]
         stagingQueue.sync {}
         let staged = stagingLock.withLock {
             defer { staging = nil }
@@ -334,13 +335,14 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         if let mirror {
             try FileManager.default.createDirectory(atPath: mirror, withIntermediateDirectories: true)
             let cutShort = try state("applying") != nil
-            try setState("applying", root.hex)
             let known: [UInt64: [UInt8]] = try db.read { db in
                 Dictionary(try Row.fetchAll(db, sql: "SELECT grp, path FROM link_group").map { (UInt64(bitPattern: $0["grp"]), Array($0["path"] as Data)) },
                            uniquingKeysWith: { a, _ in a })
             }
             let writer = try TreeMirror(source: self, into: mirror, full: cutShort, knownGroups: known)
             if staged?.mirror == mirror { writer.staging = staged }
+            // Recorded before the mirror's first change, not at all when nothing changes.
+            writer.beforeFirstChange = { [self] in try setState("applying", root.hex) }
             let keepAside = try keepAside ?? self.state("keepAsideAfter").flatMap(Double.init).map {
                 (after: $0, directory: mirror + ".ferry-kept-aside/" + TreeReceiver.stamp())
             }
@@ -371,17 +373,17 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
             stats.syncSeconds = Self.seconds(synced - applied)
             try chunks.commit()
             stats.chunksSeconds = Self.seconds(ContinuousClock.now - synced)
-            try db.write { db in
-                for (group, path) in writer.groups {
-                    try db.execute(sql: "INSERT OR REPLACE INTO link_group (grp, path) VALUES (?, ?)",
-                                   arguments: [Int64(bitPattern: group), Data(path)])
-                }
-            }
+            groups = writer.groups
         } else {
             try chunks.commit()
             try checkComplete(root)
         }
+        // One transaction (one sync of the list): the hard-link groups written, the snapshot.
         let snapshot: TreeSnapshot = try db.write { db in
+            for (group, path) in groups {
+                try db.execute(sql: "INSERT OR REPLACE INTO link_group (grp, path) VALUES (?, ?)",
+                               arguments: [Int64(bitPattern: group), Data(path)])
+            }
             try db.execute(sql: """
                 INSERT INTO snapshot (root, committedAt, sourceTime, epoch, files, directories, bytes) VALUES (?, ?, ?, ?, ?, ?, ?)
                 """, arguments: [root.hex, Date().timeIntervalSince1970, summary.sourceTime.timeIntervalSince1970, summary.epoch,
