@@ -235,6 +235,10 @@ public final class TreeMirror {
                 try touch()
                 if PosixFS.withCName(e.name, { renameat(build, $0, fd, $0) }) == 0 { continue }
             }
+            // An entry the last snapshot had exactly so is on the mirror as it is (the mirror is
+            // known to hold that snapshot), as a directory whose blob did not change is: not
+            // even looked at.
+            if !full, keepAside == nil, let was = oldByName[e.name], was == e { continue }
             try applyEntry(fd, e, path: TreePath.join(path, e.name), old: oldByName[e.name] ?? renamedFrom[e.name])
         }
     }
