@@ -163,22 +163,6 @@ public final class TreeMirror {
         staging.files = stats.filesWritten
     }
 
-    /// Writes ahead, into the staging directory, each file of blob `id` that holds data new in
-    /// this run (see ``TreeStaging``): the commit renames it into place.
-    func stageFiles(_ id: ChunkID, isNew: (ChunkID) -> Bool) throws {
-        guard let staging else { return }
-        for e in try entries(id, path: TreeStaging.name) where e.kind == .file && e.linkGroup == 0 && e.size > 0 {
-            guard e.segments.contains(where: { $0.chunks.contains { isNew($0.id) } }) else { continue }
-            let key = TreeStaging.fileKey(e)
-            guard !staging.hasFile(key) else { continue }
-            let dir = staging.directory()
-            guard dir >= 0 else { throw TreeFSError("create directory", TreeStaging.name) }
-            try writeFile(dir, Array(key.hex.utf8), e, path: TreeStaging.name + [0x2F] + e.name)
-            staging.addFile(key)
-            staging.files += 1
-        }
-    }
-
     private func applyDirectory(_ fd: Int32, path: [UInt8], old: ChunkID?, new: ChunkID, fresh: Bool = false) throws {
         stats.directoriesVisited += 1
         let newEntries = try entries(new, path: path)
@@ -332,7 +316,7 @@ public final class TreeMirror {
             }
         }
         let temp = try nextTemp()
-        if staging?.takeFile(e, into: fd, as: temp) != true { try writeFile(fd, temp, e, path: path) }
+        try writeFile(fd, temp, e, path: path)
         try replace(fd, temp, with: e.name, path: path, existing: st)
         stats.filesWritten += 1
         stats.bytesWritten += e.size
@@ -433,7 +417,7 @@ public final class TreeMirror {
             try setMetadata(fd: sub, e, path: path)
         case .file:
             if try linkToGroup(fd, e, path: path, st: nil, fresh: true) { return }
-            if staging?.takeFile(e, into: fd, as: e.name) != true { try writeFile(fd, e.name, e, path: path, fresh: true) }
+            try writeFile(fd, e.name, e, path: path, fresh: true)
             stats.filesWritten += 1
             stats.bytesWritten += e.size
         case .symlink:

@@ -170,14 +170,7 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
             stagingQueue.async { [self] in
                 stagingLock.withLock {
                     guard let (staging, writer) = self.staging, !staging.failed else { return }
-                    do {
-                        switch staging.mode {
-                        case .directories: try writer.stage(id)
-                        case .files: try writer.stageFiles(id) { chunk in received.withLock { $0.contains(chunk) } }
-                        }
-                    } catch {
-                        staging.failed = true
-                    }
+                    do { try writer.stage(id) } catch { staging.failed = true }
                     // Every 20,000 files the disk is given what is written so far, in the
                     // background, so the commit's sync has less left to do.
                     if staging.files >= staging.filesAtSync + 20_000 {
@@ -199,17 +192,15 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
     private let stagingLock = NSLock()
 
     /// A run begins (its hello): the first run into an empty mirror builds its directories as
-    /// their blobs arrive, a later run its new and changed files (``TreeStaging``); not while
-    /// the mirror is untrusted, cut short or keeping a former primary's changes aside.
+    /// their blobs arrive (``TreeStaging``).
     public func beginRun(mirror: String?) {
         guard let mirror else { return }
         stagingLock.withLock {
             do {
-                guard staging == nil, try state("keepAsideAfter") == nil, try state("applying") == nil else { return }
-                let first = try latest() == nil
-                guard !first || TreeStaging.isEmpty(mirror) else { return }
+                guard staging == nil, try latest() == nil, try state("keepAsideAfter") == nil, try state("applying") == nil,
+                      TreeStaging.isEmpty(mirror) else { return }
                 try FileManager.default.createDirectory(atPath: mirror, withIntermediateDirectories: true)
-                guard let ahead = TreeStaging(mirror: mirror, mode: first ? .directories : .files) else { return }
+                guard let ahead = TreeStaging(mirror: mirror) else { return }
                 let writer = try TreeMirror(source: self, into: mirror, full: false)
                 writer.staging = ahead
                 staging = (ahead, writer)

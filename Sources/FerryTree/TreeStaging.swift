@@ -19,65 +19,30 @@ import Glibc
 /// what is not staged, and reports what fails then.
 final class TreeStaging {
     static let name: [UInt8] = Array(".ferry-staged".utf8)
-    /// What is built ahead: whole directories (a first run into an empty mirror), or, on later
-    /// runs, the files that hold data new in this run (new and changed files), each by its
-    /// entry; the commit renames such a file into its directory instead of writing it.
-    enum Mode { case directories, files }
-    let mode: Mode
     let mirror: String
-    /// The staging directory, made on first use (-1 before).
-    private(set) var fd: Int32 = -1
+    let fd: Int32
     private var built: Set<ChunkID> = []
-    private var builtFiles: Set<ChunkID> = []
     /// Files written ahead of the commit (for the log).
     var files = 0
     /// ``files`` when the filesystem was last synced in the background.
     var filesAtSync = 0
     var failed = false
 
-    /// A staging area in `mirror`; in `.directories` mode its directory is made at once (one a
-    /// crash left behind is removed first).
-    init?(mirror: String, mode: Mode) {
-        self.mirror = mirror
-        self.mode = mode
-        if mode == .directories && directory() < 0 { return nil }
-    }
-
-    deinit { if fd >= 0 { close(fd) } }
-
-    /// The staging directory's descriptor, made (after removing a leftover) when first needed;
-    /// -1 when it cannot be made.
-    func directory() -> Int32 {
-        guard fd < 0 else { return fd }
-        guard let remover = try? TreeMirror(source: NoChunks(), into: mirror, full: false) else { return -1 }
+    /// Opens a new staging directory in `mirror`, removing one a crash left behind.
+    init?(mirror: String) {
+        guard let remover = try? TreeMirror(source: NoChunks(), into: mirror, full: false) else { return nil }
         try? remover.removeTree(remover.rootFD, Self.name, path: Self.name, keepingAside: false)
-        guard PosixFS.withCName(Self.name, { mkdirat(remover.rootFD, $0, 0o700) }) == 0 else { return -1 }
-        fd = PosixFS.openDirectory(at: remover.rootFD, Self.name)
-        return fd
+        let root = PosixFS.openDirectory(mirror)
+        guard root >= 0 else { return nil }
+        defer { close(root) }
+        guard PosixFS.withCName(Self.name, { mkdirat(root, $0, 0o700) }) == 0 else { return nil }
+        let fd = PosixFS.openDirectory(at: root, Self.name)
+        guard fd >= 0 else { return nil }
+        self.mirror = mirror
+        self.fd = fd
     }
 
-    /// The name a file's entry is staged under: the SHA-256 of the entry without its name
-    /// (data, size, mode, owner, times).
-    static func fileKey(_ e: TreeEntry) -> ChunkID {
-        var nameless = e
-        nameless.name = []
-        var buffer = ByteBuffer()
-        DirectoryBlob.write(nameless, to: &buffer)
-        return ChunkID.of(buffer)
-    }
-
-    func hasFile(_ key: ChunkID) -> Bool { builtFiles.contains(key) }
-
-    func addFile(_ key: ChunkID) { builtFiles.insert(key) }
-
-    /// Moves the staged file for `e` to `name` in `dir`; false when there is none (or it cannot
-    /// be moved there: another filesystem).
-    func takeFile(_ e: TreeEntry, into dir: Int32, as name: [UInt8]) -> Bool {
-        guard !builtFiles.isEmpty, e.linkGroup == 0 else { return false }
-        let key = Self.fileKey(e)
-        guard builtFiles.remove(key) != nil else { return false }
-        return PosixFS.withCName(Array(key.hex.utf8)) { from in PosixFS.withCName(name) { renameat(fd, from, dir, $0) } } == 0
-    }
+    deinit { close(fd) }
 
     /// Whether `mirror` holds nothing but a staging directory (or does not exist yet).
     static func isEmpty(_ mirror: String) -> Bool {
@@ -108,7 +73,6 @@ final class TreeStaging {
     /// Removes the staging directory and what is left in it.
     func discard() {
         built.removeAll()
-        builtFiles.removeAll()
         if let remover = try? TreeMirror(source: NoChunks(), into: mirror, full: false) {
             try? remover.removeTree(remover.rootFD, Self.name, path: Self.name, keepingAside: false)
         }
