@@ -107,9 +107,16 @@ public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Senda
         guard port.send([frame], to: peer) else { throw Failed(description: "\(peer) is not connected") }
     }
 
-    private func request(_ make: (UInt64) -> TreeMessage) throws -> TreeMessage {
-        try wait(for: try start(make))
+    private func request(_ make: (UInt64) -> TreeMessage, within seconds: Double? = nil) throws -> TreeMessage {
+        try wait(for: try start(make), within: seconds)
     }
+
+    /// How long a hello and a query may go unanswered: the peer answers them at once (a query
+    /// after the puts before it). An answer can be lost without the link going down (sent on a
+    /// connection the other side was just closing as a duplicate), and then only this ends the
+    /// wait: the run fails and is retried. A commit may take long (a large apply): it waits
+    /// `timeout`.
+    static let helloTimeout = 10.0, queryTimeout = 120.0
 
     /// Sends a request; its answer is waited for with ``wait(for:)``.
     private func start(_ make: (UInt64) -> TreeMessage) throws -> UInt64 {
@@ -125,13 +132,14 @@ public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Senda
         return id
     }
 
-    private func wait(for id: UInt64) throws -> TreeMessage {
+    private func wait(for id: UInt64, within seconds: Double? = nil) throws -> TreeMessage {
         condition.lock()
         defer { condition.unlock() }
-        let deadline = Date().addingTimeInterval(timeout)
+        let limit = min(timeout, seconds ?? timeout)
+        let deadline = Date().addingTimeInterval(limit)
         while replies[id] == nil && failure == nil {
             guard condition.wait(until: deadline) else {
-                throw Failed(description: "\(peer) did not answer within \(Int(timeout)) s")
+                throw Failed(description: "\(peer) did not answer within \(Int(limit)) s")
             }
         }
         if let reply = replies.removeValue(forKey: id) {
@@ -143,7 +151,8 @@ public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Senda
 
     public func latestRoot() throws -> ChunkID? {
         let since = pendingSince.map { UInt64(max(0, $0.timeIntervalSince1970 * 1000)) } ?? 0
-        guard case .latest(_, let root, _) = try request({ .hello(request: $0, epoch: epoch, pendingSinceMs: since) }) else {
+        guard case .latest(_, let root, _) = try request({ .hello(request: $0, epoch: epoch, pendingSinceMs: since) },
+                                                          within: Self.helloTimeout) else {
             throw Failed(description: "\(peer) answered hello out of turn")
         }
         return root
@@ -154,7 +163,7 @@ public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Senda
         var start = 0
         while start < ids.count {
             let part = Array(ids[start..<min(ids.count, start + TreeMessage.maxIDs)])
-            guard case .lacking(_, let lacking) = try request({ .query(request: $0, ids: part) }) else {
+            guard case .lacking(_, let lacking) = try request({ .query(request: $0, ids: part) }, within: Self.queryTimeout) else {
                 throw Failed(description: "\(peer) answered a query out of turn")
             }
             out += lacking
@@ -169,7 +178,7 @@ public final class RemoteTreeTransport: PipelinedTreeTransport, @unchecked Senda
     }
 
     public func answer(_ ticket: UInt64) throws -> [ChunkID] {
-        guard case .lacking(_, let lacking) = try wait(for: ticket) else {
+        guard case .lacking(_, let lacking) = try wait(for: ticket, within: Self.queryTimeout) else {
             throw Failed(description: "\(peer) answered a query out of turn")
         }
         return lacking
@@ -266,7 +275,25 @@ public final class TreeReceiver: @unchecked Sendable {
 
     /// A message from the tree's primary (on a link's event loop).
     public func received(_ message: TreeMessage, from peer: String) {
+        // A chunk's SHA-256 is checked here, on the link's thread, so the tree's queue (which
+        // stores chunks and builds directories ahead) does less per chunk.
+        if case .put(let id, let data) = message {
+            let intact = ChunkID.of(data) == id
+            queue.async { [self] in store(id, data, intact: intact) }
+            return
+        }
         queue.async { [self] in handle(message, from: peer) }
+    }
+
+    private func store(_ id: ChunkID, _ data: ByteBuffer, intact: Bool) {
+        do {
+            guard intact else { throw TreeMirror.Incomplete(description: TreeRepository.damaged(id)) }
+            try repository.put(id, data, verified: true)
+            state.withLock { $0.received += UInt64(data.readableBytes) }
+        } catch {
+            logger.error("tree chunk not stored", metadata: ["tree": "\(name)", "error": "\(error)"])
+            state.withLock { $0.lastError = "\(error)" }
+        }
     }
 
     /// Runs `body` on the tree's queue (restore, verify), after what is queued.
@@ -306,13 +333,7 @@ public final class TreeReceiver: @unchecked Sendable {
                 reply(.failed(request: request, message: "\(error)"), to: peer)
             }
         case .put(let id, let data):
-            do {
-                try repository.put(id, data)
-                state.withLock { $0.received += UInt64(data.readableBytes) }
-            } catch {
-                logger.error("tree chunk not stored", metadata: ["tree": "\(name)", "error": "\(error)"])
-                state.withLock { $0.lastError = "\(error)" }
-            }
+            store(id, data, intact: ChunkID.of(data) == id)
         case .commit(let request, let root, let summary):
             let followed = state.withLock { $0.epoch }
             guard UInt64(max(0, summary.epoch)) >= followed else {
