@@ -134,9 +134,6 @@ public final class TreeMirror {
         }
     }
 
-    /// Brings the directory open as `fd` to the blob `new`. `fresh`: the directory was made by
-    /// this apply and is not yet under its name (no reader sees it): it is empty, and its
-    /// entries are written under their own names, with no temporary name or rename each.
     /// Builds the directory of blob `id` in the staging directory ahead of the commit, when it
     /// can be (see ``TreeStaging``).
     func stage(_ id: ChunkID) throws {
@@ -163,6 +160,9 @@ public final class TreeMirror {
         staging.files = stats.filesWritten
     }
 
+    /// Brings the directory open as `fd` to the blob `new`. `fresh`: the directory was made by
+    /// this apply and is not yet under its name (no reader sees it): it is empty, and its
+    /// entries are written under their own names, with no temporary name or rename each.
     private func applyDirectory(_ fd: Int32, path: [UInt8], old: ChunkID?, new: ChunkID, fresh: Bool = false) throws {
         stats.directoriesVisited += 1
         let newEntries = try entries(new, path: path)

@@ -166,18 +166,17 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
            stagingLock.withLock({ staging != nil }) {
             // On a thread of its own: the files are created while the next chunks are checked
             // and stored.
+            // The lock is not held while building (a hello must not wait for it): builds run one
+            // at a time on this queue, and a commit waits for the queue before it takes them.
             stagingQueue.async { [self] in
-                stagingLock.withLock {
-                    guard let (staging, writer) = self.staging, !staging.failed else { return }
-                    do { try writer.stage(id) } catch { staging.failed = true }
-                    // Every 20,000 files the disk is given what is written so far, in the
-                    // background, so the commit's sync has less left to do.
-                    if staging.files >= staging.filesAtSync + 20_000 {
-                        staging.filesAtSync = staging.files
-                        let fd = staging.fd
-                        let copy = dup(fd)
-                        if copy >= 0 { presyncQueue.async { _ = ferry_syncfs(copy); close(copy) } }
-                    }
+                guard let (staging, writer) = stagingLock.withLock({ self.staging }), !staging.failed else { return }
+                do { try writer.stage(id) } catch { staging.failed = true }
+                // Every 20,000 files the disk is given what is written so far, in the
+                // background, so the commit's sync has less left to do.
+                if staging.files >= staging.filesAtSync + 20_000 {
+                    staging.filesAtSync = staging.files
+                    let copy = dup(staging.fd)
+                    if copy >= 0 { presyncQueue.async { _ = ferry_syncfs(copy); close(copy) } }
                 }
             }
         }
