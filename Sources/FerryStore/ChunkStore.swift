@@ -219,7 +219,7 @@ public final class ChunkStore: @unchecked Sendable {
             try flushTail()
             try FileIO.datasync(packFD, path: Self.packPath(directory, packNumber))
             // In key order: the index's B-tree is then appended to page by page rather than
-            // touched at random (a run of 200,000 new chunks went from 1.3 s to ...).
+            // touched at random (a run of 200,000 new chunks: 1.3 s before, 0.55–0.9 s in key order).
             try insert(pending.values.map { ($0.id, $0.at) }.sorted { Self.precedes($0.0, $1.0) })
             pending.removeAll()
         }
