@@ -395,9 +395,8 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         return (snapshot, stats)
     }
 
-    static func seconds(_ d: Duration) -> Double {
-        ((Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18) * 1000).rounded() / 1000
-    }
+    /// Seconds to the millisecond (for the log).
+    static func seconds(_ d: Duration) -> Double { (TreeRun.seconds(d) * 1000).rounded() / 1000 }
 
     /// Forgets snapshots (retention). Their chunks stay until garbage collection.
     public func forget(_ ids: [Int64]) throws {

@@ -192,6 +192,7 @@ public final class TreeRun: ScanSink {
 
     private var answerWait = 0.0
 
+    /// A duration in seconds.
     static func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
 
     /// Waits for every batch still asked about and sends what they lack.
