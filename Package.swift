@@ -119,7 +119,7 @@ let package = Package(
         ]),
         .testTarget(name: "FerrySiteTests", dependencies: ["FerrySite"]),
         .testTarget(name: "FerryTreeTests", dependencies: [
-            "FerryTree", "FerryCore", "FerryStore",
+            "FerryTree", "FerryCore", "FerryStore", "FerryWire",
             .product(name: "NIOCore", package: "swift-nio"),
         ]),
         .testTarget(name: "FerryMonitorTests", dependencies: [

@@ -91,7 +91,6 @@ enum PosixFS {
         try withCName(Array(path.utf8), body)
     }
 
-    /// Opens a directory (never through a symlink).
     /// The process's umask, from /proc/self/status (reading it with umask(2) would change it
     /// for a moment under other threads); all bits when it cannot be read.
     static let umask: UInt32 = {
@@ -101,6 +100,7 @@ enum PosixFS {
         return value
     }()
 
+    /// Opens a directory (never through a symlink).
     static func openDirectory(at dirfd: Int32, _ name: [UInt8]) -> Int32 {
         withCName(name) { openat(dirfd, $0, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC) }
     }

@@ -57,14 +57,9 @@ public enum TreeMessage: Sendable, Equatable {
         }
     }
 
-    /// The frame for `tree`; a put's data is compressed when `compress` and zstd makes it smaller.
-    public func frame(tree: String, compress: Bool = false) -> Frame {
-        frame(tree: tree, compressor: compress ? ZstdCompressor(level: 1) : nil)
-    }
-
     /// The frame for `tree`, a put's data compressed with `compressor` (one per sender, reused)
     /// when that makes it smaller.
-    public func frame(tree: String, compressor: ZstdCompressor?) -> Frame {
+    public func frame(tree: String, compressor: ZstdCompressor? = nil) -> Frame {
         var b = ByteBuffer()
         b.writeInteger(kind)
         let name = Array(tree.utf8)

@@ -157,7 +157,6 @@ public final class TreeMirror {
             throw error
         }
         staging.add(id)
-        staging.files = stats.filesWritten
     }
 
     /// Brings the directory open as `fd` to the blob `new`. `fresh`: the directory was made by
@@ -188,12 +187,10 @@ public final class TreeMirror {
             return arrivals!.take(matching: old)
         }
         var renamedFrom: [[UInt8]: TreeEntry] = [:]
-        if path.isEmpty, let staging {
-            // A source with a name like the staging directory's: nothing is taken from it.
-            if wanted.contains(TreeStaging.name) {
-                staging.discard()
-                self.staging = nil
-            }
+        // A source with a name like the staging directory's: nothing is taken from it.
+        if path.isEmpty, let staging, wanted.contains(TreeStaging.name) {
+            staging.discard()
+            self.staging = nil
         }
         for name in present where !wanted.contains(name) && !(path.isEmpty && staging != nil && name == TreeStaging.name) {
             // Only when the mirror is known to hold the old manifest (not after a cut-short apply,

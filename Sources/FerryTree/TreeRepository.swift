@@ -173,8 +173,9 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
                 do { try writer.stage(id) } catch { staging.failed = true }
                 // Every 20,000 files the disk is given what is written so far, in the
                 // background, so the commit's sync has less left to do.
-                if staging.files >= staging.filesAtSync + 20_000 {
-                    staging.filesAtSync = staging.files
+                let files = writer.stats.filesWritten
+                if files >= staging.filesAtSync + 20_000 {
+                    staging.filesAtSync = files
                     let copy = dup(staging.fd)
                     if copy >= 0 { presyncQueue.async { _ = ferry_syncfs(copy); close(copy) } }
                 }
@@ -327,9 +328,9 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         var stats = TreeMirror.Stats()
         var groups: [UInt64: [UInt8]] = [:]
         stagingQueue.sync {}
-        let staged = stagingLock.withLock {
+        let (staged, stagedFiles) = stagingLock.withLock {
             defer { staging = nil }
-            return staging?.0
+            return (staging?.0, staging?.1.stats.filesWritten ?? 0)
         }
         defer { staged?.discard() }
         if let mirror {
@@ -356,7 +357,7 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
             let started = ContinuousClock.now
             try writer.apply(old: try latest()?.rootID, new: root)
             stats = writer.stats
-            stats.filesStaged = staged?.files ?? 0
+            stats.filesStaged = stagedFiles
             let applied = ContinuousClock.now
             stats.applySeconds = Self.seconds(applied - started)
             if writer.touched || !wasSynced {

@@ -22,9 +22,7 @@ final class TreeStaging {
     let mirror: String
     let fd: Int32
     private var built: Set<ChunkID> = []
-    /// Files written ahead of the commit (for the log).
-    var files = 0
-    /// ``files`` when the filesystem was last synced in the background.
+    /// Files written ahead when the filesystem was last synced in the background.
     var filesAtSync = 0
     var failed = false
 

@@ -2,6 +2,7 @@ import Foundation
 import NIOCore
 import Testing
 @testable import FerryTree
+import FerryWire
 
 @Suite struct TreeFrameTests {
     @Test func everyMessageRoundTrips() throws {
@@ -17,16 +18,17 @@ import Testing
             .committed(request: 9, snapshot: 12, at: Date(timeIntervalSince1970: 1_800_000_001.5)),
             .failed(request: 10, message: "snapshot not committed: No space left on device"),
         ]
+        let compressor = ZstdCompressor(level: 1)
         for message in messages {
             for compress in [false, true] {
-                let frame = message.frame(tree: "www", compress: compress)
+                let frame = message.frame(tree: "www", compressor: compress ? compressor : nil)
                 let (tree, decoded) = try TreeMessage.decode(frame)
                 #expect(tree == "www")
                 #expect(decoded == message)
             }
         }
         // Compressible data travels compressed.
-        #expect(TreeMessage.put(id: id, data: data).frame(tree: "t", compress: true).payloadLength < 1000)
+        #expect(TreeMessage.put(id: id, data: data).frame(tree: "t", compressor: compressor).payloadLength < 1000)
     }
 
     @Test func malformedFramesAreRefused() {
