@@ -14,7 +14,9 @@
 #                            [--probe N] [--skip-baselines] [--results FILE] [--perf DIR]
 #   --flat DIRS   the flat profile instead: DIRS x 1000 files of 100-1000 bytes (200 → 200k files);
 #                 initial and no-change runs only, with rsync as the baseline
-#   --perf DIR    record both daemons with perf through each timed run (perf report -i DIR/…)
+#   --perf DIR    record the whole machine with perf through each timed run, one file per pass
+#                 (perf report -i DIR/initial.data --sort pid,sym: east and west are told apart
+#                 by pid; recording every CPU catches threads a daemon starts mid-run)
 #   --fresh-fs    run everything (Ferry and the baselines) with /tmp on a freshly made ext4
 #                 (a loop device with direct I/O over a sparse file in /var/tmp, so a sync
 #                 flushes what a disk would, in a private mount namespace;
@@ -134,8 +136,7 @@ sync_run() {  # ID LABEL: a run by `ferry tree sync`, timed from the command to 
   local t0 w0 perfs="" tag
   if [ -n "$PERF" ]; then  # profile both daemons through the run (--perf DIR)
     mkdir -p "$PERF"; tag=$(echo "$2" | tr -c 'A-Za-z0-9\n' '-')
-    perf record -F 999 -g -o "$PERF/east-$tag.data" -p "$EAST_PID" >/dev/null 2>&1 & perfs="$!"
-    perf record -F 999 -g -o "$PERF/west-$tag.data" -p "$WEST_PID" >/dev/null 2>&1 & perfs="$perfs $!"
+    perf record -a -F 499 -g -o "$PERF/$tag.data" >/dev/null 2>&1 & perfs="$!"
     sleep 1
   fi
   w0=$(wire_bytes); t0=$(now)
@@ -155,9 +156,8 @@ t0=$(now)
 start_sites
 initial_perfs=""
 if [ -n "$PERF" ]; then
-  mkdir -p "$PERF"
-  perf record -F 499 -g -o "$PERF/east-initial.data" -p "$EAST_PID" >/dev/null 2>&1 & initial_perfs="$!"
-  perf record -F 499 -g -o "$PERF/west-initial.data" -p "$WEST_PID" >/dev/null 2>&1 & initial_perfs="$initial_perfs $!"
+  mkdir -p "$PERF"; echo "# perf: east is pid $EAST_PID, west is pid $WEST_PID"
+  perf record -a -F 499 -g -o "$PERF/initial.data" >/dev/null 2>&1 & initial_perfs="$!"
 fi
 wait_snapshot 1
 # shellcheck disable=SC2086

@@ -47,7 +47,7 @@ public final class TreeMirror {
     let setOwner: Bool
     public private(set) var stats = Stats()
     /// Directories built ahead of this apply (a first run), taken instead of built.
-    var staging: TreeStaging?
+    weak var staging: TreeStaging?
     /// Whether this apply changed anything in the directory (a file, a name, metadata): when it
     /// did not, there is nothing new to make durable.
     public private(set) var touched = false
@@ -135,10 +135,11 @@ public final class TreeMirror {
     }
 
     /// Builds the directory of blob `id` in the staging directory ahead of the commit, when it
-    /// can be (see ``TreeStaging``).
-    func stage(_ id: ChunkID) throws {
+    /// can be (see ``TreeStaging``); `order` is the build's place in the staging's schedule.
+    func stage(_ id: ChunkID, order: Int) throws {
         guard let staging, !staging.has(id) else { return }
         let list = try entries(id, path: TreeStaging.name)
+        staging.wait(for: list.compactMap { $0.kind == .directory ? $0.subtree : nil }, scheduledBefore: order)
         guard list.allSatisfy({ e in
             !e.name.isEmpty && (e.kind != .file || e.linkGroup == 0) && (e.kind != .directory || e.subtree.map(staging.has) == true)
         }) else { return }
@@ -166,7 +167,8 @@ public final class TreeMirror {
         stats.directoriesVisited += 1
         let newEntries = try entries(new, path: path)
         if fresh {
-            for e in newEntries { try applyNew(fd, e, path: TreePath.join(path, e.name)) }
+            let directory = FreshDirectory()
+            for e in newEntries { try applyNew(fd, e, path: TreePath.join(path, e.name), in: directory) }
             return
         }
         var oldByName: [[UInt8]: TreeEntry] = [:]
@@ -349,15 +351,21 @@ public final class TreeMirror {
 
     /// Creates the file `name` in `fd` with the entry's data and metadata; removed again when
     /// that fails.
-    private func writeFile(_ fd: Int32, _ name: [UInt8], _ e: TreeEntry, path: [UInt8], fresh: Bool = false) throws {
+    private func writeFile(_ fd: Int32, _ name: [UInt8], _ e: TreeEntry, path: [UInt8], fresh: FreshDirectory? = nil) throws {
         // In a directory no one sees yet, a file is created with its mode when the umask keeps
         // it whole and no special bit is set (a chown would clear it): one call less per file.
-        let modeAtCreate = fresh && e.mode & ~0o777 == 0 && e.mode & PosixFS.umask == 0
+        let modeAtCreate = fresh != nil && e.mode & ~0o777 == 0 && e.mode & PosixFS.umask == 0
         let out = PosixFS.withCName(name) { openat(fd, $0, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, modeAtCreate ? mode_t(e.mode) : 0o600) }
         guard out >= 0 else { throw TreeFSError("create", path) }
         do {
             try writeData(out, e, path: path)
-            if setOwner { guard fchown(out, e.uid, e.gid) == 0 else { throw TreeFSError("chown", path) } }
+            if setOwner {
+                // There, a file created with the owner it is to have needs no chown.
+                if let fresh, fresh.owner == nil, let st = PosixFS.fstat(out) { fresh.owner = (st.st_uid, st.st_gid) }
+                if fresh?.owner.map({ $0.uid == e.uid && $0.gid == e.gid }) != true {
+                    guard fchown(out, e.uid, e.gid) == 0 else { throw TreeFSError("chown", path) }
+                }
+            }
             if !modeAtCreate { guard fchmod(out, mode_t(e.mode)) == 0 else { throw TreeFSError("chmod", path) } }
             var times = [timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds)),
                          timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds))]
@@ -399,8 +407,15 @@ public final class TreeMirror {
         }
     }
 
+    /// A directory this apply is building (see `fresh`): the owner a file created in it gets,
+    /// learnt from its first file (the directory's set-group-ID bit or the filesystem may choose
+    /// the group).
+    private final class FreshDirectory {
+        var owner: (uid: uid_t, gid: gid_t)?
+    }
+
     /// An entry of a directory this apply is building (see `fresh`): written under its own name.
-    private func applyNew(_ fd: Int32, _ e: TreeEntry, path: [UInt8]) throws {
+    private func applyNew(_ fd: Int32, _ e: TreeEntry, path: [UInt8], in directory: FreshDirectory) throws {
         switch e.kind {
         case .directory:
             let staged = staging?.take(e.subtree!, into: fd, as: e.name) == true
@@ -414,7 +429,7 @@ public final class TreeMirror {
             try setMetadata(fd: sub, e, path: path)
         case .file:
             if try linkToGroup(fd, e, path: path, st: nil, fresh: true) { return }
-            try writeFile(fd, e.name, e, path: path, fresh: true)
+            try writeFile(fd, e.name, e, path: path, fresh: directory)
             stats.filesWritten += 1
             stats.bytesWritten += e.size
         case .symlink:

@@ -162,34 +162,16 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         guard verified || ChunkID.of(data) == id else { throw TreeMirror.Incomplete(description: Self.damaged(id)) }
         try chunks.put(data, id: id.bytes)
         received.withLock { _ = $0.insert(id) }
-        if data.readableBytes >= 8, data.getInteger(at: data.readerIndex, as: UInt32.self) == DirectoryBlob.magic,
-           stagingLock.withLock({ staging != nil }) {
-            // On a thread of its own: the files are created while the next chunks are checked
-            // and stored.
-            // The lock is not held while building (a hello must not wait for it): builds run one
-            // at a time on this queue, and a commit waits for the queue before it takes them.
-            stagingQueue.async { [self] in
-                guard let (staging, writer) = stagingLock.withLock({ self.staging }), !staging.failed else { return }
-                do { try writer.stage(id) } catch { staging.failed = true }
-                // Every 20,000 files the disk is given what is written so far, in the
-                // background, so the commit's sync has less left to do.
-                let files = writer.stats.filesWritten
-                if files >= staging.filesAtSync + 20_000 {
-                    staging.filesAtSync = files
-                    let copy = dup(staging.fd)
-                    if copy >= 0 { presyncQueue.async { _ = ferry_syncfs(copy); close(copy) } }
-                }
-            }
+        if data.readableBytes >= 8, data.getInteger(at: data.readerIndex, as: UInt32.self) == DirectoryBlob.magic {
+            // Built on threads of their own while the next chunks are checked and stored.
+            stagingLock.withLock { staging }?.arrived(id)
         }
     }
 
     static func damaged(_ id: ChunkID) -> String { "chunk \(id) arrived damaged (its SHA-256 does not match)" }
 
-    private let stagingQueue = DispatchQueue(label: "ferry-tree-staging")
-    private let presyncQueue = DispatchQueue(label: "ferry-tree-presync")
-
-    /// Directories built ahead of the commit and the writer that builds them (a first run).
-    private var staging: (TreeStaging, TreeMirror)?
+    /// Directories built ahead of the commit (a first run).
+    private var staging: TreeStaging?
     private let stagingLock = NSLock()
 
     /// A run begins (its hello): the first run into an empty mirror builds its directories as
@@ -202,9 +184,8 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
                       TreeStaging.isEmpty(mirror) else { return }
                 try FileManager.default.createDirectory(atPath: mirror, withIntermediateDirectories: true)
                 guard let ahead = TreeStaging(mirror: mirror) else { return }
-                let writer = try TreeMirror(source: self, into: mirror, full: false)
-                writer.staging = ahead
-                staging = (ahead, writer)
+                try ahead.start { try TreeMirror(source: self, into: mirror, full: false) }
+                staging = ahead
             } catch {
                 return
             }
@@ -327,11 +308,12 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
         // then is the snapshot recorded.
         var stats = TreeMirror.Stats()
         var groups: [UInt64: [UInt8]] = [:]
-        stagingQueue.sync {}
-        let (staged, stagedFiles) = stagingLock.withLock {
+        // The lock is not held while the builds end (a hello must not wait for it).
+        let staged = stagingLock.withLock {
             defer { staging = nil }
-            return (staging?.0, staging?.1.stats.filesWritten ?? 0)
+            return staging
         }
+        let stagedFiles = staged?.finish() ?? 0
         defer { staged?.discard() }
         if let mirror {
             try FileManager.default.createDirectory(atPath: mirror, withIntermediateDirectories: true)
