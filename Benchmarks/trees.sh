@@ -112,7 +112,9 @@ snapshot_id() {
 wait_snapshot() {  # ID: until west has it (30 min cap)
   # West's log line of the commit is waited for with `tail -F` (inotify: no polling that would
   # take CPU from the daemons being measured), then west's status confirms it.
+  # The clock stops at the log line (T_END): the status query after it is not the run's time.
   timeout 1800 tail -n +1 -F "$W/west.log" 2>/dev/null | grep -q -m1 "tree snapshot committed.* snapshot=$1 " || true
+  T_END=$(now)
   [ "$(snapshot_id)" -ge "$1" ] && return 0
   echo "west never got snapshot $1; logs in $W" >&2; tail -20 "$W/east.log" >&2; exit 1
 }
@@ -136,7 +138,7 @@ sync_run() {  # ID LABEL: a run by `ferry tree sync`, timed from the command to 
   local t0 w0 perfs="" tag
   if [ -n "$PERF" ]; then  # profile both daemons through the run (--perf DIR)
     mkdir -p "$PERF"; tag=$(echo "$2" | tr -c 'A-Za-z0-9\n' '-')
-    perf record -a -F 499 -g -o "$PERF/$tag.data" >/dev/null 2>&1 & perfs="$!"
+    perf record -a -F 2999 -g -o "$PERF/$tag.data" >/dev/null 2>&1 & perfs="$!"
     sleep 1
   fi
   w0=$(wire_bytes); t0=$(now)
@@ -144,7 +146,7 @@ sync_run() {  # ID LABEL: a run by `ferry tree sync`, timed from the command to 
   wait_snapshot "$1"
   # shellcheck disable=SC2086
   [ -z "$perfs" ] || { kill -INT $perfs; wait $perfs 2>/dev/null || true; }
-  row ferry "$2" "$(secs "$t0" "$(now)")" "$(( $(wire_bytes) - w0 ))" "peak RSS east $(peak_rss_mib) MiB"
+  row ferry "$2" "$(secs "$t0" "$T_END")" "$(( $(wire_bytes) - w0 ))" "peak RSS east $(peak_rss_mib) MiB"
   commit_lines "$1"
   check_same "$2"
 }
@@ -162,7 +164,7 @@ fi
 wait_snapshot 1
 # shellcheck disable=SC2086
 [ -z "$initial_perfs" ] || { kill -INT $initial_perfs; wait $initial_perfs 2>/dev/null || true; }
-row ferry initial "$(secs "$t0" "$(now)")" "$(wire_bytes)" "from daemon start; peak RSS east $(peak_rss_mib) MiB"
+row ferry initial "$(secs "$t0" "$T_END")" "$(wire_bytes)" "from daemon start; peak RSS east $(peak_rss_mib) MiB"
 commit_lines 1
 check_same initial
 if [ "$FLAT" = 0 ]; then

@@ -80,13 +80,15 @@ public final class TreeRun: ScanSink {
 
     let transport: any TreeTransport
     let sourceRoot: String
-    /// Flush a batch of offers at this many bytes of held data or this many IDs.
+    /// Flush a batch of offers at this many bytes of held data or this many IDs. Small enough
+    /// that a run changing a few files spread through a tree sends them while it scans.
     let batchBytes: Int
     let batchCount: Int
     private var held: [(ChunkID, ByteBuffer)] = []
     /// Batches asked about whose answers are not in yet (pipelined transports).
     private var inFlight: [(ticket: UInt64, batch: [(ChunkID, ByteBuffer)])] = []
-    let maxInFlight = 3
+    /// Batches asked about at once: with the default batch size, 48 MiB held for the answers.
+    let maxInFlight = 12
     private var heldBytes = 0
     private var offered = Set<ChunkID>()
     /// Unread files whose chunks must be asked about (the peer may not have them).
@@ -97,7 +99,7 @@ public final class TreeRun: ScanSink {
     private var bytesSent: UInt64 = 0
     private var chunksSkipped = 0
 
-    public init(transport: any TreeTransport, sourceRoot: String, batchBytes: Int = 16 << 20, batchCount: Int = 2048) {
+    public init(transport: any TreeTransport, sourceRoot: String, batchBytes: Int = 4 << 20, batchCount: Int = 2048) {
         self.transport = transport
         self.sourceRoot = sourceRoot
         self.batchBytes = batchBytes
