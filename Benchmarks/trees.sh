@@ -17,6 +17,8 @@
 #   --perf DIR    record the whole machine with perf through each timed run, one file per pass
 #                 (perf report -i DIR/initial.data --sort pid,sym: east and west are told apart
 #                 by pid; recording every CPU catches threads a daemon starts mid-run)
+#   --repeat N    N mutations of 1 % (seeds S, S+1, ...), each followed by a run and a no-change
+#                 run (the baselines still do one)
 #   --fresh-fs    run everything (Ferry and the baselines) with /tmp on a freshly made ext4
 #                 (a loop device with direct I/O over a sparse file in /var/tmp, so a sync
 #                 flushes what a disk would, in a private mount namespace;
@@ -31,7 +33,7 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 SHARED=${FERRY_SHARED_BENCH:-$ROOT/../shared/bench}
 GEN="$SHARED/gen-tree.py"
 
-FILES=20000; SIZE=6; SEED=1; FLAT=0; PROBE=200; BASELINES=1; RESULTS=""; PERF=""; FRESH=0
+FILES=20000; SIZE=6; SEED=1; FLAT=0; PROBE=200; BASELINES=1; RESULTS=""; PERF=""; FRESH=0; REPEAT=1
 ARGS=("$@")
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -44,6 +46,7 @@ while [ $# -gt 0 ]; do
     --results) RESULTS=$2; shift ;;
     --perf) PERF=$2; shift ;;
     --fresh-fs) FRESH=1 ;;
+    --repeat) REPEAT=$2; shift ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -168,21 +171,25 @@ row ferry initial "$(secs "$t0" "$T_END")" "$(wire_bytes)" "from daemon start; p
 commit_lines 1
 check_same initial
 if [ "$FLAT" = 0 ]; then
-  python3 "$GEN" mutate "$W/src" --percent 1 --seed "$SEED" >/dev/null
-  sync_run 2 "1% incremental"
-  sync_run 3 "no change"
+  snap=1
+  for r in $(seq 1 "$REPEAT"); do  # --repeat: more mutations (seeds S, S+1, ...), each synced
+    [ "$r" = 1 ] && label="" || label=" #$r"
+    python3 "$GEN" mutate "$W/src" --percent 1 --seed "$((SEED + r - 1))" >/dev/null
+    snap=$((snap + 1)); sync_run "$snap" "1% incremental$label"
+    snap=$((snap + 1)); sync_run "$snap" "no change$label"
+  done
   mkdir -p "$W/src/onegig"
   for i in 1 2 3 4; do head -c 268435456 /dev/urandom >"$W/src/onegig/part-$i"; done
-  sync_run 4 "1 GiB directory added"
+  snap=$((snap + 1)); sync_run "$snap" "1 GiB directory added"
   mv "$W/src/onegig" "$W/src/onegig-renamed"
-  sync_run 5 "1 GiB directory renamed"
+  snap=$((snap + 1)); sync_run "$snap" "1 GiB directory renamed"
   rm -rf "$W/src/onegig-renamed"
-  sync_run 6 "(removed again)"
+  snap=$((snap + 1)); sync_run "$snap" "(removed again)"
   # Continuous: the same tree, watched.
   stop_sites
   write_configs "    mode: continuous"
   start_sites
-  wait_snapshot 7
+  snap=$((snap + 1)); wait_snapshot "$snap"
   python3 - "$W/src/probe" "$W/dst/probe" "$PROBE" <<'PY'
 import os, sys, time
 src, dst, n = sys.argv[1], sys.argv[2], int(sys.argv[3])

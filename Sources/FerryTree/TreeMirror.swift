@@ -19,9 +19,8 @@ public protocol ChunkSource: AnyObject {
 /// short (`full`).
 public final class TreeMirror {
     public struct Stats: Sendable, Equatable {
-        /// Files written by this apply (not those ``filesStaged``).
         public var filesWritten = 0
-        /// Files written ahead of the commit as their directories' blobs arrived (``TreeStaging``).
+        /// Files written ahead of the commit, in directories staged as their blobs arrived.
         public var filesStaged = 0
         public var bytesWritten: UInt64 = 0
         public var linked = 0
@@ -159,24 +158,6 @@ public final class TreeMirror {
             throw error
         }
         staging.add(id)
-    }
-
-    /// Writes ahead, into the staging directory, each file of blob `id` that holds data new in
-    /// this run (see ``TreeStaging``): the commit renames it into place.
-    func stageFiles(_ id: ChunkID, isNew: (ChunkID) -> Bool) throws {
-        guard let staging else { return }
-        for e in try entries(id, path: TreeStaging.name) where e.kind == .file && e.linkGroup == 0 && e.size > 0 {
-            guard e.segments.contains(where: { $0.chunks.contains { isNew($0.id) } }) else { continue }
-            let key = TreeStaging.fileKey(e)
-            guard staging.claimFile(key) else { continue }
-            var done = false
-            defer { staging.releaseFile(key, done: done) }
-            let dir = staging.fd
-            guard dir >= 0 else { throw TreeFSError("create directory", TreeStaging.name) }
-            try writeFile(dir, Array(key.hex.utf8), e, path: TreeStaging.name + [0x2F] + e.name)
-            done = true
-            stats.filesWritten += 1
-        }
     }
 
     /// Brings the directory open as `fd` to the blob `new`. `fresh`: the directory was made by
@@ -334,14 +315,8 @@ public final class TreeMirror {
             }
         }
         let temp = try nextTemp()
-        let staged = staging?.takeFile(e, into: fd, as: temp) == true
-        if !staged { try writeFile(fd, temp, e, path: path) }
+        try writeFile(fd, temp, e, path: path)
         try replace(fd, temp, with: e.name, path: path, existing: st)
-        if !staged { countWritten(e) }
-    }
-
-    /// A file written by this apply (not one written ahead, ``TreeStaging``).
-    private func countWritten(_ e: TreeEntry) {
         stats.filesWritten += 1
         stats.bytesWritten += e.size
     }
@@ -454,10 +429,9 @@ public final class TreeMirror {
             try setMetadata(fd: sub, e, path: path)
         case .file:
             if try linkToGroup(fd, e, path: path, st: nil, fresh: true) { return }
-            if staging?.takeFile(e, into: fd, as: e.name) != true {
-                try writeFile(fd, e.name, e, path: path, fresh: directory)
-                countWritten(e)
-            }
+            try writeFile(fd, e.name, e, path: path, fresh: directory)
+            stats.filesWritten += 1
+            stats.bytesWritten += e.size
         case .symlink:
             let rc = PosixFS.withCName(e.target) { t in PosixFS.withCName(e.name) { symlinkat(t, fd, $0) } }
             guard rc == 0 else { throw TreeFSError("create symlink", path) }

@@ -175,20 +175,16 @@ public final class TreeRepository: ChunkSource, @unchecked Sendable {
     private let stagingLock = NSLock()
 
     /// A run begins (its hello): the first run into an empty mirror builds its directories as
-    /// their blobs arrive, a later run its new and changed files (``TreeStaging``); not while
-    /// the mirror is untrusted, cut short or keeping a former primary's changes aside.
+    /// their blobs arrive (``TreeStaging``).
     public func beginRun(mirror: String?) {
         guard let mirror else { return }
         stagingLock.withLock {
             do {
-                guard staging == nil, try state("keepAsideAfter") == nil, try state("applying") == nil else { return }
-                let first = try latest() == nil
-                guard !first || TreeStaging.isEmpty(mirror) else { return }
+                guard staging == nil, try latest() == nil, try state("keepAsideAfter") == nil, try state("applying") == nil,
+                      TreeStaging.isEmpty(mirror) else { return }
                 try FileManager.default.createDirectory(atPath: mirror, withIntermediateDirectories: true)
-                guard let ahead = TreeStaging(mirror: mirror, mode: first ? .directories : .files) else { return }
-                try ahead.start(isNew: { [self] id in received.withLock { $0.contains(id) } }) {
-                    try TreeMirror(source: self, into: mirror, full: false)
-                }
+                guard let ahead = TreeStaging(mirror: mirror) else { return }
+                try ahead.start { try TreeMirror(source: self, into: mirror, full: false) }
                 staging = ahead
             } catch {
                 return

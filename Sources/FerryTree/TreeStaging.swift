@@ -5,15 +5,12 @@ import NIOCore
 import Glibc
 #endif
 
-/// What a run writes on the replica ahead of its commit, as the directories' blobs arrive, in
-/// `<mirror>/.ferry-staged/`; the commit renames it into place instead of writing it then:
-/// - on a tree's first run into an empty mirror, whole directories (`<blob ID>`), so a first run
-///   of 200,000 small files creates them while the data is still arriving rather than after;
-/// - on a later run, each file that holds data new in this run (`<entry key>`, ``fileKey(_:)``),
-///   so a run that changes files spread through a tree writes them while the source still
-///   scans. Blobs arrive as the source's batches are answered, not only at the end.
+/// Directories of a tree's first run built ahead of its commit, as their blobs arrive, in
+/// `<mirror>/.ferry-staged/<blob ID>`: the commit renames each into place instead of creating
+/// its files then, so a first run of 200,000 small files creates them while the data is still
+/// arriving rather than after.
 ///
-/// Only a directory build the commit could not do differently is staged: one whose files are not
+/// Only a build the commit could not do differently is staged: a directory whose files are not
 /// hard links and whose subdirectories are staged (the directory's own name and metadata are in
 /// its parent and are set when the commit takes it). Staging is for a first snapshot into an
 /// empty mirror only: there every directory is new. Whatever the commit does not take is removed
@@ -30,19 +27,11 @@ import Glibc
 final class TreeStaging: @unchecked Sendable {
     static let name: [UInt8] = Array(".ferry-staged".utf8)
     static let workers = 2
-    enum Mode { case directories, files }
-    let mode: Mode
     let mirror: String
+    let fd: Int32
     /// Guards everything below.
     private let condition = NSCondition()
-    /// The staging directory: made at once for directories, on first use for files (-1 before).
-    private var directoryFD: Int32 = -1
     private var built: Set<ChunkID> = []
-    /// Files written ahead (by key), and the keys a worker is writing.
-    private var builtFiles: Set<ChunkID> = []
-    private var claimedFiles: Set<ChunkID> = []
-    /// Whether a chunk arrived in this run (files mode: only a file holding one is written ahead).
-    private var isNew: @Sendable (ChunkID) -> Bool = { _ in false }
     /// Builds scheduled and not yet ended: blob → the order in which each was scheduled.
     private var inFlight: [ChunkID: [Int]] = [:]
     private var scheduled = 0
@@ -53,42 +42,30 @@ final class TreeStaging: @unchecked Sendable {
     private var filesAtSync = 0
     private let presyncQueue = DispatchQueue(label: "ferry-tree-presync")
 
-    /// A staging area in `mirror`; for directories its directory is made at once (one a crash
-    /// left behind is removed first). For files it is made when a file is first written ahead,
-    /// so a run that writes nothing does not touch the mirror.
-    init?(mirror: String, mode: Mode) {
+    /// Opens a new staging directory in `mirror`, removing one a crash left behind.
+    init?(mirror: String) {
+        guard let remover = try? TreeMirror(source: NoChunks(), into: mirror, full: false) else { return nil }
+        try? remover.removeTree(remover.rootFD, Self.name, path: Self.name, keepingAside: false)
+        let root = PosixFS.openDirectory(mirror)
+        guard root >= 0 else { return nil }
+        defer { close(root) }
+        guard PosixFS.withCName(Self.name, { mkdirat(root, $0, 0o700) }) == 0 else { return nil }
+        let fd = PosixFS.openDirectory(at: root, Self.name)
+        guard fd >= 0 else { return nil }
         self.mirror = mirror
-        self.mode = mode
-        if mode == .directories && fd < 0 { return nil }
+        self.fd = fd
     }
 
-    deinit { if directoryFD >= 0 { close(directoryFD) } }
+    deinit { close(fd) }
 
-    /// The staging directory's descriptor, made (after removing a leftover) when first needed;
-    /// -1 when it cannot be made.
-    var fd: Int32 {
-        condition.withLock {
-            guard directoryFD < 0 else { return directoryFD }
-            guard let remover = try? TreeMirror(source: NoChunks(), into: mirror, full: false) else { return -1 }
-            try? remover.removeTree(remover.rootFD, Self.name, path: Self.name, keepingAside: false)
-            guard PosixFS.withCName(Self.name, { mkdirat(remover.rootFD, $0, 0o700) }) == 0 else { return -1 }
-            directoryFD = PosixFS.openDirectory(at: remover.rootFD, Self.name)
-            return directoryFD
-        }
-    }
-
-    /// Gives the staging its writers, one per worker thread (each must write into `mirror`);
-    /// `isNew` says whether a chunk arrived in this run.
-    func start(isNew: @escaping @Sendable (ChunkID) -> Bool, _ makeWriter: () throws -> TreeMirror) throws {
+    /// Gives the staging its writers, one per worker thread (each must write into `mirror`).
+    func start(_ makeWriter: () throws -> TreeMirror) throws {
         let made = try (0..<Self.workers).map { n in
             let writer = try makeWriter()
             writer.staging = self
             return (queue: DispatchQueue(label: "ferry-tree-staging-\(n)"), writer: writer)
         }
-        condition.withLock {
-            writers = made
-            self.isNew = isNew
-        }
+        condition.withLock { writers = made }
     }
 
     /// A directory's blob arrived: it is built on one of the worker threads, if it can be.
@@ -107,14 +84,7 @@ final class TreeStaging: @unchecked Sendable {
             }
             let before = writer.stats.filesWritten
             var ok = true
-            do {
-                switch mode {
-                case .directories: try writer.stage(id, order: order)
-                case .files: try writer.stageFiles(id, isNew: condition.withLock { isNew })
-                }
-            } catch {
-                ok = false
-            }
+            do { try writer.stage(id, order: order) } catch { ok = false }
             ended(id, order, ok: ok, written: writer.stats.filesWritten - before)
         }
     }
@@ -135,7 +105,7 @@ final class TreeStaging: @unchecked Sendable {
             return true
         }
         if syncNow {
-            let copy = dup(condition.withLock { directoryFD })
+            let copy = dup(fd)
             if copy >= 0 { presyncQueue.async { _ = ferry_syncfs(copy); close(copy) } }
         }
     }
@@ -173,38 +143,6 @@ final class TreeStaging: @unchecked Sendable {
 
     static func buildName(_ id: ChunkID) -> [UInt8] { Array(id.hex.utf8) }
 
-    /// The name a file's entry is staged under: the SHA-256 of the entry without its name
-    /// (data, size, mode, owner, times), so the file taken is the one the entry describes.
-    static func fileKey(_ e: TreeEntry) -> ChunkID {
-        var nameless = e
-        nameless.name = []
-        var buffer = ByteBuffer()
-        DirectoryBlob.write(nameless, to: &buffer)
-        return ChunkID.of(buffer)
-    }
-
-    /// Claims `key` for a worker about to write it ahead; false when it is written or being written.
-    func claimFile(_ key: ChunkID) -> Bool {
-        condition.withLock { !builtFiles.contains(key) && claimedFiles.insert(key).inserted }
-    }
-
-    /// The claimed `key` is written (`done`) or given up.
-    func releaseFile(_ key: ChunkID, done: Bool) {
-        condition.withLock {
-            claimedFiles.remove(key)
-            if done { builtFiles.insert(key) }
-        }
-    }
-
-    /// Moves the file written ahead for `e` to `name` in `dir`; false when there is none (or it
-    /// cannot be moved there).
-    func takeFile(_ e: TreeEntry, into dir: Int32, as name: [UInt8]) -> Bool {
-        guard e.linkGroup == 0, condition.withLock({ !builtFiles.isEmpty }) else { return false }
-        let key = Self.fileKey(e)
-        guard condition.withLock({ builtFiles.remove(key) }) != nil else { return false }
-        return PosixFS.withCName(Array(key.hex.utf8)) { from in PosixFS.withCName(name) { renameat(fd, from, dir, $0) } } == 0
-    }
-
     /// Moves the build of `id` to `name` in the directory `dir`; false when there is none.
     func take(_ id: ChunkID, into dir: Int32, as name: [UInt8]) -> Bool {
         guard condition.withLock({ built.remove(id) }) != nil else { return false }
@@ -219,11 +157,7 @@ final class TreeStaging: @unchecked Sendable {
 
     /// Removes the staging directory and what is left in it (after ``finish()``).
     func discard() {
-        condition.withLock {
-            built.removeAll()
-            builtFiles.removeAll()
-        }
-        // Also when this run made none: one a crash left behind goes too.
+        condition.withLock { built.removeAll() }
         if let remover = try? TreeMirror(source: NoChunks(), into: mirror, full: false) {
             try? remover.removeTree(remover.rootFD, Self.name, path: Self.name, keepingAside: false)
         }

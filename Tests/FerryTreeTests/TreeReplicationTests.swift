@@ -105,10 +105,6 @@ import Glibc
         OddTree.setTime(s, Array("bulk/d9/file 901.txt".utf8), seconds: st.st_mtim.tv_sec, nanos: st.st_mtim.tv_nsec)
         let changed = try side.run()
         #expect(side.repository.mirrorSyncCount == syncs + 1)
-        // New and changed files were written ahead, as their directories' blobs arrived, and
-        // renamed into place at the commit (the comparisons below check the result).
-        let changedStats = try #require(side.transport.lastStats)
-        #expect(changedStats.filesStaged >= 3, "\(changedStats)")
         try check("changes", changed)
         // A moved directory of 100 files costs no file data.
         #expect(changed.bytesSent < 256 << 10, "the incremental run sent \(changed.bytesSent) bytes")
@@ -297,21 +293,12 @@ import Glibc
         #expect(stats.filesStaged == 20 * 30 + 2 && stats.filesWritten == 0, "\(stats)")
         #expect(OddTree.differences(side.source, side.mirror).isEmpty)
         #expect(try OddTree.rsyncDifferences(side.source, side.mirror).isEmpty)
-        // A later run stages its new and changed files only, not their directories (the mirror
-        // is no longer empty): the new directory is built at the commit, its new file taken from
-        // the staging directory.
+        // A later run stages nothing: the mirror is no longer empty.
         OddTree.mkdirs(side.source, Array("dir 20".utf8))
         OddTree.write(side.source, "dir 20/new", Array("new\n".utf8))
-        OddTree.write(side.source, "dir 4/file 3", Array("changed\n".utf8))
         try side.run()
-        let later = try #require(side.transport.lastStats)
-        #expect(later.filesStaged == 2 && later.filesWritten == 0, "\(later)")
-        #expect(try FileManager.default.contentsOfDirectory(atPath: side.mirror).allSatisfy { !$0.hasPrefix(".ferry-") })
+        #expect(side.transport.lastStats?.filesStaged == 0 && side.transport.lastStats?.filesWritten == 1)
         #expect(try OddTree.rsyncDifferences(side.source, side.mirror).isEmpty)
-        // A run that changes nothing makes no staging directory: the mirror is not touched.
-        let syncs = side.repository.mirrorSyncCount
-        try side.run()
-        #expect(side.repository.mirrorSyncCount == syncs && side.transport.lastStats?.filesStaged == 0)
     }
 
     @Test func aVanishedOrUnreadableSourceIsReportedNotTakenAsEmpty() throws {
