@@ -102,7 +102,7 @@ public struct SiteSection: Sendable, Equatable {
 public struct ListenSection: Sendable, Equatable {
     /// Peer links (TLS).
     public var replication: HostPort
-    /// NBD over TCP; at least one of `nbd` and `nbdSocket` is set.
+    /// NBD over TCP; at least one of `nbd` and `nbdSocket` is set when the file has volumes.
     public var nbd: HostPort?
     /// NBD over a Unix socket (absolute path).
     public var nbdSocket: String?

@@ -30,7 +30,9 @@ struct ConfigReader {
         else { return nil }
         let fields = fields(of: top, at: "", known: Self.topKeys)
         let site = readSite(fields["site"], line: fields.keyLines["site"])
-        let listen = readListen(fields["listen"], line: fields.keyLines["listen"], dataDirectory: site.dataDirectory)
+        // A site with no volumes (trees only) needs no NBD listener.
+        let listen = readListen(fields["listen"], line: fields.keyLines["listen"], dataDirectory: site.dataDirectory,
+                                needsNBD: fields["volumes"] != nil)
         let peers = readPeers(fields["peers"], line: fields.keyLines["peers"], siteName: site.name, replication: listen?.replication)
         let volumes = readVolumes(fields["volumes"], line: fields.keyLines["volumes"], siteName: site.name, peerNames: peers.names)
         let trees = readTrees(fields["trees"], line: fields.keyLines["trees"], siteName: site.name, peerNames: peers.names,
@@ -88,7 +90,7 @@ struct ConfigReader {
 
     // MARK: listen
 
-    private mutating func readListen(_ node: Node?, line: Int?, dataDirectory: String?) -> ListenSection? {
+    private mutating func readListen(_ node: Node?, line: Int?, dataDirectory: String?, needsNBD: Bool) -> ListenSection? {
         guard let mapping = map(node, at: "listen", line: line, expected: "a map with replication and nbd or nbd-socket")
         else { return nil }
         let fields = fields(of: mapping, at: "listen", known: Self.listenKeys, line: line)
@@ -97,7 +99,7 @@ struct ConfigReader {
         let nbdSocket = socketPath(fields, "nbd-socket", example: "/run/ferry/east.nbd")
         var adminSocket = socketPath(fields, "admin-socket", example: "/run/ferry/east.admin")
 
-        if !fields.has("nbd") && !fields.has("nbd-socket") {
+        if needsNBD && !fields.has("nbd") && !fields.has("nbd-socket") {
             report("listen", "set nbd or nbd-socket (or both) so that NBD clients can reach the volumes, "
                    + "e.g. nbd: 127.0.0.1:10809", line: fields.line)
         }

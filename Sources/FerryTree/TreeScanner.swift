@@ -1,5 +1,6 @@
 import FerryStore
 import NIOCore
+import Dispatch
 import CFerrySys
 #if canImport(Glibc)
 import Glibc
@@ -165,12 +166,41 @@ public final class TreeScanner {
 
     /// The directory's entry with its blob, or nil (reported) when it cannot be listed. A
     /// directory whose entries all match their stamps keeps its previous record whole.
+    /// The lstat of each of `names` in the directory `fd` (or the errno of its failure). A large
+    /// directory is statted on two threads: in a run that finds little changed, these calls are
+    /// most of the scan's time, and the other core is idle.
+    static func lstatAll(_ fd: Int32, _ names: [[UInt8]]) -> [Lstat] {
+        var results = [Lstat](repeating: Lstat(st: nil, error: 0), count: names.count)
+        @Sendable func statRange(_ range: Range<Int>, _ out: UnsafeMutableBufferPointer<Lstat>) {
+            for i in range {
+                let st = PosixFS.lstat(at: fd, names[i])
+                out[i] = Lstat(st: st, error: st == nil ? errno : 0)
+            }
+        }
+        results.withUnsafeMutableBufferPointer { out in
+            guard names.count >= 64 else { return statRange(0..<names.count, out) }
+            let half = names.count / 2
+            nonisolated(unsafe) let shared = out
+            DispatchQueue.concurrentPerform(iterations: 2) { part in
+                statRange(part == 0 ? 0..<half : half..<names.count, shared)
+            }
+        }
+        return results
+    }
+
+    struct Lstat {
+        var st: Glibc.stat?
+        var error: Int32
+    }
+
     private func scanDirectory(_ fd: Int32, name: [UInt8], path: [UInt8], st: stat) throws -> TreeEntry? {
         guard var names = PosixFS.names(in: fd) else {
             report(path, "cannot list directory: \(String(cString: strerror(errno))); kept as it was")
             return nil
         }
         names.sort(by: PosixFS.precedes)
+        if !nameExcludes.isEmpty || !pathExcludes.isEmpty { names.removeAll { excluded(path, name: $0) } }
+        let statted = Self.lstatAll(fd, names)
         let before = previous.directories[path]
         let spans = before.flatMap { DirectoryBlob.spans($0.blob) } ?? []
         var slots: [Slot] = []
@@ -179,8 +209,7 @@ public final class TreeScanner {
         stamps.reserveCapacity(names.count)
         var next = 0                 // the first previous entry not yet passed
         var unreadFiles = 0, unreadBytes: UInt64 = 0
-        for child in names {
-            if (!nameExcludes.isEmpty || !pathExcludes.isEmpty) && excluded(path, name: child) { continue }
+        for (i, child) in names.enumerated() {
             var match: Previous?
             if let before {
                 var order: Int32 = 1
@@ -191,8 +220,8 @@ public final class TreeScanner {
                 }
                 if next < spans.count && order == 0 { match = Previous(record: before, spans: spans, index: next) }
             }
-            guard let cst = PosixFS.lstat(at: fd, child) else {
-                let code = errno
+            guard let cst = statted[i].st else {
+                let code = statted[i].error
                 guard code != ENOENT else { continue }
                 report(TreePath.join(path, child), "cannot stat: \(String(cString: strerror(code)))")
                 if let match {

@@ -9,6 +9,24 @@ struct TreeConfigTests {
         ConfigFixture.yaml.replacingOccurrences(of: "log-level: debug\n", with: "log-level: debug\ntrees:\n" + trees)
     }
 
+    @Test func aSiteThatOnlyReplicatesTreesNeedsNoNBDListenerButOneWithVolumesDoes() throws {
+        let treesOnly = """
+            site: {name: east, data: /var/lib/ferry/east}
+            listen:
+              replication: 0.0.0.0:7800
+            peers:
+              west: {address: 10.0.0.2:7800, site-id: "\(String(repeating: "ab", count: 32))"}
+            trees:
+              www: {primary: east, source: /srv/www, replicas: {west: /srv/www-copy}}
+
+            """
+        let config = try SiteConfig.parse(yaml: treesOnly, path: ConfigFixture.file)
+        #expect(config.listen.nbd == nil && config.listen.nbdSocket == nil && config.trees.map(\.name) == ["www"])
+        let withVolume = treesOnly + "volumes:\n  vm1: {size: 1G, primary: east}\n"
+        let error = try #require(throws: ConfigProblems.self) { try SiteConfig.parse(yaml: withVolume, path: ConfigFixture.file) }
+        #expect(error.problems.map(\.path) == ["listen"] && error.problems[0].message.hasPrefix("set nbd or nbd-socket (or both)"), "\(error)")
+    }
+
     @Test func aFullTreeParsesAndRendersBackToTheSameValue() throws {
         let text = Self.yaml("""
               www:

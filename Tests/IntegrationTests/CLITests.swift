@@ -26,7 +26,7 @@ struct CLITests {
         (validBase + "peers:\n  west:\n    address: 10.0.0.2:7800\n    site-id: abc\n", "peers.west.site-id", "is not a site ID"),
         (validBase + "peers:\n  west:\n    address: nowhere\n    site-id: \(String(repeating: "ab", count: 32))\n", "peers.west.address", "host:port"),
         ("site:\n  data: /tmp/x\nlisten:\n  replication: 127.0.0.1:1\n  nbd: 127.0.0.1:2\n", "site.name", "missing"),
-        ("site:\n  name: east\n  data: /tmp/x\nlisten:\n  replication: 127.0.0.1:1\n", "listen", "nbd"),
+        ("site:\n  name: east\n  data: /tmp/x\nlisten:\n  replication: 127.0.0.1:1\nvolumes:\n  vm1: {size: 1G, primary: east}\n", "listen", "nbd"),
         ("site: [1, 2\n", "", "line"),
         ("", "", "empty"),
         (validBase + "log-level: loud\n", "log-level", "loud"),
