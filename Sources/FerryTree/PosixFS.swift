@@ -145,13 +145,19 @@ enum PosixFS {
         return errno == 0 ? out : nil
     }
 
+    /// A symlink's target; `size` is the length its lstat gave, and a target that grew since is
+    /// read whole all the same.
     static func readlink(at dirfd: Int32, _ name: [UInt8], size: Int) -> [UInt8]? {
-        var buffer = [UInt8](repeating: 0, count: max(size, 255) + 1)
-        let n = withCName(name) { cname in
-            buffer.withUnsafeMutableBufferPointer { readlinkat(dirfd, cname, UnsafeMutableRawPointer($0.baseAddress!).assumingMemoryBound(to: CChar.self), $0.count) }
+        var capacity = max(size, 255) + 1
+        while true {
+            var buffer = [UInt8](repeating: 0, count: capacity)
+            let n = withCName(name) { cname in
+                buffer.withUnsafeMutableBufferPointer { readlinkat(dirfd, cname, UnsafeMutableRawPointer($0.baseAddress!).assumingMemoryBound(to: CChar.self), $0.count) }
+            }
+            guard n >= 0 else { return nil }
+            if n < capacity || capacity > 65536 { return Array(buffer[0..<n]) }
+            capacity *= 4
         }
-        guard n >= 0 else { return nil }
-        return Array(buffer[0..<n])
     }
 
     static func time(_ ts: timespec) -> FileTime {

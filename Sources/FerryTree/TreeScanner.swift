@@ -164,11 +164,11 @@ public final class TreeScanner {
         func entry() throws -> TreeEntry { try DirectoryBlob.entry(record.blob, spans[index]) }
     }
 
-    /// The directory's entry with its blob, or nil (reported) when it cannot be listed. A
-    /// directory whose entries all match their stamps keeps its previous record whole.
     /// The lstat of each of `names` in the directory `fd` (or the errno of its failure). A large
     /// directory is statted on two threads: in a run that finds little changed, these calls are
-    /// most of the scan's time, and the other core is idle.
+    /// most of the scan's time, and the other core is idle. (A name is statted before the
+    /// subdirectories that precede it are scanned: what changes after its stat is the next run's,
+    /// as a change after any stat is; a file read is checked by its own `fstat`s.)
     static func lstatAll(_ fd: Int32, _ names: [[UInt8]]) -> [Lstat] {
         var results = [Lstat](repeating: Lstat(st: nil, error: 0), count: names.count)
         @Sendable func statRange(_ range: Range<Int>, _ out: UnsafeMutableBufferPointer<Lstat>) {
@@ -193,6 +193,8 @@ public final class TreeScanner {
         var error: Int32
     }
 
+    /// The directory's entry with its blob, or nil (reported) when it cannot be listed. A
+    /// directory whose entries all match their stamps keeps its previous record whole.
     private func scanDirectory(_ fd: Int32, name: [UInt8], path: [UInt8], st: stat) throws -> TreeEntry? {
         guard var names = PosixFS.names(in: fd) else {
             report(path, "cannot list directory: \(String(cString: strerror(errno))); kept as it was")

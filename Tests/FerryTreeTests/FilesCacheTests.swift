@@ -29,6 +29,34 @@ import Glibc
         return (try TreeScanner(source: source, cache: cache).scan(into: sink), sink)
     }
 
+    @Test func aLargeDirectoryIsStattedOnTwoThreadsAndASymlinkThatGrewIsReadWhole() throws {
+        let base = OddTree.temporaryDirectory("lstat")
+        defer { OddTree.remove(base) }
+        try FileManager.default.createDirectory(atPath: base, withIntermediateDirectories: true)
+        var names: [[UInt8]] = []
+        for i in 0..<100 {
+            let name = "f\(i)"
+            if i == 50 { names.append(Array("gone".utf8)) }   // vanished: its errno, in its place
+            OddTree.write(base, name, Array(repeating: UInt8(i), count: i))
+            names.append(Array(name.utf8))
+        }
+        let fd = PosixFS.openDirectory(base)
+        defer { close(fd) }
+        let statted = TreeScanner.lstatAll(fd, names)
+        #expect(statted.count == 101)
+        for (i, name) in names.enumerated() {
+            if name == Array("gone".utf8) {
+                #expect(statted[i].st == nil && statted[i].error == ENOENT)
+            } else {
+                #expect(statted[i].st.map { Int($0.st_size) } == Int(String(decoding: name.dropFirst(), as: UTF8.self)))
+            }
+        }
+        // A target longer than the size the lstat gave (it was replaced in between).
+        let long = String(repeating: "t", count: 1000)
+        _ = symlink(long, base + "/link")
+        #expect(PosixFS.readlink(at: fd, Array("link".utf8), size: 1) == Array(long.utf8))
+    }
+
     @Test func anUnchangedTreeIsNeitherReadNorReencodedAndTheCacheSurvivesTheCatalog() throws {
         let base = OddTree.temporaryDirectory("cache")
         defer { OddTree.remove(base) }
