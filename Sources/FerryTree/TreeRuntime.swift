@@ -332,8 +332,8 @@ public final class TreeReceiver: @unchecked Sendable {
             } catch {
                 reply(.failed(request: request, message: "\(error)"), to: peer)
             }
-        case .put(let id, let data):
-            store(id, data, intact: ChunkID.of(data) == id)
+        case .put:
+            break  // stored by received(_:from:), which checks its hash on the link's thread
         case .commit(let request, let root, let summary):
             let followed = state.withLock { $0.epoch }
             guard UInt64(max(0, summary.epoch)) >= followed else {

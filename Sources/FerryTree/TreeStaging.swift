@@ -123,7 +123,6 @@ final class TreeStaging: @unchecked Sendable {
         let stopping = condition.withLock { writers }
         for worker in stopping { worker.queue.sync {} }
         return condition.withLock {
-            for worker in writers { worker.writer.staging = nil }
             writers = []
             return filesStaged
         }
