@@ -231,7 +231,9 @@ public final class ReceiveLog: @unchecked Sendable {
         end = recordEnd
     }
 
-    /// Makes every record appended so far durable (fdatasync).
+    /// Makes every record appended so far durable (fdatasync), and any release before it. Safe
+    /// to call from another thread while one appends (it only syncs the descriptor): a caller
+    /// need not hold its appends back for the length of a disk flush.
     public func sync() throws {
         try FileIO.datasync(fd, path: path)
     }
@@ -274,18 +276,29 @@ public final class ReceiveLog: @unchecked Sendable {
     /// records, durably (a crash after this does not apply them again). With nothing left the file
     /// is cut to 0 bytes.
     public func releaseGroup() throws {
-        guard let count = takenGroups.first else {
-            throw StoreError("release receive log group", path: path, detail: "no group is taken (a bug in the caller)")
+        try releaseGroups(1)
+    }
+
+    /// The oldest `groups` taken groups are applied, the image flushed and the position recorded:
+    /// forget their records. `durably: false` leaves out the fdatasync that makes this final, for a
+    /// caller that calls ``sync()`` next outside the lock its appends take (until then a crash may
+    /// apply these groups again, which brings the image back to where it is: the groups after
+    /// them are still in the log, since a later release is durable only with this one).
+    public func releaseGroups(_ groups: Int, durably: Bool = true) throws {
+        guard groups > 0, groups <= takenGroups.count else {
+            throw StoreError("release receive log group", path: path,
+                             detail: "\(groups) group(s) to release but \(takenGroups.count) taken (a bug in the caller)")
         }
+        let count = takenGroups[..<groups].reduce(0, +)
         if count == records.count {
             try FileIO.truncate(fd, to: 0, path: path)
-            try FileIO.datasync(fd, path: path)
             end = 0
             headerGeneration = 0
         } else {
             try writeHeader(start: records[count].start)
         }
-        takenGroups.removeFirst()
+        if durably { try FileIO.datasync(fd, path: path) }
+        takenGroups.removeFirst(groups)
         records.removeFirst(count)
         takenCount -= count
     }
@@ -311,7 +324,6 @@ public final class ReceiveLog: @unchecked Sendable {
         copy.writeInteger(start, endianness: .little)
         copy.writeInteger(RecordChecksum.of(copy), endianness: .little)
         try FileIO.write(fd, offset: Self.headerCopyOffsets[Int(generation % 2)], [copy], path: path)
-        try FileIO.datasync(fd, path: path)
         headerGeneration = generation
     }
 }

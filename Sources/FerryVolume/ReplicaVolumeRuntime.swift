@@ -231,7 +231,8 @@ public final class ReplicaVolumeRuntime: Sendable {
                     }
                     offloads.append { [self] in
                         do {
-                            try logLock.withLock { try receiveLog.sync() }
+                            // Not under the log's lock: the link's loop goes on appending meanwhile.
+                            try receiveLog.sync()
                         } catch {
                             logger.error("volume \(name): syncing the receive log failed: \(error)")
                             return
@@ -348,25 +349,30 @@ public final class ReplicaVolumeRuntime: Sendable {
         }
     }
 
-    /// One at a time, in order: flush the image, store the group's position, drop its log records.
+    /// In order, every group applied so far at once: flush the image, store the newest group's
+    /// position, drop their log records. Groups applied while a flush runs wait for the next,
+    /// which covers them all: under load one flush serves many groups, not one each.
     func completeGroups() {
         while true {
-            guard let next = core.withLockedValue({ $0.completions.first }) else { return }
+            let batch = core.withLockedValue { $0.completions }
+            guard let last = batch.last else { return }
             do {
                 try image.flush()
-                try store(next.position, version: next.version)
-                try logLock.withLock { try receiveLog.releaseGroup() }
+                try store(last.position, version: last.version)
+                // The release is written under the log's lock and made durable outside it.
+                try logLock.withLock { try receiveLog.releaseGroups(batch.count, durably: false) }
+                try receiveLog.sync()
             } catch {
-                logger.error("volume \(name): completing a receive-log group failed: \(error)")
+                logger.error("volume \(name): completing \(batch.count) receive-log group(s) failed: \(error)")
             }
             // Whether this loop goes on is decided under the lock, with the removal: a group
             // queued meanwhile either sees the loop running or starts a new one, never both.
             var more = false
             handle(payload: nil) { core in
-                core.completions.removeFirst()
+                core.completions.removeFirst(batch.count)
                 more = !core.completions.isEmpty
                 if !more { core.completionRunning = false }
-                return core.machine.logApplied(link: next.link, index: next.index)
+                return batch.flatMap { core.machine.logApplied(link: $0.link, index: $0.index) }
             }
             if !more { return }
         }
