@@ -68,6 +68,11 @@ final class EstablishedLink: Sendable {
         var waiters: [EstablishedLink] = []
         /// The layer above's view: the ID it was last told is up (and not yet down). Loop only.
         var reportedUp: LinkID?
+        /// Frames that arrived after this connection was made current and before its up could be
+        /// fired (it waits for the replaced link's down, on that link's loop): delivered right
+        /// after the up, in arrival order. Loop only.
+        var held: [Frame] = []
+        var heldBytes = 0
         var outbound: [Frame] = []
         var drainScheduled = false
         var draining = false
@@ -169,7 +174,16 @@ final class EstablishedLink: Sendable {
             guard let event else { return }
             let callbacks = handlers.current
             switch event {
-            case .up(let id, _): callbacks.linkUp?(peer, id)
+            case .up(let id, _):
+                callbacks.linkUp?(peer, id)
+                // What arrived while the up waited goes first, before any later event or frame.
+                let held = state.withLock { state in
+                    defer { state.held = []; state.heldBytes = 0 }
+                    return state.held
+                }
+                if let handler = callbacks.frame {
+                    for frame in held { handler(PeerFrame(peer: peer, link: id, frame: frame)) }
+                }
             case .down(let id, let reason): callbacks.linkDown?(peer, id, reason)
             }
             for waiter in waiters { waiter.scheduleEvents() }
@@ -182,13 +196,34 @@ final class EstablishedLink: Sendable {
 
     // MARK: - Inbound (on the loop)
 
-    /// Hands a data-plane frame to the layer above if this connection is up as it knows it.
-    /// Returns false when the frame was dropped: the link is not up, or no handler is set.
+    /// Frames held for an up that waits, at most this many bytes (payloads): past it the frame is
+    /// dropped as on a link that is not current. The wait is for another loop to fire a down,
+    /// which takes a task's time, not a heartbeat's.
+    static let heldLimit = 64 << 20
+
+    /// Hands a data-plane frame to the layer above if this connection is up as it knows it, or
+    /// holds it until its up is fired when the connection was made current and the up waits for
+    /// the replaced link's down (protocol.md §6.1). Returns false when the frame was dropped: the
+    /// connection is not current, or no handler is set.
     func deliver(_ frame: Frame) -> Bool {
         fireEvents()
-        guard let id = state.withLock({ $0.reportedUp }), let handler = handlers.current.frame else { return false }
-        handler(PeerFrame(peer: peer, link: id, frame: frame))
-        return true
+        enum Outcome { case deliver(LinkID), held, dropped }
+        let outcome = state.withLock { state -> Outcome in
+            if let id = state.reportedUp { return .deliver(id) }
+            let upPending = state.events.contains { if case .up = $0 { return true } else { return false } }
+            guard upPending, state.heldBytes + frame.payloadLength <= Self.heldLimit else { return .dropped }
+            state.held.append(frame)
+            state.heldBytes += frame.payloadLength
+            return .held
+        }
+        switch outcome {
+        case .dropped: return false
+        case .held: return true
+        case .deliver(let id):
+            guard let handler = handlers.current.frame else { return false }
+            handler(PeerFrame(peer: peer, link: id, frame: frame))
+            return true
+        }
     }
 
     /// Tells the layer above the channel's writability changed, if this connection is up.

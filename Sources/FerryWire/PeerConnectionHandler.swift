@@ -170,6 +170,12 @@ final class PeerConnectionHandler: ChannelInboundHandler {
                 // protocol.md §6.1: only while the connection is the peer's current link.
                 guard let frame, let link else { break }
                 if !link.deliver(frame) {
+                    // A data frame on a link this site holds in doubt (§4.8) says the peer uses
+                    // it, as a heartbeat would: settle the duplicate now, so that the link becomes
+                    // current and the frame is delivered (held until its up), not lost unnoticed
+                    // by a peer that already sends on it.
+                    heardFromPeer(context: context)
+                    if link.deliver(frame) { break }
                     registry.logger.debug(
                         "dropped \(frame.type) frame from \(peerName) on \(link.id): not the current link, or no frame handler is set")
                 }

@@ -1,4 +1,5 @@
 import FerryCore
+import Dispatch
 import Logging
 import NIOCore
 import NIOPosix
@@ -177,6 +178,58 @@ extension LinkRegistryTests {
         #expect(all[3].hasPrefix("down \(second.rawValue): duplicate link; keeping the one dialed by"))
         #expect(all[4] == "up \(third.rawValue)")
 
+        for channel in chans { try await channel.close() }
+        try await group.shutdownGracefully()
+    }
+}
+
+extension LinkRegistryTests {
+    /// The dial race where the large site already sends on the small site's link while the small
+    /// site still holds that link in doubt (its current link is the large site's): the data frame
+    /// says the large site uses the link, as a heartbeat would. What the connection handler does
+    /// with a frame it cannot deliver — heard from, then deliver again — makes the link current,
+    /// and the frame reaches the layer above right after the link's up (held while the up waits
+    /// for the other link's down on its own loop), instead of being dropped unnoticed.
+    @Test("a data frame on the link in doubt settles the race and is delivered after that link's up")
+    func frameOnLinkInDoubtIsHeldForItsUp() async throws {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
+        let sites = try Sites(log: LogCapture())
+        let chans = try await channels(2, group: group)
+        let (c1, c2) = (chans[0], chans[1])
+        try #require(c1.eventLoop !== c2.eventLoop, "the two connections must be on different loops")
+        let events = Collected<String>()
+        sites.small.handlers.callbacks.withLock {
+            $0.linkUp = { _, link in events.append("up \(link.rawValue)") }
+            $0.linkDown = { _, link, _ in events.append("down \(link.rawValue)") }
+            $0.frame = { f in events.append("frame \(f.link.rawValue) \(String(buffer: f.frame.payload))") }
+        }
+        let l1 = sites.small.makeLink(peer: sites.largeName, channel: c1, direction: .outbound)
+        #expect(sites.small.linkUp(sites.largeName, link: l1).isEmpty)
+        let first = try #require(sites.small.currentLinkID(of: sites.largeName))
+        let l2 = sites.small.makeLink(peer: sites.largeName, channel: c2, direction: .inbound)
+        #expect(sites.small.linkUp(sites.largeName, link: l2).isEmpty)
+        let second = try #require(sites.small.currentLinkID(of: sites.largeName))
+        #expect(await eventually(.seconds(5)) { events.all.count == 3 }, "\(events.all)")
+
+        // Hold c2's loop, so its down (and so c1's up) cannot fire before the frame arrives.
+        let gate = DispatchSemaphore(value: 0)
+        c2.eventLoop.execute { gate.wait() }
+        let frame = Frame(type: FrameType(rawValue: 0x10), flags: 1, payload: ByteBuffer(string: "hello"))
+        let dropped = try await c1.eventLoop.submit { !l1.deliver(frame) }.get()
+        #expect(dropped, "in doubt and no up decided: not deliverable yet")
+        #expect(ids(sites.small.heardFrom(sites.largeName, channel: c1)) == [ObjectIdentifier(c2)])
+        let third = try #require(sites.small.currentLinkID(of: sites.largeName))
+        let held = try await c1.eventLoop.submit { l1.deliver(frame) }.get()
+        #expect(held, "c1 is current now: the frame waits for its up")
+        let later = Frame(type: FrameType(rawValue: 0x10), flags: 1, payload: ByteBuffer(string: "later"))
+        #expect(try await c1.eventLoop.submit { l1.deliver(later) }.get())
+        #expect(events.all.count == 3, "nothing is reported while c2's down cannot fire: \(events.all)")
+        gate.signal()
+
+        #expect(await eventually(.seconds(5)) { events.all.count == 7 }, "\(events.all)")
+        #expect(events.all == ["up \(first.rawValue)", "down \(first.rawValue)", "up \(second.rawValue)",
+                               "down \(second.rawValue)", "up \(third.rawValue)",
+                               "frame \(third.rawValue) hello", "frame \(third.rawValue) later"])
         for channel in chans { try await channel.close() }
         try await group.shutdownGracefully()
     }
