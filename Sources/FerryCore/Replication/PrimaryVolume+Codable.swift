@@ -1,0 +1,75 @@
+/// How ``PrimaryVolume/Metadata`` is stored: JSON, with the word arrays (dirty bitmaps, last
+/// writes) as ``WordRuns`` text. The metadata is stored at every client flush, so this must cost
+/// next to nothing for a clean bitmap. Metadata written before (the words as JSON arrays of
+/// numbers, keys `dirtyWords` and `lastWrites`) is still read.
+extension PrimaryVolume.Metadata.Peer {
+    enum CodingKeys: String, CodingKey {
+        case dirtyRuns, dirtyWordCount, dirtyWords, initialSyncPending, lastPoint, journaled, ackedSeq
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        if let runs = try c.decodeIfPresent(String.self, forKey: .dirtyRuns) {
+            let count = try c.decode(Int.self, forKey: .dirtyWordCount)
+            do {
+                dirtyWords = try WordRuns.decode(runs, count: count)
+            } catch {
+                throw DecodingError.dataCorruptedError(forKey: .dirtyRuns, in: c, debugDescription: "\(error)")
+            }
+        } else {
+            dirtyWords = try c.decode([UInt64].self, forKey: .dirtyWords)
+        }
+        initialSyncPending = try c.decode(Bool.self, forKey: .initialSyncPending)
+        lastPoint = try c.decodeIfPresent(PointRecord.self, forKey: .lastPoint)
+        journaled = try c.decodeIfPresent(Bool.self, forKey: .journaled) ?? false
+        ackedSeq = try c.decodeIfPresent(UInt64.self, forKey: .ackedSeq)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(WordRuns.encode(dirtyWords), forKey: .dirtyRuns)
+        try c.encode(dirtyWords.count, forKey: .dirtyWordCount)
+        try c.encode(initialSyncPending, forKey: .initialSyncPending)
+        try c.encodeIfPresent(lastPoint, forKey: .lastPoint)
+        try c.encode(journaled, forKey: .journaled)
+        try c.encodeIfPresent(ackedSeq, forKey: .ackedSeq)
+    }
+}
+
+extension PrimaryVolume.Metadata {
+    enum CodingKeys: String, CodingKey {
+        case activityLog, peers, lastSeq, sequenceCeiling, regionSize, lastWrites, lastWritesRuns, lastWritesCount
+    }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        activityLog = try c.decode([Int].self, forKey: .activityLog)
+        peers = try c.decode([String: Peer].self, forKey: .peers)
+        lastSeq = try c.decode(UInt64.self, forKey: .lastSeq)
+        sequenceCeiling = try c.decode(UInt64.self, forKey: .sequenceCeiling)
+        regionSize = try c.decode(UInt64.self, forKey: .regionSize)
+        if let runs = try c.decodeIfPresent(String.self, forKey: .lastWritesRuns) {
+            let count = try c.decode(Int.self, forKey: .lastWritesCount)
+            do {
+                lastWrites = try WordRuns.decode(runs, count: count)
+            } catch {
+                throw DecodingError.dataCorruptedError(forKey: .lastWritesRuns, in: c, debugDescription: "\(error)")
+            }
+        } else {
+            lastWrites = try c.decodeIfPresent([UInt64].self, forKey: .lastWrites)
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(activityLog, forKey: .activityLog)
+        try c.encode(peers, forKey: .peers)
+        try c.encode(lastSeq, forKey: .lastSeq)
+        try c.encode(sequenceCeiling, forKey: .sequenceCeiling)
+        try c.encode(regionSize, forKey: .regionSize)
+        if let lastWrites {
+            try c.encode(WordRuns.encode(lastWrites), forKey: .lastWritesRuns)
+            try c.encode(lastWrites.count, forKey: .lastWritesCount)
+        }
+    }
+}
