@@ -259,18 +259,96 @@ public final class JournalStore: @unchecked Sendable {
     /// Makes every entry appended so far durable (fdatasync of each segment written since the
     /// last sync, and of the directory when a segment was created).
     public func sync() throws {
-        while let (number, fd) = unsynced.first {
-            try FileIO.datasync(fd, path: segmentPath(number))
-            _ = Glibc.close(fd)
-            unsynced.removeFirst()
+        try takeSync().run()
+    }
+
+    /// The fdatasyncs that make every entry appended so far durable, taken out of the journal so
+    /// that they can run (``PendingSync/run()``) without the lock its appends take: a client's
+    /// flush then does not hold the writes behind it for the length of a disk flush. Once taken,
+    /// the journal counts these entries as synced: if the run fails, every later ``takeSync()``
+    /// throws (a failed fdatasync may have dropped the data; a retry that succeeds proves nothing).
+    public func takeSync() throws -> PendingSync {
+        if let failure = failureLock.withLock({ syncFailure }) {
+            throw StoreError("sync journal", path: directory, detail: "an earlier fdatasync of the journal failed (\(failure)); "
+                             + "entries since may be lost, so no later sync can vouch for them: restart the site")
         }
+        // The one step that can fail comes first, before anything is taken.
+        let copy = currentDirty ? dup(writeFD) : -1
+        guard !currentDirty || copy >= 0 else {
+            throw StoreError("sync journal", path: segmentPath(segments.last!.number), errno: Glibc.errno)
+        }
+        var pending = PendingSync(journal: self, ticket: order.take())
+        for (number, fd) in unsynced { pending.files.append((fd, segmentPath(number), true)) }
+        unsynced = []
         if currentDirty {
-            try FileIO.datasync(writeFD, path: segmentPath(segments.last!.number))
+            pending.files.append((copy, segmentPath(segments.last!.number), true))
             currentDirty = false
         }
         if directoryDirty {
-            try FileIO.syncDirectory(directory)
+            pending.directory = directory
             directoryDirty = false
+        }
+        return pending
+    }
+
+    /// Set when a taken sync failed.
+    private var syncFailure: String?
+    private let failureLock = NSLock()
+    private let order = SyncOrder()
+
+    /// Taken syncs finish in the order they were taken: a sync that found nothing new to flush
+    /// still returns only after the ones taken before it, which hold its entries, are durable.
+    private final class SyncOrder: @unchecked Sendable {
+        private let condition = NSCondition()
+        private var next: UInt64 = 1
+        private var doneThrough: UInt64 = 0
+
+        func take() -> UInt64 {
+            condition.withLock {
+                defer { next += 1 }
+                return next
+            }
+        }
+
+        func finish(_ ticket: UInt64) {
+            condition.withLock {
+                while doneThrough < ticket - 1 { condition.wait() }
+                doneThrough = ticket
+                condition.broadcast()
+            }
+        }
+    }
+
+    /// What ``takeSync()`` took: descriptors to fdatasync and close, and the directory to sync.
+    public struct PendingSync: @unchecked Sendable {
+        fileprivate let journal: JournalStore
+        fileprivate let ticket: UInt64
+        fileprivate var files: [(fd: Int32, path: String, close: Bool)] = []
+        fileprivate var directory: String?
+
+        fileprivate init(journal: JournalStore, ticket: UInt64) {
+            self.journal = journal
+            self.ticket = ticket
+        }
+
+        /// Runs the fdatasyncs, then waits for the syncs taken before this one; needs no lock.
+        /// Closes every descriptor whatever happens. Must be called once for every taken sync.
+        public func run() throws {
+            defer { for file in files where file.close { _ = Glibc.close(file.fd) } }
+            var failure: (any Error)?
+            do {
+                for file in files { try FileIO.datasync(file.fd, path: file.path) }
+                if let directory { try FileIO.syncDirectory(directory) }
+            } catch {
+                failure = error
+                journal.failureLock.withLock { journal.syncFailure = journal.syncFailure ?? "\(error)" }
+            }
+            journal.order.finish(ticket)
+            if let failure { throw failure }
+            // One taken before this one may have failed meanwhile: its entries are not durable.
+            if let earlier = journal.failureLock.withLock({ journal.syncFailure }) {
+                throw StoreError("sync journal", path: journal.directory, detail: "an earlier fdatasync of the journal failed (\(earlier))")
+            }
         }
     }
 

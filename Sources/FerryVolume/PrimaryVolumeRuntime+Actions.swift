@@ -219,7 +219,8 @@ extension PrimaryVolumeRuntime {
                     if !done { try image.writeZeroBytes(offset: range.offset, length: range.length) }
                 case .flush:
                     try image.flush()
-                    try journalLock.withLock { try journal?.sync() }
+                    // Taken under the journal's lock, run outside it: appends go on meanwhile.
+                    try journalLock.withLock { try journal?.takeSync() }?.run()
                 case .write:
                     break
                 }

@@ -167,12 +167,19 @@ public final class ReplicaVolumeRuntime: Sendable {
 
     // MARK: - Actions
 
-    func handle(payload: ByteBuffer?, _ event: (inout Core) -> [ReplicaVolume.Action]) {
+    ///
+    /// `storeAfterUnlock`: the position this event persists is stored after the lock is released,
+    /// and the acks it sends are sent only once that store is done. For a flush barrier's
+    /// completion only: the image is durable already and the position only moves forward, so the
+    /// link's loop need not wait for a metadata fdatasync (one per client flush) to read on.
+    func handle(payload: ByteBuffer?, storeAfterUnlock: Bool = false, _ event: (inout Core) -> [ReplicaVolume.Action]) {
         var offloads: [@Sendable () -> Void] = []
         var closes: [(LinkID, String)] = []
         var peersOfCloses: [String] = []
         var ackSends: [LinkID] = []
         var drains: [LinkID] = []
+        var heldStore: (position: ReplicaPosition, version: UInt64)?
+        var heldAcks: [(LinkID, AckLevel, UInt64)] = []
         core.withLockedValue { core in
             let before = core.machine.position
             var queue = event(&core)
@@ -191,7 +198,9 @@ public final class ReplicaVolumeRuntime: Sendable {
                 }
                 switch action {
                 case .send(let link, let message):
-                    if case .ack(let level, let index) = message {
+                    if case .ack(let level, let index) = message, storeAfterUnlock {
+                        heldAcks.append((link, level, index))
+                    } else if case .ack(let level, let index) = message {
                         // Acks are cumulative: sent once the link's loop is done with what it is
                         // reading, one per level, however many frames that was.
                         core.pendingAcks[link, default: [:]][level] = max(core.pendingAcks[link]?[level] ?? 0, index)
@@ -274,8 +283,11 @@ public final class ReplicaVolumeRuntime: Sendable {
                             logger.error("volume \(name): flushing the replica image failed: \(error)")
                             return
                         }
-                        handle(payload: nil) { $0.machine.flushed(link: link, index: index) }
+                        handle(payload: nil, storeAfterUnlock: true) { $0.machine.flushed(link: link, index: index) }
                     }
+                case .persistPosition(let position) where storeAfterUnlock && position.consistent:
+                    heldStore = (position, core.nextVersion)
+                    core.nextVersion += 1
                 case .persistPosition(let position):
                     let version = core.nextVersion
                     core.nextVersion += 1
@@ -305,6 +317,22 @@ public final class ReplicaVolumeRuntime: Sendable {
                 links.send(frames[link] ?? [], to: core.linkPeers[link] ?? "", link: link)
             }
             peersOfCloses = closes.map { core.linkPeers[$0.0] ?? "" }
+        }
+        if let heldStore {
+            do {
+                try store(heldStore.position, version: heldStore.version)
+            } catch {
+                core.withLockedValue { fail(&$0, "recording the replica position failed: \(error)") }
+            }
+        }
+        if !heldAcks.isEmpty {
+            // As the acks above, now that what they say is recorded.
+            core.withLockedValue { core in
+                for (link, level, index) in heldAcks {
+                    core.pendingAcks[link, default: [:]][level] = max(core.pendingAcks[link]?[level] ?? 0, index)
+                    if core.ackSendScheduled.insert(link).inserted { ackSends.append(link) }
+                }
+            }
         }
         for (i, (link, reason)) in closes.enumerated() { links.close(peer: peersOfCloses[i], link: link, reason: reason) }
         for link in drains where !links.afterCurrentTurn(of: link, { [self] in drainNow() }) { drainNow() }

@@ -1,10 +1,17 @@
 import FerryCore
 import Foundation
 import NIOCore
+import Synchronization
 import Testing
 @testable import FerryStore
 
 struct JournalStoreTests {
+    final class Finished: Sendable {
+        private let items = Mutex<[Int]>([])
+        func append(_ item: Int) { items.withLock { $0.append(item) } }
+        var all: [Int] { items.withLock { $0 } }
+    }
+
     /// Writes of 1000 bytes, a zeroing every 5th sequence and a barrier every 7th.
     static func entry(_ seq: UInt64) -> (JournalEntry, ByteBuffer?) {
         if seq % 7 == 0 {
@@ -22,6 +29,38 @@ struct JournalStoreTests {
             let (entry, payload) = entry(seq)
             try journal.append(entry, payload: payload)
         }
+    }
+
+    /// A sync taken under the caller's lock runs outside it; one taken later with nothing new to
+    /// flush must still not return before the earlier one, which holds its entries, is done
+    /// (two client flushes on two threads: the second reply must not come first).
+    @Test func aLaterSyncWaitsForAnEarlierOneThatHoldsItsEntries() async throws {
+        let dir = TemporaryDirectory()
+        let (journal, _) = try JournalStore.open(directory: dir.file("journal"), segmentSize: 4096)
+        try Self.fill(journal, 1...20)                  // several segments: closed ones are taken too
+        let first = try journal.takeSync()
+        let second = try journal.takeSync()             // nothing new appended: no file to sync
+        try Self.fill(journal, 21...22)
+        let third = try journal.takeSync()
+        let finished = Finished()
+        let runner = Thread {
+            try? second.run()
+            finished.append(2)
+        }
+        runner.start()
+        let thirdRunner = Thread {
+            try? third.run()
+            finished.append(3)
+        }
+        thirdRunner.start()
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(finished.all.isEmpty, "a later sync returned before the earlier one ran: \(finished.all)")
+        try first.run()
+        finished.append(1)
+        let deadline = ContinuousClock.now + .seconds(30)
+        while finished.all.count < 3, ContinuousClock.now < deadline { try await Task.sleep(for: .milliseconds(10)) }
+        #expect(finished.all.count == 3 && Set(finished.all.dropFirst()) == [2, 3], "\(finished.all)")
+        try journal.sync()                              // and the journal goes on as before
     }
 
     @Test func appendReadSyncTrimAndReopen() throws {
