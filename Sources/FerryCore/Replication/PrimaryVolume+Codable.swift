@@ -9,16 +9,7 @@ extension PrimaryVolume.Metadata.Peer {
 
     public init(from decoder: any Decoder) throws {
         let c = try decoder.container(keyedBy: CodingKeys.self)
-        if let runs = try c.decodeIfPresent(String.self, forKey: .dirtyRuns) {
-            let count = try c.decode(Int.self, forKey: .dirtyWordCount)
-            do {
-                dirtyWords = try WordRuns.decode(runs, count: count)
-            } catch {
-                throw DecodingError.dataCorruptedError(forKey: .dirtyRuns, in: c, debugDescription: "\(error)")
-            }
-        } else {
-            dirtyWords = try c.decode([UInt64].self, forKey: .dirtyWords)
-        }
+        dirtyWords = try c.decodeWordRuns(.dirtyRuns, count: .dirtyWordCount) ?? c.decode([UInt64].self, forKey: .dirtyWords)
         initialSyncPending = try c.decode(Bool.self, forKey: .initialSyncPending)
         lastPoint = try c.decodeIfPresent(PointRecord.self, forKey: .lastPoint)
         journaled = try c.decodeIfPresent(Bool.self, forKey: .journaled) ?? false
@@ -48,16 +39,8 @@ extension PrimaryVolume.Metadata {
         lastSeq = try c.decode(UInt64.self, forKey: .lastSeq)
         sequenceCeiling = try c.decode(UInt64.self, forKey: .sequenceCeiling)
         regionSize = try c.decode(UInt64.self, forKey: .regionSize)
-        if let runs = try c.decodeIfPresent(String.self, forKey: .lastWritesRuns) {
-            let count = try c.decode(Int.self, forKey: .lastWritesCount)
-            do {
-                lastWrites = try WordRuns.decode(runs, count: count)
-            } catch {
-                throw DecodingError.dataCorruptedError(forKey: .lastWritesRuns, in: c, debugDescription: "\(error)")
-            }
-        } else {
-            lastWrites = try c.decodeIfPresent([UInt64].self, forKey: .lastWrites)
-        }
+        lastWrites = try c.decodeWordRuns(.lastWritesRuns, count: .lastWritesCount)
+            ?? c.decodeIfPresent([UInt64].self, forKey: .lastWrites)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -70,6 +53,20 @@ extension PrimaryVolume.Metadata {
         if let lastWrites {
             try c.encode(WordRuns.encode(lastWrites), forKey: .lastWritesRuns)
             try c.encode(lastWrites.count, forKey: .lastWritesCount)
+        }
+    }
+}
+
+extension KeyedDecodingContainer {
+    /// The words stored as ``WordRuns`` under `runs` (their number under `count`), or nil when
+    /// `runs` is absent (metadata of the older form).
+    func decodeWordRuns(_ runs: Key, count: Key) throws -> [UInt64]? {
+        guard let text = try decodeIfPresent(String.self, forKey: runs) else { return nil }
+        let words = try decode(Int.self, forKey: count)
+        do {
+            return try WordRuns.decode(text, count: words)
+        } catch {
+            throw DecodingError.dataCorruptedError(forKey: runs, in: self, debugDescription: "\(error)")
         }
     }
 }
