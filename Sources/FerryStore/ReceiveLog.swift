@@ -280,10 +280,13 @@ public final class ReceiveLog: @unchecked Sendable {
     }
 
     /// The oldest `groups` taken groups are applied, the image flushed and the position recorded:
-    /// forget their records. `durably: false` leaves out the fdatasync that makes this final, for a
-    /// caller that calls ``sync()`` next outside the lock its appends take (until then a crash may
-    /// apply these groups again, which brings the image back to where it is: the groups after
-    /// them are still in the log, since a later release is durable only with this one).
+    /// forget their records. `durably: false` leaves out the fdatasync that makes a header update
+    /// final, for a caller that calls ``sync()`` next outside the lock its appends take: until
+    /// then a crash may apply these groups again, which brings the image back to where it is (the
+    /// groups after them are still in the log, untouched, since appends go past them, and a later
+    /// release is durable only with this one). Cutting the file to 0 bytes is always made durable
+    /// at once: the next appends reuse its offsets, and a crash must never find them behind an
+    /// old header that points among them.
     public func releaseGroups(_ groups: Int, durably: Bool = true) throws {
         guard groups > 0, groups <= takenGroups.count else {
             throw StoreError("release receive log group", path: path,
@@ -292,12 +295,13 @@ public final class ReceiveLog: @unchecked Sendable {
         let count = takenGroups[..<groups].reduce(0, +)
         if count == records.count {
             try FileIO.truncate(fd, to: 0, path: path)
+            try FileIO.datasync(fd, path: path)
             end = 0
             headerGeneration = 0
         } else {
             try writeHeader(start: records[count].start)
+            if durably { try FileIO.datasync(fd, path: path) }
         }
-        if durably { try FileIO.datasync(fd, path: path) }
         takenGroups.removeFirst(groups)
         records.removeFirst(count)
         takenCount -= count
