@@ -175,13 +175,13 @@ public final class ChunkStore: @unchecked Sendable {
             if pending[key] != nil { return false }
             // What `missing` just named needs no second look in the index.
             if knownMissing.remove(key) == nil, try location(id) != nil { return false }
-            try append(data, id: id)
+            try append(data, id: id, key: key)
             return true
         }
     }
 
     /// Appends a record to the open pack (the caller holds the lock).
-    func append(_ data: ByteBuffer, id: [UInt8]) throws {
+    func append(_ data: ByteBuffer, id: [UInt8], key: Key? = nil) throws {
         do {
             if packSize >= packLimit { try nextPack() }
             tail.writeInteger(Self.magic)
@@ -189,7 +189,7 @@ public final class ChunkStore: @unchecked Sendable {
             tail.writeInteger(UInt32(data.readableBytes))
             tail.writeInteger(Self.checksum(id: id, data: data))
             tail.writeImmutableBuffer(data)
-            pending[Key(id)] = (id, Location(pack: packNumber, offset: packSize, length: Self.headerLength + data.readableBytes))
+            pending[key ?? Key(id)] = (id, Location(pack: packNumber, offset: packSize, length: Self.headerLength + data.readableBytes))
             packSize += UInt64(Self.headerLength + data.readableBytes)
             if tail.readableBytes >= Self.tailLimit { try flushTail() }
         }
