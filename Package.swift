@@ -126,7 +126,7 @@ let package = Package(
             "FerryMonitor", "FerrySite", "FerryCore", "FerryWire",
             .product(name: "Prometheus", package: "swift-prometheus"),
         ]),
-        .testTarget(name: "IntegrationTests", dependencies: ["FerryCore", "FerrySite", "FerryWire", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "Logging", package: "swift-log")]),
+        .testTarget(name: "IntegrationTests", dependencies: ["FerryCore", "FerrySite", "FerryStore", "FerryWire", .product(name: "NIOCore", package: "swift-nio"), .product(name: "NIOPosix", package: "swift-nio"), .product(name: "Logging", package: "swift-log")]),
     ],
     swiftLanguageModes: [.v6]
 )

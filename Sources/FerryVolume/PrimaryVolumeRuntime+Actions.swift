@@ -201,35 +201,44 @@ extension PrimaryVolumeRuntime {
     }
 
     /// Zeroing and flushing go to the thread pool; the machine hears when they are done.
+    /// A sequence with no request of a client's is the machine's own checkpoint flush.
     func offload(_ seq: UInt64) {
-        guard let io = core.withLockedValue({ $0.pending[seq] }) else { return }
+        let io = core.withLockedValue { $0.pending[seq] }
+        guard case .zero(let mayPunchHole)? = io?.kind, let range = io?.range else {
+            if flushGroup.join(seq) { threadPool.submit { [self] state in flushGroup.drain { flush($0, state: state) } } }
+            return
+        }
         let image = self.image
-        let journal = self.journal
-        let journalLock = self.journalLock
         threadPool.submit { [self] state in
             var failure: String?
             do {
                 guard case .active = state else { throw BlockDeviceError.shuttingDown }
-                switch io.kind {
-                case .zero(let mayPunchHole):
-                    let range = io.range!
-                    var done = false
-                    if mayPunchHole { done = try image.punchHole(offset: range.offset, length: range.length) }
-                    if !done { done = try image.zeroRangeFast(offset: range.offset, length: range.length) }
-                    if !done { try image.writeZeroBytes(offset: range.offset, length: range.length) }
-                case .flush:
-                    try image.flush()
-                    // Taken under the journal's lock, run outside it: appends go on meanwhile.
-                    try journalLock.withLock { try journal?.takeSync() }?.run()
-                case .write:
-                    break
-                }
+                var done = false
+                if mayPunchHole { done = try image.punchHole(offset: range.offset, length: range.length) }
+                if !done { done = try image.zeroRangeFast(offset: range.offset, length: range.length) }
+                if !done { try image.writeZeroBytes(offset: range.offset, length: range.length) }
             } catch {
-                failure = "\(self.reportIOError(error, doing: "flush or zero"))"
+                failure = "\(self.reportIOError(error, doing: "zero"))"
             }
             let now = self.clock.now()
             self.handle { $0.machine.localDone(seq: seq, error: failure, now: now) }
         }
+    }
+
+    /// One chain of fdatasyncs (the image, then the journal) for every client flush in `seqs`,
+    /// which all joined before it started (``GroupCommit``); each hears the same outcome.
+    func flush(_ seqs: [UInt64], state: NIOThreadPool.WorkItemState) {
+        var failure: String?
+        do {
+            guard case .active = state else { throw BlockDeviceError.shuttingDown }
+            try image.flush()
+            // Taken under the journal's lock, run outside it: appends go on meanwhile.
+            try journalLock.withLock { try journal?.takeSync() }?.run()
+        } catch {
+            failure = "\(reportIOError(error, doing: "flush"))"
+        }
+        let now = clock.now()
+        handle { core in seqs.flatMap { core.machine.localDone(seq: $0, error: failure, now: now) } }
     }
 
     /// Metadata persists run one at a time, in token order; a persist asked for meanwhile is

@@ -30,6 +30,8 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
     let metadataFile: MetadataFile<PrimaryVolume.Metadata>
     let journal: JournalStore?
     let journalLock = NIOLock()
+    /// Client flushes share their fdatasyncs (group commit): by the flush request's sequence.
+    let flushGroup = GroupCommit<UInt64>()
     let logger: Logger
     let onEvent: @Sendable (VolumeEvent) -> Void
     /// `ferry_volume_ack_duration_seconds`, when the machine records ack latency.

@@ -30,6 +30,8 @@ public final class ReplicaVolumeRuntime: Sendable {
     /// The point a roll-back under way goes to (0: none), so a crash midway goes back to it.
     let rollbackTarget: MetadataFile<UInt64>
     let positionStore = NIOLockedValueBox<UInt64>(0)   // the version last stored
+    /// Flush barriers share their image flush and position store (group commit).
+    let flushGroup = GroupCommit<(link: LinkID, index: UInt64)>()
     let core: NIOLockedValueBox<Core>
     /// Before-images and recovery points (``UndoLog``): history for `points`/`promote --at`, the
     /// state a catch-up started from (P3), a drill's base.
@@ -201,10 +203,7 @@ public final class ReplicaVolumeRuntime: Sendable {
                     if case .ack(let level, let index) = message, storeAfterUnlock {
                         heldAcks.append((link, level, index))
                     } else if case .ack(let level, let index) = message {
-                        // Acks are cumulative: sent once the link's loop is done with what it is
-                        // reading, one per level, however many frames that was.
-                        core.pendingAcks[link, default: [:]][level] = max(core.pendingAcks[link]?[level] ?? 0, index)
-                        if core.ackSendScheduled.insert(link).inserted { ackSends.append(link) }
+                        queueAck(&core, link, level, index, &ackSends)
                     } else {
                         if frames[link] == nil { order.append(link) }
                         frames[link, default: []].append(VolumeFrame(volume: name, message: message, payload: nil))
@@ -277,13 +276,7 @@ public final class ReplicaVolumeRuntime: Sendable {
                 case .flush(let link, let index):
                     if history != nil, let point = core.machine.position(afterBarrier: index) { markPoint(point) }
                     offloads.append { [self] in
-                        do {
-                            try image.flush()
-                        } catch {
-                            logger.error("volume \(name): flushing the replica image failed: \(error)")
-                            return
-                        }
-                        handle(payload: nil, storeAfterUnlock: true) { $0.machine.flushed(link: link, index: index) }
+                        if flushGroup.join((link, index)) { flushGroup.drain { flushBarriers($0) } }
                     }
                 case .persistPosition(let position) where storeAfterUnlock && position.consistent:
                     heldStore = (position, core.nextVersion)
@@ -328,10 +321,7 @@ public final class ReplicaVolumeRuntime: Sendable {
         if !heldAcks.isEmpty {
             // As the acks above, now that what they say is recorded.
             core.withLockedValue { core in
-                for (link, level, index) in heldAcks {
-                    core.pendingAcks[link, default: [:]][level] = max(core.pendingAcks[link]?[level] ?? 0, index)
-                    if core.ackSendScheduled.insert(link).inserted { ackSends.append(link) }
-                }
+                for (link, level, index) in heldAcks { queueAck(&core, link, level, index, &ackSends) }
             }
         }
         for (i, (link, reason)) in closes.enumerated() { links.close(peer: peersOfCloses[i], link: link, reason: reason) }
@@ -365,6 +355,13 @@ public final class ReplicaVolumeRuntime: Sendable {
         return batch.flatMap { core.machine.applied(link: $0.link, index: $0.item.index) }
     }
 
+    /// Acks are cumulative: sent once the link's loop is done with what it is reading, one per
+    /// level, however many frames that was. `ackSends` gets `link` when a send must be scheduled.
+    func queueAck(_ core: inout Core, _ link: LinkID, _ level: AckLevel, _ index: UInt64, _ ackSends: inout [LinkID]) {
+        core.pendingAcks[link, default: [:]][level] = max(core.pendingAcks[link]?[level] ?? 0, index)
+        if core.ackSendScheduled.insert(link).inserted { ackSends.append(link) }
+    }
+
     /// Sends the acks gathered for `link` since the last send.
     func sendAcks(_ link: LinkID) {
         core.withLockedValue { core in
@@ -374,6 +371,20 @@ public final class ReplicaVolumeRuntime: Sendable {
                 acks[level].map { VolumeFrame(volume: name, message: .ack(level: level, index: $0), payload: nil) }
             }
             links.send(frames, to: peer, link: link)
+        }
+    }
+
+    /// One image flush for every flush barrier in `barriers` (``GroupCommit``: each was applied
+    /// before it joined), then one position store for them all, then their durable acks.
+    func flushBarriers(_ barriers: [(link: LinkID, index: UInt64)]) {
+        do {
+            try image.flush()
+        } catch {
+            logger.error("volume \(name): flushing the replica image failed: \(error)")
+            return
+        }
+        handle(payload: nil, storeAfterUnlock: true) { core in
+            barriers.flatMap { core.machine.flushed(link: $0.link, index: $0.index) }
         }
     }
 

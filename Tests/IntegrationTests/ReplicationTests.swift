@@ -1,4 +1,6 @@
+import FerryCore
 import FerrySite
+import FerryStore
 import Foundation
 import Testing
 #if canImport(Glibc)
@@ -157,6 +159,31 @@ struct ReplicationTests {
         // A 256 MiB volume's bitmap has 4 KiB regions: the point is what changed, no more.
         #expect(bytes >= changed && Double(bytes) <= Double(changed) * 1.05,
                 "the second point sent \(bytes) bytes for \(changed) changed")
+    }
+
+    /// The primary's own checkpoint: a client that writes and never flushes leaves extents in
+    /// the activity log (each would be resynced after a crash of the primary); once the volume is
+    /// idle the machine flushes by itself and empties it. That flush has no client request behind
+    /// it; it used to be dropped, and the activity log then never emptied.
+    @Test func anIdlePrimaryEmptiesItsActivityLog() throws {
+        let nbdcopy = try requireTool("nbdcopy", package: "libnbd-bin")
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        let source = sites.dir.path + "/data.raw"
+        var bytes = [UInt8](repeating: 0, count: 12 << 20)
+        for i in stride(from: 0, to: bytes.count, by: 8) { bytes[i] = UInt8.random(in: 1...255) }
+        #expect(FileManager.default.createFile(atPath: source, contents: Data(bytes)))
+        // No --flush: the client never asks for one.
+        try run(nbdcopy, [source, sites.east.uri("vm1")])
+        let metaPath = sites.east.dataDirectory + "/volumes/vm1.state/primary.meta"
+        func activityLog() -> [Int]? { (try? MetadataFile<PrimaryVolume.Metadata>(path: metaPath).load())??.activityLog }
+        let wrote = eventually(.seconds(30)) { sites.replica("west")?.bytesSent ?? 0 >= 12 << 20 }
+        #expect(wrote, "the writes did not reach west: \(String(describing: sites.replica("west")))")
+        let emptied = eventually(.seconds(60)) { activityLog() == [] }
+        #expect(emptied, "east's activity log still holds \(activityLog()?.count ?? -1) extent(s) long after the last write")
+        #expect(try sites.imagesIdentical(), "west differs from east")
     }
 
     /// Fan-out: one volume to two peers at once, sync and async.
