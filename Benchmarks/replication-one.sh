@@ -72,12 +72,16 @@ T1=$(date +%s.%N); E1=$(cpu "$EAST_PID"); W1=$(cpu "$WEST_PID")
 [ -n "$PERF_PID" ] && { wait "$PERF_PID" || true; PERF_PID=""; }
 python3 - "$WORK/fio.json" "$E0" "$E1" "$W0" "$W1" "$T0" "$T1" "$MODE" <<'PY'
 import json, sys
-w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+job = json.load(open(sys.argv[1]))["jobs"][0]
+w = job["write"]
 e0, e1, w0, w1 = map(int, sys.argv[2:6]); t0, t1 = map(float, sys.argv[6:8])
 el = t1 - t0
 print(f"{sys.argv[8]}: {w['iops']:.0f} IOPS, {w['bw'] / 1024:.0f} MiB/s, mean latency {w['lat_ns']['mean'] / 1000:.0f} us; "
       f"CPU east {(e1 - e0) / el:.0f}%, west {(w1 - w0) / el:.0f}% of a core "
       f"({(e1 - e0) * 1e4 / max(1, w['total_ios']):.0f} / {(w1 - w0) * 1e4 / max(1, w['total_ios']):.0f} us per write, ramp included)")
+f = job.get("sync", {})
+if f.get("total_ios", 0) > 0:
+    print(f"flushes: {f['total_ios'] / max(1e-9, job['job_runtime'] / 1000):.0f}/s, mean latency {f['lat_ns']['mean'] / 1000:.0f} us")
 PY
 echo "east pid $EAST_PID, west pid $WEST_PID"
 D0=$(date +%s.%N)
