@@ -554,6 +554,30 @@ public struct PrimaryVolume: Sendable {
                         regionSize: config.regionSize, lastWrites: lastWrites)
     }
 
+    /// Each peer's session acks, looked up once per ``completeReady`` rather than once per wait
+    /// (a peer's state is large, and a lookup copies it).
+    struct AckMemo {
+        var entries: [(name: String, link: LinkID?, received: UInt64, written: UInt64, durable: UInt64)] = []
+    }
+
+    func isSatisfied(_ wait: Pending.Wait, _ memo: inout AckMemo) -> Bool {
+        guard case .ack(let name, let link, let index, let level) = wait else { return isSatisfied(wait) }
+        let entry: (name: String, link: LinkID?, received: UInt64, written: UInt64, durable: UInt64)
+        if let found = memo.entries.first(where: { $0.name == name }) {
+            entry = found
+        } else {
+            let session = peers[name]?.session
+            entry = (name, session?.link, session?.acked(.received) ?? 0, session?.acked(.written) ?? 0, session?.acked(.durable) ?? 0)
+            memo.entries.append(entry)
+        }
+        guard entry.link == link else { return false }
+        switch level {
+        case .received: return entry.received >= index
+        case .written: return entry.written >= index
+        case .durable: return entry.durable >= index
+        }
+    }
+
     func isSatisfied(_ wait: Pending.Wait) -> Bool {
         switch wait {
         case .ack(let name, let link, let index, let level):
@@ -573,19 +597,20 @@ public struct PrimaryVolume: Sendable {
     mutating func completeReady(_ out: inout [Action]) {
         var checkpointDone: [UInt64] = []
         var removed = false
+        var memo = AckMemo()
         defer { if removed { requestOrder.removeAll { requests[$0] == nil } } }
         for seq in requestOrder {
             guard var request = requests[seq], request.admitted, request.localDone else { continue }
             if !request.clientAnswered {
                 let ackEarly = config.plantedBug == .ackBeforePeer && request.kind == .write
-                guard ackEarly || request.waits.allSatisfy({ isSatisfied($0) }) else { continue }
+                guard ackEarly || request.waits.allSatisfy({ isSatisfied($0, &memo) }) else { continue }
                 request.clientAnswered = true
                 if request.kind != .internalFlush {
                     out.append(.complete(seq: seq, error: request.error))
                 }
             }
             if request.kind == .flush || request.kind == .internalFlush {
-                guard request.checkpointWaits.allSatisfy({ isSatisfied($0) }) else { requests[seq] = request; continue }
+                guard request.checkpointWaits.allSatisfy({ isSatisfied($0, &memo) }) else { requests[seq] = request; continue }
                 checkpointDone.append(seq)
             }
             requests[seq] = nil
