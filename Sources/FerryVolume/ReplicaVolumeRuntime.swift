@@ -380,7 +380,8 @@ public final class ReplicaVolumeRuntime: Sendable {
         do {
             try image.flush()
         } catch {
-            logger.error("volume \(name): flushing the replica image failed: \(error)")
+            // Not acked: the primary never counts these barriers durable here; status says why.
+            core.withLockedValue { fail(&$0, "flushing the replica image failed: \(error)") }
             return
         }
         handle(payload: nil, storeAfterUnlock: true) { core in
@@ -402,7 +403,7 @@ public final class ReplicaVolumeRuntime: Sendable {
                 try logLock.withLock { try receiveLog.releaseGroups(batch.count, durably: false) }
                 try receiveLog.sync()
             } catch {
-                logger.error("volume \(name): completing \(batch.count) receive-log group(s) failed: \(error)")
+                core.withLockedValue { fail(&$0, "completing \(batch.count) receive-log group(s) failed: \(error)") }
             }
             // Whether this loop goes on is decided under the lock, with the removal: a group
             // queued meanwhile either sees the loop running or starts a new one, never both.
