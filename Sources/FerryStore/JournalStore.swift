@@ -268,7 +268,7 @@ public final class JournalStore: @unchecked Sendable {
     /// the journal counts these entries as synced: if the run fails, every later ``takeSync()``
     /// throws (a failed fdatasync may have dropped the data; a retry that succeeds proves nothing).
     public func takeSync() throws -> PendingSync {
-        if let failure = failureLock.withLock({ syncFailure }) {
+        if let failure = order.failure {
             throw StoreError("sync journal", path: directory, detail: "an earlier fdatasync of the journal failed (\(failure)); "
                              + "entries since may be lost, so no later sync can vouch for them: restart the site")
         }
@@ -291,17 +291,22 @@ public final class JournalStore: @unchecked Sendable {
         return pending
     }
 
-    /// Set when a taken sync failed.
-    private var syncFailure: String?
-    private let failureLock = NSLock()
     private let order = SyncOrder()
 
     /// Taken syncs finish in the order they were taken: a sync that found nothing new to flush
     /// still returns only after the ones taken before it, which hold its entries, are durable.
+    /// Also keeps the first failure of a taken sync (under the same lock).
     private final class SyncOrder: @unchecked Sendable {
         private let condition = NSCondition()
         private var next: UInt64 = 1
         private var doneThrough: UInt64 = 0
+        private var firstFailure: String?
+
+        var failure: String? { condition.withLock { firstFailure } }
+
+        func fail(_ error: any Error) {
+            condition.withLock { firstFailure = firstFailure ?? "\(error)" }
+        }
 
         func take() -> UInt64 {
             condition.withLock {
@@ -341,12 +346,12 @@ public final class JournalStore: @unchecked Sendable {
                 if let directory { try FileIO.syncDirectory(directory) }
             } catch {
                 failure = error
-                journal.failureLock.withLock { journal.syncFailure = journal.syncFailure ?? "\(error)" }
+                journal.order.fail(error)
             }
             journal.order.finish(ticket)
             if let failure { throw failure }
             // One taken before this one may have failed meanwhile: its entries are not durable.
-            if let earlier = journal.failureLock.withLock({ journal.syncFailure }) {
+            if let earlier = journal.order.failure {
                 throw StoreError("sync journal", path: journal.directory, detail: "an earlier fdatasync of the journal failed (\(earlier))")
             }
         }

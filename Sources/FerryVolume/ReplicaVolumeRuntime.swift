@@ -169,7 +169,7 @@ public final class ReplicaVolumeRuntime: Sendable {
 
     // MARK: - Actions
 
-    ///
+    /// Runs `event` on the machine under the lock and carries out its actions.
     /// `storeAfterUnlock`: the position this event persists is stored after the lock is released,
     /// and the acks it sends are sent only once that store is done. For a flush barrier's
     /// completion only: the image is durable already and the position only moves forward, so the
