@@ -557,32 +557,41 @@ public struct PrimaryVolume: Sendable {
     /// Each peer's session acks, looked up once per ``completeReady`` rather than once per wait
     /// (a peer's state is large, and a lookup copies it).
     struct AckMemo {
-        var entries: [(name: String, link: LinkID?, received: UInt64, written: UInt64, durable: UInt64)] = []
+        struct Entry {
+            var name: String
+            var link: LinkID?
+            var received: UInt64, written: UInt64, durable: UInt64
+
+            init(name: String, session: Session?) {
+                self.name = name
+                link = session?.link
+                received = session?.acked(.received) ?? 0
+                written = session?.acked(.written) ?? 0
+                durable = session?.acked(.durable) ?? 0
+            }
+
+            func acked(_ level: AckLevel) -> UInt64 {
+                switch level {
+                case .received: return received
+                case .written: return written
+                case .durable: return durable
+                }
+            }
+        }
+        var entries: [Entry] = []
     }
 
     func isSatisfied(_ wait: Pending.Wait, _ memo: inout AckMemo) -> Bool {
-        guard case .ack(let name, let link, let index, let level) = wait else { return isSatisfied(wait) }
-        let entry: (name: String, link: LinkID?, received: UInt64, written: UInt64, durable: UInt64)
-        if let found = memo.entries.first(where: { $0.name == name }) {
-            entry = found
-        } else {
-            let session = peers[name]?.session
-            entry = (name, session?.link, session?.acked(.received) ?? 0, session?.acked(.written) ?? 0, session?.acked(.durable) ?? 0)
-            memo.entries.append(entry)
-        }
-        guard entry.link == link else { return false }
-        switch level {
-        case .received: return entry.received >= index
-        case .written: return entry.written >= index
-        case .durable: return entry.durable >= index
-        }
-    }
-
-    func isSatisfied(_ wait: Pending.Wait) -> Bool {
         switch wait {
         case .ack(let name, let link, let index, let level):
-            guard let session = peers[name]?.session, session.link == link else { return false }
-            return session.acked(level) >= index
+            let entry: AckMemo.Entry
+            if let found = memo.entries.first(where: { $0.name == name }) {
+                entry = found
+            } else {
+                entry = AckMemo.Entry(name: name, session: peers[name]?.session)
+                memo.entries.append(entry)
+            }
+            return entry.link == link && entry.acked(level) >= index
         case .persist(let token):
             return persistedToken >= token
         case .peerClear(let name):
