@@ -249,6 +249,14 @@ final class PeerVolumeLinks: VolumeLinks {
         loop.execute(work)
         return true
     }
+
+    /// A link's queued frames are written by a task on its loop, scheduled when the first was
+    /// queued (`EstablishedLink.enqueue`); a task scheduled after it runs after it.
+    func afterQueuedFrames(on link: LinkID, _ work: @escaping @Sendable () -> Void) -> Bool {
+        guard let loop = peers.withLockedValue({ $0 })?.eventLoop(of: link), loop.inEventLoop else { return false }
+        loop.execute(work)
+        return true
+    }
 }
 
 extension Site {

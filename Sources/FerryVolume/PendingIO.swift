@@ -16,7 +16,9 @@ struct PendingIO: Sendable {
 /// Work decided under the runtime's lock and done after it is released: slow or blocking
 /// operations, and completing client futures (which may run callbacks).
 struct DeferredWork: Sendable {
-    var localWrites: [(seq: UInt64, offset: UInt64, data: ByteBuffer)] = []
+    var localWrites: [LocalWrite] = []
+    /// A link a write went out on in this work: the local writes may wait until it is sent.
+    var sentOn: LinkID?
     var offloaded: [UInt64] = []           // zero or flush requests for the thread pool, by seq
     var completions: [(EventLoopPromise<Void>, BlockDeviceErrorBox?)] = []
     var persistNow: (token: UInt64, metadata: PrimaryVolume.Metadata)?
@@ -28,6 +30,15 @@ struct DeferredWork: Sendable {
         localWrites.isEmpty && offloaded.isEmpty && completions.isEmpty && persistNow == nil
             && events.isEmpty && closes.isEmpty && ackSamples.isEmpty
     }
+}
+
+/// A client's write to carry out on the image.
+typealias LocalWrite = (seq: UInt64, offset: UInt64, data: ByteBuffer)
+
+/// Local writes waiting for their frames to be sent (``PrimaryVolumeRuntime/writeAfterSending(_:on:)``).
+struct LocalWriteQueue: Sendable {
+    var writes: [LocalWrite] = []
+    var scheduled = false
 }
 
 /// An error for a client future, carried across the lock boundary.

@@ -128,6 +128,9 @@ extension PrimaryVolumeRuntime {
                 core.encoders[batch.peer] = encoder
             }
             links.send(encoded, to: batch.peer, link: batch.link)
+            if work.sentOn == nil, batch.frames.contains(where: { if case .write = $0.message { return true } else { return false } }) {
+                work.sentOn = batch.link
+            }
         }
     }
 
@@ -157,20 +160,53 @@ extension PrimaryVolumeRuntime {
         for close in work.closes { links.close(peer: close.peer, link: close.link, reason: close.reason) }
         Self.complete(work.completions)
         if !work.localWrites.isEmpty {
-            var results: [(UInt64, String?)] = []
-            for w in work.localWrites {
-                do {
-                    try image.write(offset: w.offset, data: w.data)
-                    results.append((w.seq, nil))
-                } catch {
-                    results.append((w.seq, "\(reportIOError(error, doing: "write"))"))
-                }
+            if let link = work.sentOn {
+                writeAfterSending(work.localWrites, on: link)
+            } else {
+                writeLocally(work.localWrites)
             }
-            let now = clock.now()
-            handle { core in results.flatMap { core.machine.localDone(seq: $0.0, error: $0.1, now: now) } }
         }
         for seq in work.offloaded { offload(seq) }
         if let (token, metadata) = work.persistNow { startPersist(token: token, metadata: metadata) }
+    }
+
+    /// Client writes on the image, inline on the caller's thread (the page cache), then their
+    /// completions to the machine.
+    func writeLocally(_ writes: [LocalWrite]) {
+        var results: [(UInt64, String?)] = []
+        for w in writes {
+            do {
+                try image.write(offset: w.offset, data: w.data)
+                results.append((w.seq, nil))
+            } catch {
+                results.append((w.seq, "\(reportIOError(error, doing: "write"))"))
+            }
+        }
+        let now = clock.now()
+        handle { core in results.flatMap { core.machine.localDone(seq: $0.0, error: $0.1, now: now) } }
+    }
+
+    /// Writes that also went to a peer on `link`: when this thread is the link's loop (an NBD
+    /// connection shares it on small machines), they are written after the frames are sent, so
+    /// the peer works on its copies while this site writes its own, instead of waiting for every
+    /// local write of the batch first. The writes of one loop turn go together, in one task.
+    /// Safe in any order: an overlapping write is admitted only once this one is done here.
+    func writeAfterSending(_ writes: [LocalWrite], on link: LinkID) {
+        let first = localQueue.withLockedValue { queue in
+            queue.writes.append(contentsOf: writes)
+            defer { queue.scheduled = true }
+            return !queue.scheduled
+        }
+        guard first else { return }
+        let take: @Sendable () -> Void = { [self] in
+            let batch = localQueue.withLockedValue { queue in
+                queue.scheduled = false
+                defer { queue.writes = [] }
+                return queue.writes
+            }
+            writeLocally(batch)
+        }
+        if !links.afterQueuedFrames(on: link, take) { take() }
     }
 
     /// Answers requests, one task per event loop rather than one per request: an ack that

@@ -38,6 +38,7 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
     let ackTimers: AckTimers?
     let core: NIOLockedValueBox<Core>
     let ticker: NIOLockedValueBox<RepeatedTask?> = NIOLockedValueBox(nil)
+    let localQueue = NIOLockedValueBox(LocalWriteQueue())
 
     struct Core: Sendable {
         var machine: PrimaryVolume

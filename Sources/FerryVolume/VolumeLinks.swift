@@ -16,6 +16,10 @@ public protocol VolumeLinks: Sendable {
     /// the frames it is reading). False, and nothing scheduled, when `link` is not a current link:
     /// the caller does the work itself. The default schedules nothing.
     func afterCurrentTurn(of link: LinkID, _ work: @escaping @Sendable () -> Void) -> Bool
+    /// Schedules `work` on `link`'s event loop to run after the frames queued on `link` so far
+    /// are written, when called on that loop. False, and nothing scheduled, elsewhere: the caller
+    /// does the work itself. The default schedules nothing.
+    func afterQueuedFrames(on link: LinkID, _ work: @escaping @Sendable () -> Void) -> Bool
     /// Whether `link` has more queued than its socket takes (the link, not the sender, is the
     /// bottleneck): then compressing data is worth its CPU. The default says no.
     func isBacklogged(link: LinkID) -> Bool
@@ -23,6 +27,7 @@ public protocol VolumeLinks: Sendable {
 
 extension VolumeLinks {
     public func afterCurrentTurn(of link: LinkID, _ work: @escaping @Sendable () -> Void) -> Bool { false }
+    public func afterQueuedFrames(on link: LinkID, _ work: @escaping @Sendable () -> Void) -> Bool { false }
     public func isBacklogged(link: LinkID) -> Bool { false }
 }
 

@@ -90,28 +90,38 @@ public struct FrameDecoder: ByteToMessageDecoder {
     }
 }
 
-/// Writes ``Frame``s in the wire layout: header, payload, XXH3-64 of both, without copying the
-/// payload.
+/// Writes ``Frame``s in the wire layout: header, payload, XXH3-64 of both, copying only small
+/// pieces.
 ///
-/// Each frame goes down the pipeline as up to four buffers: the 12-byte header, ``Frame/payload``
-/// and ``Frame/payloadTail`` as they are, and the 8-byte checksum. The checksum is computed with
-/// XXH3's streaming API over the pieces in place (one hash state per handler, reused), so a block
-/// of volume data is never copied to be framed. A piece of at most ``copyLimit`` bytes (link
-/// control, acks, the fields before the data) is copied into the buffer beside it instead: below
-/// that size a copy is cheaper than one more buffer, and one more TLS record, for the layers
-/// below. A payload over ``Frame/maxPayloadSize`` fails the write and closes the connection
+/// The checksum is computed with XXH3's streaming API over the pieces in place (one hash state per
+/// handler, reused). A piece of at most ``copyLimit`` bytes (link control, acks, the fields before
+/// the data, a 4 KiB block) is copied into a gathering buffer, which goes down the pipeline once it
+/// holds ``gatherLimit`` bytes or at the next flush: frames written together then travel as a few
+/// full TLS records instead of three records each (header, data, checksum), and each record costs
+/// the layers below (BoringSSL's sealing, NIOSSL's per-write bookkeeping) more than copying 4 KiB.
+/// A larger piece (a 1 MiB block) is handed on as it is, never copied. A payload over
+/// ``Frame/maxPayloadSize`` fails the write and closes the connection
 /// (``FrameError/payloadTooLargeToSend(length:)``).
 ///
-/// Lives on its channel's event loop, like every handler.
+/// Nothing written goes out before a flush, as with any NIO channel; a write's promise completes
+/// once the buffer holding the end of its frame is written. Lives on its channel's event loop,
+/// like every handler.
 public final class FrameEncoder: ChannelOutboundHandler {
     public typealias OutboundIn = Frame
     public typealias OutboundOut = ByteBuffer
 
-    /// Pieces of the payload up to this many bytes are copied next to the header or checksum.
-    public static let copyLimit = 1024
+    /// Pieces of the payload up to this many bytes are copied into the gathering buffer.
+    public static let copyLimit = 16 * 1024
+    /// The gathering buffer goes down the pipeline once it holds this many bytes (a TLS record's
+    /// worth of plaintext).
+    public static let gatherLimit = 16 * 1024
 
     /// The XXH3 streaming state (`XXH3_state_t *`), reset for each frame.
     private let hashState: OpaquePointer
+    /// Copied bytes not handed on yet.
+    private var gathered: ByteBuffer?
+    /// Promises of frames whose end is in `gathered`.
+    private var heldPromises: [EventLoopPromise<Void>] = []
 
     public init() {
         // Only fails when malloc does; nothing can go on without memory.
@@ -123,31 +133,79 @@ public final class FrameEncoder: ChannelOutboundHandler {
 
     public func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let frame = unwrapOutboundIn(data)
-        var pending: ByteBuffer?
+        var last: ByteBuffer?
         do {
-            try encode(frame, allocator: context.channel.allocator) { buffer in
-                // Hold each buffer back by one, so the caller's promise goes with the last.
-                if let previous = pending { context.write(wrapOutboundOut(previous), promise: nil) }
-                pending = buffer
+            try encodeGathering(frame, allocator: context.channel.allocator) { buffer in
+                // Hold each buffer back by one, so the promises go with the last.
+                if let previous = last { context.write(wrapOutboundOut(previous), promise: nil) }
+                last = buffer
             }
         } catch {
             promise?.fail(error)
             context.fireErrorCaught(error)
             return
         }
-        if let last = pending { context.write(wrapOutboundOut(last), promise: promise) }
+        if let promise { heldPromises.append(promise) }
+        if let last {
+            // Promises wait for the buffer with their frame's end; while one is gathered, for it.
+            context.write(wrapOutboundOut(last), promise: gathered == nil ? takePromises(context) : nil)
+        }
+    }
+
+    public func flush(context: ChannelHandlerContext) {
+        if let buffer = gathered {
+            gathered = nil
+            context.write(wrapOutboundOut(buffer), promise: takePromises(context))
+        }
+        context.flush()
+    }
+
+    public func handlerRemoved(context: ChannelHandlerContext) {
+        gathered = nil
+        let promises = heldPromises
+        heldPromises = []
+        for promise in promises { promise.fail(ChannelError.ioOnClosedChannel) }
+    }
+
+    /// The held promises as one, or nil.
+    private func takePromises(_ context: ChannelHandlerContext) -> EventLoopPromise<Void>? {
+        guard !heldPromises.isEmpty else { return nil }
+        let promises = heldPromises
+        heldPromises = []
+        if promises.count == 1 { return promises[0] }
+        let all = context.eventLoop.makePromise(of: Void.self)
+        all.futureResult.whenComplete { result in
+            for promise in promises { promise.completeWith(result) }
+        }
+        return all
     }
 
     /// Hands `emit` the buffers that put `frame` on the wire, in order; their bytes, concatenated,
-    /// are the frame. The payload buffers are handed on as they are. The channel-free core of the
-    /// handler, for tests.
+    /// are the frame. Small pieces are copied, large ones handed on as they are. The channel-free
+    /// core of the handler, one frame at a time, for tests.
     public func encode(_ frame: Frame, allocator: ByteBufferAllocator, emit: (ByteBuffer) -> Void) throws {
+        try encodeGathering(frame, allocator: allocator, emit: emit)
+        if let buffer = gathered {
+            gathered = nil
+            emit(buffer)
+        }
+    }
+
+    /// As ``encode(_:allocator:emit:)``, leaving the copied bytes after the last large piece in
+    /// `gathered` unless they reach ``gatherLimit``.
+    private func encodeGathering(_ frame: Frame, allocator: ByteBufferAllocator, emit: (ByteBuffer) -> Void) throws {
         let length = frame.payloadLength
         guard length <= Frame.maxPayloadSize else { throw FrameError.payloadTooLargeToSend(length: length) }
         XXH3_64bits_reset(hashState)
-        var current = allocator.buffer(capacity: Frame.headerSize + Frame.trailerSize + Self.copyLimit)
+        // Room for a buffer just under the limit plus one more frame of copied pieces.
+        let capacity = 2 * Self.gatherLimit + 256
+        var current = gathered ?? allocator.buffer(capacity: capacity)
+        gathered = nil
+        let headerOffset = current.readableBytes
         Self.writeHeader(of: frame, length: length, into: &current)
-        hash(current)
+        current.withUnsafeReadableBytes { bytes in
+            _ = XXH3_64bits_update(hashState, bytes.baseAddress! + headerOffset, Frame.headerSize)
+        }
         func add(_ piece: ByteBuffer) {
             guard piece.readableBytes > 0 else { return }
             hash(piece)
@@ -156,13 +214,17 @@ public final class FrameEncoder: ChannelOutboundHandler {
             } else {
                 if current.readableBytes > 0 { emit(current) }
                 emit(piece)
-                current = allocator.buffer(capacity: Frame.trailerSize + Self.copyLimit)
+                current = allocator.buffer(capacity: capacity)
             }
         }
         add(frame.payload)
         if let tail = frame.payloadTail { add(tail) }
         current.writeInteger(XXH3_64bits_digest(hashState))
-        emit(current)
+        if current.readableBytes >= Self.gatherLimit {
+            emit(current)
+        } else {
+            gathered = current
+        }
     }
 
     private func hash(_ buffer: ByteBuffer) {

@@ -1,6 +1,7 @@
 import CZstd
 import FerryCore
 import NIOCore
+import NIOEmbedded
 import Testing
 
 @testable import FerryWire
@@ -161,14 +162,52 @@ struct ReplicationFrameTests {
         let type = FrameType.replication
         #expect(try pieces(Frame(type: .ping, payload: ByteBuffer(repeating: 1, count: 16))) == [36])
         #expect(try pieces(Frame(type: type)) == [20])
-        #expect(try pieces(Frame(type: type, payload: ByteBuffer(repeating: 1, count: 5000))) == [12, 5000, 8])
-        #expect(try pieces(Frame(type: type, payload: ByteBuffer(repeating: 1, count: 5000),
-                                 payloadTail: ByteBuffer(repeating: 2, count: 6000))) == [12, 5000, 6000, 8])
+        // A 4 KiB block is copied: one buffer, so one TLS record, per frame.
+        #expect(try pieces(Frame(type: type, payload: ByteBuffer(repeating: 1, count: 4096))) == [4116])
+        #expect(try pieces(Frame(type: type, payload: ByteBuffer(repeating: 1, count: 20000))) == [12, 20000, 8])
+        #expect(try pieces(Frame(type: type, payload: ByteBuffer(repeating: 1, count: 20000),
+                                 payloadTail: ByteBuffer(repeating: 2, count: 30000))) == [12, 20000, 30000, 8])
         #expect(try pieces(Frame(type: type, payload: ByteBuffer(repeating: 1, count: 10),
                                  payloadTail: ByteBuffer(repeating: 2, count: 100))) == [130])
+        #expect(try pieces(Frame(type: type, payload: ByteBuffer(repeating: 1, count: 10),
+                                 payloadTail: ByteBuffer(repeating: 2, count: 20000))) == [22, 20000, 8])
         // One hash state serves frame after frame.
         let frame = Frame(type: type, flags: 1, payload: ByteBuffer(repeating: 3, count: 40), payloadTail: Self.noise(4000))
         for _ in 0..<3 { #expect(try Self.overTheWire(frame) == frame) }
+    }
+
+    @Test("frames written together leave in a few full buffers at the flush, large data as it is")
+    func framesAreGatheredUntilTheFlush() throws {
+        let channel = EmbeddedChannel(handler: FrameEncoder())
+        defer { _ = try? channel.finish() }
+        let big = Self.noise(100_000)
+        var frames: [Frame] = (0..<10).map { Frame(type: .replication, flags: 0, payload: ByteBuffer(repeating: UInt8($0), count: 4096)) }
+        frames.insert(Frame(type: .replication, payload: ByteBuffer(repeating: 9, count: 30), payloadTail: big), at: 5)
+        frames.append(Frame(type: .replication, payload: ByteBuffer(repeating: 7, count: 16)))
+        var done = 0
+        for frame in frames {
+            channel.write(frame).whenSuccess { done += 1 }
+        }
+        // Before the flush only what had to go (the buffers before the large data, and it) left.
+        var early: [ByteBuffer] = []
+        while let buffer = try channel.readOutbound(as: ByteBuffer.self) { early.append(buffer) }
+        #expect(done == 0)
+        channel.flush()
+        #expect(done == frames.count)
+        var buffers = early
+        while let buffer = try channel.readOutbound(as: ByteBuffer.self) { buffers.append(buffer) }
+        // 11 small frames of ~4 KiB in buffers of at least 16 KiB, and the large data on its own.
+        #expect(buffers.count <= 6, "\(buffers.map(\.readableBytes))")
+        #expect(buffers.contains { piece in
+            piece.withUnsafeReadableBytes { p in big.withUnsafeReadableBytes { $0.baseAddress == p.baseAddress && $0.count == p.count } }
+        }, "the large data went down the pipeline as the caller's buffer")
+        var stream = ByteBuffer()
+        for buffer in buffers { stream.writeImmutableBuffer(buffer) }
+        let decoder = FrameDecoder(knownFlags: FrameType.dataPlane)
+        var decoded: [Frame] = []
+        while let frame = try decoder.nextFrame(from: &stream) { decoded.append(frame) }
+        #expect(decoded == frames)
+        #expect(stream.readableBytes == 0)
     }
 
     // MARK: - Malformed payloads

@@ -205,7 +205,8 @@ extension PrimaryVolume {
         let replacement: Pending.Wait? = config.plantedBug == .skipBitmapOnDegrade ? nil
             : peer.policy.onPeerLoss == .block && peer.isDirect ? .peerClear(name) : .persist(nextToken)
         if replacement.map({ if case .persist = $0 { return true } else { return false } }) ?? false { persistNeeded = true }
-        for (seq, var request) in requests {
+        for seq in requests.sequences {
+            guard var request = requests[seq] else { continue }
             var changed = false
             func convert(_ waits: [Pending.Wait]) -> [Pending.Wait] {
                 waits.compactMap { wait in

@@ -240,7 +240,7 @@ extension PrimaryVolume {
             through = min(through, peer.ackedSeq)
         }
         // Entries of requests not yet answered stay: their payload is read from the journal.
-        if let oldest = requestOrder.first { through = min(through, oldest - 1) }
+        if let oldest = requests.oldest { through = min(through, oldest - 1) }
         if through > journal.trimmedThrough {
             journal.trim(through: through)
             out.append(.trimJournal(throughSeq: through))

@@ -228,9 +228,7 @@ public struct PrimaryVolume: Sendable {
     var sequenceCeiling: UInt64
     /// Highest sequence admitted by the lock: every request up to it is admitted (a prefix).
     var lastAdmitted: UInt64
-    var requests: [UInt64: Pending] = [:]
-    /// The keys of `requests`, ascending (sequences are given out in order).
-    var requestOrder: [UInt64] = []
+    var requests = RequestTable<Pending>()
     /// Flushes admitted and not yet issued locally (``issueFlushes`` has work only then).
     var flushesWaiting = 0
     var lock = IntervalLock()
@@ -376,7 +374,6 @@ public struct PrimaryVolume: Sendable {
             }
         }
         requests[seq] = pending
-        requestOrder.append(seq)
         gate.append((seq, token))
         drainGate(&out)
         finish(&out)
@@ -393,7 +390,6 @@ public struct PrimaryVolume: Sendable {
             token = nextToken
         }
         requests[seq] = Pending(kind: .internalFlush, range: nil, fua: false)
-        requestOrder.append(seq)
         internalCheckpointRunning = true
         gate.append((seq, token))
         drainGate(&out)
@@ -481,12 +477,11 @@ public struct PrimaryVolume: Sendable {
     /// only writes that completed.
     mutating func issueFlushes(_ out: inout [Action]) {
         guard flushesWaiting > 0 else { return }
-        for seq in requestOrder {
-            guard var request = requests[seq] else { continue }
-            if (request.kind == .write || request.kind == .zero) && !request.localDone { break }
-            guard request.admitted, !request.localIssued, request.kind == .flush || request.kind == .internalFlush else { continue }
-            request.localIssued = true
-            requests[seq] = request
+        for seq in requests.sequences {
+            guard let kind = requests[seq]?.kind else { continue }
+            if (kind == .write || kind == .zero) && requests[seq]?.localDone == false { break }
+            guard requests[seq]?.admitted == true, requests[seq]?.localIssued == false, kind == .flush || kind == .internalFlush else { continue }
+            requests[seq]?.localIssued = true
             flushesWaiting -= 1
             out.append(.flushLocal(seq: seq))
         }
@@ -603,36 +598,40 @@ public struct PrimaryVolume: Sendable {
         }
     }
 
+    /// Looks at every request in flight where it lies (no copies: this runs after every event).
     mutating func completeReady(_ out: inout [Action]) {
         var checkpointDone: [UInt64] = []
-        var removed = false
         var memo = AckMemo()
-        defer { if removed { requestOrder.removeAll { requests[$0] == nil } } }
-        for seq in requestOrder {
-            guard var request = requests[seq], request.admitted, request.localDone else { continue }
+        var internalDone = false
+        // Out of `self` while it is changed, so the checks below may read the rest of `self`.
+        var table = requests
+        requests = RequestTable()
+        table.update { seq, request in
+            guard request.admitted, request.localDone else { return true }
             if !request.clientAnswered {
                 let ackEarly = config.plantedBug == .ackBeforePeer && request.kind == .write
-                guard ackEarly || request.waits.allSatisfy({ isSatisfied($0, &memo) }) else { continue }
+                guard ackEarly || request.waits.allSatisfy({ isSatisfied($0, &memo) }) else { return true }
                 request.clientAnswered = true
                 if request.kind != .internalFlush {
                     out.append(.complete(seq: seq, error: request.error))
                 }
             }
             if request.kind == .flush || request.kind == .internalFlush {
-                guard request.checkpointWaits.allSatisfy({ isSatisfied($0, &memo) }) else { requests[seq] = request; continue }
+                guard request.checkpointWaits.allSatisfy({ isSatisfied($0, &memo) }) else { return true }
                 checkpointDone.append(seq)
             }
-            requests[seq] = nil
-            removed = true
-            if request.kind == .internalFlush { internalCheckpointRunning = false }
+            if request.kind == .internalFlush { internalDone = true }
+            return false
         }
+        requests = table
+        if internalDone { internalCheckpointRunning = false }
         for seq in checkpointDone { trimActivityLog(before: seq) }
     }
 
     /// Every write before `seq` is durable here and on every peer, or in its persisted bitmap,
     /// or in the durable journal: their extents may leave the activity log.
     mutating func trimActivityLog(before seq: UInt64) {
-        let inFlight = Set(requests.values.compactMap { $0.range }.flatMap { extents(of: $0).map(Array.init) ?? [] })
+        let inFlight = Set(requests.inFlight.compactMap { $0.range }.flatMap { extents(of: $0).map(Array.init) ?? [] })
         var removed = false
         for extent in activityLog where (extentLastSeq[extent] ?? 0) < seq && !inFlight.contains(extent) {
             activityLog.remove(extent)
