@@ -73,3 +73,48 @@ struct DirtyBitmapTests {
         #expect(PrimaryVolume.Config.regionSize(forVolumeSize: size) == expected)
     }
 }
+
+struct RequestTableTests {
+    /// Random adds (in sequence order, with gaps), changes in place and removals, long-lived
+    /// requests among them, against a dictionary: the same contents, order, count and oldest.
+    @Test func behavesAsAnOrderedDictionary() {
+        var rng = SeededRandom(seed: 11)
+        var table = RequestTable<Int>()
+        var model: [UInt64: Int] = [:]
+        var next: UInt64 = 1
+        for step in 0..<20_000 {
+            switch rng.next() % 10 {
+            case 0...3:
+                next += rng.next() % 3 == 0 ? 2 : 1
+                table[next] = step
+                model[next] = step
+            case 4...6:
+                // Leave about in order: mostly one of the oldest, sometimes any.
+                let keys = model.keys.sorted()
+                guard !keys.isEmpty else { continue }
+                let pick = rng.next() % 4 == 0 ? keys[Int(rng.next() % UInt64(keys.count))] : keys[Int(rng.next() % UInt64(min(3, keys.count)))]
+                if pick == keys.first, rng.next() % 50 == 0 { continue }   // the oldest lingers now and then
+                table[pick] = nil
+                model[pick] = nil
+            case 7:
+                table.update { seq, value in
+                    value += 1
+                    model[seq]! += 1
+                    return seq % 7 != 0 || { model[seq] = nil; return false }()
+                }
+            default:
+                if let key = model.keys.randomElement(using: &rng) {
+                    table[key]? *= 2
+                    model[key]! *= 2
+                }
+                #expect(table[next + 1] == nil)
+            }
+            #expect(table.count == model.count)
+            #expect(table.oldest == model.keys.min())
+            if step % 97 == 0 {
+                #expect(table.sequences.filter { table[$0] != nil } == model.keys.sorted())
+                #expect(table.inFlight == model.keys.sorted().map { model[$0]! })
+            }
+        }
+    }
+}
