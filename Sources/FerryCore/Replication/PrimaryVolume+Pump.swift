@@ -8,7 +8,10 @@ extension PrimaryVolume {
     /// Sends what the peer's session has room for: journal entries, catch-up and point regions,
     /// cut barriers, and the end of a catch-up or point.
     mutating func pump(_ name: String, _ out: inout [Action]) {
-        guard peers[name]?.session?.open == true, var peer = takePeer(name) else { return }
+        // This runs for every peer after every event; most of the time there is nothing to do,
+        // and finding that out reads the peer where it lies instead of taking it out and back.
+        guard let i = peers.index(forKey: name), peers.values[i].session?.open == true,
+              pumpHasWork(peers.values[i]), var peer = takePeer(name) else { return }
         var session = peer.session!
         peer.session = nil   // `session` alone holds its arrays: appending copies nothing
         let link = session.link
@@ -140,6 +143,16 @@ extension PrimaryVolume {
             tickets[ticket] = .regionRead(peer: name, link, regions: regions, forPoint: forPoint)
             admitInOrder(lock.enqueue(ticket, range: peer.dirty.range(ofRegions: regions)), &out)
         }
+    }
+
+    /// Whether ``pump(_:_:)`` has anything to do for `peer` (whose session is open): a journal to
+    /// stream, a catch-up or a point under way, or a sync peer's cut due.
+    func pumpHasWork(_ peer: PeerState) -> Bool {
+        if peer.journaled && peer.session?.journalCursor != nil { return true }
+        if peer.session?.catchUp != nil && peer.session?.catchUp?.endIndex == nil { return true }
+        if peer.point != nil && peer.point?.barrierIndex == nil { return true }
+        return peer.isDirect && peer.session?.catchUp == nil && peer.session?.lastWasBarrier == false
+            && now.monotonicNanos - (peer.session?.lastCutAt ?? 0) >= config.directCutIntervalNanos
     }
 
     /// A run's turn in the lock came: every write before it is on the image, none after. Sends
