@@ -17,8 +17,9 @@ import NIOPosix
 ///   (stream order is the machine's order), journal appends, catch-up reads (a region is read
 ///   when the machine admits it, so it holds every earlier write and no later one);
 /// - after the lock, what is slow or calls out: local writes (inline on the caller's thread, on the
-///   page cache), zeroing and fdatasync on the thread pool, metadata persists (one at a time, in
-///   token order), answering clients.
+///   page cache; after the link's send when they went to a peer on a link sharing that thread's
+///   loop, ``writeAfterSending(_:on:)``), zeroing and fdatasync on the thread pool, metadata
+///   persists (one at a time, in token order), answering clients.
 /// A local write done outside the lock is safe: the machine admits an overlapping request, or a
 /// region read, only after the write reported done.
 public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
@@ -103,6 +104,13 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
     /// Stops the timers and flushes the image and metadata (a clean shutdown).
     public func stop() {
         ticker.withLockedValue { $0?.cancel(); $0 = nil }
+        // Writes still waiting for their frames to go out (``writeAfterSending(_:on:)``) reach the
+        // image before it is flushed.
+        let waiting = localQueue.withLockedValue { queue in
+            defer { queue.writes = [] }
+            return queue.writes
+        }
+        if !waiting.isEmpty { writeLocally(waiting) }
         do {
             try image.flush()
             try journalLock.withLock { try journal?.sync() }
