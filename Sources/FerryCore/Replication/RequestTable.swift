@@ -84,7 +84,7 @@ struct RequestTable<Value: Sendable>: Sendable {
         if removed > 0 { left(removed) }
     }
 
-        /// `n` requests left (their values are nil now): move `start` past the front's holes, and
+    /// `n` requests left (their values are nil now): move `start` past the front's holes, and
     /// squeeze the holes out once they are half the table.
     private mutating func left(_ n: Int) {
         count -= n
