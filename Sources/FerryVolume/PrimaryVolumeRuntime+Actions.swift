@@ -83,6 +83,8 @@ extension PrimaryVolumeRuntime {
                     item.isZero = true   // a hole goes as zeroing: no data on the wire
                 } else {
                     data = try? image.read(offset: item.range.offset, length: Int(item.range.length), allocator: ByteBufferAllocator())
+                    // Read once for the peer: not worth keeping cached (``VolumeImage/dropCached``).
+                    image.dropCached(offset: item.range.offset, length: item.range.length)
                 }
                 if !item.isZero, let buffer = data, buffer.readableBytesView.allSatisfy({ $0 == 0 }) {
                     item.isZero = true

@@ -186,6 +186,25 @@ struct ReplicationTests {
         #expect(try sites.imagesIdentical(), "west differs from east")
     }
 
+    /// An initial sync reads the whole of an allocated image once; it must not leave it in the
+    /// page cache. Readahead caches it in large folios, and a 4 KiB client write into one costs
+    /// ext4 about twice a write into a page of its own (sync 4k QD32: 21k IOPS after the initial
+    /// sync of a fully allocated 1 GiB image, 36k with the pages dropped).
+    @Test func anInitialSyncLeavesThePrimarysImageOutOfThePageCache() throws {
+        let fincore = try requireTool("fincore", package: "util-linux")
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }"], size: "64M")
+        // The image is all data before east starts, written around the page cache.
+        try FileManager.default.createDirectory(atPath: sites.east.dataDirectory + "/volumes", withIntermediateDirectories: true)
+        try run("/usr/bin/dd", ["if=/dev/urandom", "of=\(sites.east.imagePath("vm1"))", "bs=1M", "count=64", "oflag=direct", "status=none"])
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        let cached = try run(fincore, ["--bytes", "--noheadings", "--output", "RES", sites.east.imagePath("vm1")])
+            .stdout.trimmingCharacters(in: .whitespacesAndNewlines)
+        #expect((UInt64(cached) ?? .max) <= 8 << 20, "east's image keeps \(cached) bytes of its 64 MiB in the page cache after the initial sync")
+        #expect(try sites.imagesIdentical(), "west differs from east")
+    }
+
     /// Fan-out: one volume to two peers at once, sync and async.
     @Test func fanOutToASyncAndAnAsyncPeer() throws {
         let fio = try requireTool("fio", package: "fio")
