@@ -9,8 +9,6 @@ struct RequestTable<Value: Sendable>: Sendable {
     private var seqs: [UInt64] = []
     private var values: [Value?] = []
     private var start = 0
-    /// Nil values at or after `start`.
-    private var holes = 0
     private(set) var count = 0
 
     var isEmpty: Bool { count == 0 }
@@ -42,7 +40,7 @@ struct RequestTable<Value: Sendable>: Sendable {
                 let had = values[i] != nil
                 yield &values[i]
                 let has = values[i] != nil
-                if had && !has { left(1) } else if !had && has { count += 1; holes -= 1 }
+                if had && !has { left(1) } else if !had && has { count += 1 }
             } else {
                 var value: Value?
                 yield &value
@@ -88,17 +86,12 @@ struct RequestTable<Value: Sendable>: Sendable {
     /// squeeze the holes out once they are half the table.
     private mutating func left(_ n: Int) {
         count -= n
-        holes += n
-        while start < seqs.count, values[start] == nil {
-            start += 1
-            holes -= 1
-        }
+        while start < seqs.count, values[start] == nil { start += 1 }
         if start == seqs.count {
             seqs.removeAll(keepingCapacity: true)
             values.removeAll(keepingCapacity: true)
             start = 0
-            holes = 0
-        } else if start + holes >= 32, 2 * (start + holes) >= seqs.count {
+        } else if seqs.count - count >= 32, 2 * (seqs.count - count) >= seqs.count {
             var keptSeqs: [UInt64] = []
             var kept: [Value?] = []
             keptSeqs.reserveCapacity(seqs.count)
@@ -110,7 +103,6 @@ struct RequestTable<Value: Sendable>: Sendable {
             seqs = keptSeqs
             values = kept
             start = 0
-            holes = 0
         }
     }
 }
