@@ -6,8 +6,7 @@ extension PrimaryVolume {
         guard var peer = takePeer(name) else { return }
         switch peer.policy.mode {
         case .sync, .semiSync:
-            if var session = peer.session, session.open {
-                peer.session = nil   // `session` alone holds its arrays: appending copies nothing
+            if peer.session?.open == true, var session = peer.takeSession() {
                 let index = session.take()
                 let item = ReplicationItem(epoch: config.epoch, index: index, seq: seq, range: range, isZero: isZero)
                 out.append(.send(peer: name, session.link, .write(item)))
@@ -68,8 +67,7 @@ extension PrimaryVolume {
         guard var peer = takePeer(name) else { return }
         switch peer.policy.mode {
         case .sync, .semiSync:
-            if var session = peer.session, session.open {
-                peer.session = nil
+            if peer.session?.open == true, var session = peer.takeSession() {
                 let index = session.take()
                 out.append(.send(peer: name, session.link, .barrier(ReplicationBarrier(epoch: config.epoch, index: index, seq: seq, kind: .flush))))
                 session.record(at: now.monotonicNanos, SentItem(index: index, kind: .barrier(.flush, seq: seq), range: nil, bytes: 0))
@@ -243,7 +241,7 @@ extension PrimaryVolume {
             finish(&out)
             return out
         }
-        guard peers[name]?.session?.link == link, var peer = takePeer(name) else { return out }
+        guard peers[name]?.hasSession(on: link) == true, var peer = takePeer(name) else { return out }
         let isOpen = peer.session!.open
         switch message {
         case .position(let position):

@@ -10,10 +10,11 @@ extension PrimaryVolume {
     mutating func pump(_ name: String, _ out: inout [Action]) {
         // This runs for every peer after every event; most of the time there is nothing to do,
         // and finding that out reads the peer where it lies instead of taking it out and back.
-        guard let i = peers.index(forKey: name), peers.values[i].session?.open == true,
-              pumpHasWork(peers.values[i]), var peer = takePeer(name) else { return }
-        var session = peer.session!
-        peer.session = nil   // `session` alone holds its arrays: appending copies nothing
+        let nowNanos = now.monotonicNanos, cutInterval = config.directCutIntervalNanos
+        guard let i = peers.index(forKey: name),
+              peers.values[i].pumpHasWork(now: nowNanos, cutInterval: cutInterval),
+              var peer = takePeer(name) else { return }
+        var session = peer.takeSession()!
         let link = session.link
         // Async: stream the journal.
         if peer.journaled, var cursor = session.journalCursor {
@@ -145,22 +146,11 @@ extension PrimaryVolume {
         }
     }
 
-    /// Whether ``pump(_:_:)`` has anything to do for `peer` (whose session is open): a journal to
-    /// stream, a catch-up or a point under way, or a sync peer's cut due.
-    func pumpHasWork(_ peer: PeerState) -> Bool {
-        if peer.journaled && peer.session?.journalCursor != nil { return true }
-        if peer.session?.catchUp != nil && peer.session?.catchUp?.endIndex == nil { return true }
-        if peer.point != nil && peer.point?.barrierIndex == nil { return true }
-        return peer.isDirect && peer.session?.catchUp == nil && peer.session?.lastWasBarrier == false
-            && now.monotonicNanos - (peer.session?.lastCutAt ?? 0) >= config.directCutIntervalNanos
-    }
-
     /// A run's turn in the lock came: every write before it is on the image, none after. Sends
     /// what of it still needs sending, as items of adjacent regions.
     mutating func regionReadAdmitted(peer name: String, link: LinkID, regions run: Range<Int>, forPoint: Bool, _ out: inout [Action]) {
-        guard peers[name]?.session?.link == link, var peer = takePeer(name) else { return }
-        var session = peer.session!
-        peer.session = nil
+        guard peers[name]?.hasSession(on: link) == true, var peer = takePeer(name) else { return }
+        var session = peer.takeSession()!
         /// Splits `run` into the sub-runs `key` maps to the same value (nil: not sent).
         func pieces<K: Equatable>(_ key: (Int) -> K?) -> [(Range<Int>, K)] {
             var result: [(Range<Int>, K)] = []
@@ -383,5 +373,23 @@ extension PrimaryVolume {
         guard !fenced else { return [] }
         fenced = true
         return [.fence(reason: reason)]
+    }
+}
+
+extension PeerState {
+    /// Whether ``PrimaryVolume/pump(_:_:)`` has anything to do for this peer: its session is
+    /// open, and it has a journal to stream, a catch-up or a point under way, or, synchronous,
+    /// a cut due.
+    ///
+    /// `mutating` though it changes nothing, so that the check runs on the peer where it lies in
+    /// the dictionary (through `_modify`): reading it through the getter copied the whole state,
+    /// and checking it in a method of `PrimaryVolume` copied the volume too, after every event.
+    mutating func pumpHasWork(now: Int64, cutInterval: Int64) -> Bool {
+        guard session?.open == true else { return false }
+        if journaled && session?.journalCursor != nil { return true }
+        if session?.catchUp != nil && session?.catchUp?.endIndex == nil { return true }
+        if point != nil && point?.barrierIndex == nil { return true }
+        return isDirect && session?.catchUp == nil && session?.lastWasBarrier == false
+            && now - (session?.lastCutAt ?? 0) >= cutInterval
     }
 }

@@ -291,6 +291,19 @@ struct PeerState: Sendable {
     }
 
     var isDirect: Bool { policy.mode == .sync || policy.mode == .semiSync }
+
+    /// Moves the session out (nil left behind), so that while it is changed it alone holds its
+    /// arrays (appending copies nothing), and no copy of it is made on the way.
+    mutating func takeSession() -> Session? {
+        var taken: Session?
+        swap(&taken, &session)
+        return taken
+    }
+
+    /// Whether the session is on `link`. `mutating` though it changes nothing, so that it reads
+    /// the peer where it lies in the dictionary (`peers[name]?.hasSession(on:)` goes through
+    /// `_modify`): the getter copies the whole state.
+    mutating func hasSession(on link: LinkID) -> Bool { session?.link == link }
 }
 
 /// What status shows for one peer of a volume.

@@ -549,21 +549,13 @@ public struct PrimaryVolume: Sendable {
                         regionSize: config.regionSize, lastWrites: lastWrites)
     }
 
-    /// Each peer's session acks, looked up once per ``completeReady`` rather than once per wait
-    /// (a peer's state is large, and a lookup copies it).
+    /// Each peer's session acks, read once per ``completeReady`` (in place: see
+    /// `PeerState.ackMemoEntry`) rather than once per wait.
     struct AckMemo {
         struct Entry {
             var name: String
             var link: LinkID?
             var received: UInt64, written: UInt64, durable: UInt64
-
-            init(name: String, session: Session?) {
-                self.name = name
-                link = session?.link
-                received = session?.acked(.received) ?? 0
-                written = session?.acked(.written) ?? 0
-                durable = session?.acked(.durable) ?? 0
-            }
 
             func acked(_ level: AckLevel) -> UInt64 {
                 switch level {
@@ -576,16 +568,10 @@ public struct PrimaryVolume: Sendable {
         var entries: [Entry] = []
     }
 
-    func isSatisfied(_ wait: Pending.Wait, _ memo: inout AckMemo) -> Bool {
+    func isSatisfied(_ wait: Pending.Wait, _ memo: AckMemo) -> Bool {
         switch wait {
         case .ack(let name, let link, let index, let level):
-            let entry: AckMemo.Entry
-            if let found = memo.entries.first(where: { $0.name == name }) {
-                entry = found
-            } else {
-                entry = AckMemo.Entry(name: name, session: peers[name]?.session)
-                memo.entries.append(entry)
-            }
+            guard let entry = memo.entries.first(where: { $0.name == name }) else { return false }
             return entry.link == link && entry.acked(level) >= index
         case .persist(let token):
             return persistedToken >= token
@@ -602,6 +588,7 @@ public struct PrimaryVolume: Sendable {
     mutating func completeReady(_ out: inout [Action]) {
         var checkpointDone: [UInt64] = []
         var memo = AckMemo()
+        for i in peers.indices { memo.entries.append(peers.values[i].ackMemoEntry()) }
         var internalDone = false
         // Out of `self` while it is changed, so the checks below may read the rest of `self`.
         var table = requests
@@ -610,14 +597,14 @@ public struct PrimaryVolume: Sendable {
             guard request.admitted, request.localDone else { return true }
             if !request.clientAnswered {
                 let ackEarly = config.plantedBug == .ackBeforePeer && request.kind == .write
-                guard ackEarly || request.waits.allSatisfy({ isSatisfied($0, &memo) }) else { return true }
+                guard ackEarly || request.waits.allSatisfy({ isSatisfied($0, memo) }) else { return true }
                 request.clientAnswered = true
                 if request.kind != .internalFlush {
                     out.append(.complete(seq: seq, error: request.error))
                 }
             }
             if request.kind == .flush || request.kind == .internalFlush {
-                guard request.checkpointWaits.allSatisfy({ isSatisfied($0, &memo) }) else { return true }
+                guard request.checkpointWaits.allSatisfy({ isSatisfied($0, memo) }) else { return true }
                 checkpointDone.append(seq)
             }
             if request.kind == .internalFlush { internalDone = true }
@@ -703,5 +690,15 @@ enum PlantedBug: String, Sendable, CaseIterable {
         case .promoteInconsistent, .promoteWithoutNewEpoch, .skipKeepAside, .rejoinWithoutNeeds, .rollbackNotResent, .skipUndo: true
         default: false
         }
+    }
+}
+
+extension PeerState {
+    /// What ``PrimaryVolume/completeReady(_:)`` needs of this peer's acks. `mutating` though it
+    /// changes nothing, so that it reads the peer where it lies in the dictionary (`_modify`):
+    /// the getter copies the whole state.
+    mutating func ackMemoEntry() -> PrimaryVolume.AckMemo.Entry {
+        .init(name: name, link: session?.link, received: session?.acked(.received) ?? 0,
+              written: session?.acked(.written) ?? 0, durable: session?.acked(.durable) ?? 0)
     }
 }
