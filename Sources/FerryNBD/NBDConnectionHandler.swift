@@ -114,13 +114,25 @@ final class NBDConnectionHandler: ChannelInboundHandler {
         inReadBurst = true
         // Parse from a local buffer: handling a message may close the connection, which clears
         // `cumulation`, so the property must not be borrowed while parsing.
-        var buffer: ByteBuffer
+        var buffer = incoming
         if var pending = cumulation {
             cumulation = nil
-            pending.writeBuffer(&incoming)
-            buffer = pending
-        } else {
-            buffer = incoming
+            if let lacking = bytesCompleting(pending, from: incoming), lacking < incoming.readableBytes {
+                // Only what the partial request lacks is copied; the rest is parsed where it lies
+                // (copying all of `incoming` behind it was one copy of every byte of 1 MiB writes).
+                var head = incoming.readSlice(length: lacking)!
+                pending.writeBuffer(&head)
+                parse(&pending)
+                if pending.readableBytes > 0 {  // it paused first: keep both, in order
+                    pending.writeBuffer(&incoming)
+                    buffer = pending
+                } else {
+                    buffer = incoming
+                }
+            } else {
+                pending.writeBuffer(&incoming)
+                buffer = pending
+            }
         }
         parse(&buffer)
         if buffer.readableBytes > 0, phase != .closed {
@@ -199,6 +211,25 @@ final class NBDConnectionHandler: ChannelInboundHandler {
             }
             if !progressed || buffer.readerIndex == before { return }
         }
+    }
+
+    /// How many bytes of `incoming` complete the request whose beginning `pending` holds, when
+    /// its header can be read from the two (nil otherwise, or outside transmission).
+    private func bytesCompleting(_ pending: ByteBuffer, from incoming: ByteBuffer) -> Int? {
+        guard phase == .transmission, streamingWrite == nil else { return nil }
+        let have = pending.readableBytes
+        guard have < 28 + NBD.maxPayload, have + incoming.readableBytes >= 28 else { return nil }
+        func header(_ i: Int) -> UInt64 {
+            let byte = i < have ? pending.getInteger(at: pending.readerIndex + i, as: UInt8.self)!
+                                : incoming.getInteger(at: incoming.readerIndex + i - have, as: UInt8.self)!
+            return UInt64(byte)
+        }
+        func field(_ at: Int, _ size: Int) -> UInt64 { (at..<at + size).reduce(0) { $0 << 8 | header($1) } }
+        let isWrite = field(6, 2) == UInt64(NBD.Command.write)
+        let length = field(24, 4)
+        guard !isWrite || length <= UInt64(NBD.maxPayload) else { return nil }  // parse reports it
+        let total = 28 + (isWrite ? Int(length) : 0)
+        return total > have ? total - have : nil
     }
 
     /// When a large WRITE payload is arriving in pieces, grow the buffer once to its full size

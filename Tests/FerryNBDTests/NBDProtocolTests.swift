@@ -263,6 +263,46 @@ func be<T: FixedWidthInteger>(_ v: T) -> [UInt8] { withUnsafeBytes(of: v.bigEndi
         #expect(c.device.byte(at: 65536 + 65535) == payload[65535])
     }
 
+    /// A stream of writes (of several sizes) and flushes, cut into reads of each of these sizes
+    /// so that every request is split somewhere (in its header or its payload), comes whole, or
+    /// comes with the beginning of the next: every one is answered, in order, and written.
+    @Test(arguments: [1, 5, 27, 28, 29, 511, 4097, 9001, 70000])
+    func requestsSplitAnywhereAreAllAnsweredInOrder(readSize: Int) throws {
+        let c = try NBDTestClient()
+        try c.handshake(structured: false)
+        var stream: [UInt8] = []
+        var expected: [(cookie: UInt64, offset: Int, payload: [UInt8])] = []
+        let sizes = [512, 4096, 1536, 8192, 2560]
+        for i in 0..<24 {
+            let cookie = UInt64(100 + i)
+            if i % 5 == 4 {
+                stream += be(UInt32(0x2560_9513)) + be(UInt16(0)) + be(UInt16(3)) + be(cookie) + be(UInt64(0)) + be(UInt32(0))
+                expected.append((cookie, 0, []))
+                continue
+            }
+            let offset = i * 16384
+            let payload = (0..<sizes[i % sizes.count]).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ i) }
+            stream += be(UInt32(0x2560_9513)) + be(UInt16(0)) + be(UInt16(1)) + be(cookie) + be(UInt64(offset))
+                + be(UInt32(payload.count)) + payload
+            expected.append((cookie, offset, payload))
+        }
+        var replies = ByteBuffer()
+        for start in stride(from: 0, to: stream.count, by: readSize) {
+            try c.send(Array(stream[start..<min(start + readSize, stream.count)]))
+            var more = try c.received()
+            replies.writeBuffer(&more)
+        }
+        let answered = c.simpleReplies(&replies)
+        #expect(answered.map(\.cookie) == expected.map(\.cookie))
+        #expect(answered.allSatisfy { $0.error == 0 })
+        for write in expected where !write.payload.isEmpty {
+            #expect(c.device.byte(at: write.offset) == write.payload.first)
+            #expect(c.device.byte(at: write.offset + write.payload.count - 1) == write.payload.last)
+            #expect(c.device.byte(at: write.offset + write.payload.count / 2) == write.payload[write.payload.count / 2])
+        }
+        #expect(c.isOpen)
+    }
+
     @Test(arguments: [false, true])
     func largeWritesAreWrittenAsTheyArrive(failing: Bool) throws {
         let c = try NBDTestClient()
