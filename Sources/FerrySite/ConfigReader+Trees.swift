@@ -150,13 +150,14 @@ extension ConfigReader {
         } else if let mapping = map(node, at: fields.path("keep"), line: fields.line(of: "keep"), expected: "a grid or a map with grid and last") {
             let keep = self.fields(of: mapping, at: fields.path("keep"), known: Self.keepKeys, line: fields.line(of: "keep"))
             gridText = text(keep, "grid", required: false, example: "\"24x1h | 30x1d\"")
-            if let text = text(keep, "last", required: false, example: "10") {
+            let lastText = text(keep, "last", required: false, example: "10")
+            if let text = lastText {
                 if let n = Int(text), n >= 1 { last = n } else {
                     report(keep.path("last"), "\"\(text)\" is not a count; give how many of the newest snapshots to keep, e.g. 10",
                            line: keep.line(of: "last"))
                 }
             }
-            if gridText == nil && last == nil {
+            if gridText == nil && lastText == nil {
                 report(fields.path("keep"), "empty; give grid, last or both, e.g. { grid: \"24x1h | 30x1d\", last: 10 }", line: fields.line(of: "keep"))
                 return nil
             }

@@ -74,12 +74,14 @@ extension Site {
                 lines.append("recovery points of \(name) on \(config.site.name) (no `history:` configured: only a running catch-up's or drill's base is kept):")
             }
             if points.isEmpty { lines.append("  none") }
-            lines.append(String(format: "  %-6@ %-27@ %-10@ %-10@ %@", "ID" as NSString, "TIME (UTC)" as NSString, "SEQUENCE" as NSString,
-                                "TO UNDO" as NSString, "KIND" as NSString))
+            // Columns padded by hand: `String(format: "%-6@")` does not pad on Linux.
+            func row(_ cells: String...) -> String {
+                "  " + zip(cells, [7, 28, 11, 11]).map { $0.padding($1) }.joined() + cells[4]
+            }
+            lines.append(row("ID", "TIME (UTC)", "SEQUENCE", "TO UNDO", "KIND"))
             for p in points {
-                lines.append(String(format: "  %-6@ %-27@ %-10@ %-10@ %@", "#\(p.id)" as NSString, Self.isoTime(p.time) as NSString,
-                                    "\(p.position.appliedSeq)" as NSString, ByteSize.format(replica.undo.undoBytes(after: p.id)) as NSString,
-                                    p.kind as NSString))
+                lines.append(row("#\(p.id)", Self.isoTime(p.time), "\(p.position.appliedSeq)",
+                                 ByteSize.format(replica.undo.undoBytes(after: p.id)), p.kind))
             }
             if let last = points.last {
                 lines.append("promote at one: `ferry promote \(name) --at \(last.id)` or `--at \(Self.isoTime(last.time))`; test one without downtime: `ferry drill \(name) --at \(last.id)`")

@@ -58,6 +58,9 @@ extension Site {
             .failure(RoleRefusal(reply: Self.reply(code, "error", text + suffix)))
         }
         guard let primary = context.engine.primary(name) else {
+            if context.volume.isPrimary, context.volume.config.replicas.isEmpty {
+                return refuse(404, "\(peer) is not a replica of \(name): \(name) is not replicated (it has no `replicas:`)")
+            }
             return refuse(409, "site \(me) is not the primary of \(name): run \(command) on the primary")
         }
         guard let link = primary.status().first(where: { $0.peer == peer }) else {

@@ -98,7 +98,7 @@ extension Site {
                 var lines = ["ID      TIME (source, UTC)     FILES        SIZE  ROOT"]
                 for s in all {
                     lines.append(String(format: "%-7lld ", s.id) + f.string(from: s.sourceTime).padding(toLength: 22, withPad: " ", startingAt: 0)
-                                 + String(format: " %8lld  %10@  %@", s.files, ByteSize.format(UInt64(s.bytes)), String(s.root.prefix(12))))
+                                 + String(format: " %8lld  ", s.files) + ByteSize.format(UInt64(s.bytes)).padding(leading: 10) + "  " + s.root.prefix(12))
                 }
                 lines.append("restore one with: ferry tree restore \(name) --at ID|TIME --to DIR [--path SUBPATH]")
                 return reply(200, "message", lines.joined(separator: "\n"))

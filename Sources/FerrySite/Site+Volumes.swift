@@ -352,6 +352,9 @@ extension Site {
         guard let volume = state.withLockedValue({ $0.volumes.first { $0.config.name == name } }) else {
             return reply(404, "error", "no volume \"\(name)\" is configured on site \(config.site.name)")
         }
+        if volume.isPrimary, volume.config.replicas.isEmpty {
+            return reply(409, "error", "volume \(name) has no scheduled replica: it is not replicated (it has no `replicas:`)")
+        }
         guard let runtime = volume.primary else {
             return reply(409, "error", "site \(config.site.name) is not the primary of \(name) (its primary is \(volume.config.primary)); run checkpoint there")
         }

@@ -453,7 +453,13 @@ extension SiteStatus {
 }
 
 extension String {
+    /// Left-aligned in a column of `width`, with at least one space after.
     func padding(_ width: Int) -> String {
         count >= width ? self + " " : self + String(repeating: " ", count: width - count)
+    }
+
+    /// Right-aligned in a column of `width` (`String(format: "%10@")` does not pad on Linux).
+    func padding(leading width: Int) -> String {
+        count >= width ? self : String(repeating: " ", count: width - count) + self
     }
 }

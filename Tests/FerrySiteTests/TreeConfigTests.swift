@@ -102,6 +102,15 @@ struct TreeConfigTests {
         #expect(problems.first { $0.path == "trees.www.mode" }?.message.contains("continuous") == true)
     }
 
+    @Test func aBadCountInKeepIsOneProblemNotTwo() {
+        let problems = ConfigFixture.problems(Self.yaml("""
+              www: { primary: east, source: /srv/www, replicas: { west: /x }, keep: { last: ten } }
+
+            """))
+        #expect(problems.map(\.path) == ["trees.www.keep.last"], "\(problems.map { "\($0.path): \($0.message)" })")
+        #expect(problems.first?.message.contains("not a count") == true)
+    }
+
     @Test func twoTreesInOneDirectoryOfThisSiteAreRefused() {
         let problems = ConfigFixture.problems(Self.yaml("""
               a: { primary: east, source: /srv/data, replicas: { west: /x } }

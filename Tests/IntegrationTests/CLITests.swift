@@ -110,6 +110,12 @@ struct CLITests {
         #expect(status.volumes.map(\.name) == ["vm1"])
         #expect(status.volumes[0].sizeBytes == 64 << 20)
         #expect(status.volumes[0].role == "primary")
+        // Commands about replicas say the volume is not replicated, not that this is no primary.
+        for args in [["checkpoint", "vm1"], ["verify", "vm1", "--peer", "west"], ["switchover", "vm1", "--to", "west"]] {
+            let refused = try run(ferry, args + ["--config", site.configPath], expect: 1)
+            #expect(refused.stderr.contains("not replicated") && !refused.stderr.contains("not the primary"),
+                    "\(args.joined(separator: " ")): \(refused.stderr)")
+        }
         site.stop()
         let down = try run(ferry, ["status", "--config", site.configPath], expect: 1)
         #expect(down.stderr.contains("no ferry daemon answers"))

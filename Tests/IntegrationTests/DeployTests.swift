@@ -92,9 +92,13 @@ struct DeployTests {
         let contents = try run(dpkgDeb, ["--contents", deb]).stdout
         for path in ["./usr/bin/ferry", "./lib/systemd/system/ferry@.service", "./usr/share/ferry/prometheus/ferry-rules.yml",
                      "./usr/share/doc/ferry/examples/east.yaml", "./usr/share/doc/ferry/copyright", "./usr/share/doc/ferry/operations.md",
+                     "./usr/share/doc/ferry/trees.md", "./usr/share/doc/ferry/monitoring.md",
                      "./usr/share/man/man1/ferry.1.gz"] {
             #expect(contents.contains(path), "\(path) missing from the package")
         }
+        // Removing the package stops the sites running its binary (docs/monitoring.md says so).
+        let prerm = try run(dpkgDeb, ["--info", deb, "prerm"], expect: nil).stdout
+        #expect(prerm.contains("systemctl --system stop 'ferry@*.service'"), "prerm: \(prerm)")
 
         // The binary from the package, on a PATH without the Swift toolchain and with no
         // library path: it needs only Debian's libraries.

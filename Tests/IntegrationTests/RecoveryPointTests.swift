@@ -62,6 +62,8 @@ struct RecoveryPointTests {
         let listed = try ferry(["points", "vm1"], sites.west)
         #expect(listed.status == 0 && listed.stdout.contains("#\(pointA?.id ?? 0) ") && listed.stdout.contains("history: 1h"),
                 "\(listed.stdout)\(listed.stderr)")
+        // Columns as docs/operations.md shows them.
+        #expect(listed.stdout.contains("  ID     TIME (UTC)                  SEQUENCE   TO UNDO    KIND"), "\(listed.stdout)")
         let onPrimary = try ferry(["points", "vm1"], sites.east)
         #expect(onPrimary.status == 1 && onPrimary.stderr.contains("kept on its secondaries"), "\(onPrimary.stderr)")
 

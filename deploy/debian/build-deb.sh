@@ -23,7 +23,7 @@ install -m 0644 "$root/deploy/systemd/ferry@.service" "$pkg/lib/systemd/system/f
 install -m 0644 "$root/deploy/prometheus/ferry-rules.yml" "$pkg/usr/share/ferry/prometheus/ferry-rules.yml"
 install -m 0644 "$root/deploy/prometheus/ferry-rules.test.yml" "$pkg/usr/share/ferry/prometheus/ferry-rules.test.yml"
 install -m 0644 "$root/deploy/debian/east.yaml" "$pkg/usr/share/doc/ferry/examples/east.yaml"
-for doc in README.md docs/configuration.md docs/operations.md docs/monitoring.md docs/replication.md BENCHMARKS.md; do
+for doc in README.md docs/configuration.md docs/operations.md docs/monitoring.md docs/replication.md docs/trees.md BENCHMARKS.md; do
     install -m 0644 "$root/$doc" "$pkg/usr/share/doc/ferry/$(basename "$doc")"
 done
 install -m 0644 "$root/deploy/debian/copyright" "$pkg/usr/share/doc/ferry/copyright"
@@ -43,6 +43,7 @@ sed "s/@VERSION@/$version/; s/@ARCH@/$arch/; s/@DEPENDS@/$depends/; s/@SIZE@/$si
     "$root/deploy/debian/control" > "$pkg/DEBIAN/control"
 install -m 0755 "$root/deploy/debian/postinst" "$pkg/DEBIAN/postinst"
 install -m 0755 "$root/deploy/debian/postrm" "$pkg/DEBIAN/postrm"
+install -m 0755 "$root/deploy/debian/prerm" "$pkg/DEBIAN/prerm"
 (cd "$pkg" && find usr lib -type f -exec md5sum {} + | sort -k2) > "$pkg/DEBIAN/md5sums"
 chmod 0644 "$pkg/DEBIAN/md5sums" "$pkg/DEBIAN/control"
 
