@@ -51,7 +51,15 @@ public final class ReceiveLog: @unchecked Sendable {
         var content: Content
         var start: UInt64
         var end: UInt64
+        /// Its payload, kept from the append until it is taken (see `keptLimit`).
+        var kept: ByteBuffer?
     }
+    /// Bytes of the payloads kept in memory. An async replica applies a group a few
+    /// milliseconds after it arrived; reading each item back cost a pread and a buffer per write.
+    /// Payloads under `copyBelow` are copied (a peer's receive buffer is not kept alive for them).
+    private var keptBytes = 0
+    static var keptLimit: Int { 16 << 20 }
+    static var copyBelow: Int { 64 << 10 }
 
     /// Live records, oldest first: the first `takenCount` are taken.
     private var records: [Record]
@@ -227,7 +235,18 @@ public final class ReceiveLog: @unchecked Sendable {
         // A failed write leaves bytes past `end`, which the next append overwrites.
         try FileIO.write(fd, offset: start, [header, body, trailer], path: path)
         let recordEnd = start + UInt64(Self.recordHeaderSize + body.readableBytes + 8)
-        records.append(Record(content: content, start: start, end: recordEnd))
+        var kept: ByteBuffer?
+        if let payload, keptBytes + payload.readableBytes <= Self.keptLimit {
+            if payload.readableBytes < Self.copyBelow {
+                var copy = allocator.buffer(capacity: payload.readableBytes)
+                copy.writeImmutableBuffer(payload)
+                kept = copy
+            } else {
+                kept = payload
+            }
+            keptBytes += payload.readableBytes
+        }
+        records.append(Record(content: content, start: start, end: recordEnd, kept: kept))
         end = recordEnd
     }
 
@@ -256,9 +275,16 @@ public final class ReceiveLog: @unchecked Sendable {
                 + "the replica state machine and its log disagree (a bug)")
         }
         var group: [(ReplicationItem, ByteBuffer?)] = []
-        for record in records[takenCount...last] {
+        for i in takenCount...last {
+            let record = records[i]
             guard case .item(let item, let length) = record.content else { continue }
             guard length > 0 else { group.append((item, nil)); continue }
+            if let kept = record.kept {
+                group.append((item, kept))
+                records[i].kept = nil
+                keptBytes -= kept.readableBytes
+                continue
+            }
             let payload = try FileIO.read(fd, offset: record.start + UInt64(Self.recordHeaderSize), count: Int(length),
                                           path: path, allocator: allocator)
             guard payload.readableBytes == Int(length) else {
@@ -303,6 +329,7 @@ public final class ReceiveLog: @unchecked Sendable {
             if durably { try FileIO.datasync(fd, path: path) }
         }
         takenGroups.removeFirst(groups)
+        keptBytes -= records[..<count].reduce(0) { $0 + ($1.kept?.readableBytes ?? 0) }
         records.removeFirst(count)
         takenCount -= count
     }
@@ -314,6 +341,7 @@ public final class ReceiveLog: @unchecked Sendable {
         let cut = takenCount == 0 ? 0 : records[takenCount - 1].end
         try FileIO.truncate(fd, to: cut, path: path)
         try FileIO.datasync(fd, path: path)
+        keptBytes -= records[takenCount...].reduce(0) { $0 + ($1.kept?.readableBytes ?? 0) }
         records.removeLast(records.count - takenCount)
         end = cut
         if cut == 0 { headerGeneration = 0 }
