@@ -75,8 +75,9 @@ struct DirtyBitmapTests {
 }
 
 struct RequestTableTests {
-    /// Random adds (in sequence order, with gaps), changes in place and removals, long-lived
-    /// requests among them, against a dictionary: the same contents, order, count and oldest.
+    /// Random adds (mostly in sequence order, with gaps; now and then an older one), changes in
+    /// place and removals, long-lived requests among them, against a dictionary: the same
+    /// contents, order, count and oldest.
     @Test func behavesAsAnOrderedDictionary() {
         var rng = SeededRandom(seed: 11)
         var table = RequestTable<Int>()
@@ -102,6 +103,12 @@ struct RequestTableTests {
                     model[seq]! += 1
                     return seq % 7 != 0 || { model[seq] = nil; return false }()
                 }
+            case 8:
+                // Older than the newest (the machine never does it; the table stays correct).
+                let seq = 1 + rng.next() % next
+                guard model[seq] == nil else { continue }
+                table[seq] = step
+                model[seq] = step
             default:
                 if let key = model.keys.randomElement(using: &rng) {
                     table[key]? *= 2
