@@ -66,8 +66,6 @@ public final class VolumeImage: Sendable {
         return hashes
     }
 
-    /// Reads `length` bytes at `offset` into a new buffer. Reads past the end are the caller's bug
-    /// (NBD checks ranges first); a short read at EOF is filled with zeros.
     /// Tells the kernel that what was just read up to `offset + length` will not be read again
     /// soon (`POSIX_FADV_DONTNEED`): clean pages leave the page cache. For bulk reads (a peer's
     /// initial sync or catch-up), which otherwise leave the volume cached in the large folios
@@ -83,6 +81,8 @@ public final class VolumeImage: Sendable {
         _ = posix_fadvise(fd, off_t(start), off_t(end - start), POSIX_FADV_DONTNEED)
     }
 
+    /// Reads `length` bytes at `offset` into a new buffer. Reads past the end are the caller's bug
+    /// (NBD checks ranges first); a short read at EOF is filled with zeros.
     public func read(offset: UInt64, length: Int, allocator: ByteBufferAllocator) throws -> ByteBuffer {
         var buffer = allocator.buffer(capacity: length)
         try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: length) { raw in
