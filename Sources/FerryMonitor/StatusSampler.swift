@@ -123,7 +123,11 @@ public final class StatusSampler: Sendable {
                     let key = Self.rowKey(v.name, nil)
                     sample.rows[key] = RowSample(lagBytes: 0, lagSeconds: 0, throughput: elapsed > 0 ? Double(received) / elapsed : 0)
                 }
-                let policies = config.volumes.first { $0.name == v.name }?.replicas ?? [:]
+                // As the primary's machine sees its peers: after a promotion, the first primary
+                // takes this site's place among them, with this site's policy.
+                let policies = config.volumes.first { $0.name == v.name }.map {
+                    RoleChange.peers(replicas: $0.replicas, firstPrimary: $0.primary, whenPrimaryIs: status.site.name)
+                } ?? [:]
                 for r in v.replicas {
                     replica(r, volume: v.name, policy: policies[r.peer], now: now, elapsed: elapsed, writer: &w, sample: &sample)
                 }

@@ -21,7 +21,7 @@ extension ConfigReader {
     static let keepKeys = ["grid", "last"]
 
     mutating func readTrees(_ node: Node?, line: Int?, siteName: String?, peerNames: [String]?,
-                            volumeNames: [String]) -> [TreeConfig] {
+                            volumeNames: [String], dataDirectory: String? = nil) -> [TreeConfig] {
         guard let mapping = map(node, at: "trees", line: line, expected: "a map from tree name to its source and replicas",
                                 hint: "; write each tree as `www:` with primary, source and replicas indented under it")
         else { return [] }
@@ -66,19 +66,36 @@ extension ConfigReader {
                                         bandwidthLimit: limit))
             }
         }
-        // Two trees replicating into the same directory on this site would undo each other.
+        // Two trees in one directory (or one inside the other) on this site would undo each
+        // other, and a replica's mirror holds only the tree: whatever else is in its target goes.
         if let siteName {
-            var seen: [String: String] = [:]
+            var seen: [(dir: String, tree: String)] = []
             for tree in trees {
-                for dir in [tree.primary == siteName ? tree.source : nil, tree.replicas[siteName]].compactMap({ $0 }) {
-                    if let other = seen[dir], other != tree.name {
-                        report("trees.\(tree.name)", "uses \(dir) on this site, as does tree \(other); give each tree its own directory")
+                let uses = [tree.primary == siteName ? (tree.source, "trees.\(tree.name).source") : nil,
+                            tree.replicas[siteName].map { ($0, "trees.\(tree.name).replicas.\(siteName)") }].compactMap { $0 }
+                for (dir, field) in uses {
+                    if let other = seen.first(where: { $0.tree != tree.name && Self.overlaps($0.dir, dir) }) {
+                        report(field, other.dir == dir
+                               ? "uses \(dir) on this site, as does tree \(other.tree); give each tree its own directory"
+                               : "\(dir) overlaps \(other.dir), which tree \(other.tree) uses on this site; "
+                                 + "give each tree a directory of its own, neither inside the other")
                     }
-                    seen[dir] = tree.name
+                    if let data = dataDirectory, Self.overlaps(dir, data) {
+                        let how = dir == data ? "is" : data.hasPrefix(dir + "/") || dir == "/" ? "holds" : "is inside"
+                        report(field, "\(dir) \(how) this site's data directory \(data) (site.data): the tree would "
+                               + (field.hasSuffix(".source") ? "replicate Ferry's own state" : "replace Ferry's own files with the tree")
+                               + "; give the tree a directory outside it")
+                    }
+                    seen.append((dir, tree.name))
                 }
             }
         }
         return trees.sorted { $0.name < $1.name }
+    }
+
+    /// Whether one of two normalized absolute paths is the other or lies inside it.
+    static func overlaps(_ a: String, _ b: String) -> Bool {
+        a == b || a == "/" || b == "/" || a.hasPrefix(b + "/") || b.hasPrefix(a + "/")
     }
 
     private mutating func treePath(_ fields: ConfigFields, _ key: String, example: String) -> String? {
@@ -109,6 +126,9 @@ extension ConfigReader {
             if case .scalar(let scalar) = value {
                 if scalar.string.isEmpty {
                     report(replicaPath, "\"\" is not a directory; give the target directory, e.g. \(name): { target: /srv/www }", line: keyLine)
+                } else if ConfigPath.resolve(scalar.string, against: directory) == "/" {
+                    report(replicaPath, "\"\(scalar.string)\" is the whole filesystem; give a directory under it, "
+                           + "e.g. \(name): /srv/www", line: keyLine)
                 } else {
                     target = ConfigPath.resolve(scalar.string, against: directory)
                 }

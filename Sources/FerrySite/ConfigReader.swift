@@ -36,7 +36,7 @@ struct ConfigReader {
         let peers = readPeers(fields["peers"], line: fields.keyLines["peers"], siteName: site.name, replication: listen?.replication)
         let volumes = readVolumes(fields["volumes"], line: fields.keyLines["volumes"], siteName: site.name, peerNames: peers.names)
         let trees = readTrees(fields["trees"], line: fields.keyLines["trees"], siteName: site.name, peerNames: peers.names,
-                              volumeNames: volumes.map(\.name))
+                              volumeNames: volumes.map(\.name), dataDirectory: site.dataDirectory)
         let logLevel = readLogLevel(fields)
 
         guard problems.isEmpty, let name = site.name, let data = site.dataDirectory, let listen, let logLevel

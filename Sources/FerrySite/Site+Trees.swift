@@ -55,6 +55,19 @@ extension Site {
 }
 
 extension Site {
+    /// Bytes from their hexadecimal digits (two a byte); nil for anything else.
+    static func bytes(hex: String) -> [UInt8]? {
+        let digits = Array(hex.utf8)
+        guard digits.count % 2 == 0 else { return nil }
+        var out: [UInt8] = []
+        out.reserveCapacity(digits.count / 2)
+        for i in stride(from: 0, to: digits.count, by: 2) {
+            guard let byte = UInt8(String(decoding: digits[i..<i + 2], as: UTF8.self), radix: 16) else { return nil }
+            out.append(byte)
+        }
+        return out
+    }
+
     /// `POST /v1/trees/NAME/{snapshots,restore,verify,sync}`.
     func treeAction(_ name: String, _ action: String, value: (String) -> String?) -> (code: Int, body: Data) {
         func reply(_ code: Int, _ key: String, _ text: String) -> (code: Int, body: Data) {
@@ -119,9 +132,17 @@ extension Site {
                 if let contents = try? FileManager.default.contentsOfDirectory(atPath: target), !contents.isEmpty {
                     return reply(409, "error", "\(target) is not empty; restore into a new or empty directory (nothing was written)")
                 }
-                let path = value("path").map { Array($0.utf8) } ?? []
+                // `pathhex`: the path's bytes (names need not be UTF-8); `path`: as text.
+                let path = value("pathhex").flatMap(Self.bytes(hex:)) ?? value("path").map { Array($0.utf8) } ?? []
                 let started = Date()
-                let stats = try repository.restore(snapshot, path: TreePath.components(path).reduce([], TreePath.join), to: target)
+                let existed = FileManager.default.fileExists(atPath: target)
+                let stats: TreeMirror.Stats
+                do {
+                    stats = try repository.restore(snapshot, path: TreePath.components(path).reduce([], TreePath.join), to: target)
+                } catch {
+                    if !existed { _ = rmdir(target) }   // made for this restore and still empty: gone again
+                    throw error
+                }
                 let seconds = String(format: "%.1f", Date().timeIntervalSince(started))
                 return reply(200, "message", "restored snapshot \(snapshot.id) of \(name) (as it was at \(ISO8601DateFormatter().string(from: snapshot.sourceTime)))"
                              + (path.isEmpty ? "" : ", \(TreePath.display(path)),") + " into \(target): \(stats.filesWritten) files, "

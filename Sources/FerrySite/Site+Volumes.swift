@@ -296,13 +296,19 @@ extension Site {
             status.roleNote = v.isPrimary
                 ? "\(me) is the primary since `ferry promote` (epoch \(v.record?.epoch ?? 0)) while the config names \(v.config.primary); "
                     + "in every site's config make \(me) its primary and \(v.config.primary) a replica"
-                : "\(me) is a secondary since `ferry demote` while the config names it primary; "
+                : "\(me) is a secondary (demoted, or it gave way to a newer primary) while the config names it primary; "
                     + "in every site's config make the promoted site its primary and \(me) a replica"
         }
         if let runtime = v.replica {
             let p = runtime.position
             status.replicaState = SiteStatus.ReplicaState(consistent: p.consistent, initialized: p.initialized, epoch: p.epoch,
                                                           appliedSequence: p.appliedSeq, bytesReceived: runtime.bytesReceived)
+            // The volume's epoch and line of history as this copy follows them (the catalog's are
+            // from when this site last was the primary).
+            status.epoch = max(status.epoch ?? 0, Int64(clamping: p.epoch))
+            if let lineage = p.lineage, !lineage.isEmpty {
+                status.history = lineage.map { .init(id: String($0.id, radix: 16), epoch: $0.epoch, branchSequence: $0.branchSeq) }
+            }
             status.lastError = runtime.lastError
             status.recoveryPoints = Self.recoveryPointsStatus(runtime)
         }

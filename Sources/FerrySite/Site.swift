@@ -115,6 +115,13 @@ public final class Site: Service, Sendable {
         } catch {
             throw SiteError("\(error)")
         }
+        // Peers know this site by the name in its certificate: a config naming it otherwise would
+        // have it take another site's role (its volumes' primary, its trees' replicas).
+        guard identity.siteName == config.site.name else {
+            throw SiteError("the data directory \(data) belongs to site \(identity.siteName) (made by `ferry init --site "
+                            + "\(identity.siteName)`), but \(config.path) names this site \(config.site.name) (site.name); "
+                            + "set site.name: \(identity.siteName), or point site.data at the data directory of \(config.site.name)")
+        }
         state.withLockedValue { $0.identity = identity }
         logger.info("site identity", metadata: ["site": "\(identity.siteName)", "id": "\(identity.siteID)"])
 

@@ -334,6 +334,25 @@ public final class ReceiveLog: @unchecked Sendable {
         takenCount -= count
     }
 
+    /// Forgets the first `groups` barrier groups not yet taken, durably, without handing them
+    /// out (`skipLog` after a restart: the image holds them already). Throws when the log holds
+    /// fewer groups, or when a group is taken (only a restarted replica skips).
+    public func skipGroups(_ groups: Int) throws {
+        guard groups > 0 else { return }
+        var seen = 0
+        let end = records.indices.first { i in
+            if case .barrier = records[i].content { seen += 1 }
+            return seen == groups
+        }
+        guard takenCount == 0, let end else {
+            throw StoreError("skip receive log groups", path: path, detail:
+                "\(groups) group(s) to skip but the log holds \(seen), \(takenCount) record(s) taken (a bug in the caller)")
+        }
+        takenGroups.append(end + 1)
+        takenCount = end + 1
+        try releaseGroups(1)
+    }
+
     /// Drops every record not taken (`discardLogTail`), durably: a crash after this does not bring
     /// them back.
     public func discardUntaken() throws {

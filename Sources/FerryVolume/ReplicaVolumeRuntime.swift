@@ -98,6 +98,7 @@ public final class ReplicaVolumeRuntime: Sendable {
         let (log, barriers) = try ReceiveLog.open(path: stateDirectory + "/receive.log")
         self.receiveLog = log
         var machine = ReplicaVolume(volume: name, position: position)
+        machine.volumeSize = image.size
         let actions = machine.recover(log: barriers)
         self.core = NIOLockedValueBox(Core(machine: machine))
         if !barriers.isEmpty {
@@ -267,6 +268,12 @@ public final class ReplicaVolumeRuntime: Sendable {
                         core.completionRunning = true
                         offloads.append { [self] in completeGroups() }
                     }
+                case .skipLog(let groups):
+                    do {
+                        try logLock.withLock { try receiveLog.skipGroups(groups) }
+                    } catch {
+                        fail(&core, "dropping \(groups) receive-log group(s) the image holds failed: \(error)")
+                    }
                 case .discardLogTail:
                     do {
                         try logLock.withLock { try receiveLog.discardUntaken() }
@@ -286,6 +293,10 @@ public final class ReplicaVolumeRuntime: Sendable {
                     core.nextVersion += 1
                     if !position.consistent && before.consistent { keepCatchUpBase(before, version: version) }
                     do {
+                        // Log groups applied to the image and not yet flushed are in this position:
+                        // it is recorded only once they are durable (``ReplicaVolume/recover(log:)``
+                        // skips what a recorded position holds).
+                        if !core.completions.isEmpty { try image.flush() }
                         try store(position, version: version)
                     } catch {
                         fail(&core, "recording the replica position failed: \(error)")

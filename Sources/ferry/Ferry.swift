@@ -57,8 +57,16 @@ struct Init: ParsableCommand {
         }
         let dir = URL(fileURLWithPath: data).standardizedFileURL.path
         do {
-            try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true,
-                                                    attributes: [.posixPermissions: 0o700])
+            do {
+                try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true,
+                                                        attributes: [.posixPermissions: 0o700])
+            } catch {
+                // Foundation's own text names a Cocoa domain and code; say what failed, and why.
+                let why = ((error as NSError).userInfo[NSUnderlyingErrorKey] as? NSError).map { String(cString: strerror(Int32($0.code))) }
+                printError("cannot create the data directory \(dir)" + (why.map { ": \($0)" } ?? "")
+                           + "; give --data a directory this user may create, or create it first")
+                throw ExitCode(1)
+            }
             let identity = try SiteIdentity.generate(siteName: site)
             try identity.write(to: dir)
             print("""

@@ -43,10 +43,26 @@ struct TreeRestore: ParsableCommand {
     @Option(help: "The config file of a site that keeps a replica of the tree.") var config: String?
     @Option(help: "The admin socket, instead of --config.") var socket: String?
 
+    /// The bytes of option `name`'s value as the command line holds them (Swift's `String`
+    /// arguments replace bytes that are not UTF-8).
+    static func rawArgument(_ name: String) -> [UInt8]? {
+        let argv = (0..<Int(CommandLine.argc)).compactMap { CommandLine.unsafeArgv[$0].map { Array(UnsafeBufferPointer(start: $0, count: strlen($0))).map(UInt8.init(bitPattern:)) } }
+        let flag = Array(name.utf8)
+        for (i, arg) in argv.enumerated() {
+            if arg == flag, i + 1 < argv.count { return argv[i + 1] }
+            if arg.starts(with: flag + [UInt8(ascii: "=")]) { return Array(arg.dropFirst(flag.count + 1)) }
+        }
+        return nil
+    }
+
     func run() throws {
         let target = to.hasPrefix("/") ? to : FileManager.default.currentDirectoryPath + "/" + to
         var query = ["at=" + encoded(at), "to=" + encoded(target)]
-        if let path { query.append("path=" + encoded(path)) }
+        if let path {
+            // Names are bytes: a path that is not UTF-8 goes as the bytes given on the command line.
+            let raw = Self.rawArgument("--path") ?? Array(path.utf8)
+            query.append("pathhex=" + raw.map { String(format: "%02x", $0) }.joined())
+        }
         try postVolumeAction("/v1/trees/\(tree)/restore?" + query.joined(separator: "&"), config: config, socket: socket,
                              done: "restored", timeoutSeconds: 24 * 3600)
     }

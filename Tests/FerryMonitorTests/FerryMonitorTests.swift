@@ -86,6 +86,26 @@ struct FerryMonitorTests {
         #expect(text.contains(#"ferry_volume_consistent{volume="vm1"} 1.0"#))
     }
 
+    /// After a failover the promoted site streams to the first primary, with its own policy (as
+    /// its machine does): the bound series are there for the lag alerts.
+    @Test func aPromotedSiteHasItsPeersPolicySeries() throws {
+        let config = try SiteConfig.parse(yaml: """
+            site: { name: west, data: /var/lib/ferry/west }
+            listen: { replication: 127.0.0.1:7801, nbd: 127.0.0.1:10810, metrics: 127.0.0.1:9481 }
+            peers:
+              east: { address: 127.0.0.1:7800, site-id: "\(String(repeating: "cd", count: 32))" }
+            volumes:
+              vm1: { size: 1G, primary: east, replicas: { west: { mode: async, max-lag: 8M } } }
+            """, path: "/etc/ferry/west.yaml")
+        var status = Self.status()
+        status.site.name = "west"
+        status.volumes[0].replicas[0].peer = "east"
+        let registry = PrometheusCollectorRegistry()
+        StatusSampler(registry: registry, config: config).sample(status, now: Date(timeIntervalSince1970: 2_000_000_000))
+        let text = registry.emitToString()
+        #expect(text.contains(#"ferry_volume_max_lag_bytes{volume="vm1",peer="east"} 8388608.0"#), "\(text)")
+    }
+
     @Test func treesHaveTheirSeriesForTheStaleSnapshotAlert() throws {
         let config = try SiteConfig.parse(yaml: Self.config.yaml() + """
             trees:

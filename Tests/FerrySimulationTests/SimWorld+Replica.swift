@@ -247,6 +247,14 @@ extension SimWorld {
                 s.positionMode = link.flatMap { s.modeByLink[$0] } ?? .async
                 checkBarrierState(name, image: s.disk.cache, position: position, when: "after applying its log")
                 after(rng.nanos(50_000...2_000_000), .replicaLogApplied(name, incarnation: incarnation, link, index: through, position, version: version))
+            case .skipLog(let groups):
+                var seen = 0
+                guard s.store.applyIssuedCount == 0, let end = s.store.log.firstIndex(where: { record in
+                    if case .barrier = record { seen += 1 }
+                    return seen == groups
+                }) else { fail("\(name): skipLog of \(groups) group(s), but the log holds \(seen)"); return }
+                s.store.log.removeFirst(end + 1)
+                s.store.durableLogCount = max(0, s.store.durableLogCount - end - 1)
             case .discardLogTail:
                 let keep = s.store.applyIssuedCount
                 s.store.log.removeLast(s.store.log.count - keep)
@@ -258,6 +266,8 @@ extension SimWorld {
                 if let before, !position.consistent, before.consistent, s.undoBase == nil, scenario.bug != .skipUndo {
                     s.undoBase = (before, [:])
                 }
+                // As ReplicaVolumeRuntime: log groups still being applied are made durable first.
+                if !s.store.appliedPending.isEmpty { s.disk.flush() }
                 let version = s.store.nextVersion
                 s.store.nextVersion += 1
                 storePosition(s, position, version: version)

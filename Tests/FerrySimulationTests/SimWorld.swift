@@ -382,7 +382,13 @@ final class SimWorld {
         case .failover:
             failover()
         case .promote(let name, let force):
-            promote(name, force: force, why: "failover")
+            // A forced promotion follows the operator's demote of the primary
+            // (failoverDuringCatchUp): refused while the demoted site's stream is still up here,
+            // or while this site is down, the operator tries again rather than leave the volume
+            // without a primary (seed 700670).
+            if !promote(name, force: force, why: "failover"), force, servingSite == nil {
+                after(rng.nanos(10_000_000...100_000_000), .promote(name, force: true))
+            }
         case .failoverDuringCatchUp(let name):
             failoverDuringCatchUp(name)
         case .splitFailover:

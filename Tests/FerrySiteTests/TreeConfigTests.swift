@@ -119,4 +119,34 @@ struct TreeConfigTests {
             """))
         #expect(problems.contains { $0.message.contains("/srv/data") && $0.message.contains("own directory") })
     }
+
+    /// A replica's mirror holds only the tree: a target that is, holds or lies inside the site's
+    /// data directory would have its first run delete Ferry's own files (catalog, keys, images),
+    /// and "/" in the short form was let through (found by a walk through the docs).
+    @Test func aTreeDirectoryOverlappingTheDataDirectoryOrTheRootIsRefused() {
+        func problems(_ trees: String) -> [String: String] {
+            Dictionary(ConfigFixture.problems(Self.yaml(trees + "\n")).map { ($0.path, $0.message) }, uniquingKeysWith: { $0 + " | " + $1 })
+        }
+        let cases: [(tree: String, path: String, says: String)] = [
+            ("a: { primary: west, source: /s, replicas: { east: /var/lib/ferry } }", "trees.a.replicas.east",
+             "/var/lib/ferry holds this site's data directory /var/lib/ferry/east (site.data)"),
+            ("a: { primary: west, source: /s, replicas: { east: /var/lib/ferry/east/ } }", "trees.a.replicas.east",
+             "is this site's data directory"),
+            ("a: { primary: west, source: /s, replicas: { east: /var/lib/ferry/east/mirror } }", "trees.a.replicas.east",
+             "is inside this site's data directory"),
+            ("a: { primary: east, source: /var/lib/ferry/east/x, replicas: { west: /t } }", "trees.a.source",
+             "is inside this site's data directory"),
+            ("a: { primary: west, source: /s, replicas: { east: /tmp/.. } }", "trees.a.replicas.east", "whole filesystem"),
+            ("a: { primary: west, source: /s, replicas: { east: // } }", "trees.a.replicas.east", "whole filesystem"),
+            ("g: { primary: east, source: /srv/www, replicas: { west: /t } }\n  h: { primary: west, source: /s, replicas: { east: /srv/www/copy } }",
+             "trees.h.replicas.east", "overlaps /srv/www, which tree g uses"),
+        ]
+        for c in cases {
+            let found = problems("  " + c.tree)
+            #expect(found.count == 1 && found[c.path]?.contains(c.says) == true, "\(c.tree): \(found)")
+        }
+        // Beside the data directory, or on another site, is fine.
+        #expect(problems("  a: { primary: west, source: /s, replicas: { east: /var/lib/ferry/east-trees } }").isEmpty)
+        #expect(problems("  a: { primary: east, source: /s, replicas: { west: /var/lib/ferry/east } }").isEmpty)
+    }
 }

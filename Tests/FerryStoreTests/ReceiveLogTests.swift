@@ -81,6 +81,28 @@ struct ReceiveLogTests {
         #expect(Damage.size(path) == 0)
     }
 
+    /// After a restart, groups the image already holds are dropped without being handed out
+    /// (`skipLog`), durably; the ones after them are applied as before.
+    @Test func skippedGroupsAreDroppedDurablyAndTheRestStillApplies() throws {
+        let dir = TemporaryDirectory()
+        let path = dir.file("receive.log")
+        let (log, _) = try ReceiveLog.open(path: path)
+        try Self.group(log, 1...2)                // barrier 3
+        try Self.group(log, 4...5)                // barrier 6
+        try Self.group(log, 7...7)                // barrier 8
+        let (restarted, barriers) = try ReceiveLog.open(path: path)
+        #expect(barriers.map(\.index) == [3, 6, 8])
+        #expect(throws: StoreError.self) { try restarted.skipGroups(4) }
+        try restarted.skipGroups(2)
+        #expect(restarted.recordCount == 2)
+        let (again, left) = try ReceiveLog.open(path: path)
+        #expect(left == [.init(index: 8, seq: 70, kind: .cut)])
+        Self.expectGroup(try again.takeGroup(throughBarrierIndex: 8), 7...7)
+        #expect(throws: StoreError.self) { try again.skipGroups(1) }   // only before anything is taken
+        try again.releaseGroup()
+        #expect(Damage.size(path) == 0)
+    }
+
     @Test func discardDropsOnlyWhatIsNotTaken() throws {
         let dir = TemporaryDirectory()
         let path = dir.file("receive.log")

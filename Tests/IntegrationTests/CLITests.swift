@@ -91,6 +91,10 @@ struct CLITests {
             """.write(toFile: path, atomically: true, encoding: .utf8)
         let r = try run(try ferryBinary(), ["serve", "--config", path], timeout: .seconds(30), expect: 1)
         #expect(r.stderr.contains("ferry init"), "\(r.stderr)")
+        // A data directory made for another site is refused, before it serves anything.
+        _ = try run(try ferryBinary(), ["init", "--site", "west", "--data", dir.path + "/east"])
+        let other = try run(try ferryBinary(), ["serve", "--config", path], timeout: .seconds(30), expect: 1)
+        #expect(other.stderr.contains("belongs to site west") && other.stderr.contains("names this site east"), "\(other.stderr)")
     }
 
     @Test func statusShowsTheSiteItsVolumesAndJSON() throws {

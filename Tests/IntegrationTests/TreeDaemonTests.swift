@@ -59,12 +59,29 @@ import Glibc
         try FileManager.default.createDirectory(atPath: pair.source + "/sub dir/deeper", withIntermediateDirectories: true)
         pair.write("sub dir/deeper/a file", Array("hello\n".utf8))
         _ = symlink("nowhere", pair.source + "/dangling")
+        // A name that is not UTF-8 (Latin-1 "badéname").
+        let latin1 = Array((pair.source + "/bad").utf8) + [0xE9] + Array("name".utf8) + [0]
+        let fd = latin1.withUnsafeBytes { open($0.baseAddress!.assumingMemoryBound(to: CChar.self), O_CREAT | O_WRONLY, 0o644) }
+        #expect(fd >= 0 && write(fd, "latin1\n", 7) == 7)
+        close(fd)
         try pair.east.start()
         try pair.west.start()
         defer { pair.east.stop(); pair.west.stop() }
         let first = eventually(.seconds(60)) { pair.tree(pair.west)?.lastSnapshot != nil }
         #expect(first, "no snapshot; east log:\n\(pair.east.log(tail: 30))\nwest log:\n\(pair.west.log(tail: 30))")
         #expect(try pair.rsyncDifferences().isEmpty)
+
+        // `tree restore --path` names that file by its bytes (through a shell: a Process takes
+        // only UTF-8 arguments); a path the snapshot lacks fails and leaves no --to behind.
+        let snapshot = try #require(pair.tree(pair.west)?.lastSnapshot?.id)
+        let into = pair.dir.path + "/restored", nowhere = pair.dir.path + "/not-restored"
+        let restore = "exec \"$0\" tree restore docs --at \(snapshot) --path \"$(printf 'bad\\351name')\" --to \"$1\" --config \"$2\""
+        let restored = try run("/bin/sh", ["-c", restore, try ferryBinary(), into, pair.west.configPath])
+        #expect(restored.stdout.contains("restored snapshot") && restored.stdout.contains("\\xe9"), "\(restored.stdout)")
+        #expect(try run("/bin/sh", ["-c", "cat \"$0\"/*", into]).stdout == "latin1\n")
+        let missing = try run(try ferryBinary(), ["tree", "restore", "docs", "--at", "\(snapshot)", "--path", "no such",
+                                                  "--to", nowhere, "--config", pair.west.configPath], expect: 1)
+        #expect(missing.stderr.contains("no such") && !FileManager.default.fileExists(atPath: nowhere), "\(missing.stderr)")
 
         // The status contract: name, source (primary) or target (replica), mode, state,
         // lastSnapshot, lagSeconds — as raw JSON, as scripts read it.

@@ -259,16 +259,18 @@ extension PrimaryVolume {
                 dropSession(&peer, link: link, &out)
                 break
             }
-            if let rival = peer.rival, rival.epoch >= config.epoch {
+            if let rivalEpoch = peer.rival?.epoch ?? peer.formerRivalEpoch, rivalEpoch >= config.epoch {
                 // A rival with a newer epoch gave way (the split brain was resolved on its side):
                 // the sites that followed it refuse older epochs, so take a newer one first.
                 peer.rival = nil
-                adoptEpoch(above: rival.epoch, peer: &peer,
-                           reason: "\(name) (epoch \(rival.epoch)) gave way after a split brain; sites that followed it refuse older epochs", &out)
+                peer.formerRivalEpoch = nil
+                adoptEpoch(above: rivalEpoch, peer: &peer,
+                           reason: "\(name) (epoch \(rivalEpoch)) gave way after a split brain; sites that followed it refuse older epochs", &out)
                 break
             }
             peer.session!.open = true
             peer.rival = nil
+            peer.formerRivalEpoch = nil
             peer.discarding = nil
             opened(&peer, position: position, &out)
         case .ack(let level, let index):

@@ -278,7 +278,8 @@ extension PrimaryVolume {
                 journalBytes: peer.policy.mode == .async ? (peer.journaled ? journal.bytes(after: peer.ackedSeq) : 0) : nil,
                 journalLimitBytes: peer.policy.mode == .async ? peer.policy.journalSizeBytes : nil,
                 lastPoint: peer.lastPoint, nextPointAt: peer.nextPointAt,
-                rpoZero: peer.isDirect && session?.open == true && catchUp == nil && peer.dirty.isEmpty)
+                // `block`: with the peer gone, replies wait for it, so no answered write is missing there.
+                rpoZero: peer.isDirect && (session?.open == true && catchUp == nil && peer.dirty.isEmpty || peer.state == .blocked))
         }
     }
 

@@ -113,6 +113,7 @@ extension PrimaryVolume {
             }
         case .splitBrain, .unrelated, .nothingToDo, .inSync:
             let rival = Rival(decision: decision, epoch: open.epoch, history: theirs)
+            if rival.epoch != (peer.rival?.epoch ?? peer.formerRivalEpoch) { persistNeeded = true }   // kept over a restart
             peer.rival = rival
             setRivalState(&peer, rival, &out)
         }

@@ -271,6 +271,8 @@ struct PeerState: Sendable {
     /// The peer is a primary of the volume too and the handshake could not settle which gives
     /// way (split brain, unrelated): what it said, until it opens as something else.
     var rival: Rival?
+    /// The epoch of a rival from before a restart (``PrimaryVolume/Metadata/Peer/rivalEpoch``).
+    var formerRivalEpoch: UInt64?
     /// `ferry resolve --keep` named this site against the peer's generation with this ID: the
     /// opens to the peer say so, and it gives way.
     var discarding: UInt64?

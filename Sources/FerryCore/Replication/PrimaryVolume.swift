@@ -118,13 +118,19 @@ public struct PrimaryVolume: Sendable {
             /// async: the journal sequence the peer had acknowledged (durable in its receive log)
             /// when this was stored; after a restart what follows it is what the peer may lack.
             public var ackedSeq: UInt64?
+            /// The epoch the peer was a rival primary at (a split brain), while this site has not
+            /// yet taken an epoch above it: when the peer gives way (`ferry resolve` there), this
+            /// site still knows, after a restart too, that the sites which followed it refuse
+            /// older epochs (found by the failover simulation, seed 700020).
+            public var rivalEpoch: UInt64?
             public init(dirtyWords: [UInt64], initialSyncPending: Bool, lastPoint: PointRecord?, journaled: Bool = false,
-                        ackedSeq: UInt64? = nil) {
+                        ackedSeq: UInt64? = nil, rivalEpoch: UInt64? = nil) {
                 self.dirtyWords = dirtyWords
                 self.initialSyncPending = initialSyncPending
                 self.lastPoint = lastPoint
                 self.journaled = journaled
                 self.ackedSeq = ackedSeq
+                self.rivalEpoch = rivalEpoch
             }
         }
         /// Extents that may have writes not yet on every peer (DESIGN §2 "activity log").
@@ -318,6 +324,7 @@ public struct PrimaryVolume: Sendable {
             if let schedule = policy.schedule {
                 peer.nextPointAt = schedule.nextPoint(afterSeconds: peer.lastPoint?.cutAtSeconds ?? now.wallSeconds)
             }
+            peer.formerRivalEpoch = saved?.rivalEpoch
             if peer.dirtySince == nil, !dirty.isEmpty { peer.dirtySince = now.monotonicNanos }
             peers[name] = peer
         }
@@ -543,7 +550,8 @@ public struct PrimaryVolume: Sendable {
             if let point = peer.point { dirty.formUnion(point.regions) }
             peerMeta[name] = Metadata.Peer(dirtyWords: dirty.words, initialSyncPending: peer.initialSyncPending,
                                            lastPoint: peer.lastPoint, journaled: peer.journaled,
-                                           ackedSeq: peer.journaled ? peer.ackedSeq : nil)
+                                           ackedSeq: peer.journaled ? peer.ackedSeq : nil,
+                                           rivalEpoch: peer.rival?.epoch ?? peer.formerRivalEpoch)
         }
         return Metadata(activityLog: activityLog.sorted(), peers: peerMeta, lastSeq: lastSeq, sequenceCeiling: sequenceCeiling,
                         regionSize: config.regionSize, lastWrites: lastWrites)

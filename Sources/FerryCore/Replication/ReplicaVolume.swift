@@ -33,6 +33,9 @@ public struct ReplicaVolume: Sendable {
         /// Drop every log entry not yet handed to ``applyLog`` (groups from a dead link, or
         /// superseded by a catch-up); their barriers will not be acked.
         case discardLogTail
+        /// After a restart: drop the log's first `groups` barrier groups without applying them,
+        /// durably. The image holds them already (``recover(log:)`` says why).
+        case skipLog(groups: Int)
         /// Flush the image; report ``flushed(link:index:)``.
         case flush(LinkID, index: UInt64)
         /// Record the position durably (after the data it describes is durable).
@@ -70,6 +73,9 @@ public struct ReplicaVolume: Sendable {
     }
 
     public let volume: String
+    /// The size of this site's copy: a stream for another size is refused (0: not checked). Two
+    /// sites configured with different sizes would otherwise take writes past the smaller end.
+    public var volumeSize: UInt64 = 0
     public private(set) var position: ReplicaPosition
     private var session: Session?
     /// The link and generation of the last stream opened here.
@@ -98,13 +104,23 @@ public struct ReplicaVolume: Sendable {
 
     /// Applies what the receive log holds up to its last durable barrier (P2 after a crash), and
     /// drops anything after it.
+    ///
+    /// Groups at or below the recorded position are skipped: a position is recorded only once the
+    /// image holding it is durable (the runtime flushes the image before recording one while log
+    /// groups are still being applied), and a catch-up may have overwritten their blocks since
+    /// with newer ones, which applying them again would undo (found by the failover simulation,
+    /// seed 700311: a log group still being applied when a pull-ahead catch-up began was applied
+    /// again after a power loss, and the image, mid catch-up, was taken as consistent).
+    /// A replica recorded mid catch-up stays inconsistent: the groups after its position are
+    /// newer than the catch-up's blocks, but blocks the catch-up sent may not have reached the
+    /// disk; the primary's next catch-up ends it.
     public mutating func recover(log barriers: [LoggedBarrier]) -> [Action] {
         var actions: [Action] = []
-        if let last = barriers.last {
+        let held = barriers.prefix { $0.seq <= position.appliedSeq }.count
+        if held > 0 { actions.append(.skipLog(groups: held)) }
+        if held < barriers.count, let last = barriers.last {
             var next = position
             next.appliedSeq = max(next.appliedSeq, last.seq)
-            next.consistent = true
-            next.initialized = true
             position = next
             actions.append(.applyLog(nil, throughIndex: last.index, position: next))
         }
@@ -227,6 +243,10 @@ public struct ReplicaVolume: Sendable {
     private mutating func opened(_ open: VolumeOpen, on link: LinkID) -> [Action] {
         guard open.volume == volume else {
             return refuse(link, "volume \"\(open.volume)\" is not replicated here as \"\(volume)\"")
+        }
+        guard volumeSize == 0 || open.volumeSize == volumeSize else {
+            return refuse(link, "volume sizes differ: the primary's \(volume) is \(open.volumeSize) bytes, this site's "
+                          + "\(volumeSize); set volumes.\(volume).size alike on every site (Ferry does not resize volumes)")
         }
         guard open.epoch >= position.epoch else {
             return refuse(link, "stale epoch \(open.epoch): this replica of \(volume) is at epoch \(position.epoch); "
@@ -358,6 +378,9 @@ public struct ReplicaVolume: Sendable {
     private func check(item: ReplicationItem, isRegion: Bool, session s: Session) -> String? {
         if item.epoch != s.epoch { return "item \(item.index) carries epoch \(item.epoch), the session is at epoch \(s.epoch)" }
         if item.index != s.nextIndex { return "sequence gap: expected stream index \(s.nextIndex), got \(item.index)" }
+        if volumeSize != 0 && (item.range.offset > volumeSize || item.range.length > volumeSize - item.range.offset) {
+            return "item \(item.index) at \(item.range) ends past the volume's \(volumeSize) bytes"
+        }
         if isRegion {
             if !s.catchingUp && !s.logged { return "region \(item.range) outside a catch-up" }
         } else if item.seq <= s.lastSeq && item.seq != 0 {
