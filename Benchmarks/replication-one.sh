@@ -7,6 +7,9 @@
 #   JOB      a fio job file: a name in ../shared/bench (randwrite-4k-qd32) or a path
 #            (Benchmarks/jobs/randwrite-4k-qd32-flush16.fio); its runtime= becomes SECONDS (15)
 #   perf     also `perf record -a -g` 8 s of the run into ./perf.data (from second 4)
+#   trace    instead: every system call of the machine for 0.2 s into ./trace.txt (`perf trace`)
+#   sched    instead: the scheduler's events for 1 s into ./sched.data (`perf sched timehist -i
+#            sched.data -s` for each thread's runs, waits and scheduling delays)
 #   FERRY_BIN=path  the ferry binary (default: the release build in .build-release, built first)
 #   MAXLAG=1G       async's max-lag
 #
@@ -65,6 +68,10 @@ sed -e "s/^runtime=.*/runtime=${SECS}s/" "$JF" > "$WORK/job.fio"
 E0=$(cpu "$EAST_PID"); W0=$(cpu "$WEST_PID"); T0=$(date +%s.%N)
 if [ "$EXTRA" = perf ]; then
     (sleep 4; exec perf record -a -F 2999 -g -o "$PWD/perf.data" -- sleep 8) >/dev/null 2>&1 & PERF_PID=$!
+elif [ "$EXTRA" = trace ]; then
+    (sleep 4; exec perf trace -a -T -o "$PWD/trace.txt" -- sleep 0.2) >/dev/null 2>&1 & PERF_PID=$!
+elif [ "$EXTRA" = sched ]; then
+    (sleep 4; exec perf sched record -o "$PWD/sched.data" -- sleep 1) >/dev/null 2>&1 & PERF_PID=$!
 fi
 NBD_URI="nbd://127.0.0.1:$EAST_NBD/v" fio "$WORK/job.fio" --output-format=json --output="$WORK/fio.json" >/dev/null 2>&1 \
     || { cat "$WORK/fio.json" >&2; die "fio failed"; }
