@@ -7,6 +7,9 @@ import Yams
 /// does not apply to is a mistake (not ignored), so that nobody believes a `max-lag` bounds a sync
 /// replica. When the mode itself is wrong, the options are still checked on their own.
 extension ConfigReader {
+    /// The longest `every:` taken (52 weeks): a point less often than that is a typo.
+    static let longestEvery: Int64 = 52 * 7 * 86_400
+
     static let replicaKeys = ["mode"] + ReplicaOption.allCases.map(\.rawValue)
     static let maxLagKeys = ["bytes", "time"]
     /// The smallest `journal-size`: a few segments' worth.
@@ -238,11 +241,15 @@ extension ConfigReader {
         var schedule: Schedule?
         if every, let text = text(fields, "every", required: false, example: "1h") {
             schedule = Schedule.parseEvery(text)
-            if schedule == nil {
+            if let interval = schedule?.intervalSeconds, interval > Self.longestEvery {
+                schedule = nil
+                report(fields.path("every"), "\"\(text)\" is longer than 52 weeks; give every: 52w or less (e.g. 1d, 1w)", line: fields.line(of: "every"))
+            } else if schedule == nil {
                 let seconds = DurationText.parseSeconds(text)
                 let message = seconds.map { "\"\(text)\" is \(DurationText.format(seconds: $0)), shorter than a minute; "
                     + "give every: 1m or more (or use mode: async for a replica that follows closely)" }
                     ?? "\"\(text)\" is not an interval; use a number followed by s, m, h, d or w (lowercase), e.g. 15m, 1h, 1d, 1w"
+                    + (text.hasSuffix("M") ? " (M is mebibytes in a size; minutes are a lowercase m)" : "")
                 report(fields.path("every"), message, line: fields.line(of: "every"))
             }
         }

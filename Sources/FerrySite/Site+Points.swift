@@ -73,7 +73,7 @@ extension Site {
             } else {
                 lines.append("recovery points of \(name) on \(config.site.name) (no `history:` configured: only a running catch-up's or drill's base is kept):")
             }
-            if points.isEmpty { lines.append("  none") }
+            if points.isEmpty { return Self.reply(200, "message", (lines + ["  none"]).joined(separator: "\n")) }
             // Columns padded by hand: `String(format: "%-6@")` does not pad on Linux.
             func row(_ cells: String...) -> String {
                 "  " + zip(cells, [7, 28, 11, 11]).map { $0.padding($1) }.joined() + cells[4]

@@ -404,7 +404,9 @@ extension SiteStatus {
             }
             line += t.lagSeconds > 0 ? ", lag \(String(format: "%.1f", t.lagSeconds)) s" : ", nothing pending"
             if let p = t.progress {
-                line += "\n      scanning: \(p.filesScanned) of ~\(p.expectedFiles) files, \(ByteSize.format(p.bytesScanned))"
+                // The estimate is the last snapshot's count: a tree that grew since passes it.
+                let of = p.expectedFiles > p.filesScanned ? " of ~\(p.expectedFiles)" : ""
+                line += "\n      scanning: \(p.filesScanned)\(of) files, \(ByteSize.format(p.bytesScanned))"
                 if let eta = p.etaSeconds { line += ", about \(Int(eta.rounded())) s left" }
             }
             for r in t.replicas {

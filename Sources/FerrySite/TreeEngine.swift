@@ -214,7 +214,7 @@ final class TreeEngine: TreePort, @unchecked Sendable {
             try receiver.repository.distrustMirror()
             try receiver.repository.keepAsideAfter(state["sent.\(peer)"].flatMap(Double.init) ?? 0)
             runtimes.withLockedValue { $0[name] = .receiver(receiver) }
-            logger.warning("tree: \(peer) was promoted (epoch \(epoch)); this site is now its replica. What changed here after the last snapshot sent to \(peer) is kept aside in \(receiver.target).ferry-kept-aside/",
+            logger.warning("tree: \(peer) was promoted (epoch \(epoch)); this site is now its replica. Files changed here after the last snapshot sent to \(peer), if any, are kept aside in \(receiver.target).ferry-kept-aside/ when its first run arrives (a log line lists them)",
                            metadata: ["tree": "\(name)"])
             receiver.received(message, from: peer)
         } catch {
