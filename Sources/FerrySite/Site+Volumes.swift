@@ -302,7 +302,8 @@ extension Site {
         if let runtime = v.replica {
             let p = runtime.position
             status.replicaState = SiteStatus.ReplicaState(consistent: p.consistent, initialized: p.initialized, epoch: p.epoch,
-                                                          appliedSequence: p.appliedSeq, bytesReceived: runtime.bytesReceived)
+                                                          appliedSequence: p.appliedSeq, bytesReceived: runtime.bytesReceived,
+                                                          streamingFrom: runtime.streamingPeer)
             // The volume's epoch and line of history as this copy follows them (the catalog's are
             // from when this site last was the primary).
             status.epoch = max(status.epoch ?? 0, Int64(clamping: p.epoch))

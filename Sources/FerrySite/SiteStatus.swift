@@ -185,6 +185,9 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         public var epoch: UInt64
         public var appliedSequence: UInt64
         public var bytesReceived: UInt64
+        /// The site whose stream is open to this copy now; nil when no primary streams to it (its
+        /// link is down, or its configuration does not list this site as a replica).
+        public var streamingFrom: String?
     }
 
     /// A replicated directory (issue 11), as its primary or a replica sees it.
@@ -367,6 +370,9 @@ extension SiteStatus {
                     line += r.consistent ? ", consistent at sequence \(r.appliedSequence)"
                         : r.initialized ? ", catching up (inconsistent until it ends)" : ", initial sync in progress (not yet consistent)"
                     line += ", \(ByteSize.format(r.bytesReceived)) received"
+                    if r.streamingFrom == nil {
+                        line += "\n      no stream from a primary now: is the link to \(v.primarySite) up, and does its config list this site as a replica?"
+                    }
                 }
                 for e in v.exports { line += "\n      \(e) (read-only)" }
             }

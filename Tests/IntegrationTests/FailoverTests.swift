@@ -446,7 +446,11 @@ struct FailoverTests {
             return r.bytesReceived > 0 && !r.consistent
         }
         #expect(syncing, "west's initial sync did not start: \(String(describing: vm1(sites.west)))")
+        #expect(vm1(sites.west)?.replicaState?.streamingFrom == "east")
         sites.east.kill9()
+        // With the primary gone, status says no stream is open (and asks why).
+        let noStream = eventually(.seconds(30)) { vm1(sites.west)?.replicaState.map { $0.streamingFrom == nil } == true }
+        #expect(noStream, "\(String(describing: vm1(sites.west)?.replicaState))")
         let refused = try ferry(["promote", "vm1"], sites.west)
         #expect(refused.status == 1 && refused.stderr.contains("not consistent") && refused.stderr.contains("--force"),
                 "\(refused.stdout)\(refused.stderr)")
