@@ -181,7 +181,7 @@ public final class ReplicaVolumeRuntime: Sendable {
         var peersOfCloses: [String] = []
         var ackSends: [LinkID] = []
         var drains: [LinkID] = []
-        var heldStore: (position: ReplicaPosition, version: UInt64)?
+        var heldStore: (position: ReplicaPosition, version: UInt64, flushFirst: Bool)?
         var heldAcks: [(LinkID, AckLevel, UInt64)] = []
         core.withLockedValue { core in
             let before = core.machine.position
@@ -286,7 +286,8 @@ public final class ReplicaVolumeRuntime: Sendable {
                         if flushGroup.join((link, index)) { flushGroup.drain { flushBarriers($0) } }
                     }
                 case .persistPosition(let position) where storeAfterUnlock && position.consistent:
-                    heldStore = (position, core.nextVersion)
+                    // Log groups applied after the barrier's flush began are in this position too.
+                    heldStore = (position, core.nextVersion, !core.completions.isEmpty)
                     core.nextVersion += 1
                 case .persistPosition(let position):
                     let version = core.nextVersion
@@ -324,6 +325,7 @@ public final class ReplicaVolumeRuntime: Sendable {
         }
         if let heldStore {
             do {
+                if heldStore.flushFirst { try image.flush() }
                 try store(heldStore.position, version: heldStore.version)
             } catch {
                 core.withLockedValue { fail(&$0, "recording the replica position failed: \(error)") }
