@@ -266,7 +266,10 @@ extension Site {
         // The live view: this site when it is the primary; else the configured primary, or, when
         // that is this (demoted) site, the only other holder if there is one.
         let others = v.config.sites.subtracting([me]).sorted()
-        let primarySite = v.isPrimary ? me : v.config.primary != me ? v.config.primary : others.count == 1 ? others[0] : v.config.primary
+        // A secondary names the site that streams to it, or last did on its line of history (after a
+        // switchover or failover that is not the configured primary).
+        let following = v.replica.flatMap { $0.streamingPeer ?? $0.followedPeer }
+        let primarySite = v.isPrimary ? me : following ?? (v.config.primary != me ? v.config.primary : others.count == 1 ? others[0] : v.config.primary)
         var status = SiteStatus.Volume(
             name: v.config.name, sizeBytes: v.config.sizeBytes, role: v.isPrimary ? "primary" : "secondary",
             primarySite: primarySite, uuid: v.record?.uuid, epoch: v.record?.epoch, generation: v.record?.generation,

@@ -29,6 +29,14 @@ public final class ReplicaVolumeRuntime: Sendable {
     let positionFile: MetadataFile<ReplicaPosition>
     /// The point a roll-back under way goes to (0: none), so a crash midway goes back to it.
     let rollbackTarget: MetadataFile<UInt64>
+    /// The primary that last opened a stream here, and its generation: which site a promotion
+    /// here follows, also after this daemon restarted (else failback is a full copy to it).
+    let followedFile: MetadataFile<FollowedPrimary>
+
+    struct FollowedPrimary: Codable, Equatable {
+        var peer: String
+        var generation: UInt64
+    }
     let positionStore = NIOLockedValueBox<UInt64>(0)   // the version last stored
     /// Flush barriers share their image flush and position store (group commit).
     let flushGroup = GroupCommit<(link: LinkID, index: UInt64)>()
@@ -90,6 +98,7 @@ public final class ReplicaVolumeRuntime: Sendable {
         let undo = try UndoLog.open(path: stateDirectory + "/undo.log", position: position)
         self.undo = undo
         self.rollbackTarget = try MetadataFile(path: stateDirectory + "/rollback.target")
+        self.followedFile = try MetadataFile(path: stateDirectory + "/followed.primary")
         // Mid catch-up (or mid roll-back) after a restart: the point to go back to is the one a
         // roll-back was headed for, else the newest (the state the catch-up started from).
         let target = try rollbackTarget.load().flatMap { undo.point($0)?.id }
@@ -117,10 +126,15 @@ public final class ReplicaVolumeRuntime: Sendable {
     public var bytesReceived: UInt64 { core.withLockedValue { $0.bytesReceived } }
     /// The primary whose generation this replica's image is on (``ReplicaVolume/followedLink``).
     public var followedPeer: String? {
-        core.withLockedValue { core in
-            guard let link = core.machine.followedLink, let opener = core.lastOpener, opener.link == link else { return nil }
-            return opener.peer
+        let (live, position) = core.withLockedValue { core -> (String?, ReplicaPosition) in
+            guard let link = core.machine.followedLink, let opener = core.lastOpener, opener.link == link else { return (nil, core.machine.position) }
+            return (opener.peer, core.machine.position)
         }
+        if let live { return live }
+        // Since a restart: the primary recorded when it opened its stream, if the image is still
+        // on its generation (as ``ReplicaVolume/followedLink`` asks of a live one).
+        guard position.initialized, let recorded = try? followedFile.load(), recorded.generation == position.generation else { return nil }
+        return recorded.peer
     }
 
     /// A frame for this volume from `peer` on `link`.
@@ -129,7 +143,16 @@ public final class ReplicaVolumeRuntime: Sendable {
             core.linkPeers[link] = peer
             if case .open = message { core.lastOpener = (link, peer) }
             if let payload { core.bytesReceived += UInt64(payload.readableBytes) }
-            return core.machine.received(message, on: link)
+            let actions = core.machine.received(message, on: link)
+            if case .open(let open) = message, core.machine.sessionLink == link {
+                let record = FollowedPrimary(peer: peer, generation: open.generation)
+                if (try? followedFile.load()) != record {
+                    do { try followedFile.store(record) } catch {
+                        logger.warning("volume \(name): recording which site streams here failed: \(error)")
+                    }
+                }
+            }
+            return actions
         }
     }
 

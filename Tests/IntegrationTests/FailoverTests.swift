@@ -194,10 +194,16 @@ struct FailoverTests {
         try sites.qemuIO(["write -P 0x62 60M 64k", "flush"])
         sites.waitInSync()
         sites.east.kill9()
+        // The disaster took west's daemon down too (a reboot): what it follows is on disk, so the
+        // failback still sends only what changed, not a full copy.
+        sites.west.stop()
+        try sites.west.start()
+        #expect(vm1(sites.west)?.primarySite == "east")
         var promoted: RunResult?
         #expect(eventually(.seconds(30)) { promoted = try? ferry(["promote", "vm1"], sites.west); return promoted?.status == 0 },
                 "promote failed: \(promoted?.stderr ?? "")")
         #expect(promoted?.stdout.contains("on-promote hook started") == true, "\(promoted?.stdout ?? "")")
+        #expect(promoted?.stdout.contains("a full copy") == false, "\(promoted?.stdout ?? "")")
         let hookDone = eventually(.seconds(30)) { vm1(sites.west)?.onPromote?.hasPrefix("FAILED (exit 3)") == true }
         #expect(hookDone, "the failing hook was not reported: \(String(describing: vm1(sites.west)?.onPromote))")
         let env = (try? String(contentsOfFile: hookOut.path + "/env", encoding: .utf8)) ?? ""
