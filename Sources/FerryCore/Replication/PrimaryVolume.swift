@@ -145,7 +145,8 @@ public struct PrimaryVolume: Sendable {
         /// sequence of the last write this primary took there (`UInt64.max` after a crash, for
         /// extents that were in the activity log). What a site that gives way keeps aside
         /// beyond its peers' bitmaps: every granule it wrote after the other line branched off.
-        /// Nil in metadata written before it existed.
+        /// Nil in metadata written before it existed. One figure alone stands for every granule
+        /// (a promotion's first metadata: its branch sequence).
         public var lastWrites: [UInt64]?
         public init(activityLog: [Int] = [], peers: [String: Peer] = [:], lastSeq: UInt64 = 0, sequenceCeiling: UInt64 = 0,
                     regionSize: UInt64 = 0, lastWrites: [UInt64]? = nil) {
@@ -294,6 +295,10 @@ public struct PrimaryVolume: Sendable {
         let granules = (extentCount + extentsPerGranule - 1) / extentsPerGranule
         if let saved = metadata.lastWrites, saved.count == granules {
             self.lastWrites = saved
+        } else if let saved = metadata.lastWrites, saved.count == 1 {
+            // One figure for every granule: a promotion's (the image is its generation's base,
+            // which every line branching from it holds; nothing is written here above it yet).
+            self.lastWrites = Array(repeating: saved[0], count: granules)
         } else {
             // Unknown (older metadata of a volume that took writes): any granule may have been written at any time.
             self.lastWrites = Array(repeating: metadata.lastSeq == 0 ? 0 : .max, count: granules)
