@@ -1,6 +1,11 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import NIOConcurrencyHelpers
+
+/// Ports this process handed out: two daemons of one test (or the quickstart's two sites) must
+/// never be given the same one, which a check that only binds and closes cannot see.
+private let handedOut = NIOLockedValueBox(Set<Int>())
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (for the quickstart and tests, which start
 /// daemons that must know each other's ports before they run).
@@ -15,6 +20,7 @@ public func freeLoopbackPort() throws -> Int {
         var rng = SystemRandomNumberGenerator()
         for _ in 0..<64 {
             let port = Int.random(in: 10_000..<low, using: &rng)
+            guard handedOut.withLockedValue({ $0.insert(port).inserted }) else { continue }
             if (try? bindLoopback(port: port)) != nil { return port }
         }
     }

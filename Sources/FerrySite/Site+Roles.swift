@@ -233,7 +233,7 @@ extension Site {
             let rest = peers.keys.sorted().filter { $0 != followed }
             var how: [String] = []
             if let followed { how.append("\(followed), once demoted, gets only what differs") }
-            if !rest.isEmpty { how.append("\(rest.joined(separator: ", ")) a full copy") }
+            if !rest.isEmpty { how.append("\(rest.joined(separator: " and ")) \(rest.count == 1 ? "gets" : "get") a full copy") }
             lines.append("replicating to \(peers.keys.sorted().joined(separator: ", ")): \(how.joined(separator: "; "))")
         }
         if let hook = volume.config.onPromote {
