@@ -87,6 +87,16 @@ struct SimulationTests {
         #expect(failures.isEmpty, "\(failures.count) schedule(s) failed:\n\(failures.joined(separator: "\n\n"))")
     }
 
+    /// Failover schedules a long run once failed (2026-12-07, `make simulate SCHEDULES=4000
+    /// BASE=700001`), kept in every run: 700311 applied a receive-log group again over a
+    /// catch-up after a power loss; 700020 forgot a resolved rival's epoch over a restart;
+    /// 700670 left the volume without a primary (the operator now retries).
+    @Test(arguments: [UInt64(700020), 700311, 700670])
+    func failoverSchedulesThatOnceFailedPass(seed: UInt64) {
+        let report = Self.run(seed: seed, roles: true)
+        #expect(report == nil, "\(report ?? "")")
+    }
+
     /// Each planted bug must be caught by some schedule: the checkers bite.
     @Test(arguments: PlantedBug.allCases)
     func plantedBugIsCaught(_ bug: PlantedBug) {
