@@ -260,6 +260,10 @@ final class PeerVolumeLinks: VolumeLinks {
 }
 
 extension Site {
+    static func generations(_ records: [GenerationRecord]) -> [SiteStatus.Volume.Generation] {
+        records.map { .init(id: String($0.id, radix: 16), epoch: $0.epoch, branchSequence: $0.branchSeq) }
+    }
+
     func volumeStatus(_ v: Volume, uriBases: [String]) -> SiteStatus.Volume {
         let me = config.site.name
         let exportsHere = v.isPrimary || v.isReplica
@@ -292,7 +296,7 @@ extension Site {
         if let record = v.record {
             let history = Self.history(record)
             if !history.isEmpty {
-                status.history = history.map { .init(id: String($0.id, radix: 16), epoch: $0.epoch, branchSequence: $0.branchSeq) }
+                status.history = Self.generations(history)
             }
         }
         if exportsHere, v.isPrimary != (v.config.primary == me) {
@@ -311,7 +315,7 @@ extension Site {
             // from when this site last was the primary).
             status.epoch = max(status.epoch ?? 0, Int64(clamping: p.epoch))
             if let lineage = p.lineage, !lineage.isEmpty {
-                status.history = lineage.map { .init(id: String($0.id, radix: 16), epoch: $0.epoch, branchSequence: $0.branchSeq) }
+                status.history = Self.generations(lineage)
             }
             status.lastError = runtime.lastError
             status.recoveryPoints = Self.recoveryPointsStatus(runtime)

@@ -72,6 +72,8 @@ public final class ReplicaVolumeRuntime: Sendable {
         var linkPeers: [LinkID: String] = [:]
         /// The last peer that opened a stream, and on which link (kept after the link is gone).
         var lastOpener: (link: LinkID, peer: String)?
+        /// As `followed.primary` holds it (read once at start, written when it changes).
+        var followed: FollowedPrimary?
         /// Acks not yet sent, by link and level (acks are cumulative: the highest is enough), and
         /// the links with a send of them scheduled: one ack per level per read burst.
         var pendingAcks: [LinkID: [AckLevel: UInt64]] = [:]
@@ -109,7 +111,9 @@ public final class ReplicaVolumeRuntime: Sendable {
         var machine = ReplicaVolume(volume: name, position: position)
         machine.volumeSize = image.size
         let actions = machine.recover(log: barriers)
-        self.core = NIOLockedValueBox(Core(machine: machine))
+        var initial = Core(machine: machine)
+        initial.followed = try? followedFile.load()
+        self.core = NIOLockedValueBox(initial)
         if !barriers.isEmpty {
             logger.info("volume \(name): applying \(barriers.count) barrier group(s) left in the receive log after a restart")
         }
@@ -126,15 +130,14 @@ public final class ReplicaVolumeRuntime: Sendable {
     public var bytesReceived: UInt64 { core.withLockedValue { $0.bytesReceived } }
     /// The primary whose generation this replica's image is on (``ReplicaVolume/followedLink``).
     public var followedPeer: String? {
-        let (live, position) = core.withLockedValue { core -> (String?, ReplicaPosition) in
-            guard let link = core.machine.followedLink, let opener = core.lastOpener, opener.link == link else { return (nil, core.machine.position) }
-            return (opener.peer, core.machine.position)
+        core.withLockedValue { core in
+            if let link = core.machine.followedLink, let opener = core.lastOpener, opener.link == link { return opener.peer }
+            // Since a restart: the primary recorded when it opened its stream, if the image is still
+            // on its generation (as ``ReplicaVolume/followedLink`` asks of a live one).
+            let position = core.machine.position
+            guard position.initialized, let recorded = core.followed, recorded.generation == position.generation else { return nil }
+            return recorded.peer
         }
-        if let live { return live }
-        // Since a restart: the primary recorded when it opened its stream, if the image is still
-        // on its generation (as ``ReplicaVolume/followedLink`` asks of a live one).
-        guard position.initialized, let recorded = try? followedFile.load(), recorded.generation == position.generation else { return nil }
-        return recorded.peer
     }
 
     /// A frame for this volume from `peer` on `link`.
@@ -146,7 +149,8 @@ public final class ReplicaVolumeRuntime: Sendable {
             let actions = core.machine.received(message, on: link)
             if case .open(let open) = message, core.machine.sessionLink == link {
                 let record = FollowedPrimary(peer: peer, generation: open.generation)
-                if (try? followedFile.load()) != record {
+                if core.followed != record {
+                    core.followed = record
                     do { try followedFile.store(record) } catch {
                         logger.warning("volume \(name): recording which site streams here failed: \(error)")
                     }
