@@ -85,4 +85,29 @@ struct RoleChangeTests {
         let kept = east.rangesToKeepAside(plan: plan, keepAsideFor: nil)
         #expect(kept == [BlockRange(offset: 15 << 20, length: 5 << 20)], "\(kept)")
     }
+
+    /// A copy under way resumes only on a replica that still records this primary's generation
+    /// (it records it at the copy's first barrier, before any block lands). One that answers
+    /// with another generation took blocks from another primary meanwhile, even if it never
+    /// finished a copy from it: the copy starts over (failover simulation, seed 900753).
+    @Test func aCopyUnderWayStartsOverOnAReplicaThatFollowedAnotherPrimaryMeanwhile() {
+        func reopened(answering position: ReplicaPosition) -> DirtyBitmap {
+            let config = PrimaryVolume.Config(volume: "vm1", volumeSize: 1 << 20, epoch: 4, generation: 0xF,
+                                              peers: ["west": ReplicaPolicy(mode: .async)])
+            let now = Instant(monotonicNanos: 0, wallSeconds: 0)
+            // The copy to west had sent everything but its last region before the link went down.
+            let regions = Int(config.volumeSize / config.regionSize)
+            var words = [UInt64](repeating: 0, count: (regions + 63) / 64)
+            words[(regions - 1) / 64] = 1 << UInt64((regions - 1) % 64)
+            var east = PrimaryVolume(config: config, metadata: .init(peers: ["west": .init(dirtyWords: words, initialSyncPending: true, lastPoint: nil)]),
+                                     cleanShutdown: true, journal: [], now: now)
+            _ = east.linkUp(peer: "west", link: LinkID(7), now: now)
+            _ = east.received(.position(position), peer: "west", link: LinkID(7), now: now)
+            return east.peers["west"]!.dirty
+        }
+        let resumed = reopened(answering: ReplicaPosition(epoch: 4, generation: 0xF, appliedSeq: 0))
+        #expect(resumed.count == 1)
+        let elsewhere = reopened(answering: ReplicaPosition(epoch: 4, generation: 0xE, appliedSeq: 0))
+        #expect(elsewhere.count == elsewhere.regionCount)
+    }
 }

@@ -90,8 +90,10 @@ struct SimulationTests {
     /// Failover schedules a long run once failed (2026-12-07, `make simulate SCHEDULES=4000
     /// BASE=700001`), kept in every run: 700311 applied a receive-log group again over a
     /// catch-up after a power loss; 700020 forgot a resolved rival's epoch over a restart;
-    /// 700670 left the volume without a primary (the operator now retries).
-    @Test(arguments: [UInt64(700020), 700311, 700670])
+    /// 700670 left the volume without a primary (the operator now retries). From `BASE=900001`
+    /// and `BASE=1000001`: 900753 (P2: a copy resumed on a replica that had followed another
+    /// primary since), 900757 and 1000875 (never converged; they pass with the same fix).
+    @Test(arguments: [UInt64(700020), 700311, 700670, 900753, 900757, 1000875])
     func failoverSchedulesThatOnceFailedPass(seed: UInt64) {
         let report = Self.run(seed: seed, roles: true)
         #expect(report == nil, "\(report ?? "")")

@@ -303,11 +303,16 @@ extension PrimaryVolume {
     mutating func opened(_ peer: inout PeerState, position: ReplicaPosition, _ out: inout [Action]) {
         let sameHistory = position.initialized && position.generation == config.generation
         let sharedPast = position.initialized && config.ancestors.contains(position.generation)
-        if peer.initialSyncPending && position.generation != config.generation && (position.initialized || position.needs != nil) {
+        if peer.initialSyncPending && position.generation != config.generation {
             // A copy under way to a site whose image has since moved to another line (it was
             // promoted, or followed another primary, and gave way again): what was already sent
-            // no longer describes it; the copy starts over. Found by the failover simulation
-            // (seed 291: a region sent before the site's promotion was never sent again).
+            // no longer describes it; the copy starts over. A replica records this primary's
+            // generation at the copy's first barrier, before any block lands, so any other
+            // generation means it took blocks from elsewhere since, even when it never finished
+            // a copy (`initialized` false). Found by the failover simulation: seed 291 (a
+            // region sent before the site's promotion was never sent again) and seed 900753 (a
+            // replica that followed a forced promotion mid-copy kept its bytes where the copy
+            // had already passed, and was then marked consistent).
             peer.dirty.setAll()
             persistNeeded = true
         }
