@@ -158,6 +158,7 @@ extension Site {
         }
         var rolledBack: String?
         var rolledBackRanges: [BlockRange] = []
+        let lineBefore = replica.position.lineage
         if let target {
             do {
                 let (point, ranges) = try replica.rollBack(to: target.id)
@@ -187,7 +188,8 @@ extension Site {
         let plan = RoleChange.promotion(position: position, generation: generationID, recordedEpoch: UInt64(max(record.epoch, 0)),
                                         recordedHistory: Self.history(record), volumeSize: volume.config.sizeBytes,
                                         regionSize: regionSize, followed: followed,
-                                        siteIndex: stripe.index, siteCount: stripe.count, rolledBack: rolledBackRanges)
+                                        siteIndex: stripe.index, siteCount: stripe.count, rolledBack: rolledBackRanges,
+                                        lineBefore: target == nil ? nil : lineBefore)
         let epoch = plan.epoch
         let historyJSON = String(decoding: (try? JSONEncoder().encode(plan.history)) ?? Data("[]".utf8), as: UTF8.self)
         let runtime: PrimaryVolumeRuntime

@@ -22,8 +22,9 @@ import Testing
     struct Node { var record: GenerationRecord; var parent: Int? }
 
     /// Every tree of up to `extra` more nodes after a root; each node picks a parent (or none:
-    /// another root, for unrelated histories), a branch point 0–2 writes past its parent's, and an
-    /// epoch of its depth (siblings tie) or a distinct one.
+    /// another root, for unrelated histories), a branch point 0–2 writes past its parent's or one
+    /// before it (a promotion at a recovery point that goes back past the parent's start: a
+    /// rewound line), and an epoch of its depth (siblings tie) or a distinct one.
     static func trees(extra: Int) -> [[Node]] {
         var result: [[Node]] = [[Node(record: GenerationRecord(id: 1, epoch: 1, branchSeq: 0), parent: nil)]]
         var frontier = result
@@ -34,9 +35,10 @@ import Testing
                 for parent in [nil] + tree.indices.map(Optional.some) {
                     let base = parent.map { tree[$0].record.branchSeq } ?? 0
                     let depth = parent.map { depthOf($0, in: tree) + 1 } ?? 1
-                    for offset in UInt64(0)...2 where parent != nil || offset == 0 {
+                    for offset in -1...2 where (parent != nil || offset == 0) && Int(base) + offset >= 0 {
                         for epoch in [UInt64(depth), 100 + id] {
-                            next.append(tree + [Node(record: GenerationRecord(id: id, epoch: epoch, branchSeq: base + offset), parent: parent)])
+                            let branch = UInt64(Int(base) + offset)
+                            next.append(tree + [Node(record: GenerationRecord(id: id, epoch: epoch, branchSeq: branch), parent: parent)])
                         }
                     }
                 }
@@ -163,6 +165,21 @@ import Testing
         // A promotion that wrote nothing loses nothing by following the other.
         #expect(HistoryDecision.decide(local: .init(generations: [g1, g2b], appliedSeq: 90), peer: .init(generations: [g1, g2], appliedSeq: 150))
                 == .catchUp(from: .peer))
+        // Ransomware: east, promoted at 100 (g2), wrote up to 150; west followed it and was promoted
+        // at a recovery point of g1's, sequence 60 (`promote --at`), and has written nothing yet.
+        // Its line keeps g2, which the promotion replaced: east gives way when it returns (its
+        // writes after 60 set aside), rather than west's roll-back being undone.
+        let g3 = GenerationRecord(id: 55, epoch: 3, branchSeq: 60)
+        let rolledBack = VolumeHistory(generations: [g1, g2, g3], appliedSeq: 60)
+        #expect(rolledBack.reach(in: g1.id) == 60 && rolledBack.reach(in: g2.id) == 60)
+        #expect(HistoryDecision.decide(local: .init(generations: [g1, g2], appliedSeq: 150), peer: rolledBack)
+                == .diverged(keep: .peer, branchSeq: 60))
+        // A site that stopped in g1 at 120, before g2 began, sets aside its writes after 60 too.
+        #expect(HistoryDecision.decide(local: .init(generations: [g1], appliedSeq: 120), peer: rolledBack)
+                == .diverged(keep: .peer, branchSeq: 60))
+        // Without g2 in the line, the side that wrote would stand and undo the roll-back.
+        #expect(HistoryDecision.decide(local: .init(generations: [g1, g2], appliedSeq: 150),
+                                       peer: .init(generations: [g1, g3], appliedSeq: 60)) == .catchUp(from: .local))
         // Different volumes under one name.
         #expect(HistoryDecision.decide(local: .init(generations: [g1], appliedSeq: 5),
                                        peer: .init(generations: [GenerationRecord(id: 44, epoch: 1, branchSeq: 0)], appliedSeq: 5)) == .unrelated)

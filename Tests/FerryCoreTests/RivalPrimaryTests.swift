@@ -85,6 +85,33 @@ struct RivalPrimaryTests {
         #expect(Self.rejoin(westDid) == nil && !west.isFenced)
     }
 
+    @Test func aPromotionAtAnOlderGenerationsPointStandsOverThePrimaryItRolledBack() throws {
+        // East was promoted at 100 (B, epoch 2) and wrote on to 150 (encrypted by ransomware);
+        // west, which followed it, was promoted at a recovery point of A's at 60 (`promote --at`,
+        // C, epoch 3) and has written nothing yet. The roll-back stands: east gives way and sets
+        // aside what it wrote after 60; west's line keeps B, the generation it replaced.
+        let b = GenerationRecord(id: 0xB, epoch: 2, branchSeq: 100), c = GenerationRecord(id: 0xC, epoch: 3, branchSeq: 60)
+        let promoted = RoleChange.promotion(position: ReplicaPosition(epoch: 2, generation: Self.a.id, appliedSeq: 60, consistent: true,
+                                                                      initialized: true, lineage: [Self.a]),
+                                            generation: c.id, recordedEpoch: 2, recordedHistory: [Self.a, b], volumeSize: 64 << 20,
+                                            regionSize: 64 << 10, followed: "east", siteIndex: 1, siteCount: 2,
+                                            rolledBack: [BlockRange(offset: 0, length: 4096)], lineBefore: [Self.a, b])
+        #expect(promoted.history == [Self.a, b, c])
+        var east = Self.primary([Self.a, b], applied: 150, peer: "west")
+        var west = Self.primary(promoted.history, applied: 60, peer: "east")
+        let (eastDid, westDid) = try Self.meet(&east, &west)
+        let plan = try #require(Self.rejoin(eastDid))
+        #expect(plan.peer == "west" && plan.common == b && plan.keepWrittenAfter == 60 && Self.fenced(eastDid))
+        #expect(Self.rejoin(westDid) == nil && !west.isFenced)
+        // A point past where the line it was on left A is not on it: the line is not kept.
+        let elsewhere = RoleChange.promotion(position: ReplicaPosition(epoch: 2, generation: Self.a.id, appliedSeq: 110, consistent: true,
+                                                                       initialized: true, lineage: [Self.a]),
+                                             generation: c.id, recordedEpoch: 2, recordedHistory: [Self.a, b], volumeSize: 64 << 20,
+                                             regionSize: 64 << 10, followed: nil, siteIndex: 1, siteCount: 2,
+                                             rolledBack: [BlockRange(offset: 0, length: 4096)], lineBefore: [Self.a, b])
+        #expect(elsewhere.history == [Self.a, GenerationRecord(id: 0xC, epoch: 3, branchSeq: 110)])
+    }
+
     @Test func aSplitBrainMovesNothingUntilResolvedAndThenTheLoserGivesWay() throws {
         // Both promoted from A and both wrote.
         let b = GenerationRecord(id: 0xB, epoch: 2, branchSeq: 100), c = GenerationRecord(id: 0xC, epoch: 2, branchSeq: 90)

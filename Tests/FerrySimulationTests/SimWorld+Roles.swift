@@ -62,6 +62,7 @@ extension SimWorld {
         // Mid catch-up, `ferry promote` puts the image back to the state the catch-up started
         // from (the undo log); the operator sometimes keeps the image instead (--force-inconsistent).
         var rolledBack: [BlockRange] = []
+        var lineBefore: [GenerationRecord]?
         if s.midCatchUp && s.catchUpFromConsistent && s.undoBase == nil {
             fail("P3 violated: \(name) is in the middle of a catch-up that began on a consistent image, and kept no way back to it")
             return false
@@ -70,6 +71,7 @@ extension SimWorld {
             for (sector, value) in base.saved { s.disk.write(sector, [value]) }
             s.disk.flush()
             rolledBack = base.saved.keys.sorted().map { BlockRange(offset: UInt64($0) * sectorSize, length: sectorSize) }
+            lineBefore = replica.position.lineage
             let actions = replica.rolledBack(to: base.position)
             s.replica = replica
             runReplica(name, actions, stamps: [])
@@ -113,7 +115,7 @@ extension SimWorld {
                                         recordedHistory: s.history, volumeSize: config.volumeSize, regionSize: config.regionSize,
                                         followed: followed.flatMap { peers[$0] != nil && position.consistent ? $0 : nil },
                                         siteIndex: siteNames.sorted().firstIndex(of: name)!, siteCount: siteNames.count,
-                                        plantedBug: scenario.bug, rolledBack: rolledBack)
+                                        plantedBug: scenario.bug, rolledBack: rolledBack, lineBefore: lineBefore)
         var machine = config
         machine.epoch = plan.epoch
         machine.generation = generation

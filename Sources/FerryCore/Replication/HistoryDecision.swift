@@ -19,6 +19,14 @@
 /// history that a promotion replaced catches up from the promoted side, after setting aside what
 /// it wrote past the branch point. When both sides were promoted, the one that wrote stands; both
 /// wrote is a split brain.
+///
+/// A promotion at a recovery point (`ferry promote --at`, or out of an unfinished catch-up) may
+/// go back past the start of the generation the site was on: its new generation then branches at
+/// a sequence below its parent's own branch point (a *rewound* line, e.g. `[G1, G2@900, G3@400]`:
+/// G3 starts from G1's state at 400, and replaced G2). Sequences along the line are those of the
+/// state it starts from, so how far an image is into a generation is the lowest branch point
+/// after it (``VolumeHistory/reach(in:)``). Keeping G2 in the line is what makes the promotion at
+/// the point stand when G2's primary returns, as any newer promotion does.
 public struct GenerationRecord: Sendable, Equatable, Hashable, Codable {
     /// Random and non-zero; equal IDs are the same generation.
     public var id: UInt64
@@ -49,11 +57,13 @@ public struct VolumeHistory: Sendable, Equatable {
 
     public var current: GenerationRecord? { generations.last }
 
-    /// How far this image is into generation `id` of its history: up to where its next generation
-    /// branched off, or `appliedSeq` for the current one; nil when `id` is not in its history.
+    /// How far this image is into generation `id` of its history: up to where its line left it
+    /// (the lowest branch point of the generations after it: a promotion at a recovery point may
+    /// branch below its parent's own start), or `appliedSeq` for the current one; nil when `id` is
+    /// not in its history.
     public func reach(in id: UInt64) -> UInt64? {
         guard let i = generations.firstIndex(where: { $0.id == id }) else { return nil }
-        return i + 1 < generations.count ? generations[i + 1].branchSeq : appliedSeq
+        return i + 1 < generations.count ? generations[(i + 1)...].lazy.map(\.branchSeq).min()! : appliedSeq
     }
 
     /// Whether the site wrote anything in the generations after `generations[ancestor]`.
@@ -130,17 +140,17 @@ public enum HistoryDecision: Sendable, Equatable {
             case (true, true):
                 return .splitBrain(commonGeneration: common.id)
             case (false, true):
-                return behind(staying: localChild.branchSeq, newer: peer, index: pi, newerSide: .peer)
+                return behind(staying: localReach, newer: peer, index: pi, newerSide: .peer)
             case (true, false):
-                return behind(staying: peerChild.branchSeq, newer: local, index: li, newerSide: .local)
+                return behind(staying: peerReach, newer: local, index: li, newerSide: .local)
             case (false, false):
                 // Neither wrote: the later promotion (higher epoch) stands, as when only one side
                 // was promoted; equal epochs cannot be decided.
                 if localChild.epoch > peerChild.epoch {
-                    return behind(staying: peerChild.branchSeq, newer: local, index: li, newerSide: .local)
+                    return behind(staying: peerReach, newer: local, index: li, newerSide: .local)
                 }
                 if peerChild.epoch > localChild.epoch {
-                    return behind(staying: localChild.branchSeq, newer: peer, index: pi, newerSide: .peer)
+                    return behind(staying: localReach, newer: peer, index: pi, newerSide: .peer)
                 }
                 return .splitBrain(commonGeneration: common.id)
             }
@@ -150,7 +160,7 @@ public enum HistoryDecision: Sendable, Equatable {
     /// The other side holds `common` (`newer.generations[index]`) up to `reach` and nothing of
     /// its own after it; `newer` left `common` at its next generation's branch point.
     private static func behind(staying reach: UInt64, newer: VolumeHistory, index: Int, newerSide: Side) -> HistoryDecision {
-        let branch = newer.generations[index + 1].branchSeq
+        let branch = newer.reach(in: newer.generations[index].id)!
         // Up to the branch point both hold the same writes; past it only the other side has them.
         return reach > branch ? .diverged(keep: newerSide, branchSeq: branch) : .catchUp(from: newerSide)
     }

@@ -222,6 +222,6 @@ extension PrimaryVolume {
     func divergence(from theirs: VolumeHistory, common: GenerationRecord) -> UInt64? {
         guard config.generation == common.id else { return 0 }
         guard let i = theirs.generations.firstIndex(where: { $0.id == common.id }), i + 1 < theirs.generations.count else { return nil }
-        return theirs.generations[i + 1].branchSeq
+        return theirs.reach(in: common.id)
     }
 }

@@ -68,17 +68,21 @@ public enum RoleChange {
     /// branch (it then starts with a clean bitmap: failback sends only what differs); every other
     /// peer starts from a full copy.
     /// `siteIndex` and `siteCount`: see ``nextEpoch(after:siteIndex:siteCount:)``.
+    /// After a roll-back to a recovery point, `rolledBack` is what it rewrote and `lineBefore`
+    /// the line the image was on before it (``ReplicaPosition/lineage``): when the point lies on
+    /// that line, the new generation replaces the rest of it (HistoryDecision, "rewound").
     public static func promotion(position: ReplicaPosition, generation: UInt64, recordedEpoch: UInt64,
                                  recordedHistory: [GenerationRecord], volumeSize: UInt64, regionSize: UInt64,
-                                 followed: String?, siteIndex: Int, siteCount: Int, rolledBack: [BlockRange] = []) -> Promotion {
+                                 followed: String?, siteIndex: Int, siteCount: Int, rolledBack: [BlockRange] = [],
+                                 lineBefore: [GenerationRecord]? = nil) -> Promotion {
         promotion(position: position, generation: generation, recordedEpoch: recordedEpoch, recordedHistory: recordedHistory,
                   volumeSize: volumeSize, regionSize: regionSize, followed: followed, siteIndex: siteIndex, siteCount: siteCount,
-                  plantedBug: nil, rolledBack: rolledBack)
+                  plantedBug: nil, rolledBack: rolledBack, lineBefore: lineBefore)
     }
 
     static func promotion(position: ReplicaPosition, generation: UInt64, recordedEpoch: UInt64, recordedHistory: [GenerationRecord],
                           volumeSize: UInt64, regionSize: UInt64, followed: String?, siteIndex: Int, siteCount: Int,
-                          plantedBug: PlantedBug?, rolledBack: [BlockRange] = []) -> Promotion {
+                          plantedBug: PlantedBug?, rolledBack: [BlockRange] = [], lineBefore: [GenerationRecord]? = nil) -> Promotion {
         let seen = max(recordedEpoch, position.epoch)
         let epoch = plantedBug == .promoteWithoutNewEpoch ? seen : nextEpoch(after: seen, siteIndex: siteIndex, siteCount: siteCount)
         // The line of history the image is on: as its primary sent it, else as recorded here,
@@ -89,6 +93,14 @@ public enum RoleChange {
             history = Array(history[...i])
         } else if history.isEmpty, position.generation != 0 {
             history.append(GenerationRecord(id: position.generation, epoch: position.epoch, branchSeq: 0))
+        }
+        if let before = lineBefore, before.count > history.count, Array(before.prefix(history.count)) == history,
+           VolumeHistory(generations: before, appliedSeq: .max).reach(in: position.generation).map({ position.appliedSeq <= $0 }) == true {
+            // Rolled back to a point on the line the image was on, before one or more generations
+            // of it began: the new generation replaces them (it branches below their start), so
+            // their primary gives way to it when it returns, as to any newer promotion, instead of
+            // undoing the roll-back because this site has not written yet.
+            history = before
         }
         history.append(GenerationRecord(id: generation, epoch: epoch, branchSeq: position.appliedSeq))
         var peers: [String: PrimaryVolume.Metadata.Peer] = [:]
