@@ -185,11 +185,20 @@ extension Site {
         // the branch (and says what it wrote past it when it rejoins), so it starts clean.
         let followed = replica.followedPeer.flatMap { peers[$0] != nil && position.consistent ? $0 : nil }
         let stripe = volume.config.epochStripe(of: me)
+        // After `ferry demote` here, its primary state is still on disk (primary.meta, journal):
+        // if the image has not moved since, each peer gets only what it lacked then.
+        var formerPrimary: RoleChange.FormerPrimary?
+        if target == nil, position.consistent, position.generation == PrimaryVolume.Config.generationNumber(record.generation),
+           let saved = try? MetadataFile<PrimaryVolume.Metadata>(path: stateDir + "/primary.meta").load() {
+            let journalDir = stateDir + "/journal"
+            let journal = FileManager.default.fileExists(atPath: journalDir) ? (try? JournalStore.open(directory: journalDir))?.1 : []
+            if let journal { formerPrimary = .init(generation: position.generation, metadata: saved, journal: journal) }
+        }
         let plan = RoleChange.promotion(position: position, generation: generationID, recordedEpoch: UInt64(max(record.epoch, 0)),
                                         recordedHistory: Self.history(record), volumeSize: volume.config.sizeBytes,
                                         regionSize: regionSize, followed: followed,
                                         siteIndex: stripe.index, siteCount: stripe.count, rolledBack: rolledBackRanges,
-                                        lineBefore: target == nil ? nil : lineBefore)
+                                        lineBefore: target == nil ? nil : lineBefore, formerPrimary: formerPrimary)
         let epoch = plan.epoch
         let historyJSON = String(decoding: (try? JSONEncoder().encode(plan.history)) ?? Data("[]".utf8), as: UTF8.self)
         let runtime: PrimaryVolumeRuntime
@@ -232,9 +241,14 @@ extension Site {
         if (force || forceInconsistent) && !position.consistent { lines.append("forced: the image was not consistent; check the file system on it before use") }
         lines.append("exported read-write at \(uris.joined(separator: " and "))")
         if !peers.isEmpty {
-            let rest = peers.keys.sorted().filter { $0 != followed }
+            let resumed = peers.keys.sorted().filter { $0 != followed && plan.metadata.peers[$0] != nil }
+            let rest = peers.keys.sorted().filter { $0 != followed && plan.metadata.peers[$0] == nil }
             var how: [String] = []
             if let followed { how.append("\(followed), once demoted, gets only what differs") }
+            if !resumed.isEmpty {
+                how.append("\(resumed.joined(separator: " and ")) \(resumed.count == 1 ? "gets" : "get") only what \(resumed.count == 1 ? "it" : "they") "
+                           + "lacked when this site was demoted")
+            }
             if !rest.isEmpty { how.append("\(rest.joined(separator: " and ")) \(rest.count == 1 ? "gets" : "get") a full copy") }
             lines.append("replicating to \(peers.keys.sorted().joined(separator: ", ")): \(how.joined(separator: "; "))")
         }
@@ -353,12 +367,13 @@ extension Site {
             let demotion = RoleChange.demotion(
                 epoch: UInt64(max(1, record.epoch)), generation: PrimaryVolume.Config.generationNumber(record.generation),
                 recordedHistory: Self.history(record), plan: plan,
-                keptAside: keptAside?.ranges.map { BlockRange(offset: $0.offset, length: $0.length) } ?? [])
+                keptAside: keptAside?.ranges.map { BlockRange(offset: $0.offset, length: $0.length) } ?? [],
+                idleAt: plan == nil ? primary.idleSequence : nil)
             let historyJSON = String(decoding: (try? JSONEncoder().encode(demotion.history)) ?? Data("[]".utf8), as: UTF8.self)
             engine.becomeSecondary(name, runtime: nil)
             engine.sayNotPrimary(name, to: volume.config.sites.subtracting([me]).sorted())
-            // Not consistent until a primary has caught it up: on the line of history it keeps,
-            // needing what it kept aside to be overwritten (a full copy when that list is too long).
+            // On the line of history it keeps, needing what it kept aside to be overwritten (a full
+            // copy when that list is too long); consistent only at an idle `ferry demote`'s state.
             try? FileManager.default.removeItem(atPath: stateDir + "/receive.log")
             // Recovery points of an earlier time as a secondary describe another line: gone.
             try? FileManager.default.removeItem(atPath: stateDir + "/undo.log")

@@ -199,6 +199,9 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
         core.withLockedValue { $0.machine.rangesToKeepAside(plan: plan, keepAsideFor: keepAsideFor) }
     }
 
+    /// ``PrimaryVolume/idleSequence``.
+    public var idleSequence: UInt64? { core.withLockedValue { $0.machine.idleSequence } }
+
     /// `ferry verify --repair`: sends `ranges` to `peer` again; false when it cannot now (no open
     /// session, or a catch-up or point running).
     public func resync(_ ranges: [BlockRange], peer: String) -> Bool {

@@ -110,4 +110,48 @@ struct RoleChangeTests {
         let elsewhere = reopened(answering: ReplicaPosition(epoch: 4, generation: 0xE, appliedSeq: 0))
         #expect(elsewhere.count == elsewhere.regionCount)
     }
+
+    /// `ferry demote` of an idle volume leaves a consistent image at the primary's last sequence,
+    /// so promoting the same site again needs no force; its replicas start from what it knew
+    /// they lacked (bitmap, activity log, and the journal for a peer streamed from it), and only
+    /// while the image is still where it stepped down.
+    @Test func aDemoteIsUndoneWithoutForceAndWithoutAFullCopy() {
+        let idle = RoleChange.demotion(epoch: 2, generation: 0x22, recordedHistory: [Self.g1], plan: nil, keptAside: [], idleAt: 40)
+        #expect(idle.position.consistent && idle.position.appliedSeq == 40 && idle.position.generation == 0x22)
+        #expect(RoleChange.promotionRefusal(volume: "vm1", position: idle.position, force: false, streamingPrimary: nil) == nil)
+        let busy = RoleChange.demotion(epoch: 2, generation: 0x22, recordedHistory: [Self.g1], plan: nil, keptAside: [], idleAt: nil)
+        #expect(!busy.position.consistent)
+        let givingWay = RoleChange.demotion(epoch: 2, generation: 0x22, recordedHistory: [Self.g1],
+                                            plan: Rejoin(peer: "west", common: Self.g1, history: [Self.g1], peerEpoch: 3, reason: "test"),
+                                            keptAside: [], idleAt: 40)
+        #expect(!givingWay.position.consistent, "a site that gives way holds another line's bytes")
+
+        let volumeSize: UInt64 = 64 << 20, regionSize: UInt64 = 64 << 10
+        var westDirty = DirtyBitmap(volumeSize: volumeSize, regionSize: regionSize)
+        _ = westDirty.set(BlockRange(offset: 0, length: 4096))
+        let saved = PrimaryVolume.Metadata(activityLog: [3], peers: [
+            "west": .init(dirtyWords: westDirty.words, initialSyncPending: false, lastPoint: nil),
+            "far": .init(dirtyWords: [], initialSyncPending: false, lastPoint: nil, journaled: true, ackedSeq: 30),
+        ], lastSeq: 40, sequenceCeiling: 40, regionSize: regionSize)
+        // Far had acknowledged through 30: the entry at 20 it holds, the one at 39 it lacks.
+        let journal = [JournalEntry(seq: 20, range: BlockRange(offset: 40 << 20, length: 4096), isZero: false, isBarrier: false, atNanos: 0),
+                       JournalEntry(seq: 39, range: BlockRange(offset: 32 << 20, length: 4096), isZero: false, isBarrier: false, atNanos: 0)]
+        let former = RoleChange.FormerPrimary(generation: 0x22, metadata: saved, journal: journal, extentSize: 4 << 20)
+        func promoted(_ position: ReplicaPosition) -> RoleChange.Promotion {
+            RoleChange.promotion(position: position, generation: 0x33, recordedEpoch: 2, recordedHistory: idle.history,
+                                 volumeSize: volumeSize, regionSize: regionSize, followed: nil, siteIndex: 0, siteCount: 3,
+                                 formerPrimary: former)
+        }
+        let again = promoted(idle.position)
+        func dirty(_ peer: String) -> DirtyBitmap? {
+            again.metadata.peers[peer].map { DirtyBitmap(volumeSize: volumeSize, regionSize: regionSize, words: $0.dirtyWords) }
+        }
+        let extent3 = BlockRange(offset: 12 << 20, length: 4 << 20)
+        #expect(dirty("west")?.contains(0) == true && dirty("west")?.count == 1 + Int(extent3.length / regionSize))
+        #expect(dirty("far")?.count == 1 + Int(extent3.length / regionSize) && dirty("far")?.contains(Int((32 << 20) / regionSize)) == true)
+        // Moved since (it followed another primary, or was rolled back): a full copy, as before.
+        var moved = idle.position
+        moved.appliedSeq = 41
+        #expect(promoted(moved).metadata.peers.isEmpty)
+    }
 }

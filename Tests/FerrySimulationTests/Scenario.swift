@@ -21,6 +21,9 @@ struct Scenario: CustomStringConvertible {
     var failoversPerSecond = 0.0
     var splitsPerSecond = 0.0
     var switchoversPerSecond = 0.0
+    /// `ferry demote` of the serving primary, then `ferry promote` of that same site (an undo),
+    /// drawn from a stream of its own so that every other draw of a seed stays as it was.
+    var undoDemotesPerSecond = 0.0
     /// How often a refused promotion (an inconsistent replica) is forced.
     var forceChance = 0.0
 
@@ -72,6 +75,8 @@ struct Scenario: CustomStringConvertible {
             splitsPerSecond = rng.pick([0, 0, 0.3, 0.6])
             switchoversPerSecond = rng.pick([0, 0.4, 1])
             forceChance = rng.pick([0, 0.2, 0.5])
+            var own = SimRandom(seed: seed ^ 0xD0_DE_40_7E_5EED)
+            undoDemotesPerSecond = own.chance(0.3) ? own.pick([0.3, 1]) : 0
         }
     }
 
@@ -90,7 +95,7 @@ struct Scenario: CustomStringConvertible {
             + "cuts \(linkCutsPerSecond)/s, primary crashes \(primaryCrashesPerSecond)/s, replica crashes \(replicaCrashesPerSecond)/s, "
             + "power loss \(powerLoss)"
             + (roles ? ", failovers \(failoversPerSecond)/s, split brains \(splitsPerSecond)/s, switchovers \(switchoversPerSecond)/s, "
-                + "force \(forceChance)" : "")
+                + "force \(forceChance)" + (undoDemotesPerSecond > 0 ? ", demotes undone \(undoDemotesPerSecond)/s" : "") : "")
             + "\(bug.map { ", planted bug \($0.rawValue)" } ?? "")"
     }
 }

@@ -36,6 +36,17 @@ extension SimWorld {
         after(rng.nanos(1_000_000...20_000_000), .promote(name, force: true))
     }
 
+    /// The operator demotes the serving primary (its VM shut down first) and then thinks better
+    /// of it: the same site is promoted again. An idle demotion leaves a consistent image, so
+    /// the promotion needs no force, and its peers are sent only what they lacked before.
+    func undoDemote() {
+        guard !workloadOver, let old = servingSite, site(old).client.outstanding.isEmpty, site(old).primary != nil else { return }
+        site(old).clientAttached = false
+        log("operator: demoting \(old), then promoting it again")
+        makeSecondary(old, plan: nil, keepAsideFor: nil, why: "demoted by the operator")
+        after(rng.nanos(1_000_000...50_000_000), .promoteAgain(old))
+    }
+
     /// The primary is cut off from a replica (it goes on serving its client), and the operator
     /// promotes the replica there: both write, a split brain the handshake must stop.
     func splitFailover() {
@@ -115,7 +126,10 @@ extension SimWorld {
                                         recordedHistory: s.history, volumeSize: config.volumeSize, regionSize: config.regionSize,
                                         followed: followed.flatMap { peers[$0] != nil && position.consistent ? $0 : nil },
                                         siteIndex: siteNames.sorted().firstIndex(of: name)!, siteCount: siteNames.count,
-                                        plantedBug: scenario.bug, rolledBack: rolledBack, lineBefore: lineBefore)
+                                        plantedBug: scenario.bug, rolledBack: rolledBack, lineBefore: lineBefore,
+                                        formerPrimary: rolledBack.isEmpty ? s.formerPrimary : nil)
+        if plan.metadata.peers.count > (followed.map { peers[$0] != nil && position.consistent ? 1 : 0 } ?? 0) { resumedPromotions += 1 }
+        s.formerPrimary = nil
         var machine = config
         machine.epoch = plan.epoch
         machine.generation = generation
@@ -166,8 +180,10 @@ extension SimWorld {
         }
         checkKeptAside(name, plan: plan, keepAsideFor: keepAsideFor, lineage: config.lineage)
         let demotion = RoleChange.demotion(epoch: s.epoch, generation: s.generation, recordedHistory: s.history, plan: plan,
-                                           keptAside: divergent, plantedBug: scenario.bug)
+                                           keptAside: divergent, idleAt: plan == nil ? machine.idleSequence : nil, plantedBug: scenario.bug)
         s.history = demotion.history
+        s.formerPrimary = RoleChange.FormerPrimary(generation: s.generation, metadata: machine.metadataForShutdown(),
+                                                   journal: s.journal.map(\.entry), extentSize: config.extentSize)
         s.config = nil
         s.primary = nil
         s.clientAttached = false

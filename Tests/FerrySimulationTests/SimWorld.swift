@@ -24,6 +24,9 @@ final class SimSite {
     var journal: [(entry: JournalEntry, stamps: [UInt64], durable: Bool)] = []
     var preserved: [String: [UInt64: [UInt64]]] = [:]
     var pendingFlushes: Set<UInt64> = []
+    /// What a demotion left of the primary's state on disk (its metadata and journal), used if
+    /// this site is promoted again with its image where it stepped down.
+    var formerPrimary: RoleChange.FormerPrimary?
 
     // Replica
     var replica: ReplicaVolume?
@@ -107,6 +110,8 @@ final class SimWorld {
         /// The primary dies while `name` is catching up, and `name` is promoted (P3's case).
         case failoverDuringCatchUp(String)
         case promote(String, force: Bool)
+        case undoDemote
+        case promoteAgain(String)
         case splitFailover
         case switchover
         case switchoverStep(from: String, to: String, deadline: Int64)
@@ -151,6 +156,8 @@ final class SimWorld {
     var promotions = 0, switchovers = 0, resolutions = 0, rejoins = 0
     /// Promotions mid catch-up that rolled the image back (the undo log).
     var rollbacks = 0
+    /// Promotions of a demoted site whose peers started from what it knew they lacked.
+    var resumedPromotions = 0
     var resolving = false
     /// The site the operator kept when it last resolved a split brain between two sites.
     var resolvedKeep: [String: String] = [:]
@@ -263,6 +270,15 @@ final class SimWorld {
         every(scenario.failoversPerSecond, .failover)
         every(scenario.splitsPerSecond, .splitFailover)
         every(scenario.switchoversPerSecond, .switchover)
+        if scenario.undoDemotesPerSecond > 0 {
+            var own = SimRandom(seed: scenario.seed ^ 0x0DD_D0DE)
+            var t: Int64 = 0
+            while true {
+                t += own.nanos(1...Int64(2_000_000_000 / scenario.undoDemotesPerSecond))
+                if t >= scenario.workloadNanos { break }
+                queue.push(t, .undoDemote)
+            }
+        }
     }
 
     func heal() {
@@ -395,6 +411,19 @@ final class SimWorld {
             splitFailover()
         case .switchover:
             beginSwitchover()
+        case .undoDemote:
+            undoDemote()
+        case .promoteAgain(let name):
+            // A site that crashed meanwhile is promoted once it is back (the operator retries).
+            // Refused otherwise only when the demotion was not of an idle volume (its position is
+            // then not consistent): the operator forces it, as `--force-inconsistent` would.
+            guard site(name).running else {
+                after(rng.nanos(10_000_000...100_000_000), .promoteAgain(name))
+                return
+            }
+            if !promote(name, force: false, why: "demote undone") {
+                promote(name, force: true, why: "demote undone")
+            }
         case .switchoverStep(let from, let to, let deadline):
             switchoverStep(from: from, to: to, deadline: deadline)
         case .resolve(let name, let peer):

@@ -289,6 +289,38 @@ struct FailoverTests {
         #expect(try sites.imagesIdentical())
     }
 
+    /// `ferry demote` undone: the same site is promoted again, without --force (the demote of an
+    /// idle volume leaves its image consistent), and its replicas are sent only what changed,
+    /// not a full copy.
+    @Test func aDemoteIsUndoneByPromotingTheSameSiteAgain() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }", "far": "{ mode: async }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        // The client's flush empties the activity log once both replicas hold the writes.
+        try sites.qemuIO(["write -P 0x81 0 16M", "flush"])
+        sites.waitInSync()
+
+        let down = try ferry(["demote", "vm1"], sites.east)
+        #expect(down.status == 0, "\(down.stderr)")
+        let status = vm1(sites.east)
+        #expect(status?.role == "secondary" && status?.replicaState?.consistent == true, "\(String(describing: status))")
+        let up = try ferry(["promote", "vm1"], sites.east)
+        #expect(up.status == 0 && up.stdout.contains("far and west get only what they lacked when this site was demoted"),
+                "\(up.stdout)\(up.stderr)")
+        try sites.qemuIO(["write -P 0x82 16M 1M"])
+        sites.waitInSync()
+        for peer in ["west", "far"] {
+            let sent = vm1(sites.east)?.replicas.first { $0.peer == peer }?.bytesSent ?? 0
+            #expect(sent >= 1 << 20 && sent <= 2 << 20, "\(peer) was sent \(sent) bytes after the demote was undone: 1 MiB changed, a full copy is 17 MiB")
+        }
+        let read = try sites.qemuIO(["read -P 0x81 0 16M", "read -P 0x82 16M 1M"], expect: nil)
+        #expect(read.status == 0 && !read.output.contains("Pattern verification failed"), "\(read.output)")
+        let far = eventually(.seconds(60)) { (try? sites.imagesIdentical("far")) == true }
+        let west = try sites.imagesIdentical("west")
+        #expect(far && west, "a replica differs from east")
+    }
+
     /// Planned switchover under a running fio verify workload, there and back: every write fio
     /// was told about is on the new primary's export; each step is printed; bad input changes nothing.
     @Test func switchoverThereAndBackUnderAWorkloadLosesNothing() throws {

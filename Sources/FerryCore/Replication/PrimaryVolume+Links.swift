@@ -341,7 +341,12 @@ extension PrimaryVolume {
         guard var session = peer.session else { return }
         switch peer.policy.mode {
         case .sync, .semiSync:
-            if peer.dirty.isEmpty && !peer.initialSyncPending && position.consistent {
+            // Straight to in sync only on this very generation: a replica still recording another
+            // one (a site demoted at its own consistent state, rejoining the site promoted after
+            // it) first gets a catch-up, even an empty one, whose first barrier records this
+            // generation before any write of it lands (else a crash would leave a position that
+            // says "consistent in the old generation" over an image holding writes of this one).
+            if peer.dirty.isEmpty && !peer.initialSyncPending && position.consistent && position.generation == config.generation {
                 setState(&peer, .inSync, "every write reaches \(peer.name) before it is answered", &out)
             } else {
                 startCatchUp(&session, peer: &peer, &out)

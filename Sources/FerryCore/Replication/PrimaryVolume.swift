@@ -258,6 +258,13 @@ public struct PrimaryVolume: Sendable {
     /// Ack latencies since the last ``takeAckSamples()`` (``Config/recordsAckLatency``).
     var ackSamples: [AckSample] = []
 
+    /// The sequence the image is exactly at when nothing is in flight (every admitted write is
+    /// done, no flush or catch-up read waiting): what `ferry demote` may record as a consistent
+    /// state. Nil while anything is under way.
+    public var idleSequence: UInt64? {
+        requests.isEmpty && gate.isEmpty && admissionQueue.isEmpty && tickets.isEmpty ? lastAdmitted : nil
+    }
+
     /// The ack latencies recorded since the last call.
     public mutating func takeAckSamples() -> [AckSample] {
         defer { ackSamples.removeAll(keepingCapacity: true) }
@@ -697,10 +704,14 @@ enum PlantedBug: String, Sendable, CaseIterable {
     /// A replica keeps no way back when a catch-up begins: a promotion mid catch-up serves
     /// the half-written image.
     case skipUndo = "skip-undo"
+    /// A demoted site promoted again starts its peers from its old bitmaps only, forgetting the
+    /// writes its journal and activity log held for them.
+    case demoteUndoneFromBitmapsOnly = "demote-undone-from-bitmaps-only"
     /// Bugs of role changes, which only the failover schedules exercise.
     var isFailover: Bool {
         switch self {
-        case .promoteInconsistent, .promoteWithoutNewEpoch, .skipKeepAside, .rejoinWithoutNeeds, .rollbackNotResent, .skipUndo: true
+        case .promoteInconsistent, .promoteWithoutNewEpoch, .skipKeepAside, .rejoinWithoutNeeds, .rollbackNotResent, .skipUndo,
+             .demoteUndoneFromBitmapsOnly: true
         default: false
         }
     }

@@ -42,6 +42,23 @@ public enum RoleChange {
         return nil
     }
 
+    /// What a site kept of its last time as a primary (its `primary.meta` and journal, left in
+    /// place by `ferry demote`): when it is promoted again with its image still exactly where it
+    /// stepped down, its peers start from what it knew they lacked, not from a full copy.
+    public struct FormerPrimary: Sendable {
+        public var generation: UInt64
+        public var metadata: PrimaryVolume.Metadata
+        public var journal: [JournalEntry]
+        public var extentSize: UInt64
+
+        public init(generation: UInt64, metadata: PrimaryVolume.Metadata, journal: [JournalEntry], extentSize: UInt64 = 4 << 20) {
+            self.generation = generation
+            self.metadata = metadata
+            self.journal = journal
+            self.extentSize = extentSize
+        }
+    }
+
     /// What a promotion starts from: the new epoch, the history with the new generation branching
     /// where the replica's image is, and the primary's first metadata.
     public struct Promotion: Sendable, Equatable {
@@ -71,18 +88,21 @@ public enum RoleChange {
     /// After a roll-back to a recovery point, `rolledBack` is what it rewrote and `lineBefore`
     /// the line the image was on before it (``ReplicaPosition/lineage``): when the point lies on
     /// that line, the new generation replaces the rest of it (HistoryDecision, "rewound").
+    /// `formerPrimary`: see ``FormerPrimary`` (used only when the image is still at the state
+    /// that site stepped down at: its generation, consistent at its last sequence, not rolled back).
     public static func promotion(position: ReplicaPosition, generation: UInt64, recordedEpoch: UInt64,
                                  recordedHistory: [GenerationRecord], volumeSize: UInt64, regionSize: UInt64,
                                  followed: String?, siteIndex: Int, siteCount: Int, rolledBack: [BlockRange] = [],
-                                 lineBefore: [GenerationRecord]? = nil) -> Promotion {
+                                 lineBefore: [GenerationRecord]? = nil, formerPrimary: FormerPrimary? = nil) -> Promotion {
         promotion(position: position, generation: generation, recordedEpoch: recordedEpoch, recordedHistory: recordedHistory,
                   volumeSize: volumeSize, regionSize: regionSize, followed: followed, siteIndex: siteIndex, siteCount: siteCount,
-                  plantedBug: nil, rolledBack: rolledBack, lineBefore: lineBefore)
+                  plantedBug: nil, rolledBack: rolledBack, lineBefore: lineBefore, formerPrimary: formerPrimary)
     }
 
     static func promotion(position: ReplicaPosition, generation: UInt64, recordedEpoch: UInt64, recordedHistory: [GenerationRecord],
                           volumeSize: UInt64, regionSize: UInt64, followed: String?, siteIndex: Int, siteCount: Int,
-                          plantedBug: PlantedBug?, rolledBack: [BlockRange] = [], lineBefore: [GenerationRecord]? = nil) -> Promotion {
+                          plantedBug: PlantedBug?, rolledBack: [BlockRange] = [], lineBefore: [GenerationRecord]? = nil,
+                          formerPrimary: FormerPrimary? = nil) -> Promotion {
         let seen = max(recordedEpoch, position.epoch)
         let epoch = plantedBug == .promoteWithoutNewEpoch ? seen : nextEpoch(after: seen, siteIndex: siteIndex, siteCount: siteCount)
         // The line of history the image is on: as its primary sent it, else as recorded here,
@@ -112,6 +132,26 @@ public enum RoleChange {
             if plantedBug != .rollbackNotResent { for range in rolledBack { _ = bitmap.set(range) } }
             peers[followed] = PrimaryVolume.Metadata.Peer(dirtyWords: bitmap.words, initialSyncPending: false, lastPoint: nil)
         }
+        if let former = formerPrimary, former.generation == position.generation, position.consistent, position.initialized,
+           position.appliedSeq == former.metadata.lastSeq, rolledBack.isEmpty,
+           former.metadata.regionSize == regionSize || former.metadata.regionSize == 0 {
+            // `ferry demote` undone: this image is the state the site stepped down at, so each peer
+            // lacks what it lacked then: its bitmap, plus (as after a crash) the activity log's
+            // extents and, for a peer streamed from the journal, every write the journal holds.
+            let active = former.metadata.activityLog.map { extent -> BlockRange in
+                let start = UInt64(extent) * former.extentSize
+                return BlockRange(offset: start, length: start < volumeSize ? min(former.extentSize, volumeSize - start) : 0)
+            }
+            for (name, saved) in former.metadata.peers where peers[name] == nil {
+                var bitmap = DirtyBitmap(volumeSize: volumeSize, regionSize: regionSize, words: saved.dirtyWords)
+                let journaled = saved.journaled ? former.journal.filter { !$0.isBarrier && $0.seq > saved.ackedSeq ?? 0 }.map(\.range) : []
+                for range in active + journaled where range.length > 0 && plantedBug != .demoteUndoneFromBitmapsOnly {
+                    _ = bitmap.set(range)
+                }
+                peers[name] = PrimaryVolume.Metadata.Peer(dirtyWords: bitmap.words, initialSyncPending: saved.initialSyncPending,
+                                                          lastPoint: saved.lastPoint)
+            }
+        }
         // Sequences continue above what this replica applied. What this site will have written
         // itself starts there: a site that later gives way to a line branching from this
         // generation keeps aside only its own writes after the branch, not the whole image
@@ -122,7 +162,7 @@ public enum RoleChange {
     }
 
     /// What a primary that steps down keeps: its history, and the replica position it starts
-    /// from (never consistent until a primary has caught it up).
+    /// from (consistent only after a plain `ferry demote` of an idle volume: its own last state).
     public struct Demotion: Sendable, Equatable {
         public var history: [GenerationRecord]
         public var position: ReplicaPosition
@@ -132,13 +172,18 @@ public enum RoleChange {
     /// secondary. `plan` nil is `ferry demote`; otherwise it gives way to `plan.peer` and its
     /// position names the generation both share. `keptAside`: the ranges it set aside, which the
     /// next primary must overwrite (its `needs`; a full copy when the list is too long).
+    /// `idleAt`: for `ferry demote`, the sequence the flushed image is exactly at when nothing was
+    /// in flight (``PrimaryVolume/idleSequence``): the position is then consistent there, so the
+    /// demote can be undone by promoting this site again without --force. A site that gives way
+    /// (`plan`) holds bytes of a line the other replaced: never consistent until caught up.
     public static func demotion(epoch: UInt64, generation: UInt64, recordedHistory: [GenerationRecord], plan: Rejoin?,
-                                keptAside: [BlockRange]) -> Demotion {
-        demotion(epoch: epoch, generation: generation, recordedHistory: recordedHistory, plan: plan, keptAside: keptAside, plantedBug: nil)
+                                keptAside: [BlockRange], idleAt: UInt64? = nil) -> Demotion {
+        demotion(epoch: epoch, generation: generation, recordedHistory: recordedHistory, plan: plan, keptAside: keptAside,
+                 idleAt: idleAt, plantedBug: nil)
     }
 
     static func demotion(epoch: UInt64, generation: UInt64, recordedHistory: [GenerationRecord], plan: Rejoin?,
-                         keptAside: [BlockRange], plantedBug: PlantedBug?) -> Demotion {
+                         keptAside: [BlockRange], idleAt: UInt64? = nil, plantedBug: PlantedBug?) -> Demotion {
         if let plan, plan.common == nil {
             // No history in common: the image is all kept aside and replaced by a full copy.
             return Demotion(history: [], position: ReplicaPosition(epoch: plan.peerEpoch))
@@ -147,8 +192,9 @@ public enum RoleChange {
         if history.isEmpty { history.append(GenerationRecord(id: generation, epoch: max(1, epoch), branchSeq: 0)) }
         let needs = plantedBug == .rejoinWithoutNeeds ? [] : keptAside
         let fits = needs.count <= ReplicaPosition.maxNeeds
+        let consistentAt = plan == nil && fits ? idleAt : nil
         let position = ReplicaPosition(epoch: plan?.peerEpoch ?? max(1, epoch), generation: plan?.common?.id ?? generation,
-                                       appliedSeq: 0, consistent: false, initialized: fits,
+                                       appliedSeq: consistentAt ?? 0, consistent: consistentAt != nil, initialized: fits,
                                        needs: fits && !needs.isEmpty ? needs : nil, lineage: history)
         return Demotion(history: history, position: position)
     }
