@@ -39,6 +39,17 @@ public final class TreeMirror {
     /// `directory` (same relative path) instead: a former primary's changes that its replica never
     /// received (P6).
     public var keepAside: (after: FileTime, directory: String)?
+    /// Files (device, inode) whose ctime this apply itself moved while they have other names (a
+    /// name of theirs replaced, removed or linked, their metadata set): another name of theirs
+    /// with a ctime after the keep-aside time and an mtime before it is not a change of this
+    /// site's, and is not kept aside (an operator walk-through found a hard link kept aside that
+    /// no one had changed).
+    private var bumpedByApply: Set<[UInt64]> = []
+
+    private func noteBump(_ st: stat?) {
+        guard keepAside != nil, let st, !PosixFS.isDirectory(st), st.st_nlink > 1 else { return }
+        bumpedByApply.insert([UInt64(st.st_dev), UInt64(st.st_ino)])
+    }
 
     let source: any ChunkSource
     let root: String
@@ -334,6 +345,7 @@ public final class TreeMirror {
                 if let st, st.st_ino == target.st_ino, st.st_dev == target.st_dev { return true }
                 let name = fresh ? e.name : try nextTemp()
                 try touch()
+                noteBump(target)
                 if PosixFS.withCName(now, { f in PosixFS.withCName(name) { linkat(rootFD, f, fd, $0, 0) } }) == 0 {
                     if !fresh { try replace(fd, name, with: e.name, path: path, existing: st) }
                     stats.linked += 1
@@ -478,6 +490,8 @@ public final class TreeMirror {
     /// Moves `name` aside when it changed after the keep-aside time; true when it did.
     private func keptAside(_ fd: Int32, _ name: [UInt8], path: [UInt8], st: stat?) throws -> Bool {
         guard let keep = keepAside, let st, PosixFS.time(st.st_ctim) > keep.after else { return false }
+        if PosixFS.time(st.st_mtim) <= keep.after, bumpedByApply.contains([UInt64(st.st_dev), UInt64(st.st_ino)]) { return false }
+        noteBump(st)
         let destination = Array(keep.directory.utf8) + [0x2F] + path
         let parent = Array(destination[..<(destination.lastIndex(of: 0x2F)!)])
         var sofar: [UInt8] = []
@@ -496,6 +510,7 @@ public final class TreeMirror {
         if let existing, try keptAside(fd, name, path: path, st: existing) {
             // Moved aside; `temp` takes the free name.
         } else if let existing, PosixFS.isDirectory(existing) { try removeTree(fd, name, path: path) }
+        noteBump(existing)
         let rc = PosixFS.withCName(temp) { t in PosixFS.withCName(name) { renameat(fd, t, fd, $0) } }
         guard rc == 0 else {
             let saved = errno
@@ -525,9 +540,11 @@ public final class TreeMirror {
     }
 
     private func setMetadata(fd: Int32, _ e: TreeEntry, path: [UInt8]) throws {
-        if let st = PosixFS.fstat(fd), UInt32(st.st_mode) & 0o7777 == e.mode, PosixFS.time(st.st_mtim) == e.mtime,
+        let st = PosixFS.fstat(fd)
+        if let st, UInt32(st.st_mode) & 0o7777 == e.mode, PosixFS.time(st.st_mtim) == e.mtime,
            !setOwner || (st.st_uid == e.uid && st.st_gid == e.gid) { return }
         try touch()
+        noteBump(st)
         if setOwner { guard fchown(fd, e.uid, e.gid) == 0 else { throw TreeFSError("chown", path) } }
         guard fchmod(fd, mode_t(e.mode)) == 0 else { throw TreeFSError("chmod", path) }
         var times = [timespec(tv_sec: Int(e.mtime.seconds), tv_nsec: Int(e.mtime.nanoseconds)),
@@ -541,6 +558,7 @@ public final class TreeMirror {
         try touch()
         if keepingAside, keepAside != nil, let st = PosixFS.lstat(at: fd, name) {
             if !PosixFS.isDirectory(st), try keptAside(fd, name, path: path, st: st) { return }
+            noteBump(st)
         }
         if PosixFS.withCName(name, { unlinkat(fd, $0, 0) }) == 0 { return }
         guard errno == EISDIR || errno == EPERM else {

@@ -189,6 +189,10 @@ import Glibc
         pair.write("shared.txt", Array("the same on both\n".utf8))
         pair.write("changed-on-east-later.txt", Array("version 1\n".utf8))
         pair.write("big.bin", Self.random(8 << 20, seed: 5))
+        // Two names of one file, which only west changes: east's apply replaces the first, which
+        // moves the file's ctime, and must not take that for a change of east's to the second.
+        pair.write("linked-1.txt", Array("linked, version 1\n".utf8))
+        try FileManager.default.linkItem(atPath: pair.source + "/linked-1.txt", toPath: pair.source + "/linked-2.txt")
         try pair.east.start()
         try pair.west.start()
         defer { pair.east.stop(); pair.west.stop() }
@@ -203,6 +207,10 @@ import Glibc
         let again = try run(try ferryBinary(), ["promote", "docs", "--config", pair.west.configPath], expect: 1)
         #expect(again.stderr.contains("already the primary"))
         FileManager.default.createFile(atPath: pair.target + "/written-on-west.txt", contents: Data("new on west\n".utf8))
+        let linked = try #require(FileHandle(forWritingAtPath: pair.target + "/linked-1.txt"))
+        try linked.truncate(atOffset: 0)
+        try linked.write(contentsOf: Data("linked, version 2, written on west\n".utf8))
+        try linked.close()
         // Meanwhile east, cut off, still changed things: they must not be overwritten silently.
         pair.write("changed-on-east-later.txt", Array("version 2, written on east after its last snapshot\n".utf8))
         pair.write("new-on-east.txt", Array("only on east\n".utf8))
