@@ -79,7 +79,15 @@ extension Site {
                 "  " + zip(cells, [7, 28, 11, 11]).map { $0.padding($1) }.joined() + cells[4]
             }
             lines.append(row("ID", "TIME (UTC)", "SEQUENCE", "TO UNDO", "KIND"))
+            // Sequences count along one primary's line: where the points move to another
+            // generation (a promotion happened between them), a line says so.
+            let generations = Set(points.map(\.position.generation))
+            var shown: UInt64?
             for p in points {
+                if generations.count > 1, p.position.generation != shown {
+                    shown = p.position.generation
+                    lines.append("  -- generation \(String(p.position.generation, radix: 16)) (epoch \(p.position.epoch)):")
+                }
                 lines.append(row("#\(p.id)", Self.isoTime(p.time), "\(p.position.appliedSeq)",
                                  ByteSize.format(replica.undo.undoBytes(after: p.id)), p.kind))
             }
