@@ -1,7 +1,15 @@
+import Foundation
 @testable import FerryCore
 
 /// FerryCore's ``SeededRandom`` (SplitMix64, so a seed replays exactly) with the draws a
 /// schedule makes.
+/// What a value is after the daemon stores and reads it back (JSON, as ``MetadataFile`` does):
+/// the simulation keeps its "on disk" state through this, so a field the encoding forgets is
+/// lost here too (the rival epoch once was, in the daemon only).
+func storedAndRead<T: Codable>(_ value: T) -> T {
+    try! JSONDecoder().decode(T.self, from: JSONEncoder().encode(value))
+}
+
 struct SimRandom: RandomNumberGenerator {
     private var base: SeededRandom
     init(seed: UInt64) { base = SeededRandom(seed: seed) }

@@ -6,7 +6,7 @@ extension SimWorld {
     /// undo base, as ``ReplicaVolumeRuntime`` does.
     func storePosition(_ s: SimSite, _ position: ReplicaPosition, version: UInt64) {
         guard version > s.store.positionVersion else { return }
-        s.store.persist(position, version: version)
+        s.store.persist(storedAndRead(position), version: version)
         if position.consistent {
             s.undoBase = nil
             s.catchUpFromConsistent = false

@@ -140,7 +140,7 @@ extension SimWorld {
         s.epoch = plan.epoch
         s.generation = generation
         s.history = plan.history
-        s.meta = plan.metadata
+        s.meta = storedAndRead(plan.metadata)
         s.journal = []
         s.preserved = [:]
         s.pendingFlushes = []
@@ -182,7 +182,7 @@ extension SimWorld {
         let demotion = RoleChange.demotion(epoch: s.epoch, generation: s.generation, recordedHistory: s.history, plan: plan,
                                            keptAside: divergent, idleAt: plan == nil ? machine.idleSequence : nil, plantedBug: scenario.bug)
         s.history = demotion.history
-        s.formerPrimary = RoleChange.FormerPrimary(generation: s.generation, metadata: machine.metadataForShutdown(),
+        s.formerPrimary = RoleChange.FormerPrimary(generation: s.generation, metadata: storedAndRead(machine.metadataForShutdown()),
                                                    journal: s.journal.map(\.entry), extentSize: config.extentSize)
         s.config = nil
         s.primary = nil

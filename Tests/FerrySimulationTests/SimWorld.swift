@@ -319,7 +319,7 @@ final class SimWorld {
         case .persistDone(let name, let incarnation, let token, let meta):
             let s = site(name)
             guard incarnation == s.incarnation, var machine = s.primary else { return }
-            if token > s.metaToken { s.meta = meta; s.metaToken = token }
+            if token > s.metaToken { s.meta = storedAndRead(meta); s.metaToken = token }
             let actions = machine.persisted(token: token, now: instant)
             s.primary = machine
             runPrimary(name, actions)

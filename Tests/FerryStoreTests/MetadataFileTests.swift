@@ -100,6 +100,9 @@ struct MetadataFileTests {
                            lastPoint: PointRecord(seq: 99, cutAtSeconds: 1_700_000_000, completedAtSeconds: 1_700_000_060, bytes: 1 << 30, regions: 16384),
                            journaled: true),
                 "c": .init(dirtyWords: [], initialSyncPending: true, lastPoint: nil),
+                // Every field, the optional ones too (rivalEpoch was once kept only in memory).
+                "d": .init(dirtyWords: [1], initialSyncPending: false, lastPoint: nil, journaled: true, ackedSeq: 77,
+                           rivalEpoch: 6, dirtySince: 1_700_000_123.5),
             ],
             lastSeq: 1_000_000, sequenceCeiling: 2_048_576)
         let primary = try MetadataFile<PrimaryVolume.Metadata>(path: dir.file("primary.meta"))

@@ -4,7 +4,7 @@
 /// numbers, keys `dirtyWords` and `lastWrites`) is still read.
 extension PrimaryVolume.Metadata.Peer {
     enum CodingKeys: String, CodingKey {
-        case dirtyRuns, dirtyWordCount, dirtyWords, initialSyncPending, lastPoint, journaled, ackedSeq
+        case dirtyRuns, dirtyWordCount, dirtyWords, initialSyncPending, lastPoint, journaled, ackedSeq, rivalEpoch, dirtySince
     }
 
     public init(from decoder: any Decoder) throws {
@@ -14,6 +14,8 @@ extension PrimaryVolume.Metadata.Peer {
         lastPoint = try c.decodeIfPresent(PointRecord.self, forKey: .lastPoint)
         journaled = try c.decodeIfPresent(Bool.self, forKey: .journaled) ?? false
         ackedSeq = try c.decodeIfPresent(UInt64.self, forKey: .ackedSeq)
+        rivalEpoch = try c.decodeIfPresent(UInt64.self, forKey: .rivalEpoch)
+        dirtySince = try c.decodeIfPresent(Double.self, forKey: .dirtySince)
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -24,6 +26,8 @@ extension PrimaryVolume.Metadata.Peer {
         try c.encodeIfPresent(lastPoint, forKey: .lastPoint)
         try c.encode(journaled, forKey: .journaled)
         try c.encodeIfPresent(ackedSeq, forKey: .ackedSeq)
+        try c.encodeIfPresent(rivalEpoch, forKey: .rivalEpoch)
+        try c.encodeIfPresent(dirtySince, forKey: .dirtySince)
     }
 }
 

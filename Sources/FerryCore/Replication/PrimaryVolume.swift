@@ -123,8 +123,12 @@ public struct PrimaryVolume: Sendable {
             /// site still knows, after a restart too, that the sites which followed it refuse
             /// older epochs (found by the failover simulation, seed 700020).
             public var rivalEpoch: UInt64?
+            /// Since when (wall-clock seconds) the peer's bitmap has held something: its lag in
+            /// seconds goes on from there after a restart, rather than from the restart.
+            public var dirtySince: Double?
             public init(dirtyWords: [UInt64], initialSyncPending: Bool, lastPoint: PointRecord?, journaled: Bool = false,
-                        ackedSeq: UInt64? = nil, rivalEpoch: UInt64? = nil) {
+                        ackedSeq: UInt64? = nil, rivalEpoch: UInt64? = nil, dirtySince: Double? = nil) {
+                self.dirtySince = dirtySince
                 self.dirtyWords = dirtyWords
                 self.initialSyncPending = initialSyncPending
                 self.lastPoint = lastPoint
@@ -337,7 +341,11 @@ public struct PrimaryVolume: Sendable {
                 peer.nextPointAt = schedule.nextPoint(afterSeconds: peer.lastPoint?.cutAtSeconds ?? now.wallSeconds)
             }
             peer.formerRivalEpoch = saved?.rivalEpoch
-            if peer.dirtySince == nil, !dirty.isEmpty { peer.dirtySince = now.monotonicNanos }
+            if peer.dirtySince == nil, !dirty.isEmpty {
+                // Carried over a restart by the wall clock (never later than now).
+                let ago = saved?.dirtySince.map { max(0, Double(now.wallSeconds) - $0) } ?? 0
+                peer.dirtySince = now.monotonicNanos - Int64(min(ago, 1e9) * 1e9)
+            }
             peers[name] = peer
         }
         if !cleanShutdown { persistNeeded = true }
@@ -563,7 +571,8 @@ public struct PrimaryVolume: Sendable {
             peerMeta[name] = Metadata.Peer(dirtyWords: dirty.words, initialSyncPending: peer.initialSyncPending,
                                            lastPoint: peer.lastPoint, journaled: peer.journaled,
                                            ackedSeq: peer.journaled ? peer.ackedSeq : nil,
-                                           rivalEpoch: peer.rival?.epoch ?? peer.formerRivalEpoch)
+                                           rivalEpoch: peer.rival?.epoch ?? peer.formerRivalEpoch,
+                                           dirtySince: peer.dirtySince.map { Double(now.wallSeconds) - Double(now.monotonicNanos - $0) / 1e9 })
         }
         return Metadata(activityLog: activityLog.sorted(), peers: peerMeta, lastSeq: lastSeq, sequenceCeiling: sequenceCeiling,
                         regionSize: config.regionSize, lastWrites: lastWrites)
