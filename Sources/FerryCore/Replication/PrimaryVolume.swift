@@ -262,11 +262,11 @@ public struct PrimaryVolume: Sendable {
     /// Ack latencies since the last ``takeAckSamples()`` (``Config/recordsAckLatency``).
     var ackSamples: [AckSample] = []
 
-    /// The sequence the image is exactly at when nothing is in flight (every admitted write is
-    /// done, no flush or catch-up read waiting): what `ferry demote` may record as a consistent
-    /// state. Nil while anything is under way.
+    /// The sequence the image is exactly at when no request is in flight (every write taken is
+    /// done; a catch-up's reads change nothing): what `ferry demote` may record as a consistent
+    /// state. Nil while a request is under way.
     public var idleSequence: UInt64? {
-        requests.isEmpty && gate.isEmpty && admissionQueue.isEmpty && tickets.isEmpty ? lastAdmitted : nil
+        requests.isEmpty && gate.isEmpty && lastAdmitted == lastSeq ? lastAdmitted : nil
     }
 
     /// The ack latencies recorded since the last call.
