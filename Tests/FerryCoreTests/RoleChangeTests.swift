@@ -154,4 +154,23 @@ struct RoleChangeTests {
         moved.appliedSeq = 41
         #expect(promoted(moved).metadata.peers.isEmpty)
     }
+
+    /// A peer's lag in seconds goes on over a restart of its primary (the bitmap's age is stored
+    /// by the wall clock), rather than starting again from 0 at the restart.
+    @Test func aPeersLagInSecondsSurvivesARestartOfItsPrimary() {
+        let config = PrimaryVolume.Config(volume: "vm1", volumeSize: 1 << 20, epoch: 1, generation: 1,
+                                          peers: ["west": ReplicaPolicy(mode: .sync)])
+        let before = Instant(monotonicNanos: 5_000_000_000, wallSeconds: 1_800_000_000)
+        var words = [UInt64](repeating: 0, count: 1)
+        words[0] = 1
+        let saved = PrimaryVolume.Metadata(peers: ["west": .init(dirtyWords: words, initialSyncPending: false, lastPoint: nil,
+                                                                 dirtySince: 1_800_000_000 - 100)],
+                                           regionSize: config.regionSize)
+        let east = PrimaryVolume(config: config, metadata: saved, cleanShutdown: true, journal: [], now: before)
+        let lag = east.status(now: before).first { $0.peer == "west" }?.lagSeconds ?? 0
+        #expect(lag >= 99 && lag <= 101, "\(lag)")
+        // And stored again as it was.
+        let again = east.metadataForShutdown().peers["west"]?.dirtySince ?? 0
+        #expect(abs(again - (1_800_000_000 - 100)) < 1.5, "\(again)")
+    }
 }
