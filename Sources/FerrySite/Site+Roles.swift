@@ -348,6 +348,7 @@ extension Site {
         let stateDir = config.site.dataDirectory + "/volumes/\(name).state"
         let runtime: ReplicaVolumeRuntime
         let keptAside: KeptAside?
+        var demotedConsistent = false
         // No client may attach from here on; until the role changes, a failure puts it back.
         let previous = exports.lookup(name)
         exports.remove(name)
@@ -370,6 +371,7 @@ extension Site {
                 keptAside: keptAside?.ranges.map { BlockRange(offset: $0.offset, length: $0.length) } ?? [],
                 idleAt: plan == nil ? primary.idleSequence : nil)
             let historyJSON = String(decoding: (try? JSONEncoder().encode(demotion.history)) ?? Data("[]".utf8), as: UTF8.self)
+            demotedConsistent = demotion.position.consistent
             engine.becomeSecondary(name, runtime: nil)
             engine.sayNotPrimary(name, to: volume.config.sites.subtracting([me]).sorted())
             // On the line of history it keeps, needing what it kept aside to be overwritten (a full
@@ -405,7 +407,11 @@ extension Site {
                          + "and its peers may not (written here after they last confirmed): \(k.image); `ferry diverged \(name)` lists them")
         }
         lines.append("the primary that streams to this site next sends what differs (the whole volume if it does not share this site's history)")
-        lines.append("to undo: `ferry promote \(name)` here (with --force while no primary has copied to it)")
+        if plan == nil {
+            lines.append(demotedConsistent
+                ? "to undo: `ferry promote \(name)` here, while no other site has been promoted (its replicas then get only what they lack)"
+                : "to undo: `ferry promote \(name) --force-inconsistent` here (writes were in flight: the image is not at one state)")
+        }
         if plan != nil { for line in lines.dropFirst() { logger.notice("volume \(name): \(line)") } }
         return Self.reply(200, "message", lines.joined(separator: "\n"))
     }

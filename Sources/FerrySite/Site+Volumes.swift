@@ -280,6 +280,7 @@ extension Site {
             exports: exportsHere ? uriBases.map { Self.uri(base: $0, export: v.config.name) } : [],
             clientsConnected: exportsHere ? exports.clientCount(v.config.name) : 0,
             image: v.image?.path)
+        if !v.isPrimary, following == nil { status.primaryGuessed = true }
         if let runtime = v.primary {
             status.replicas = runtime.status().map(Self.replicaStatus)
             status.lastError = runtime.lastError

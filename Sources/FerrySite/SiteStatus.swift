@@ -45,6 +45,9 @@ public struct SiteStatus: Codable, Sendable, Equatable {
         /// `primary` when this site serves it read-write; `secondary` otherwise.
         public var role: String
         public var primarySite: String
+        /// On a secondary that no primary streams to and none has since it became a secondary:
+        /// true, and `primarySite` is only the configured primary (or the only other site).
+        public var primaryGuessed: Bool?
         public var uuid: String?
         public var epoch: Int64?
         public var generation: String?
@@ -365,13 +368,18 @@ extension SiteStatus {
                 for e in v.exports { line += "\n      \(e)" }
                 for r in v.replicas { line += "\n      → " + Self.render(r, now: now) }
             } else {
-                line += "primary is \(v.primarySite)"
+                if v.primaryGuessed == true {
+                    line += v.primarySite == site.name ? "no primary known yet" : "no primary known yet (configured: \(v.primarySite))"
+                } else {
+                    line += "primary is \(v.primarySite)"
+                }
                 if let r = v.replicaState {
                     line += r.consistent ? ", consistent at sequence \(r.appliedSequence)"
                         : r.initialized ? ", catching up (inconsistent until it ends)" : ", initial sync in progress (not yet consistent)"
                     line += ", \(ByteSize.format(r.bytesReceived)) received"
                     if r.streamingFrom == nil {
-                        line += "\n      no stream from a primary now: is the link to \(v.primarySite) up, and does its config list this site as a replica?"
+                        line += v.primarySite == site.name ? "\n      no stream from a primary now: promote a site, or this one again (`ferry promote \(v.name)`)"
+                            : "\n      no stream from a primary now: is the link to \(v.primarySite) up, and does its config list this site as a replica?"
                     }
                 }
                 for e in v.exports { line += "\n      \(e) (read-only)" }

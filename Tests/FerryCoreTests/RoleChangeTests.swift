@@ -132,7 +132,7 @@ struct RoleChangeTests {
         let saved = PrimaryVolume.Metadata(activityLog: [3], peers: [
             "west": .init(dirtyWords: westDirty.words, initialSyncPending: false, lastPoint: nil),
             "far": .init(dirtyWords: [], initialSyncPending: false, lastPoint: nil, journaled: true, ackedSeq: 30),
-        ], lastSeq: 40, sequenceCeiling: 40, regionSize: regionSize)
+        ], lastSeq: 40, sequenceCeiling: 40, regionSize: regionSize, lastWrites: (0..<16).map { UInt64($0 * 2) })
         // Far had acknowledged through 30: the entry at 20 it holds, the one at 39 it lacks.
         let journal = [JournalEntry(seq: 20, range: BlockRange(offset: 40 << 20, length: 4096), isZero: false, isBarrier: false, atNanos: 0),
                        JournalEntry(seq: 39, range: BlockRange(offset: 32 << 20, length: 4096), isZero: false, isBarrier: false, atNanos: 0)]
@@ -146,6 +146,8 @@ struct RoleChangeTests {
         func dirty(_ peer: String) -> DirtyBitmap? {
             again.metadata.peers[peer].map { DirtyBitmap(volumeSize: volumeSize, regionSize: regionSize, words: $0.dirtyWords) }
         }
+        // What it wrote where is kept too (a later give-way sets aside only what it wrote after).
+        #expect(again.metadata.lastWrites == saved.lastWrites)
         let extent3 = BlockRange(offset: 12 << 20, length: 4 << 20)
         #expect(dirty("west")?.contains(0) == true && dirty("west")?.count == 1 + Int(extent3.length / regionSize))
         #expect(dirty("far")?.count == 1 + Int(extent3.length / regionSize) && dirty("far")?.contains(Int((32 << 20) / regionSize)) == true)

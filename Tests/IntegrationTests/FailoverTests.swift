@@ -302,7 +302,11 @@ struct FailoverTests {
         sites.waitInSync()
 
         let down = try ferry(["demote", "vm1"], sites.east)
-        #expect(down.status == 0, "\(down.stderr)")
+        #expect(down.status == 0 && down.stdout.contains("to undo: `ferry promote vm1` here, while no other site has been promoted"),
+                "\(down.stdout)\(down.stderr)")
+        // East, the configured primary, does not name itself (or a guess) as its primary.
+        let text = try ferry(["status"], sites.east).stdout
+        #expect(text.contains("secondary  no primary known yet") && !text.contains("primary is east"), "\(text)")
         let status = vm1(sites.east)
         #expect(status?.role == "secondary" && status?.replicaState?.consistent == true, "\(String(describing: status))")
         let up = try ferry(["promote", "vm1"], sites.east)

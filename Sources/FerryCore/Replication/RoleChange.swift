@@ -124,6 +124,7 @@ public enum RoleChange {
         }
         history.append(GenerationRecord(id: generation, epoch: epoch, branchSeq: position.appliedSeq))
         var peers: [String: PrimaryVolume.Metadata.Peer] = [:]
+        var lastWrites = [position.appliedSeq]
         if let followed, position.consistent, position.initialized {
             // Clean, except what a roll-back (`promote --at`, or out of a catch-up) put back: the
             // followed site holds the newer bytes there, which it may not know it must lose (a
@@ -151,13 +152,16 @@ public enum RoleChange {
                 peers[name] = PrimaryVolume.Metadata.Peer(dirtyWords: bitmap.words, initialSyncPending: saved.initialSyncPending,
                                                           lastPoint: saved.lastPoint)
             }
+            // Sequences go on along the same line: what it wrote where is still known, so a later
+            // give-way keeps aside only granules written after the branch, not the whole volume.
+            if let writes = former.metadata.lastWrites, !writes.isEmpty { lastWrites = writes }
         }
         // Sequences continue above what this replica applied. What this site will have written
         // itself starts there: a site that later gives way to a line branching from this
         // generation keeps aside only its own writes after the branch, not the whole image
         // (an operator walk-through found 28 MiB of a 32 MiB volume kept aside for 64 KiB).
         let metadata = PrimaryVolume.Metadata(peers: peers, lastSeq: position.appliedSeq, sequenceCeiling: position.appliedSeq,
-                                              regionSize: regionSize, lastWrites: [position.appliedSeq])
+                                              regionSize: regionSize, lastWrites: lastWrites)
         return Promotion(epoch: epoch, history: history, metadata: metadata)
     }
 
