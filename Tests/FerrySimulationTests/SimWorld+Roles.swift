@@ -83,7 +83,12 @@ extension SimWorld {
             s.disk.flush()
             rolledBack = base.saved.keys.sorted().map { BlockRange(offset: UInt64($0) * sectorSize, length: sectorSize) }
             lineBefore = replica.position.lineage
-            let actions = replica.rolledBack(to: base.position)
+            // As the daemon's runtime does (`ReplicaVolumeRuntime.rollBack`): the position names
+            // what was put back, which a primary of the same line that opens again must overwrite
+            // (the promotion may yet be refused, and this site stay its replica).
+            var target = base.position
+            target.needs = rolledBack.isEmpty ? nil : rolledBack
+            let actions = replica.rolledBack(to: target)
             s.replica = replica
             runReplica(name, actions, stamps: [])
             s.midCatchUp = false
@@ -248,7 +253,12 @@ extension SimWorld {
     func operatorLooks() {
         if !resolving {
             for name in siteNames {
-                guard let machine = site(name).primary, let peer = machine.rivals.keys.sorted().first else { continue }
+                // The rival it resolves against is one that is a primary now: a rival record of a
+                // site that has since become another primary's secondary is stale (seed 1300397
+                // resolved against such a one again and again, never against the live rival).
+                guard let machine = site(name).primary,
+                      let peer = machine.rivals.keys.sorted().first(where: { site($0).primary != nil }) ?? machine.rivals.keys.sorted().first
+                else { continue }
                 resolving = true
                 after(rng.nanos(50_000_000...500_000_000), .resolve(name, peer: peer))
                 break

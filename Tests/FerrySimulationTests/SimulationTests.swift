@@ -93,8 +93,11 @@ struct SimulationTests {
     /// catch-up after a power loss; 700020 forgot a resolved rival's epoch over a restart;
     /// 700670 left the volume without a primary (the operator now retries). From `BASE=900001`
     /// and `BASE=1000001`: 900753 (P2: a copy resumed on a replica that had followed another
-    /// primary since), 900757 and 1000875 (never converged; they pass with the same fix).
-    @Test(arguments: [UInt64(700020), 700311, 700670, 900753, 900757, 1000875])
+    /// primary since), 900757 and 1000875 (never converged; they pass with the same fix). From
+    /// `BASE=1300001`: 1300147 (P2: the harness rolled a replica back without naming what it put
+    /// back, as the daemon does) and 1300397 (never converged: the operator resolved against a
+    /// stale rival record, never the live one).
+    @Test(arguments: [UInt64(700020), 700311, 700670, 900753, 900757, 1000875, 1300147, 1300397])
     func failoverSchedulesThatOnceFailedPass(seed: UInt64) {
         let report = Self.run(seed: seed, roles: true)
         #expect(report == nil, "\(report ?? "")")
