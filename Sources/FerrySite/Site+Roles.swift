@@ -174,6 +174,7 @@ extension Site {
         }
         let endedDrill = endDrillForPromotion(name, replica: replica)
         let position = replica.position
+        let writes = replica.writes   // read after the position: it only knows more
         // The new epoch and generation are recorded before anything is served read-write: a crash
         // from here on restarts as the primary, never as the secondary it was.
         let generation = UUID().uuidString.lowercased()
@@ -198,7 +199,7 @@ extension Site {
                                         recordedHistory: Self.history(record), volumeSize: volume.config.sizeBytes,
                                         regionSize: regionSize, followed: followed,
                                         siteIndex: stripe.index, siteCount: stripe.count, rolledBack: rolledBackRanges,
-                                        lineBefore: target == nil ? nil : lineBefore, formerPrimary: formerPrimary)
+                                        lineBefore: target == nil ? nil : lineBefore, formerPrimary: formerPrimary, writes: writes)
         let epoch = plan.epoch
         let historyJSON = String(decoding: (try? JSONEncoder().encode(plan.history)) ?? Data("[]".utf8), as: UTF8.self)
         let runtime: PrimaryVolumeRuntime
@@ -249,7 +250,12 @@ extension Site {
                 how.append("\(resumed.joined(separator: " and ")) \(resumed.count == 1 ? "gets" : "get") only what \(resumed.count == 1 ? "it" : "they") "
                            + "lacked when this site was demoted")
             }
-            if !rest.isEmpty { how.append("\(rest.joined(separator: " and ")) \(rest.count == 1 ? "gets" : "get") a full copy") }
+            if !rest.isEmpty {
+                how.append(plan.metadata.lastWritesCoverLine
+                    ? "\(rest.joined(separator: " and ")) \(rest.count == 1 ? "gets" : "get") what changed since the state \(rest.count == 1 ? "it holds" : "they hold") "
+                        + "if that is on this volume's line at or before sequence \(position.appliedSeq), else a full copy"
+                    : "\(rest.joined(separator: " and ")) \(rest.count == 1 ? "gets" : "get") a full copy")
+            }
             lines.append("replicating to \(peers.keys.sorted().joined(separator: ", ")): \(how.joined(separator: "; "))")
         }
         if let hook = volume.config.onPromote {

@@ -122,6 +122,8 @@ public final class ReplicaVolumeRuntime: Sendable {
 
     /// The persisted position (what the primary is told when a link opens).
     public var position: ReplicaPosition { core.withLockedValue { $0.machine.position } }
+    /// What sequence wrote each granule, as far as this replica saw it (``ReplicaVolume/writes``).
+    public var writes: WriteMap? { core.withLockedValue { $0.machine.writes } }
     public var lastError: String? { core.withLockedValue { $0.lastError } }
     /// The peer whose stream this replica follows right now, if a primary has one open.
     public var streamingPeer: String? {

@@ -177,7 +177,11 @@ public struct VolumeFrame: Sendable, Equatable {
             message = .barrier(ReplicationBarrier(epoch: epoch, index: index, seq: seq, kind: barrierKind))
         case .position:
             let epoch = try u64(), generation = try u64(), applied = try u64()
-            let consistent = try bool("the consistent flag"), initialized = try bool("the initialized flag")
+            let consistent = try bool("the consistent flag")
+            // The second byte: bit 0 initialized, bit 1 `needsComplete`.
+            let flags = try u8()
+            guard flags <= 3 else { throw FrameError.malformedPayload(type, "the initialized flags are \(flags), not 0 to 3") }
+            let initialized = flags & 1 != 0
             guard let count = p.readInteger(as: UInt32.self) else {
                 throw FrameError.malformedPayload(type, "position ends before its count of needed ranges")
             }
@@ -195,7 +199,7 @@ public struct VolumeFrame: Sendable, Equatable {
             }
             message = .position(ReplicaPosition(epoch: epoch, generation: generation, appliedSeq: applied,
                                                 consistent: consistent, initialized: initialized,
-                                                needs: count == 0 ? nil : needs))
+                                                needs: count == 0 ? nil : needs, needsComplete: flags & 2 != 0 ? true : nil))
         case .ack:
             let levelByte = try u8()
             guard let level = AckLevel(rawValue: levelByte) else {
@@ -276,7 +280,7 @@ public struct VolumeFrame: Sendable, Equatable {
             writeVolume(&fields)
             fields.writeMultipleIntegers(
                 position.epoch, position.generation, position.appliedSeq,
-                UInt8(position.consistent ? 1 : 0), UInt8(position.initialized ? 1 : 0))
+                UInt8(position.consistent ? 1 : 0), UInt8(position.initialized ? 1 : 0) | UInt8(position.needsComplete == true ? 2 : 0))
             let needs = (position.needs ?? []).prefix(ReplicaPosition.maxNeeds)
             fields.writeInteger(UInt32(needs.count))
             for r in needs { fields.writeMultipleIntegers(r.offset, r.length) }

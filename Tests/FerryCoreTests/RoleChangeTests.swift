@@ -175,4 +175,87 @@ struct RoleChangeTests {
         let again = east.metadataForShutdown().peers["west"]?.dirtySince ?? 0
         #expect(abs(again - (1_800_000_000 - 100)) < 1.5, "\(again)")
     }
+
+    /// A third site after a move: west (sync) is promoted; far (async) holds an older state of
+    /// the same line. The new primary sends far the granules written since far's sequence (what
+    /// west received before its promotion, and what it wrote since), plus the late writes far
+    /// names, not a full copy; and a full copy whenever that cannot be known.
+    @Test func aThirdSiteOnTheLineGetsWhatChangedSinceItsStateNotAFullCopy() {
+        let size: UInt64 = 64 << 20, region: UInt64 = 64 << 10, granule: UInt64 = 4 << 20
+        let link = LinkID(1)
+        func g(_ i: UInt64) -> BlockRange { BlockRange(offset: i * granule + 8192, length: 4096) }
+        func write(_ index: UInt64, _ seq: UInt64, _ range: BlockRange) -> ReplicationMessage {
+            .write(ReplicationItem(epoch: 1, index: index, seq: seq, range: range, isZero: false))
+        }
+        func flush(_ index: UInt64, _ seq: UInt64) -> ReplicationMessage {
+            .barrier(ReplicationBarrier(epoch: 1, index: index, seq: seq, kind: .flush))
+        }
+        func told(_ actions: [ReplicaVolume.Action]) -> ReplicaPosition? {
+            for case .send(_, .position(let p)) in actions { return p }
+            return nil
+        }
+        let start = ReplicaPosition(epoch: 1, generation: 0x11, appliedSeq: 10, consistent: true, initialized: true)
+        let fromEast = VolumeOpen(volume: "vm1", epoch: 1, generation: 0x11, volumeSize: size, mode: .sync, history: [Self.g1])
+        // West (as after a restart: it cannot date anything yet) follows east: writes 11, 12,
+        // a flush at 12, then 13, which lands past its last barrier.
+        var west = ReplicaVolume(volume: "vm1", position: start)
+        _ = west.received(.open(fromEast), on: link)
+        #expect(west.writes?.hasUnknown == true)
+        for message in [flush(1, 10), write(2, 11, g(2)), write(3, 12, g(5)), flush(4, 12), write(5, 13, g(7))] {
+            _ = west.received(message, on: link)
+        }
+        _ = west.flushed(link: link, index: 4)
+        #expect(west.position.appliedSeq == 12 && west.writes?.hasUnknown == false)
+        // Far follows east as far as its flush at 11, and got 12, 13 and 14 (which west never
+        // got: east went down) after that barrier.
+        var far = ReplicaVolume(volume: "vm1", position: start)
+        _ = far.received(.open(fromEast), on: link)
+        for message in [flush(1, 10), write(2, 11, g(2)), flush(3, 11), write(4, 12, g(5)), write(5, 13, g(7)), write(6, 14, g(9))] {
+            _ = far.received(message, on: link)
+        }
+        _ = far.flushed(link: link, index: 3)
+        _ = far.linkDown(link)
+
+        let plan = RoleChange.promotion(position: west.position, generation: 0x33, recordedEpoch: 1, recordedHistory: [Self.g1],
+                                        volumeSize: size, regionSize: region, followed: "east", siteIndex: 2, siteCount: 3,
+                                        writes: west.writes)
+        #expect(plan.metadata.lastWritesCoverLine)
+        var config = PrimaryVolume.Config(volume: "vm1", volumeSize: size, epoch: plan.epoch, generation: 0x33,
+                                          peers: ["east": ReplicaPolicy(mode: .sync), "far": ReplicaPolicy(mode: .async)])
+        config.regionSize = region
+        config.history = plan.history
+        let now = Instant(monotonicNanos: 0, wallSeconds: 0)
+        func dirtyFor(_ position: ReplicaPosition, metadata: PrimaryVolume.Metadata = plan.metadata) -> (DirtyBitmap, Bool) {
+            var primary = PrimaryVolume(config: config, metadata: metadata, cleanShutdown: true, journal: [], now: now)
+            _ = primary.linkUp(peer: "far", link: LinkID(9), now: now)
+            _ = primary.received(.position(position), peer: "far", link: LinkID(9), now: now)
+            return (primary.peers["far"]!.dirty, primary.peers["far"]!.initialSyncPending)
+        }
+        let open = VolumeOpen(volume: "vm1", epoch: plan.epoch, generation: 0x33, volumeSize: size, mode: .async, history: plan.history)
+        guard let farPosition = told(far.received(.open(open), on: LinkID(2))) else { Issue.record("far told no position"); return }
+        #expect(farPosition.needsComplete == true && farPosition.needs == [5, 7, 9].map { BlockRange(offset: $0 * granule, length: granule) })
+        let (dirty, initial) = dirtyFor(farPosition)
+        let perGranule = Int(granule / region)
+        #expect(!initial)
+        #expect(dirty.count == 3 * perGranule, "granules 5 and 7 (written after 11), and 9 (a late write only far has): \(dirty.count / perGranule)")
+        for i in [5, 7, 9] { #expect(dirty.contains(i * perGranule)) }
+        #expect(!dirty.contains(2 * perGranule), "far has the write at 11")
+
+        // A full copy whenever it cannot be known what far lacks.
+        var unsure = farPosition
+        unsure.needsComplete = nil
+        #expect(dirtyFor(unsure).1, "a replica that cannot date its image")
+        var ahead = farPosition
+        ahead.appliedSeq = 13
+        #expect(dirtyFor(ahead).1, "a replica past the branch holds writes this line does not")
+        var elsewhere = farPosition
+        elsewhere.generation = 0x44
+        #expect(dirtyFor(elsewhere).1, "a replica of another line")
+        var uncovered = plan.metadata
+        uncovered.lastWritesCoverLine = false
+        #expect(dirtyFor(farPosition, metadata: uncovered).1, "a primary whose last writes do not cover the line")
+        // A replica that restarted cannot date its image until a barrier of its line: it says nothing.
+        var restarted = ReplicaVolume(volume: "vm1", position: far.position)
+        #expect(told(restarted.received(.open(open), on: LinkID(3)))?.needsComplete == nil)
+    }
 }

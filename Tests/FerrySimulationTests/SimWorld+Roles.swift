@@ -132,7 +132,7 @@ extension SimWorld {
                                         followed: followed.flatMap { peers[$0] != nil && position.consistent ? $0 : nil },
                                         siteIndex: siteNames.sorted().firstIndex(of: name)!, siteCount: siteNames.count,
                                         plantedBug: scenario.bug, rolledBack: rolledBack, lineBefore: lineBefore,
-                                        formerPrimary: rolledBack.isEmpty ? s.formerPrimary : nil)
+                                        formerPrimary: rolledBack.isEmpty ? s.formerPrimary : nil, writes: replica.writes)
         if plan.metadata.peers.count > (followed.map { peers[$0] != nil && position.consistent ? 1 : 0 } ?? 0) { resumedPromotions += 1 }
         s.formerPrimary = nil
         var machine = config

@@ -158,6 +158,9 @@ final class SimWorld {
     var rollbacks = 0
     /// Promotions of a demoted site whose peers started from what it knew they lacked.
     var resumedPromotions = 0
+    /// Peers a new primary caught up with what changed since the older state of its line they
+    /// held, instead of a full copy (a third site after a move).
+    var catchUpsFromLine = 0
     var resolving = false
     /// The site the operator kept when it last resolved a split brain between two sites.
     var resolvedKeep: [String: String] = [:]

@@ -63,7 +63,7 @@ struct SimulationTests {
         let count = Self.environment["FERRY_SIM_SCHEDULES"].flatMap(Int.init) ?? defaultCount
         let base = Self.environment["FERRY_SIM_BASE"].flatMap(UInt64.init) ?? 1
         var failures: [String] = []
-        var checks = 0, ops = 0, promotions = 0, switchovers = 0, resolutions = 0, rejoins = 0, rollbacks = 0, resumed = 0
+        var checks = 0, ops = 0, promotions = 0, switchovers = 0, resolutions = 0, rejoins = 0, rollbacks = 0, resumed = 0, fromLine = 0
         var modes: [ReplicationMode: Int] = [:]
         for seed in base..<base + UInt64(count) {
             let world = SimWorld(Scenario(seed: seed, roles: roles))
@@ -79,12 +79,13 @@ struct SimulationTests {
             rejoins += world.rejoins
             rollbacks += world.rollbacks
             resumed += world.resumedPromotions
+            fromLine += world.catchUpsFromLine
             for p in world.scenario.peers { modes[p.policy.mode, default: 0] += 1 }
         }
         print("simulation\(roles ? " (failover)" : ""): \(count) schedules from seed \(base), \(ops) client requests answered, "
               + "\(checks) promise checks, modes \(modes.map { "\($0.key.rawValue) \($0.value)" }.sorted().joined(separator: ", "))"
               + (roles ? "; \(promotions) promotions (\(rollbacks) rolled back out of a catch-up, \(resumed) of a demoted site kept its peers' bitmaps), \(switchovers) switchovers, \(resolutions) split brains resolved, "
-                  + "\(rejoins) former primaries gave way" : ""))
+                  + "\(rejoins) former primaries gave way, \(fromLine) third sites sent what changed since the state of the line they held" : ""))
         #expect(failures.isEmpty, "\(failures.count) schedule(s) failed:\n\(failures.joined(separator: "\n\n"))")
     }
 

@@ -325,6 +325,32 @@ struct FailoverTests {
         #expect(far && west, "a replica differs from east")
     }
 
+    /// A third site after a move: far (async) followed east; after the switchover to west it is
+    /// sent what changed since the state it holds (here: what west wrote since), not a full copy.
+    @Test func aSwitchoverSendsTheThirdSiteOnlyWhatChanged() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }", "far": "{ mode: async }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        try sites.qemuIO(["write -P 0x91 0 16M", "flush"])
+        sites.waitInSync()
+        let moved = try ferry(["switchover", "vm1", "--to", "west"], sites.east)
+        #expect(moved.status == 0, "switchover failed: \(moved.stdout)\(moved.stderr)")
+        #expect(sites.west.log().contains("far gets what changed since the state it holds"), "\(sites.west.log(tail: 10))")
+        try sites.qemuIO(["write -P 0x92 16M 1M", "flush"], uri: sites.west.unixURI("vm1"))
+        var far: SiteStatus.Replica?
+        let caughtUp = eventually(.seconds(120)) {
+            far = vm1(sites.west)?.replicas.first { $0.peer == "far" }
+            return far.map { $0.connected && $0.consistent && $0.state == "in-sync" && $0.lagBytes == 0 } ?? false
+        }
+        #expect(caughtUp, "far did not follow west: \(String(describing: far))\n\(sites.west.log(tail: 20))")
+        let sent = far?.bytesSent ?? 0
+        print("third site after a switchover: \(sent) bytes sent to far for 1 MiB written on west; a full copy is 17 MiB or more")
+        #expect(sent >= 1 << 20 && sent < 4 << 20, "far was sent \(sent) bytes: 1 MiB changed, a full copy is 17 MiB or more")
+        let read = try run("/usr/bin/cmp", [sites.west.imagePath("vm1"), sites.sites["far"]!.imagePath("vm1")], expect: nil)
+        #expect(read.status == 0, "far differs from west: \(read.stdout)")
+    }
+
     /// Planned switchover under a running fio verify workload, there and back: every write fio
     /// was told about is on the new primary's export; each step is printed; bad input changes nothing.
     @Test func switchoverThereAndBackUnderAWorkloadLosesNothing() throws {

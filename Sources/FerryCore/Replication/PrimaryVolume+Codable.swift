@@ -33,7 +33,7 @@ extension PrimaryVolume.Metadata.Peer {
 
 extension PrimaryVolume.Metadata {
     enum CodingKeys: String, CodingKey {
-        case activityLog, peers, lastSeq, sequenceCeiling, regionSize, lastWrites, lastWritesRuns, lastWritesCount
+        case activityLog, peers, lastSeq, sequenceCeiling, regionSize, lastWrites, lastWritesRuns, lastWritesCount, lastWritesCoverLine
     }
 
     public init(from decoder: any Decoder) throws {
@@ -45,6 +45,7 @@ extension PrimaryVolume.Metadata {
         regionSize = try c.decode(UInt64.self, forKey: .regionSize)
         lastWrites = try c.decodeWordRuns(.lastWritesRuns, count: .lastWritesCount)
             ?? c.decodeIfPresent([UInt64].self, forKey: .lastWrites)
+        lastWritesCoverLine = try c.decodeIfPresent(Bool.self, forKey: .lastWritesCoverLine) ?? false
     }
 
     public func encode(to encoder: any Encoder) throws {
@@ -58,6 +59,7 @@ extension PrimaryVolume.Metadata {
             try c.encode(WordRuns.encode(lastWrites), forKey: .lastWritesRuns)
             try c.encode(lastWrites.count, forKey: .lastWritesCount)
         }
+        if lastWritesCoverLine { try c.encode(true, forKey: .lastWritesCoverLine) }
     }
 }
 

@@ -303,6 +303,16 @@ extension PrimaryVolume {
     mutating func opened(_ peer: inout PeerState, position: ReplicaPosition, _ out: inout [Action]) {
         let sameHistory = position.initialized && position.generation == config.generation
         let sharedPast = position.initialized && config.ancestors.contains(position.generation)
+        if peer.initialSyncPending, let changed = changedSince(position) {
+            // A third site after a move: it holds the line's state at its sequence (plus the
+            // late writes it names), and this site knows every granule written since.
+            peer.dirty.clearAll()
+            for range in changed { markDirty(range, in: &peer) }
+            peer.initialSyncPending = false
+            peer.journaled = false
+            persistNeeded = true
+            catchUpsFromLine += 1
+        }
         if peer.initialSyncPending && position.generation != config.generation {
             // A copy under way to a site whose image has since moved to another line (it was
             // promoted, or followed another primary, and gave way again): what was already sent
@@ -378,6 +388,22 @@ extension PrimaryVolume {
             }
         }
         peer.session = session
+    }
+
+    /// What a peer at `position` lacks, when it holds an older state of this primary's line
+    /// (an ancestor generation, at or below where the line leaves it) and says exactly what its
+    /// image holds beyond it (``ReplicaPosition/needsComplete``), and `lastWrites` cover the line
+    /// (``Metadata/lastWritesCoverLine``): the granules written after its sequence, and what it
+    /// names. Nil when a full copy is needed.
+    func changedSince(_ position: ReplicaPosition) -> [BlockRange]? {
+        guard lastWritesCoverLine, position.needsComplete == true, position.consistent, position.initialized,
+              position.generation != config.generation, config.ancestors.contains(position.generation),
+              let reach = VolumeHistory(generations: config.lineage, appliedSeq: .max).reach(in: position.generation),
+              position.appliedSeq <= reach else { return nil }
+        let after = config.plantedBug == .thirdSiteFromBranchOnly ? reach : position.appliedSeq
+        let granuleSize = UInt64(extentsPerGranule) * config.extentSize
+        return WriteMap.ranges(of: lastWrites, granuleSize: granuleSize, volumeSize: config.volumeSize, after: after)
+            + (position.needs ?? [])
     }
 
     mutating func startCatchUp(_ session: inout Session, peer: inout PeerState, _ out: inout [Action]) {

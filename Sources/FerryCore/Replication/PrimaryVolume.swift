@@ -152,9 +152,14 @@ public struct PrimaryVolume: Sendable {
         /// Nil in metadata written before it existed. One figure alone stands for every granule
         /// (a promotion's first metadata: its branch sequence).
         public var lastWrites: [UInt64]?
+        /// `lastWrites` also cover the line before this site's promotion: they started from what
+        /// the replica here saw (``WriteMap``), not from one figure. A peer holding an older state
+        /// of the line is then sent the granules written after it instead of a full copy.
+        public var lastWritesCoverLine: Bool
         public init(activityLog: [Int] = [], peers: [String: Peer] = [:], lastSeq: UInt64 = 0, sequenceCeiling: UInt64 = 0,
-                    regionSize: UInt64 = 0, lastWrites: [UInt64]? = nil) {
+                    regionSize: UInt64 = 0, lastWrites: [UInt64]? = nil, lastWritesCoverLine: Bool = false) {
             self.lastWrites = lastWrites
+            self.lastWritesCoverLine = lastWritesCoverLine
             self.activityLog = activityLog
             self.peers = peers
             self.lastSeq = lastSeq
@@ -256,6 +261,11 @@ public struct PrimaryVolume: Sendable {
     var extentLastSeq: [Int: UInt64] = [:]
     /// ``Metadata/lastWrites``, and how many extents one granule spans.
     var lastWrites: [UInt64]
+    /// ``Metadata/lastWritesCoverLine``.
+    var lastWritesCoverLine = false
+    /// How many peers were caught up with what changed since the older state of this line they
+    /// held (``changedSince(_:)``), not with a full copy (for the simulation's report).
+    public internal(set) var catchUpsFromLine = 0
     let extentsPerGranule: Int
     var journal = Journal()
     var journalEnabled: Bool
@@ -306,6 +316,7 @@ public struct PrimaryVolume: Sendable {
         let granules = (extentCount + extentsPerGranule - 1) / extentsPerGranule
         if let saved = metadata.lastWrites, saved.count == granules {
             self.lastWrites = saved
+            self.lastWritesCoverLine = metadata.lastWritesCoverLine
         } else if let saved = metadata.lastWrites, saved.count == 1 {
             // One figure for every granule: a promotion's (the image is its generation's base,
             // which every line branching from it holds; nothing is written here above it yet).
@@ -575,7 +586,7 @@ public struct PrimaryVolume: Sendable {
                                            dirtySince: peer.dirtySince.map { Double(now.wallSeconds) - Double(now.monotonicNanos - $0) / 1e9 })
         }
         return Metadata(activityLog: activityLog.sorted(), peers: peerMeta, lastSeq: lastSeq, sequenceCeiling: sequenceCeiling,
-                        regionSize: config.regionSize, lastWrites: lastWrites)
+                        regionSize: config.regionSize, lastWrites: lastWrites, lastWritesCoverLine: lastWritesCoverLine)
     }
 
     /// Each peer's session acks, read once per ``completeReady`` (in place: see
@@ -716,11 +727,17 @@ enum PlantedBug: String, Sendable, CaseIterable {
     /// A demoted site promoted again starts its peers from its old bitmaps only, forgetting the
     /// writes its journal and activity log held for them.
     case demoteUndoneFromBitmapsOnly = "demote-undone-from-bitmaps-only"
+    /// A new primary sends a third site that holds an older state of its line only what was
+    /// written after the branch, not what the line wrote between the site's state and the branch.
+    case thirdSiteFromBranchOnly = "third-site-from-branch-only"
+    /// A replica does not name the writes its image holds past its last barrier when it tells a
+    /// new primary of its line where it is.
+    case replicaHidesLateWrites = "replica-hides-late-writes"
     /// Bugs of role changes, which only the failover schedules exercise.
     var isFailover: Bool {
         switch self {
         case .promoteInconsistent, .promoteWithoutNewEpoch, .skipKeepAside, .rejoinWithoutNeeds, .rollbackNotResent, .skipUndo,
-             .demoteUndoneFromBitmapsOnly: true
+             .demoteUndoneFromBitmapsOnly, .thirdSiteFromBranchOnly, .replicaHidesLateWrites: true
         default: false
         }
     }

@@ -77,6 +77,12 @@ public struct ReplicaVolume: Sendable {
     /// sites configured with different sizes would otherwise take writes past the smaller end.
     public var volumeSize: UInt64 = 0
     public private(set) var position: ReplicaPosition
+    /// The size of the granules of ``writes`` is derived from this (the primary's activity-log extent).
+    public var extentSize: UInt64 = 4 << 20
+    /// What sequence wrote each granule of the image, as far as this replica saw it (``WriteMap``):
+    /// a promotion here starts its primary's `lastWrites` from it. Kept in memory only: after a
+    /// restart every granule is unknown until the stream's first barrier on the same line.
+    public private(set) var writes: WriteMap?
     private var session: Session?
     /// The link and generation of the last stream opened here.
     private var lastOpened: (link: LinkID, generation: UInt64)?
@@ -159,6 +165,7 @@ public struct ReplicaVolume: Sendable {
             if let why = check(item: item, isRegion: isRegion, session: s) { return refuse(link, why) }
             s.nextIndex += 1
             if !isRegion { s.lastSeq = item.seq }
+            if isRegion || item.seq == 0 { writes?.markUnknown(item.range) } else { writes?.record(item.range, seq: item.seq) }
             let direct = !s.logged || s.catchingUp
             session = s
             if direct {
@@ -194,6 +201,9 @@ public struct ReplicaVolume: Sendable {
                 }
                 s.catchingUp = true
                 s.lastCatchUpBegin = barrier.index
+                // Sequences count along one line: a catch-up from another line makes the
+                // figures so far meaningless (its end settles every granule again).
+                if !Self.onLine(position, history: s.history) { writes?.forgetAll() }
                 position.consistent = false
                 Self.follow(s, &position)
                 // Before the first out-of-order block lands: a crash now must not look consistent.
@@ -203,10 +213,17 @@ public struct ReplicaVolume: Sendable {
                 return actions
             case .catchUpEnd:
                 s.catchingUp = false
+                // Every block the catch-up sent was read at or before its end's sequence.
+                writes?.settle(at: barrier.seq)
                 s.barriers[barrier.index] = barrier
                 session = s
                 return actions + [.flush(link, index: barrier.index)]
             case .flush, .cut, .point:
+                if !s.catchingUp && position.consistent && position.generation == s.generation {
+                    // Whatever the image holds of this line from before this stream (a restart
+                    // forgot its sequences) was sent before this barrier: at or below it.
+                    writes?.settle(at: barrier.seq)
+                }
                 if !s.logged || s.catchingUp {
                     s.barriers[barrier.index] = barrier
                     session = s
@@ -274,8 +291,32 @@ public struct ReplicaVolume: Sendable {
                           logged: logged,
                           lastSeq: position.appliedSeq)
         lastOpened = (link, open.generation)
-        actions.append(.send(link, .position(position)))
+        if writes?.volumeSize != open.volumeSize { writes = WriteMap(volumeSize: open.volumeSize, extentSize: extentSize) }
+        actions.append(.send(link, .position(told(toOpen: open))))
         return actions
+    }
+
+    /// The position as told to a primary that opens a stream. To a primary of another
+    /// generation, a consistent replica whose map has no unknown granule also names what its
+    /// image holds past `appliedSeq` (writes applied after its last barrier): with those
+    /// overwritten it is the line's state at `appliedSeq`, from which a new primary of the line
+    /// can send only what changed (``ReplicaPosition/needsComplete``).
+    private func told(toOpen open: VolumeOpen) -> ReplicaPosition {
+        var told = position
+        guard open.generation != position.generation, position.consistent, position.initialized, position.needs == nil,
+              let writes, !writes.hasUnknown, plantedBug != .replicaHidesLateWrites else { return told }
+        let beyond = writes.ranges(after: position.appliedSeq)
+        told.needs = beyond.isEmpty ? nil : beyond
+        told.needsComplete = true
+        return told
+    }
+
+    /// Whether `position`'s image is on the line `history` (its generation in it, at or below
+    /// where the line leaves it): its sequences are that line's.
+    static func onLine(_ position: ReplicaPosition, history: [GenerationRecord]) -> Bool {
+        guard position.initialized else { return false }
+        guard let reach = VolumeHistory(generations: history, appliedSeq: .max).reach(in: position.generation) else { return false }
+        return position.appliedSeq <= reach
     }
 
     /// The runtime applied the item (direct mode): ack `written`.
@@ -369,6 +410,8 @@ public struct ReplicaVolume: Sendable {
         if lastOpened?.generation != point.generation { lastOpened = nil }
         var next = point
         next.epoch = max(point.epoch, position.epoch)   // the newest epoch seen stays (P4)
+        // The blocks put back hold an older state, of no sequence the map knows.
+        for range in point.needs ?? [] { writes?.markUnknown(range) }
         position = next
         return told + (logged ? [.discardLogTail] : []) + [.persistPosition(next)]
     }

@@ -184,6 +184,11 @@ public struct ReplicaPosition: Sendable, Equatable, Codable {
     /// must send again (with what it wrote itself since it branched) to make the two equal. Nil
     /// once a catch-up completed.
     public var needs: [BlockRange]?
+    /// Sent by a replica (not stored): `needs` names every block the image holds past
+    /// `appliedSeq` (from its ``WriteMap``, which has no unknown granule), so the image equals the
+    /// line's state at `appliedSeq` once those are overwritten. A primary that branched at or
+    /// after `appliedSeq` may then send only what changed since (a third site after a move).
+    public var needsComplete: Bool?
     /// The line of history the image's generation belongs to, oldest first, ending with
     /// `generation`, as the primary that streamed it sent it in its `open`: a promotion here
     /// branches from it (the site's own recorded history may end elsewhere, after it followed
@@ -195,8 +200,9 @@ public struct ReplicaPosition: Sendable, Equatable, Codable {
     public static let maxNeeds = 65_536
 
     public init(epoch: UInt64 = 0, generation: UInt64 = 0, appliedSeq: UInt64 = 0, consistent: Bool = false, initialized: Bool = false,
-                needs: [BlockRange]? = nil, lineage: [GenerationRecord]? = nil) {
+                needs: [BlockRange]? = nil, lineage: [GenerationRecord]? = nil, needsComplete: Bool? = nil) {
         self.lineage = lineage
+        self.needsComplete = needsComplete
         self.epoch = epoch
         self.generation = generation
         self.appliedSeq = appliedSeq

@@ -90,19 +90,22 @@ public enum RoleChange {
     /// that line, the new generation replaces the rest of it (HistoryDecision, "rewound").
     /// `formerPrimary`: see ``FormerPrimary`` (used only when the image is still at the state
     /// that site stepped down at: its generation, consistent at its last sequence, not rolled back).
+    /// `writes`: the replica's ``WriteMap`` (``ReplicaVolume/writes``): the new primary's
+    /// `lastWrites` start from it, so a third site on the line is sent what changed, not a full copy.
     public static func promotion(position: ReplicaPosition, generation: UInt64, recordedEpoch: UInt64,
                                  recordedHistory: [GenerationRecord], volumeSize: UInt64, regionSize: UInt64,
                                  followed: String?, siteIndex: Int, siteCount: Int, rolledBack: [BlockRange] = [],
-                                 lineBefore: [GenerationRecord]? = nil, formerPrimary: FormerPrimary? = nil) -> Promotion {
+                                 lineBefore: [GenerationRecord]? = nil, formerPrimary: FormerPrimary? = nil,
+                                 writes: WriteMap? = nil) -> Promotion {
         promotion(position: position, generation: generation, recordedEpoch: recordedEpoch, recordedHistory: recordedHistory,
                   volumeSize: volumeSize, regionSize: regionSize, followed: followed, siteIndex: siteIndex, siteCount: siteCount,
-                  plantedBug: nil, rolledBack: rolledBack, lineBefore: lineBefore, formerPrimary: formerPrimary)
+                  plantedBug: nil, rolledBack: rolledBack, lineBefore: lineBefore, formerPrimary: formerPrimary, writes: writes)
     }
 
     static func promotion(position: ReplicaPosition, generation: UInt64, recordedEpoch: UInt64, recordedHistory: [GenerationRecord],
                           volumeSize: UInt64, regionSize: UInt64, followed: String?, siteIndex: Int, siteCount: Int,
                           plantedBug: PlantedBug?, rolledBack: [BlockRange] = [], lineBefore: [GenerationRecord]? = nil,
-                          formerPrimary: FormerPrimary? = nil) -> Promotion {
+                          formerPrimary: FormerPrimary? = nil, writes: WriteMap? = nil) -> Promotion {
         let seen = max(recordedEpoch, position.epoch)
         let epoch = plantedBug == .promoteWithoutNewEpoch ? seen : nextEpoch(after: seen, siteIndex: siteIndex, siteCount: siteCount)
         // The line of history the image is on: as its primary sent it, else as recorded here,
@@ -125,6 +128,14 @@ public enum RoleChange {
         history.append(GenerationRecord(id: generation, epoch: epoch, branchSeq: position.appliedSeq))
         var peers: [String: PrimaryVolume.Metadata.Peer] = [:]
         var lastWrites = [position.appliedSeq]
+        var coverLine = false
+        if let writes, position.consistent, position.initialized, writes.volumeSize == volumeSize, !writes.last.isEmpty {
+            // What the replica saw written where. A granule it cannot date (since a restart, or
+            // put back by a roll-back) counts as written just above the branch: it goes to any
+            // site behind, and is not taken for this site's own writes when it gives way.
+            lastWrites = writes.last.map { $0 == WriteMap.unknown ? position.appliedSeq + 1 : $0 }
+            coverLine = true
+        }
         if let followed, position.consistent, position.initialized {
             // Clean, except what a roll-back (`promote --at`, or out of a catch-up) put back: the
             // followed site holds the newer bytes there, which it may not know it must lose (a
@@ -154,14 +165,17 @@ public enum RoleChange {
             }
             // Sequences go on along the same line: what it wrote where is still known, so a later
             // give-way keeps aside only granules written after the branch, not the whole volume.
-            if let writes = former.metadata.lastWrites, !writes.isEmpty { lastWrites = writes }
+            if let writes = former.metadata.lastWrites, !writes.isEmpty {
+                lastWrites = writes
+                coverLine = former.metadata.lastWritesCoverLine && writes.count > 1
+            }
         }
         // Sequences continue above what this replica applied. What this site will have written
         // itself starts there: a site that later gives way to a line branching from this
         // generation keeps aside only its own writes after the branch, not the whole image
         // (an operator walk-through found 28 MiB of a 32 MiB volume kept aside for 64 KiB).
         let metadata = PrimaryVolume.Metadata(peers: peers, lastSeq: position.appliedSeq, sequenceCeiling: position.appliedSeq,
-                                              regionSize: regionSize, lastWrites: lastWrites)
+                                              regionSize: regionSize, lastWrites: lastWrites, lastWritesCoverLine: coverLine)
         return Promotion(epoch: epoch, history: history, metadata: metadata)
     }
 
