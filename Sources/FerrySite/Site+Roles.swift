@@ -253,7 +253,7 @@ extension Site {
             if !rest.isEmpty {
                 how.append(plan.metadata.lastWritesCoverLine
                     ? "\(rest.joined(separator: " and ")) \(rest.count == 1 ? "gets" : "get") what changed since the state \(rest.count == 1 ? "it holds" : "they hold") "
-                        + "if that is on this volume's line at or before sequence \(position.appliedSeq), else a full copy"
+                        + "if that is on this volume's line of history, else a full copy"
                     : "\(rest.joined(separator: " and ")) \(rest.count == 1 ? "gets" : "get") a full copy")
             }
             lines.append("replicating to \(peers.keys.sorted().joined(separator: ", ")): \(how.joined(separator: "; "))")

@@ -179,7 +179,8 @@ struct RoleChangeTests {
     /// A third site after a move: west (sync) is promoted; far (async) holds an older state of
     /// the same line. The new primary sends far the granules written since far's sequence (what
     /// west received before its promotion, and what it wrote since), plus the late writes far
-    /// names, not a full copy; and a full copy whenever that cannot be known.
+    /// names (also one that was ahead of west), not a full copy; and a full copy whenever that
+    /// cannot be known.
     @Test func aThirdSiteOnTheLineGetsWhatChangedSinceItsStateNotAFullCopy() {
         let size: UInt64 = 64 << 20, region: UInt64 = 64 << 10, granule: UInt64 = 4 << 20
         let link = LinkID(1)
@@ -245,9 +246,18 @@ struct RoleChangeTests {
         var unsure = farPosition
         unsure.needsComplete = nil
         #expect(dirtyFor(unsure).1, "a replica that cannot date its image")
-        var ahead = farPosition
-        ahead.appliedSeq = 13
-        #expect(dirtyFor(ahead).1, "a replica past the branch holds writes this line does not")
+        // A replica that was ahead of the promoted site (its flush at 14 came after west's last
+        // barrier at 12) names what it holds past the branch: granules 7 and 9.
+        var ahead = ReplicaVolume(volume: "vm1", position: start)
+        _ = ahead.received(.open(fromEast), on: link)
+        for message in [flush(1, 10), write(2, 11, g(2)), write(3, 12, g(5)), write(4, 13, g(7)), write(5, 14, g(9)), flush(6, 14)] {
+            _ = ahead.received(message, on: link)
+        }
+        _ = ahead.flushed(link: link, index: 6)
+        guard let aheadPosition = told(ahead.received(.open(open), on: LinkID(4))) else { Issue.record("no position"); return }
+        #expect(aheadPosition.appliedSeq == 14 && aheadPosition.needs == [7, 9].map { BlockRange(offset: $0 * granule, length: granule) })
+        let (aheadDirty, aheadInitial) = dirtyFor(aheadPosition)
+        #expect(!aheadInitial && aheadDirty.count == 2 * perGranule && aheadDirty.contains(7 * perGranule) && aheadDirty.contains(9 * perGranule))
         var elsewhere = farPosition
         elsewhere.generation = 0x44
         #expect(dirtyFor(elsewhere).1, "a replica of another line")

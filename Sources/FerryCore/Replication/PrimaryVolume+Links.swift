@@ -390,17 +390,17 @@ extension PrimaryVolume {
         peer.session = session
     }
 
-    /// What a peer at `position` lacks, when it holds an older state of this primary's line
-    /// (an ancestor generation, at or below where the line leaves it) and says exactly what its
-    /// image holds beyond it (``ReplicaPosition/needsComplete``), and `lastWrites` cover the line
-    /// (``Metadata/lastWritesCoverLine``): the granules written after its sequence, and what it
-    /// names. Nil when a full copy is needed.
+    /// What a peer at `position` lacks, when it holds a state of an ancestor generation of this
+    /// primary's line and says exactly what its image holds past the point where the lines part
+    /// (``ReplicaPosition/needsComplete``: its sequence, or where this line leaves its generation
+    /// if that is lower), and `lastWrites` cover the line (``Metadata/lastWritesCoverLine``): the
+    /// granules written here after that point, and what it names. Nil when a full copy is needed.
     func changedSince(_ position: ReplicaPosition) -> [BlockRange]? {
         guard lastWritesCoverLine, position.needsComplete == true, position.consistent, position.initialized,
               position.generation != config.generation, config.ancestors.contains(position.generation),
-              let reach = VolumeHistory(generations: config.lineage, appliedSeq: .max).reach(in: position.generation),
-              position.appliedSeq <= reach else { return nil }
-        let after = config.plantedBug == .thirdSiteFromBranchOnly ? reach : position.appliedSeq
+              let reach = VolumeHistory(generations: config.lineage, appliedSeq: .max).reach(in: position.generation)
+        else { return nil }
+        let after = config.plantedBug == .thirdSiteFromBranchOnly ? reach : min(position.appliedSeq, reach)
         let granuleSize = UInt64(extentsPerGranule) * config.extentSize
         return WriteMap.ranges(of: lastWrites, granuleSize: granuleSize, volumeSize: config.volumeSize, after: after)
             + (position.needs ?? [])

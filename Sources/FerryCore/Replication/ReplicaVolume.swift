@@ -297,15 +297,19 @@ public struct ReplicaVolume: Sendable {
     }
 
     /// The position as told to a primary that opens a stream. To a primary of another
-    /// generation, a consistent replica whose map has no unknown granule also names what its
-    /// image holds past `appliedSeq` (writes applied after its last barrier): with those
-    /// overwritten it is the line's state at `appliedSeq`, from which a new primary of the line
-    /// can send only what changed (``ReplicaPosition/needsComplete``).
+    /// generation whose line holds this image's generation, a consistent replica whose map has
+    /// no unknown granule also names what its image holds past the point where the two lines
+    /// part (its `appliedSeq`, or where the primary's line leaves its generation if that is
+    /// lower): its writes applied after its last barrier, and those past the branch. With those
+    /// overwritten it is the line's state there, from which a new primary of the line can send
+    /// only what changed (``ReplicaPosition/needsComplete``).
     private func told(toOpen open: VolumeOpen) -> ReplicaPosition {
         var told = position
         guard open.generation != position.generation, position.consistent, position.initialized, position.needs == nil,
-              let writes, !writes.hasUnknown, plantedBug != .replicaHidesLateWrites else { return told }
-        let beyond = writes.ranges(after: position.appliedSeq)
+              let writes, !writes.hasUnknown, plantedBug != .replicaHidesLateWrites,
+              let reach = VolumeHistory(generations: open.history, appliedSeq: .max).reach(in: position.generation)
+        else { return told }
+        let beyond = writes.ranges(after: min(position.appliedSeq, reach))
         told.needs = beyond.isEmpty ? nil : beyond
         told.needsComplete = true
         return told

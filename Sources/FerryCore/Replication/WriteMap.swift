@@ -5,7 +5,7 @@
 /// A secondary keeps one as it applies what its primary streams. When it is promoted, the new
 /// primary starts its `lastWrites` from it, so a third site that holds an older state of the same
 /// line (sequence M, at or below the branch) is caught up with the granules written after M, not
-/// with a full copy of the volume (docs/failover.md, "Moves and the other replicas").
+/// with a full copy of the volume (docs/operations.md, "Roles, epochs and generations").
 ///
 /// The one rule every change keeps: a granule's figure is at least the sequence of every write
 /// whose bytes are in the image there. So the granules that differ between the image and the
