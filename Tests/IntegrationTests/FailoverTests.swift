@@ -351,6 +351,35 @@ struct FailoverTests {
         #expect(read.status == 0, "far differs from west: \(read.stdout)")
     }
 
+    /// A third site after a failover: east is killed, the async far is promoted, and west (the
+    /// sync replica, which held at least as much as far) is sent what differs, not a full copy.
+    @Test func aFailoverToTheAsyncSiteSendsTheSyncSiteOnlyWhatChanged() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }", "far": "{ mode: async }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        try sites.qemuIO(["write -P 0xa1 0 16M", "flush"])
+        sites.waitInSync()
+        sites.east.kill9()
+        let farSite = sites.sites["far"]!
+        var promoted: RunResult?
+        #expect(eventually(.seconds(30)) { promoted = try? ferry(["promote", "vm1"], farSite); return promoted?.status == 0 },
+                "promote failed: \(promoted?.stderr ?? "")")
+        #expect(promoted?.stdout.contains("west gets what changed since the state it holds") == true, "\(promoted?.stdout ?? "")")
+        try sites.qemuIO(["write -P 0xa2 20M 1M", "flush"], uri: farSite.unixURI("vm1"))
+        var west: SiteStatus.Replica?
+        let caughtUp = eventually(.seconds(120)) {
+            west = vm1(farSite)?.replicas.first { $0.peer == "west" }
+            return west.map { $0.connected && $0.consistent && $0.state == "in-sync" && $0.lagBytes == 0 } ?? false
+        }
+        #expect(caughtUp, "west did not follow far: \(String(describing: west))\n\(farSite.log(tail: 20))")
+        let sent = west?.bytesSent ?? 0
+        print("third site after a failover: \(sent) bytes sent to west for 1 MiB written on far; a full copy is 17 MiB or more")
+        #expect(sent >= 1 << 20 && sent < 4 << 20, "west was sent \(sent) bytes: 1 MiB changed, a full copy is 17 MiB or more")
+        let same = try run("/usr/bin/cmp", [farSite.imagePath("vm1"), sites.west.imagePath("vm1")], expect: nil)
+        #expect(same.status == 0, "west differs from far: \(same.stdout)")
+    }
+
     /// Planned switchover under a running fio verify workload, there and back: every write fio
     /// was told about is on the new primary's export; each step is printed; bad input changes nothing.
     @Test func switchoverThereAndBackUnderAWorkloadLosesNothing() throws {
