@@ -730,8 +730,8 @@ enum PlantedBug: String, Sendable, CaseIterable {
     /// A new primary sends a third site that holds an older state of its line only what was
     /// written after the branch, not what the line wrote between the site's state and the branch.
     case thirdSiteFromBranchOnly = "third-site-from-branch-only"
-    /// A replica does not name the writes its image holds past its last barrier when it tells a
-    /// new primary of its line where it is.
+    /// A replica tells a new primary of its line that it names everything its image holds past
+    /// where the lines part, and names nothing.
     case replicaHidesLateWrites = "replica-hides-late-writes"
     /// Bugs of role changes, which only the failover schedules exercise.
     var isFailover: Bool {

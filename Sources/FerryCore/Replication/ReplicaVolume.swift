@@ -306,11 +306,11 @@ public struct ReplicaVolume: Sendable {
     private func told(toOpen open: VolumeOpen) -> ReplicaPosition {
         var told = position
         guard open.generation != position.generation, position.consistent, position.initialized, position.needs == nil,
-              let writes, !writes.hasUnknown, plantedBug != .replicaHidesLateWrites,
+              let writes, !writes.hasUnknown,
               let reach = VolumeHistory(generations: open.history, appliedSeq: .max).reach(in: position.generation)
         else { return told }
         let beyond = writes.ranges(after: min(position.appliedSeq, reach))
-        told.needs = beyond.isEmpty ? nil : beyond
+        told.needs = beyond.isEmpty || plantedBug == .replicaHidesLateWrites ? nil : beyond
         told.needsComplete = true
         return told
     }
