@@ -479,50 +479,21 @@ extension Site {
         }
     }
 
-    /// Blocks set aside by a demotion: a sparse image of the volume's size holding only `ranges`
-    /// at their own offsets, and a JSON file describing it next to it.
-    struct KeptAside: Codable {
-        var volume: String
-        var epoch: Int64
-        var generation: String
-        var keptAt: Date
-        var image: String
-        var bytes: UInt64
-        var ranges: [Range]
-        struct Range: Codable { var offset: UInt64; var length: UInt64 }
+    static func divergedDirectory(data: String, volume: String) -> String {
+        KeptAside.directory(stateDirectory: data + "/volumes/\(volume).state")
     }
-
-    static func divergedDirectory(data: String, volume: String) -> String { data + "/volumes/\(volume).state/diverged" }
 
     /// Copies `ranges` of `image` into a new kept-aside image under the volume's state directory.
     func keepAside(_ ranges: [BlockRange], of volume: String, image: VolumeImage, epoch: Int64, generation: String) throws -> KeptAside {
-        let dir = Self.divergedDirectory(data: config.site.dataDirectory, volume: volume)
-        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
-        let stamp = ISO8601DateFormatter().string(from: Date()).replacingOccurrences(of: ":", with: "")
-        let base = "\(dir)/epoch\(epoch)-\(stamp)"
-        let copy = try VolumeImage.openOrCreate(path: base + ".img", size: image.size)
-        var bytes: UInt64 = 0
-        for range in ranges {
-            var offset = range.offset
-            while offset < range.end {
-                let length = Int(min(1 << 20, range.end - offset))
-                try copy.write(offset: offset, data: try image.read(offset: offset, length: length, allocator: ByteBufferAllocator()))
-                offset += UInt64(length)
-            }
-            bytes += range.length
-        }
-        try copy.flush()
-        let kept = KeptAside(volume: volume, epoch: epoch, generation: generation, keptAt: Date(), image: base + ".img",
-                             bytes: bytes, ranges: ranges.map { KeptAside.Range(offset: $0.offset, length: $0.length) })
-        let encoder = JSONEncoder()
-        encoder.outputFormatting = [.prettyPrinted, .sortedKeys]
-        encoder.dateEncodingStrategy = .iso8601
-        try encoder.encode(kept).write(to: URL(fileURLWithPath: base + ".json"), options: .atomic)
-        logger.notice("volume \(volume): kept aside \(bytes) bytes in \(ranges.count) ranges before demotion", metadata: ["file": "\(base).img"])
+        let kept = try KeptAside.write(ranges, of: volume, image: image,
+                                       directory: Self.divergedDirectory(data: config.site.dataDirectory, volume: volume),
+                                       epoch: epoch, generation: generation, reason: "this site stepped down as the primary")
+        logger.notice("volume \(volume): kept aside \(kept.bytes) bytes in \(ranges.count) ranges before demotion", metadata: ["file": "\(kept.image)"])
         return kept
     }
 
-    /// `POST /v1/volumes/NAME/diverged`: what demotions of this site kept aside for `name`.
+    /// `POST /v1/volumes/NAME/diverged`: what this site kept aside for `name` (when it gave way as
+    /// a primary, or as a replica holding writes past a new primary's branch).
     func diverged(_ name: String) -> AdminReply {
         guard state.withLockedValue({ $0.volumes.contains { $0.config.name == name } }) else {
             return Self.reply(404, "error", "no volume \"\(name)\" is configured on site \(config.site.name)")
@@ -538,7 +509,8 @@ extension Site {
         var lines: [String] = []
         for k in kept {
             lines.append("\(k.image): \(ByteSize.format(k.bytes)) in \(k.ranges.count) range\(k.ranges.count == 1 ? "" : "s"), "
-                         + "kept \(ISO8601DateFormatter().string(from: k.keptAt)) when this site left epoch \(k.epoch)")
+                         + "kept \(ISO8601DateFormatter().string(from: k.keptAt)) "
+                         + (k.reason.map { "(\($0))" } ?? "when this site left epoch \(k.epoch)"))
             for r in k.ranges.prefix(20) { lines.append("  offset \(r.offset) length \(r.length)") }
             if k.ranges.count > 20 { lines.append("  … \(k.ranges.count - 20) more in \(k.image.dropLast(4)).json") }
         }

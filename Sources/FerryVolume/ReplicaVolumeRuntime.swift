@@ -20,6 +20,7 @@ import NIOPosix
 public final class ReplicaVolumeRuntime: Sendable {
     public let name: String
     public let image: VolumeImage
+    let stateDirectory: String
     let threadPool: NIOThreadPool
     let links: any VolumeLinks
     let logger: Logger
@@ -90,6 +91,7 @@ public final class ReplicaVolumeRuntime: Sendable {
                 onEvent: @escaping @Sendable (VolumeEvent) -> Void) throws {
         self.name = name
         self.image = image
+        self.stateDirectory = stateDirectory
         self.threadPool = threadPool
         self.links = links
         self.logger = logger
@@ -331,6 +333,9 @@ public final class ReplicaVolumeRuntime: Sendable {
                     } catch {
                         fail(&core, "recording the replica position failed: \(error)")
                     }
+                case .keepAside(let link, let ranges, let reason):
+                    let position = core.machine.position
+                    offloads.append { [self] in keepAside(ranges, link: link, position: position, reason: reason) }
                 case .takeOver(let link, let handoff):
                     let peer = core.linkPeers[link] ?? ""
                     logger.notice("volume \(name): \(peer) stepped down and hands the volume over at sequence \(handoff.seq): taking over")
@@ -418,6 +423,24 @@ public final class ReplicaVolumeRuntime: Sendable {
 
     /// One image flush for every flush barrier in `barriers` (``GroupCommit``: each was applied
     /// before it joined), then one position store for them all, then their durable acks.
+    /// Keeps aside what a new primary's catch-up would overwrite (P6), off the event loop; the
+    /// primary is told the position only once it is durable.
+    func keepAside(_ ranges: [BlockRange], link: LinkID, position: ReplicaPosition, reason: String) {
+        do {
+            try image.flush()
+            let kept = try KeptAside.write(ranges, of: name, image: image,
+                                           directory: KeptAside.directory(stateDirectory: stateDirectory),
+                                           epoch: Int64(position.epoch), generation: String(position.generation, radix: 16), reason: reason)
+            let plural = ranges.count == 1 ? "" : "s"
+            logger.warning("volume \(name): kept aside \(ByteSize.format(kept.bytes)) in \(ranges.count) range\(plural) before a catch-up overwrites them: \(reason); `ferry diverged \(name)` lists them",
+                           metadata: ["file": "\(kept.image)"])
+            handle(payload: nil) { $0.machine.keptAside(link: link) }
+        } catch {
+            logger.error("volume \(name): keeping aside what a catch-up would overwrite failed: \(error)")
+            handle(payload: nil) { $0.machine.keepAsideFailed(link: link, reason: "\(error)") }
+        }
+    }
+
     func flushBarriers(_ barriers: [(link: LinkID, index: UInt64)]) {
         do {
             try image.flush()

@@ -191,9 +191,16 @@ struct RoleChangeTests {
         func flush(_ index: UInt64, _ seq: UInt64) -> ReplicationMessage {
             .barrier(ReplicationBarrier(epoch: 1, index: index, seq: seq, kind: .flush))
         }
-        func told(_ actions: [ReplicaVolume.Action]) -> ReplicaPosition? {
-            for case .send(_, .position(let p)) in actions { return p }
-            return nil
+        // The position a replica tells a primary that opens on `link`, and what it kept aside first.
+        func answer(_ replica: inout ReplicaVolume, _ open: VolumeOpen, on link: LinkID) -> (ReplicaPosition?, kept: [BlockRange]) {
+            var actions = replica.received(.open(open), on: link)
+            var kept: [BlockRange] = []
+            for case .keepAside(let l, let ranges, _) in actions {
+                kept = ranges
+                actions += replica.keptAside(link: l)
+            }
+            for case .send(_, .position(let p)) in actions { return (p, kept) }
+            return (nil, kept)
         }
         let start = ReplicaPosition(epoch: 1, generation: 0x11, appliedSeq: 10, consistent: true, initialized: true)
         let fromEast = VolumeOpen(volume: "vm1", epoch: 1, generation: 0x11, volumeSize: size, mode: .sync, history: [Self.g1])
@@ -233,8 +240,11 @@ struct RoleChangeTests {
             return (primary.peers["far"]!.dirty, primary.peers["far"]!.initialSyncPending)
         }
         let open = VolumeOpen(volume: "vm1", epoch: plan.epoch, generation: 0x33, volumeSize: size, mode: .async, history: plan.history)
-        guard let farPosition = told(far.received(.open(open), on: LinkID(2))) else { Issue.record("far told no position"); return }
+        let (told, farKept) = answer(&far, open, on: LinkID(2))
+        guard let farPosition = told else { Issue.record("far told no position"); return }
         #expect(farPosition.needsComplete == true && farPosition.needs == [5, 7, 9].map { BlockRange(offset: $0 * granule, length: granule) })
+        // What it holds past the branch (13 and 14) is kept aside before anything is overwritten (P6).
+        #expect(farKept == [7, 9].map { BlockRange(offset: $0 * granule, length: granule) })
         let (dirty, initial) = dirtyFor(farPosition)
         let perGranule = Int(granule / region)
         #expect(!initial)
@@ -254,8 +264,10 @@ struct RoleChangeTests {
             _ = ahead.received(message, on: link)
         }
         _ = ahead.flushed(link: link, index: 6)
-        guard let aheadPosition = told(ahead.received(.open(open), on: LinkID(4))) else { Issue.record("no position"); return }
+        let (aheadTold, aheadKept) = answer(&ahead, open, on: LinkID(4))
+        guard let aheadPosition = aheadTold else { Issue.record("no position"); return }
         #expect(aheadPosition.appliedSeq == 14 && aheadPosition.needs == [7, 9].map { BlockRange(offset: $0 * granule, length: granule) })
+        #expect(aheadKept == aheadPosition.needs ?? [])
         let (aheadDirty, aheadInitial) = dirtyFor(aheadPosition)
         #expect(!aheadInitial && aheadDirty.count == 2 * perGranule && aheadDirty.contains(7 * perGranule) && aheadDirty.contains(9 * perGranule))
         var elsewhere = farPosition
@@ -266,6 +278,10 @@ struct RoleChangeTests {
         #expect(dirtyFor(farPosition, metadata: uncovered).1, "a primary whose last writes do not cover the line")
         // A replica that restarted cannot date its image until a barrier of its line: it says nothing.
         var restarted = ReplicaVolume(volume: "vm1", position: far.position)
-        #expect(told(restarted.received(.open(open), on: LinkID(3)))?.needsComplete == nil)
+        let (afterRestart, keptAfterRestart) = answer(&restarted, open, on: LinkID(3))
+        #expect(afterRestart?.needsComplete == nil && keptAfterRestart.isEmpty)
+        // Past the branch and unable to date its image: it keeps the whole image aside.
+        var aheadRestarted = ReplicaVolume(volume: "vm1", position: ahead.position)
+        #expect(answer(&aheadRestarted, open, on: LinkID(5)).kept == [BlockRange(offset: 0, length: size)])
     }
 }

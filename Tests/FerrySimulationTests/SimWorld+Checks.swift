@@ -70,6 +70,29 @@ extension SimWorld {
     /// P6, judged when primary `name` steps down: every block it wrote itself that the site it
     /// gives way to does not hold is in what it kept aside. What that site holds: its image when
     /// its line of history left the generation both share (or `keepAsideFor`'s image now).
+    /// P6 for a replica: when a primary whose line leaves the replica's generation below writes
+    /// the replica holds opens a stream, every sector holding such a write is kept aside before
+    /// the catch-up overwrites it (when the replica can date its image, or is past the branch).
+    func checkReplicaKeptAside(_ name: String, open: VolumeOpen) {
+        let s = site(name)
+        guard let machine = s.replica else { return }
+        let p = machine.position
+        guard p.consistent, p.initialized, p.needs == nil, open.generation != p.generation,
+              let reach = VolumeHistory(generations: open.history, appliedSeq: .max).reach(in: p.generation),
+              let writes = history[p.generation], !(machine.writes?.hasUnknown ?? true) || p.appliedSeq > reach
+        else { return }
+        checks += 1
+        for sector in 0..<sectors {
+            let stamp = s.disk.cache[sector]
+            guard stamp != 0, let seq = writes[sector].last(where: { $0.stamp == stamp })?.seq, seq > reach else { continue }
+            if !(s.keptAside[sector]?.contains(stamp) ?? false) {
+                fail("P6 violated: \(name) (a replica at \(p.appliedSeq)) is opened by a primary whose line leaves its generation at \(reach), "
+                     + "and sector \(sector) holds write #\(stamp >> 16) (seq \(seq)) past that, which was not kept aside")
+                return
+            }
+        }
+    }
+
     func checkKeptAside(_ name: String, plan: Rejoin?, keepAsideFor: String?, lineage: [GenerationRecord]) {
         let s = site(name)
         var reference: [UInt64]?

@@ -156,7 +156,7 @@ extension SimWorld {
         s.incarnation += 1
         var machine = ReplicaVolume(volume: "vm1", position: s.store.position)
         machine.extentSize = config.extentSize
-        machine.plantedBug = scenario.bug == .replicaHidesLateWrites ? .replicaHidesLateWrites : nil
+        if let bug = scenario.bug, [.replicaHidesLateWrites, .thirdSiteOverwrittenUnkept].contains(bug) { machine.plantedBug = bug }
         if scenario.bug == .applyOutOfOrder { machine.plantedBug = .applyOutOfOrder }
         var barriers: [ReplicaVolume.LoggedBarrier] = []
         for record in s.store.log {
@@ -196,6 +196,7 @@ extension SimWorld {
             }
         }
         runReplica(name, actions, stamps: stamps, before: before)
+        if accepted, case .open(let open) = message { checkReplicaKeptAside(name, open: open) }
     }
 
     /// The undo log saves what a write overwrites, once per sector since the base.
@@ -289,6 +290,17 @@ extension SimWorld {
                     fail("switchover: \(name) was handed the volume holding everything, but its promotion was refused")
                 }
                 return
+            case .keepAside(let link, let ranges, let reason):
+                // As the runtime: the image's ranges are copied aside, then the primary is told.
+                for range in ranges {
+                    let (first, count) = sectorsOf(range)
+                    for sector in first..<min(first + count, sectors) { s.keptAside[sector, default: []].insert(s.disk.cache[sector]) }
+                }
+                log("\(name) keeps aside \(ranges.count) range(s): \(reason)")
+                guard var machine = s.replica else { return }
+                let more = machine.keptAside(link: link)
+                s.replica = machine
+                runReplica(name, more, stamps: [])
             case .declineHandoff(let link, let reason):
                 // Legitimate when a newer primary opened a stream here between the old primary's
                 // last look and the handoff (seed 401): this site refuses the older epoch (P4),

@@ -380,6 +380,42 @@ struct FailoverTests {
         #expect(same.status == 0, "west differs from far: \(same.stdout)")
     }
 
+    /// Promoting a site that is behind: west (async) was stopped while far (sync) acknowledged
+    /// newer writes; east dies; west is promoted. Far keeps those writes aside (P6) before west's
+    /// catch-up overwrites them, then follows west.
+    @Test func aThirdSiteAheadOfThePromotedSiteKeepsItsNewerWritesAside() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: async }", "far": "{ mode: sync }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        try sites.qemuIO(["write -P 0xb1 0 16M", "flush"])
+        sites.waitInSync()
+        _ = sites.west.stop()
+        try sites.qemuIO(["write -P 0xb2 8M 4M", "flush"])   // far acknowledges it; west never gets it
+        sites.east.kill9()
+        try sites.west.start()
+        var promoted: RunResult?
+        #expect(eventually(.seconds(30)) { promoted = try? ferry(["promote", "vm1"], sites.west); return promoted?.status == 0 },
+                "promote failed: \(promoted?.stderr ?? "")")
+        let farSite = sites.sites["far"]!
+        var far: SiteStatus.Replica?
+        let followed = eventually(.seconds(120)) {
+            far = vm1(sites.west)?.replicas.first { $0.peer == "far" }
+            return far.map { $0.connected && $0.consistent && $0.state == "in-sync" && $0.lagBytes == 0 } ?? false
+        }
+        #expect(followed, "far did not follow west: \(String(describing: far))\n\(farSite.log(tail: 20))")
+        #expect(farSite.log().contains("before a catch-up overwrites them"), "\(farSite.log(tail: 20))")
+        let listed = try ferry(["diverged", "vm1"], farSite)
+        let image = listed.stdout.split(separator: "\n").first { $0.contains(".img:") }.map { String($0.prefix { $0 != ":" }) }
+        #expect(image != nil, "ferry diverged lists nothing on far: \(listed.stdout)\(listed.stderr)")
+        if let image {
+            let kept = try sites.qemuIO(["read -P 0xb2 8M 4M"], uri: image, readOnly: true, expect: nil)
+            #expect(kept.status == 0 && !kept.output.contains("Pattern verification failed"), "far's newer writes are not in \(image): \(kept.output)")
+        }
+        let same = try run("/usr/bin/cmp", [sites.west.imagePath("vm1"), farSite.imagePath("vm1")], expect: nil)
+        #expect(same.status == 0, "far differs from west: \(same.stdout)")
+    }
+
     /// Planned switchover under a running fio verify workload, there and back: every write fio
     /// was told about is on the new primary's export; each step is printed; bad input changes nothing.
     @Test func switchoverThereAndBackUnderAWorkloadLosesNothing() throws {

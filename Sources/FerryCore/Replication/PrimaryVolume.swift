@@ -733,11 +733,14 @@ enum PlantedBug: String, Sendable, CaseIterable {
     /// A replica tells a new primary of its line that it names everything its image holds past
     /// where the lines part, and names nothing.
     case replicaHidesLateWrites = "replica-hides-late-writes"
+    /// A replica that holds writes past the branch of a new primary's line lets its catch-up
+    /// overwrite them without keeping them aside.
+    case thirdSiteOverwrittenUnkept = "third-site-overwritten-unkept"
     /// Bugs of role changes, which only the failover schedules exercise.
     var isFailover: Bool {
         switch self {
         case .promoteInconsistent, .promoteWithoutNewEpoch, .skipKeepAside, .rejoinWithoutNeeds, .rollbackNotResent, .skipUndo,
-             .demoteUndoneFromBitmapsOnly, .thirdSiteFromBranchOnly, .replicaHidesLateWrites: true
+             .demoteUndoneFromBitmapsOnly, .thirdSiteFromBranchOnly, .replicaHidesLateWrites, .thirdSiteOverwrittenUnkept: true
         default: false
         }
     }

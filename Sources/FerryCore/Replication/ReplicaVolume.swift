@@ -47,6 +47,11 @@ public struct ReplicaVolume: Sendable {
         /// A handoff this replica cannot take (it does not hold everything the sender wrote):
         /// say why to the sender, and stay a secondary.
         case declineHandoff(LinkID, reason: String)
+        /// Copy `ranges` of the image aside durably (the site's `diverged` directory, as a
+        /// demoted primary's), then report ``keptAside(link:)``, or ``keepAsideFailed(link:reason:)``.
+        /// The image holds writes past the branch of the primary opening on `link`, which its
+        /// catch-up will overwrite (P6): nothing is overwritten unkept.
+        case keepAside(LinkID, [BlockRange], reason: String)
     }
 
     private struct Session: Sendable {
@@ -86,6 +91,11 @@ public struct ReplicaVolume: Sendable {
     private var session: Session?
     /// The link and generation of the last stream opened here.
     private var lastOpened: (link: LinkID, generation: UInt64)?
+    /// A position not yet told to the primary on `link`: what it would overwrite is being kept aside.
+    private var awaitingKeepAside: (link: LinkID, told: ReplicaPosition, kept: (generation: UInt64, seq: UInt64, line: UInt64))?
+    /// What was last kept aside (the image's generation and sequence, and the line it was kept
+    /// from), so that the same state is not kept again when the link reopens before the catch-up.
+    private var lastKeptAside: (generation: UInt64, seq: UInt64, line: UInt64)?
     /// Test-only: a deliberate bug, to show the simulation's checkers catch it.
     var plantedBug: PlantedBug?
 
@@ -292,8 +302,46 @@ public struct ReplicaVolume: Sendable {
                           lastSeq: position.appliedSeq)
         lastOpened = (link, open.generation)
         if writes?.volumeSize != open.volumeSize { writes = WriteMap(volumeSize: open.volumeSize, extentSize: extentSize) }
-        actions.append(.send(link, .position(told(toOpen: open))))
+        let told = told(toOpen: open)
+        awaitingKeepAside = nil
+        if let aside = pastTheBranch(of: open), !aside.isEmpty, plantedBug != .thirdSiteOverwrittenUnkept {
+            awaitingKeepAside = (link, told, (position.generation, position.appliedSeq, open.generation))
+            let why = "this replica of \(volume) holds sequence \(position.appliedSeq) of generation \(String(position.generation, radix: 16)), "
+                + "writes past where the line of the primary at epoch \(open.epoch) leaves it; its catch-up overwrites them"
+            actions.append(.keepAside(link, aside, reason: why))
+            return actions
+        }
+        actions.append(.send(link, .position(told)))
         return actions
+    }
+
+    /// What this image holds past the branch of `open`'s line (which a catch-up from it will
+    /// overwrite): the granules dated after where that line leaves the image's generation, or the
+    /// whole image when it is past that point and cannot date its granules. Nil when the image
+    /// is not on that line, not consistent (a catch-up already overwrites it), or was kept aside
+    /// for this very line already.
+    private func pastTheBranch(of open: VolumeOpen) -> [BlockRange]? {
+        guard open.generation != position.generation, position.consistent, position.initialized, position.needs == nil,
+              let reach = VolumeHistory(generations: open.history, appliedSeq: .max).reach(in: position.generation),
+              lastKeptAside.map({ $0 != (position.generation, position.appliedSeq, open.generation) }) ?? true
+        else { return nil }
+        if let writes, !writes.hasUnknown { return writes.ranges(after: reach) }
+        return position.appliedSeq > reach ? [BlockRange(offset: 0, length: open.volumeSize)] : nil
+    }
+
+    /// The ranges asked for by ``Action/keepAside(_:_:reason:)`` are kept: tell the primary the position.
+    public mutating func keptAside(link: LinkID) -> [Action] {
+        guard let waiting = awaitingKeepAside, waiting.link == link, session?.link == link else { return [] }
+        awaitingKeepAside = nil
+        lastKeptAside = waiting.kept
+        return [.send(link, .position(waiting.told))]
+    }
+
+    /// Keeping aside failed: the stream is refused (nothing is overwritten); the primary retries.
+    public mutating func keepAsideFailed(link: LinkID, reason: String) -> [Action] {
+        guard let waiting = awaitingKeepAside, waiting.link == link else { return [] }
+        awaitingKeepAside = nil
+        return refuse(link, "keeping aside what a catch-up would overwrite failed: \(reason)")
     }
 
     /// The position as told to a primary that opens a stream. To a primary of another
