@@ -34,6 +34,20 @@ public final class ReplicaVolumeRuntime: Sendable {
     /// here follows, also after this daemon restarted (else failback is a full copy to it).
     let followedFile: MetadataFile<FollowedPrimary>
 
+    /// The replica's ``WriteMap``, stored by a clean stop for the position it was stopped at and
+    /// spent at the next start (a crash later must not find it again).
+    let writeMapFile: MetadataFile<StoredWriteMap>
+
+    struct StoredWriteMap: Codable, Equatable {
+        var generation: UInt64
+        var appliedSeq: UInt64
+        var volumeSize: UInt64
+        var extentSize: UInt64
+        var count: Int
+        var runs: String
+        static let spent = StoredWriteMap(generation: 0, appliedSeq: .max, volumeSize: 0, extentSize: 0, count: 0, runs: "")
+    }
+
     struct FollowedPrimary: Codable, Equatable {
         var peer: String
         var generation: UInt64
@@ -112,6 +126,15 @@ public final class ReplicaVolumeRuntime: Sendable {
         self.receiveLog = log
         var machine = ReplicaVolume(volume: name, position: position)
         machine.volumeSize = image.size
+        self.writeMapFile = try MetadataFile(path: stateDirectory + "/writes.map")
+        if let stored = try? writeMapFile.load(), stored != .spent {
+            if stored.generation == position.generation, stored.appliedSeq == position.appliedSeq, stored.volumeSize == image.size,
+               let figures = try? WordRuns.decode(stored.runs, count: stored.count),
+               let map = WriteMap(volumeSize: stored.volumeSize, extentSize: stored.extentSize, figures: figures) {
+                machine.restore(writes: map)
+            }
+            try writeMapFile.store(.spent)
+        }
         let actions = machine.recover(log: barriers)
         var initial = Core(machine: machine)
         initial.followed = try? followedFile.load()
@@ -194,6 +217,14 @@ public final class ReplicaVolumeRuntime: Sendable {
         do {
             try image.flush()
             try logLock.withLock { try receiveLog.sync() }
+            // What sequence wrote where, for the image as it is now: after a clean restart a new
+            // primary of the line can still send this site only what changed.
+            let (position, writes) = core.withLockedValue { ($0.machine.position, $0.machine.writes) }
+            if let writes {
+                try writeMapFile.store(StoredWriteMap(generation: position.generation, appliedSeq: position.appliedSeq,
+                                                      volumeSize: writes.volumeSize, extentSize: writes.extentSize,
+                                                      count: writes.last.count, runs: WordRuns.encode(writes.last)))
+            }
         } catch {
             logger.error("volume \(name): flushing the replica at shutdown failed: \(error)")
         }

@@ -329,6 +329,13 @@ public struct ReplicaVolume: Sendable {
         return position.appliedSeq > reach ? [BlockRange(offset: 0, length: open.volumeSize)] : nil
     }
 
+    /// The map a clean stop stored for the image as it is now (the runtime checks it belongs to
+    /// this position): what the replica knew is not forgotten over a restart.
+    public mutating func restore(writes map: WriteMap) {
+        guard writes == nil else { return }
+        writes = map
+    }
+
     /// The ranges asked for by ``Action/keepAside(_:_:reason:)`` are kept: tell the primary the position.
     public mutating func keptAside(link: LinkID) -> [Action] {
         guard let waiting = awaitingKeepAside, waiting.link == link, session?.link == link else { return [] }

@@ -17,6 +17,8 @@ public struct WriteMap: Sendable, Equatable {
     public static let unknown = UInt64.max
 
     public let volumeSize: UInt64
+    /// The activity-log extent the granules are made of.
+    public let extentSize: UInt64
     /// Bytes per granule.
     public let granuleSize: UInt64
     public private(set) var last: [UInt64]
@@ -25,9 +27,17 @@ public struct WriteMap: Sendable, Equatable {
     public init(volumeSize: UInt64, extentSize: UInt64 = 4 << 20) {
         let granuleSize = Self.granuleSize(volumeSize: volumeSize, extentSize: extentSize)
         self.volumeSize = volumeSize
+        self.extentSize = extentSize
         self.granuleSize = granuleSize
         let count = volumeSize == 0 ? 0 : Int((volumeSize + granuleSize - 1) / granuleSize)
         self.last = Array(repeating: Self.unknown, count: count)
+    }
+
+    /// A map as stored (``last``), or nil when `figures` does not fit the volume's geometry.
+    public init?(volumeSize: UInt64, extentSize: UInt64, figures: [UInt64]) {
+        self.init(volumeSize: volumeSize, extentSize: extentSize)
+        guard figures.count == last.count else { return nil }
+        last = figures
     }
 
     /// The granule size for a volume: whole extents, at most 4,096 granules (what a primary's
