@@ -251,10 +251,12 @@ extension Site {
                            + "lacked when this site was demoted")
             }
             if !rest.isEmpty {
-                how.append(plan.metadata.lastWritesCoverLine
+                let undated = writes.map { $0.last.allSatisfy { $0 == WriteMap.unknown } } ?? true
+                how.append(plan.metadata.lastWritesCoverLine && !undated
                     ? "\(rest.joined(separator: " and ")) \(rest.count == 1 ? "gets" : "get") what changed since the state \(rest.count == 1 ? "it holds" : "they hold") "
                         + "if that is on this volume's line of history, else a full copy"
-                    : "\(rest.joined(separator: " and ")) \(rest.count == 1 ? "gets" : "get") a full copy")
+                    : "\(rest.joined(separator: " and ")) \(rest.count == 1 ? "gets" : "get") a full copy"
+                        + (plan.metadata.lastWritesCoverLine ? " (this site cannot date what its image holds: it crashed and no barrier from its primary reached it since)" : ""))
             }
             lines.append("replicating to \(peers.keys.sorted().joined(separator: ", ")): \(how.joined(separator: "; "))")
         }

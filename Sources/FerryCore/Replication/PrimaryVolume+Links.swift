@@ -303,6 +303,7 @@ extension PrimaryVolume {
     mutating func opened(_ peer: inout PeerState, position: ReplicaPosition, _ out: inout [Action]) {
         let sameHistory = position.initialized && position.generation == config.generation
         let sharedPast = position.initialized && config.ancestors.contains(position.generation)
+        peer.copyReplacesData = position.initialized
         if peer.initialSyncPending, let changed = changedSince(position) {
             // A third site after a move: it holds the line's state at its sequence (plus the
             // late writes it names), and this site knows every granule written since.
@@ -412,8 +413,12 @@ extension PrimaryVolume {
         session.record(at: now.monotonicNanos, SentItem(index: index, kind: .barrier(.catchUpBegin, seq: lastAdmitted), range: nil, bytes: 0))
         session.catchUp = CatchUp(initial: peer.initialSyncPending, totalBytes: peer.dirty.dirtyBytes, startedAt: now.monotonicNanos)
         if peer.state != .pullAhead {
+            let copy = peer.copyReplacesData
+                ? "full copy to \(peer.name): it holds a state of \(config.volume) this site cannot compare with its own (another line, "
+                    + "or one it cannot date since a crash)"
+                : "first full copy to \(peer.name)"
             setState(&peer, peer.initialSyncPending ? .initialSync : .catchingUp,
-                     peer.initialSyncPending ? "first full copy to \(peer.name)" : "sending \(peer.name) what it missed", &out)
+                     peer.initialSyncPending ? copy : "sending \(peer.name) what it missed", &out)
         }
     }
 

@@ -276,6 +276,9 @@ struct PeerState: Sendable {
     /// `ferry resolve --keep` named this site against the peer's generation with this ID: the
     /// opens to the peer say so, and it gives way.
     var discarding: UInt64?
+    /// The full copy under way replaces an image that holds a state (of another line, or one
+    /// this site cannot compare with its own): status says so, not "first full copy".
+    var copyReplacesData = false
     var bytesSent: UInt64 = 0
     var lastAckAt: Int64?
     /// `resync-rate`: bytes the catch-up may still read now (a token bucket refilled with time).
