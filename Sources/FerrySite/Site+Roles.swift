@@ -489,7 +489,7 @@ extension Site {
     func keepAside(_ ranges: [BlockRange], of volume: String, image: VolumeImage, epoch: Int64, generation: String) throws -> KeptAside {
         let kept = try KeptAside.write(ranges, of: volume, image: image,
                                        directory: Self.divergedDirectory(data: config.site.dataDirectory, volume: volume),
-                                       epoch: epoch, generation: generation, reason: "this site stepped down as the primary")
+                                       epoch: epoch, generation: generation)
         logger.notice("volume \(volume): kept aside \(kept.bytes) bytes in \(ranges.count) ranges before demotion", metadata: ["file": "\(kept.image)"])
         return kept
     }

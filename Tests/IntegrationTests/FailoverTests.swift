@@ -24,6 +24,22 @@ struct FailoverTests {
         #expect(back, "\(detail)", sourceLocation: sourceLocation)
     }
 
+    /// Waits until `primary` streams to `peer` in sync, nothing left to send; `peer`'s entry there.
+    func waitFollowing(_ peer: String, _ primary: TestSite, sourceLocation: SourceLocation = #_sourceLocation) -> SiteStatus.Replica? {
+        var entry: SiteStatus.Replica?
+        let ok = eventually(.seconds(120)) {
+            entry = vm1(primary)?.replicas.first { $0.peer == peer }
+            return entry.map { $0.connected && $0.consistent && $0.state == "in-sync" && $0.lagBytes == 0 } ?? false
+        }
+        #expect(ok, "\(peer) did not follow \(primary.name): \(String(describing: entry))\n\(primary.log(tail: 20))", sourceLocation: sourceLocation)
+        return entry
+    }
+
+    /// Whether two sites' images of vm1 are byte for byte the same (`cmp`).
+    func sameImages(_ a: TestSite, _ b: TestSite) throws -> Bool {
+        try run("/usr/bin/cmp", [a.imagePath("vm1"), b.imagePath("vm1")], expect: nil).status == 0
+    }
+
     /// Waits until a returning former primary has given way on its own: a secondary, following
     /// the promoted site (no `ferry demote` needed).
     func waitRejoined(_ site: TestSite, sourceLocation: SourceLocation = #_sourceLocation) {
@@ -338,17 +354,11 @@ struct FailoverTests {
         #expect(moved.status == 0, "switchover failed: \(moved.stdout)\(moved.stderr)")
         #expect(sites.west.log().contains("far gets what changed since the state it holds"), "\(sites.west.log(tail: 10))")
         try sites.qemuIO(["write -P 0x92 16M 1M", "flush"], uri: sites.west.unixURI("vm1"))
-        var far: SiteStatus.Replica?
-        let caughtUp = eventually(.seconds(120)) {
-            far = vm1(sites.west)?.replicas.first { $0.peer == "far" }
-            return far.map { $0.connected && $0.consistent && $0.state == "in-sync" && $0.lagBytes == 0 } ?? false
-        }
-        #expect(caughtUp, "far did not follow west: \(String(describing: far))\n\(sites.west.log(tail: 20))")
+        let far = waitFollowing("far", sites.west)
         let sent = far?.bytesSent ?? 0
         print("third site after a switchover: \(sent) bytes sent to far for 1 MiB written on west; a full copy is 17 MiB or more")
         #expect(sent >= 1 << 20 && sent < 4 << 20, "far was sent \(sent) bytes: 1 MiB changed, a full copy is 17 MiB or more")
-        let read = try run("/usr/bin/cmp", [sites.west.imagePath("vm1"), sites.sites["far"]!.imagePath("vm1")], expect: nil)
-        #expect(read.status == 0, "far differs from west: \(read.stdout)")
+        #expect(try sameImages(sites.west, sites.sites["far"]!), "far differs from west")
     }
 
     /// A third site after a failover: east is killed, the async far is promoted, and west (the
@@ -367,17 +377,11 @@ struct FailoverTests {
                 "promote failed: \(promoted?.stderr ?? "")")
         #expect(promoted?.stdout.contains("west gets what changed since the state it holds") == true, "\(promoted?.stdout ?? "")")
         try sites.qemuIO(["write -P 0xa2 20M 1M", "flush"], uri: farSite.unixURI("vm1"))
-        var west: SiteStatus.Replica?
-        let caughtUp = eventually(.seconds(120)) {
-            west = vm1(farSite)?.replicas.first { $0.peer == "west" }
-            return west.map { $0.connected && $0.consistent && $0.state == "in-sync" && $0.lagBytes == 0 } ?? false
-        }
-        #expect(caughtUp, "west did not follow far: \(String(describing: west))\n\(farSite.log(tail: 20))")
+        let west = waitFollowing("west", farSite)
         let sent = west?.bytesSent ?? 0
         print("third site after a failover: \(sent) bytes sent to west for 1 MiB written on far; a full copy is 17 MiB or more")
         #expect(sent >= 1 << 20 && sent < 4 << 20, "west was sent \(sent) bytes: 1 MiB changed, a full copy is 17 MiB or more")
-        let same = try run("/usr/bin/cmp", [farSite.imagePath("vm1"), sites.west.imagePath("vm1")], expect: nil)
-        #expect(same.status == 0, "west differs from far: \(same.stdout)")
+        #expect(try sameImages(farSite, sites.west), "west differs from far")
     }
 
     /// A third site that was restarted cleanly (its daemon stopped and started while the primary
@@ -398,17 +402,11 @@ struct FailoverTests {
         #expect(eventually(.seconds(30)) { promoted = try? ferry(["promote", "vm1"], sites.west); return promoted?.status == 0 },
                 "promote failed: \(promoted?.stderr ?? "")")
         try sites.qemuIO(["write -P 0xc3 24M 4M", "flush"], uri: sites.west.unixURI("vm1"))
-        var far: SiteStatus.Replica?
-        let caughtUp = eventually(.seconds(120)) {
-            far = vm1(sites.west)?.replicas.first { $0.peer == "far" }
-            return far.map { $0.connected && $0.consistent && $0.state == "in-sync" && $0.lagBytes == 0 } ?? false
-        }
-        #expect(caughtUp, "far did not follow west: \(String(describing: far))\n\(sites.west.log(tail: 20))")
+        let far = waitFollowing("far", sites.west)
         let sent = far?.bytesSent ?? 0
         print("third site restarted cleanly, after a failover: \(sent) bytes sent to far for 8 MiB changed; a full copy is 24 MiB")
         #expect(sent >= 8 << 20 && sent < 12 << 20, "far was sent \(sent) bytes: 8 MiB changed, a full copy is 24 MiB")
-        let same = try run("/usr/bin/cmp", [sites.west.imagePath("vm1"), farSite.imagePath("vm1")], expect: nil)
-        #expect(same.status == 0, "far differs from west: \(same.stdout)")
+        #expect(try sameImages(sites.west, farSite), "far differs from west")
     }
 
     /// Promoting a site that is behind: west (async) was stopped while far (sync) acknowledged
@@ -429,12 +427,7 @@ struct FailoverTests {
         #expect(eventually(.seconds(30)) { promoted = try? ferry(["promote", "vm1"], sites.west); return promoted?.status == 0 },
                 "promote failed: \(promoted?.stderr ?? "")")
         let farSite = sites.sites["far"]!
-        var far: SiteStatus.Replica?
-        let followed = eventually(.seconds(120)) {
-            far = vm1(sites.west)?.replicas.first { $0.peer == "far" }
-            return far.map { $0.connected && $0.consistent && $0.state == "in-sync" && $0.lagBytes == 0 } ?? false
-        }
-        #expect(followed, "far did not follow west: \(String(describing: far))\n\(farSite.log(tail: 20))")
+        _ = waitFollowing("far", sites.west)
         #expect(farSite.log().contains("before a catch-up overwrites them"), "\(farSite.log(tail: 20))")
         let listed = try ferry(["diverged", "vm1"], farSite)
         let image = listed.stdout.split(separator: "\n").first { $0.contains(".img:") }.map { String($0.prefix { $0 != ":" }) }
@@ -443,8 +436,7 @@ struct FailoverTests {
             let kept = try sites.qemuIO(["read -P 0xb2 8M 4M"], uri: image, readOnly: true, expect: nil)
             #expect(kept.status == 0 && !kept.output.contains("Pattern verification failed"), "far's newer writes are not in \(image): \(kept.output)")
         }
-        let same = try run("/usr/bin/cmp", [sites.west.imagePath("vm1"), farSite.imagePath("vm1")], expect: nil)
-        #expect(same.status == 0, "far differs from west: \(same.stdout)")
+        #expect(try sameImages(sites.west, farSite), "far differs from west")
     }
 
     /// Planned switchover under a running fio verify workload, there and back: every write fio

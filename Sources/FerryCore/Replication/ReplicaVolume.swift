@@ -85,8 +85,9 @@ public struct ReplicaVolume: Sendable {
     /// The size of the granules of ``writes`` is derived from this (the primary's activity-log extent).
     public var extentSize: UInt64 = 4 << 20
     /// What sequence wrote each granule of the image, as far as this replica saw it (``WriteMap``):
-    /// a promotion here starts its primary's `lastWrites` from it. Kept in memory only: after a
-    /// restart every granule is unknown until the stream's first barrier on the same line.
+    /// a promotion here starts its primary's `lastWrites` from it. Kept in memory (the runtime
+    /// stores it at a clean stop, ``restore(writes:)``): after a crash every granule is unknown
+    /// until the stream's first barrier on the same line.
     public private(set) var writes: WriteMap?
     private var session: Session?
     /// The link and generation of the last stream opened here.

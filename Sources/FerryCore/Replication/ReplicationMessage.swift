@@ -184,10 +184,11 @@ public struct ReplicaPosition: Sendable, Equatable, Codable {
     /// must send again (with what it wrote itself since it branched) to make the two equal. Nil
     /// once a catch-up completed.
     public var needs: [BlockRange]?
-    /// Sent by a replica (not stored): `needs` names every block the image holds past
-    /// `appliedSeq` (from its ``WriteMap``, which has no unknown granule), so the image equals the
-    /// line's state at `appliedSeq` once those are overwritten. A primary that branched at or
-    /// after `appliedSeq` may then send only what changed since (a third site after a move).
+    /// Sent by a replica (not stored) to a primary of another generation whose line holds the
+    /// replica's: `needs` names every block the image holds past P, the lower of `appliedSeq` and
+    /// where that line leaves the replica's generation (from its ``WriteMap``, which has no
+    /// unknown granule), so the image equals the line's state at P once those are overwritten.
+    /// The primary may then send only what changed since P (a third site after a move).
     public var needsComplete: Bool?
     /// The line of history the image's generation belongs to, oldest first, ending with
     /// `generation`, as the primary that streamed it sent it in its `open`: a promotion here

@@ -10,7 +10,7 @@
 /// The one rule every change keeps: a granule's figure is at least the sequence of every write
 /// whose bytes are in the image there. So the granules that differ between the image and the
 /// line's state at any M are among those whose figure is above M. Blocks whose sequence is not
-/// known (a catch-up's regions, a roll-back's rewritten blocks, anything from before a restart)
+/// known (a catch-up's regions, a roll-back's rewritten blocks, anything from before a crash)
 /// make their granules ``unknown`` until a barrier says everything the stream sent before it is
 /// at or below the barrier's sequence (``settle(at:)``).
 public struct WriteMap: Sendable, Equatable {
@@ -46,12 +46,6 @@ public struct WriteMap: Sendable, Equatable {
         let extent = max(1, extentSize)
         let extents = (volumeSize + extent - 1) / extent
         return max(1, (extents + 4095) / 4096) * extent
-    }
-
-    /// How many granules a volume has (``last``'s count).
-    public static func granuleCount(volumeSize: UInt64, extentSize: UInt64) -> Int {
-        let size = granuleSize(volumeSize: volumeSize, extentSize: extentSize)
-        return Int((volumeSize + size - 1) / size)
     }
 
     /// The granules `range` touches.
