@@ -284,4 +284,24 @@ struct RoleChangeTests {
         var aheadRestarted = ReplicaVolume(volume: "vm1", position: ahead.position)
         #expect(answer(&aheadRestarted, open, on: LinkID(5)).kept == [BlockRange(offset: 0, length: size)])
     }
+
+    /// P4: a replica that refuses a stale primary's stream tells it its position first, whose
+    /// newer epoch fences that primary (seed 1600576: one promoted below an epoch its replicas had
+    /// seen went on taking writes no site would take from it).
+    @Test func aStalePrimaryRefusedByAReplicaLearnsTheNewerEpochAndIsFenced() {
+        let now = Instant(monotonicNanos: 0, wallSeconds: 0)
+        var replica = ReplicaVolume(volume: "vm1", position: ReplicaPosition(epoch: 18, generation: 0x11, appliedSeq: 10,
+                                                                             consistent: true, initialized: true))
+        let actions = replica.received(.open(VolumeOpen(volume: "vm1", epoch: 17, generation: 0x22, volumeSize: 1 << 20, mode: .sync)),
+                                       on: LinkID(1))
+        guard case .send(_, .position(let told))? = actions.first else { Issue.record("no position first: \(actions)"); return }
+        #expect(told.epoch == 18)
+        #expect(actions.contains { if case .refuse = $0 { true } else { false } })
+        let config = PrimaryVolume.Config(volume: "vm1", volumeSize: 1 << 20, epoch: 17, generation: 0x22,
+                                          peers: ["far": ReplicaPolicy(mode: .sync)])
+        var primary = PrimaryVolume(config: config, metadata: .init(), cleanShutdown: true, journal: [], now: now)
+        _ = primary.linkUp(peer: "far", link: LinkID(1), now: now)
+        let out = primary.received(.position(told), peer: "far", link: LinkID(1), now: now)
+        #expect(primary.isFenced && out.contains { if case .fence = $0 { true } else { false } })
+    }
 }

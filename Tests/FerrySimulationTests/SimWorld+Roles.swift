@@ -264,6 +264,13 @@ extension SimWorld {
                 break
             }
         }
+        if workloadOver, siteNames.allSatisfy({ site($0).running && (site($0).primary == nil || site($0).isFenced) }) {
+            // Fenced by a newer epoch that no site serves any more: the operator demotes it, and
+            // promotes a site below (`ferry demote`, then `ferry promote`).
+            for name in siteNames where site(name).isFenced {
+                makeSecondary(name, plan: nil, keepAsideFor: nil, why: "operator: it is fenced and no site serves vm1")
+            }
+        }
         if workloadOver, siteNames.allSatisfy({ site($0).running && site($0).primary == nil }), let last = lastDemoted {
             log("operator: no site serves vm1; promoting \(last) back")
             promote(last, force: true, why: "nobody serves the volume")

@@ -277,8 +277,13 @@ public struct ReplicaVolume: Sendable {
                           + "\(volumeSize); set volumes.\(volume).size alike on every site (Ferry does not resize volumes)")
         }
         guard open.epoch >= position.epoch else {
-            return refuse(link, "stale epoch \(open.epoch): this replica of \(volume) is at epoch \(position.epoch); "
-                          + "the sender is no longer the primary")
+            // The position first: it carries the newer epoch, which fences the sender (P4: a
+            // primary that learns of a newer epoch stops taking writes). Found by the failover
+            // simulation (seed 1600576): a primary promoted at an epoch below one its replicas
+            // had seen went on taking writes no site would ever take from it.
+            return [.send(link, .position(position))]
+                + refuse(link, "stale epoch \(open.epoch): this replica of \(volume) is at epoch \(position.epoch); "
+                         + "the sender is no longer the primary")
         }
         let logged = open.mode == .async || open.mode == .scheduled
         var actions: [Action] = []
