@@ -72,6 +72,9 @@ public final class ReplicaVolumeRuntime: Sendable {
         /// The point a running drill reads.
         var drillBase: UInt64?
         var lastMarkTime: Double = 0
+        /// The generation and sequence of the last point marked: a barrier of an idle volume
+        /// (a periodic cut) marks no second point of the same state.
+        var lastMarked: (generation: UInt64, seq: UInt64)?
     }
 
     struct Core: Sendable {
@@ -554,8 +557,13 @@ public final class ReplicaVolumeRuntime: Sendable {
         let now = Self.now()
         do {
             try points.withLockedValue { p in
-                guard now - p.lastMarkTime >= 1 else { return }
+                // Found by RecoveryPointTests (one run in two, 2026-12-07): an idle cut marked the
+                // same state again, and the client's next flush came within the second after it,
+                // so the state it made durable got no point.
+                guard now - p.lastMarkTime >= 1,
+                      p.lastMarked.map({ $0 != (position.generation, position.appliedSeq) }) ?? true else { return }
                 p.lastMarkTime = now
+                p.lastMarked = (position.generation, position.appliedSeq)
                 try undo.mark(position, time: now, kind: "history", confirmed: false)
                 let pinned = Set([p.catchUpBase, p.drillBase].compactMap { $0 })
                 try undo.prune(olderThan: history.seconds.map { now - Double($0) }, maxBytes: history.bytes, pinned: pinned)

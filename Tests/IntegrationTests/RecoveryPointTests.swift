@@ -20,10 +20,21 @@ struct RecoveryPointTests {
     }
 
     /// Waits until west keeps a recovery point made after `time`; returns it.
-    func pointAfter(_ time: Date, _ site: TestSite, sourceLocation: SourceLocation = #_sourceLocation) -> SiteStatus.PointRef? {
+    /// The newest point of `site` marked after `time`. A replica marks at most one point a
+    /// second, so a barrier that comes within a second of the last point marks none: while none
+    /// has come, the client flushes again now and then (`sites`), as a guest's next fsync would.
+    func pointAfter(_ time: Date, _ site: TestSite, flushing sites: ReplicationSites? = nil,
+                    sourceLocation: SourceLocation = #_sourceLocation) -> SiteStatus.PointRef? {
         var found: SiteStatus.PointRef?
+        var flushed = Date()
         let ok = eventually(.seconds(30)) {
-            guard let newest = vm1(site)?.recoveryPoints?.newest, newest.time > time else { return false }
+            guard let newest = vm1(site)?.recoveryPoints?.newest, newest.time > time else {
+                if let sites, Date().timeIntervalSince(flushed) > 1.5 {
+                    _ = try? sites.qemuIO(["flush"], expect: nil)
+                    flushed = Date()
+                }
+                return false
+            }
             found = newest
             return true
         }
@@ -47,7 +58,7 @@ struct RecoveryPointTests {
             sites.stopAll()
             throw error
         }
-        let pointA = pointAfter(beforeA, sites.west)
+        let pointA = pointAfter(beforeA, sites.west, flushing: sites)
         _ = eventually(.seconds(5)) { Date().timeIntervalSince(pointA?.time ?? .distantPast) > 1.2 }
         return (sites, pointA)
     }
@@ -57,7 +68,7 @@ struct RecoveryPointTests {
         defer { sites.stopAll() }
         let beforeB = Date()
         try sites.qemuIO(["write -P 0x22 2M 4M"])
-        _ = pointAfter(beforeB, sites.west)
+        _ = pointAfter(beforeB, sites.west, flushing: sites)
 
         let listed = try ferry(["points", "vm1"], sites.west)
         #expect(listed.status == 0 && listed.stdout.contains("#\(pointA?.id ?? 0) ") && listed.stdout.contains("history: 1h"),
