@@ -209,10 +209,9 @@ extension PrimaryVolume {
         if let plan, plan.common == nil { return [BlockRange(offset: 0, length: config.volumeSize)] }
         var all = unreplicated(for: plan?.peer ?? keepAsideFor)
         if let after = plan?.keepWrittenAfter {
-            for (granule, seq) in lastWrites.enumerated() where seq > after {
-                let start = UInt64(granule * extentsPerGranule) * config.extentSize
-                guard start < config.volumeSize else { break }
-                _ = all.set(BlockRange(offset: start, length: min(UInt64(extentsPerGranule) * config.extentSize, config.volumeSize - start)))
+            for range in WriteMap.ranges(of: lastWrites, granuleSize: UInt64(extentsPerGranule) * config.extentSize,
+                                         volumeSize: config.volumeSize, after: after) {
+                _ = all.set(range)
             }
         }
         return Self.ranges(of: all)

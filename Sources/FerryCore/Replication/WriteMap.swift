@@ -22,6 +22,8 @@ public struct WriteMap: Sendable, Equatable {
     /// Bytes per granule.
     public let granuleSize: UInt64
     public private(set) var last: [UInt64]
+    /// How many granules are ``unknown`` (``settle(at:)`` runs at every barrier: nothing to do is the rule).
+    private var unknownCount: Int
 
     /// All granules ``unknown``.
     public init(volumeSize: UInt64, extentSize: UInt64 = 4 << 20) {
@@ -31,6 +33,7 @@ public struct WriteMap: Sendable, Equatable {
         self.granuleSize = granuleSize
         let count = volumeSize == 0 ? 0 : Int((volumeSize + granuleSize - 1) / granuleSize)
         self.last = Array(repeating: Self.unknown, count: count)
+        self.unknownCount = count
     }
 
     /// A map as stored (``last``), or nil when `figures` does not fit the volume's geometry.
@@ -38,6 +41,7 @@ public struct WriteMap: Sendable, Equatable {
         self.init(volumeSize: volumeSize, extentSize: extentSize)
         guard figures.count == last.count else { return nil }
         last = figures
+        unknownCount = figures.lazy.filter { $0 == Self.unknown }.count
     }
 
     /// The granule size for a volume: whole extents, at most 4,096 granules (what a primary's
@@ -63,22 +67,28 @@ public struct WriteMap: Sendable, Equatable {
     /// Blocks of no known sequence landed in `range`.
     public mutating func markUnknown(_ range: BlockRange) {
         guard let granules = granules(of: range) else { return }
-        for g in granules { last[g] = Self.unknown }
+        for g in granules where last[g] != Self.unknown {
+            last[g] = Self.unknown
+            unknownCount += 1
+        }
     }
 
     /// Every granule unknown (the image moved to another line, whose sequences are not these).
     public mutating func forgetAll() {
         for g in last.indices { last[g] = Self.unknown }
+        unknownCount = last.count
     }
 
     /// Everything in the image that the stream brought before a barrier of sequence `seq` (and
     /// anything from before the stream, on the same line) is at or below it: unknown granules
     /// take it.
     public mutating func settle(at seq: UInt64) {
+        guard unknownCount > 0 else { return }
         for g in last.indices where last[g] == Self.unknown { last[g] = seq }
+        unknownCount = seq == Self.unknown ? last.count : 0
     }
 
-    public var hasUnknown: Bool { last.contains(Self.unknown) }
+    public var hasUnknown: Bool { unknownCount > 0 }
 
     /// The granules whose figure is above `seq`, as byte ranges (adjacent granules joined).
     public func ranges(after seq: UInt64) -> [BlockRange] {
