@@ -12,6 +12,7 @@
 #            sched.data -s` for each thread's runs, waits and scheduling delays)
 #   FERRY_BIN=path  the ferry binary (default: the release build in .build-release, built first)
 #   MAXLAG=1G       async's max-lag
+#   ONLAG=throttle  async's on-lag (throttle | pull-ahead)
 #
 # Two sites on 127.0.0.1 in a temp dir (removed at the end), one 1 GiB volume `v`, primary east.
 # Waits until the replica is in sync, runs fio through NBD on east, prints IOPS, bandwidth, mean
@@ -35,7 +36,7 @@ case $MODE in
     sync|semi-sync) REPLICAS="    replicas:
       west: { mode: $MODE }" ;;
     async) REPLICAS="    replicas:
-      west: { mode: async, max-lag: ${MAXLAG:-1G} }" ;;
+      west: { mode: async, max-lag: ${MAXLAG:-1G}, on-lag: ${ONLAG:-throttle} }" ;;
     *) die "unknown mode '$MODE' (plain, sync, semi-sync, async)" ;;
 esac
 cd "$ROOT"

@@ -159,6 +159,31 @@ public struct Schedule: Sendable, Equatable, CustomStringConvertible {
         let r = a % m
         return r < 0 ? r + m : r
     }
+
+    /// Unix `seconds` as an ISO 8601 UTC time, `2026-12-09T00:00:00Z` (proleptic Gregorian
+    /// calendar; days from the epoch to a civil date as in Howard Hinnant's `civil_from_days`).
+    /// Clamped to the years 0000–9999.
+    public static func utcTimestamp(seconds unclamped: Int64) -> String {
+        let seconds = min(max(unclamped, -62_167_219_200), 253_402_300_799)
+        let days = floorDiv(seconds, secondsPerDay)
+        let secondOfDay = seconds - days * secondsPerDay
+        let z = days + 719_468
+        let era = floorDiv(z, 146_097)
+        let dayOfEra = z - era * 146_097
+        let yearOfEra = (dayOfEra - dayOfEra / 1460 + dayOfEra / 36_524 - dayOfEra / 146_096) / 365
+        let dayOfYear = dayOfEra - (365 * yearOfEra + yearOfEra / 4 - yearOfEra / 100)
+        let mp = (5 * dayOfYear + 2) / 153
+        let day = dayOfYear - (153 * mp + 2) / 5 + 1
+        let month = mp < 10 ? mp + 3 : mp - 9
+        let year = yearOfEra + era * 400 + (month <= 2 ? 1 : 0)
+        func two(_ n: Int64) -> String { n < 10 ? "0\(n)" : "\(n)" }
+        let yyyy = String(repeating: "0", count: max(0, 4 - String(year).count)) + String(year)
+        return "\(yyyy)-\(two(month))-\(two(day))T\(two(secondOfDay / 3600)):\(two(secondOfDay / 60 % 60)):\(two(secondOfDay % 60))Z"
+    }
+
+    static func floorDiv(_ a: Int64, _ m: Int64) -> Int64 {
+        (a - floorMod(a, m)) / m
+    }
 }
 
 /// Durations as people write them in configuration: `N` followed by `s`, `m`, `h`, `d` or `w`

@@ -99,6 +99,12 @@ extension Site {
             let epoch = context.engine.replica(name)?.position.epoch ?? 0
             steps.append("\(peer) is the primary of \(name) at epoch \(epoch) and streams to \(me) (\(elapsed()))")
             steps.append("no write lost: \(peer) held every write through sequence \(seq) before this site stepped down")
+            let others = context.volume.config.replicaNames.filter { $0 != peer && $0 != me }
+            if !others.isEmpty {
+                steps.append("\(others.joined(separator: ", ")) now replicate\(others.count == 1 ? "s" : "") from \(peer) if its config lists "
+                             + "\(others.count == 1 ? "it" : "them"): each is sent what changed since the state it holds, a full copy only "
+                             + "when that state cannot be dated (`ferry status` on \(peer) says which)")
+            }
             steps.append("to move back: `ferry switchover \(name) --to \(me)` on \(peer)")
             logger.notice("volume \(name): switched over to \(peer)", metadata: ["seq": "\(seq)", "epoch": "\(epoch)"])
             return Self.reply(200, "message", steps.joined(separator: "\n"))

@@ -378,7 +378,8 @@ extension Site {
             return reply(409, "error", "volume \(name) has no scheduled replica; its replicas are \(volume.config.replicaNames.joined(separator: ", ")), which replicate continuously")
         }
         runtime.checkpoint()
-        return reply(200, "message", "cut a point of \(name) for \(scheduled.joined(separator: ", ")); `ferry status` shows it complete as the last point")
+        return reply(200, "message", "cut a point of \(name) for \(scheduled.joined(separator: ", ")); it is being sent now, "
+                     + "and `ferry status` shows it as the last point once it is complete there")
     }
 }
 

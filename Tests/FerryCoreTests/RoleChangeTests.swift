@@ -304,4 +304,56 @@ struct RoleChangeTests {
         let out = primary.received(.position(told), peer: "far", link: LinkID(1), now: now)
         #expect(primary.isFenced && out.contains { if case .fence = $0 { true } else { false } })
     }
+
+    /// A scheduled replica's map dates a point's regions once the point's barrier arrives, and
+    /// not before: a point cut short (the primary moved while it was sending) never reached the
+    /// image, so it leaves nothing undatable behind, and a new primary of the line sends what
+    /// changed instead of a full copy (walk-through of 2026-12-07: 176 MiB instead of ~69).
+    /// A stale answer from the replica that reaches this site once it is demoted closes nothing.
+    @Test func aScheduledSiteCutShortMidPointIsStillDatable() {
+        let size: UInt64 = 64 << 20, granule: UInt64 = 4 << 20
+        let link = LinkID(1)
+        func g(_ i: UInt64) -> BlockRange { BlockRange(offset: i * granule, length: 64 << 10) }
+        func whole(_ i: UInt64) -> BlockRange { BlockRange(offset: i * granule, length: granule) }
+        func region(_ index: UInt64, _ range: BlockRange) -> ReplicationMessage {
+            .region(ReplicationItem(epoch: 1, index: index, seq: 0, range: range, isZero: false))
+        }
+        func barrier(_ index: UInt64, _ seq: UInt64, _ kind: BarrierKind) -> ReplicationMessage {
+            .barrier(ReplicationBarrier(epoch: 1, index: index, seq: seq, kind: kind))
+        }
+        let start = ReplicaPosition(epoch: 1, generation: 0x11, appliedSeq: 10, consistent: true, initialized: true)
+        var far = ReplicaVolume(volume: "vm1", position: start)
+        _ = far.received(.open(VolumeOpen(volume: "vm1", epoch: 1, generation: 0x11, volumeSize: size, mode: .scheduled,
+                                          history: [Self.g1])), on: link)
+        // A first point (at 20) of granules 3 and 5 arrives whole; a second (at 30) is cut short
+        // after granule 6's region.
+        for message in [barrier(1, 10, .flush), region(2, g(3)), region(3, g(5)), barrier(4, 20, .point), region(5, g(6))] {
+            let actions = far.received(message, on: link)
+            #expect(!actions.contains { if case .refuse = $0 { true } else { false } }, "\(message): \(actions)")
+        }
+        #expect(far.writes?.hasUnknown == false)
+        #expect(far.writes?.ranges(after: 10) == [whole(3), whole(5)], "the point's regions hold its state at 20; granule 6 is only in the log")
+        _ = far.linkDown(link)
+        #expect(far.writes?.hasUnknown == false)
+
+        // West, promoted on the line (its branch at 25), opens: far names the granules of its
+        // point, and says that is all, so west need not copy everything.
+        let g2 = GenerationRecord(id: 0x33, epoch: 2, branchSeq: 25)
+        let actions = far.received(.open(VolumeOpen(volume: "vm1", epoch: 2, generation: 0x33, volumeSize: size, mode: .scheduled,
+                                                    history: [Self.g1, g2])), on: LinkID(2))
+        guard case .send(_, .position(let told))? = actions.first(where: { if case .send(_, .position) = $0 { true } else { false } })
+        else { Issue.record("far told no position: \(actions)"); return }
+        #expect(told.needsComplete == true)
+        #expect(told.needs == [whole(3), whole(5)])
+
+        // Far's own answers to the stream of its former primary, arriving after that site was
+        // demoted, are dropped; they do not refuse the stream of the primary it follows now.
+        var demoted = ReplicaVolume(volume: "vm1", position: start)
+        _ = demoted.received(.open(VolumeOpen(volume: "vm1", epoch: 2, generation: 0x33, volumeSize: size, mode: .sync,
+                                              history: [Self.g1, g2])), on: LinkID(7))
+        #expect(demoted.received(.ack(level: .written, index: 4), on: LinkID(8)).isEmpty)
+        #expect(demoted.received(.position(start), on: LinkID(8)).isEmpty)
+        #expect(demoted.received(.ack(level: .written, index: 4), on: LinkID(7)).contains { if case .refuse = $0 { true } else { false } },
+                "from the primary it follows, an answer is still a protocol error")
+    }
 }

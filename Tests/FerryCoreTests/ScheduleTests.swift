@@ -260,4 +260,13 @@ struct ScheduleTests {
         #expect(huge.nextPoint(afterSeconds: 0) > 0)
         #expect(huge.nextPoint(afterSeconds: .min, utcOffsetSeconds: .min) > .min)
     }
+
+    @Test("next point times read as ISO 8601 UTC, not raw seconds", arguments: [
+        (Int64(0), "1970-01-01T00:00:00Z"), (951_782_400, "2000-02-29T00:00:00Z"), (1_796_774_400, "2026-12-09T00:00:00Z"),
+        (1_798_761_599, "2026-12-31T23:59:59Z"), (-1, "1969-12-31T23:59:59Z"), (4_107_542_400, "2100-03-01T00:00:00Z"),
+        (.max, "9999-12-31T23:59:59Z"), (.min, "0000-01-01T00:00:00Z"),
+    ])
+    func utcTimestamps(seconds: Int64, text: String) {
+        #expect(Schedule.utcTimestamp(seconds: seconds) == text)
+    }
 }

@@ -156,7 +156,7 @@ extension SimWorld {
         s.incarnation += 1
         var machine = ReplicaVolume(volume: "vm1", position: s.store.position)
         machine.extentSize = config.extentSize
-        if let bug = scenario.bug, [.replicaHidesLateWrites, .thirdSiteOverwrittenUnkept].contains(bug) { machine.plantedBug = bug }
+        if let bug = scenario.bug, [.replicaHidesLateWrites, .thirdSiteOverwrittenUnkept, .pointRegionsUndated].contains(bug) { machine.plantedBug = bug }
         if scenario.bug == .applyOutOfOrder { machine.plantedBug = .applyOutOfOrder }
         var barriers: [ReplicaVolume.LoggedBarrier] = []
         for record in s.store.log {

@@ -361,6 +361,55 @@ struct FailoverTests {
         #expect(try sameImages(sites.west, sites.sites["far"]!), "far differs from west")
     }
 
+    /// A switchover while a scheduled point is on its way to the third site (walk-through of
+    /// 2026-12-07: far got a full copy, 176 MiB instead of ~69). Far is frozen while east sends
+    /// its second point, east hands over to west, far runs again: the unfinished point never
+    /// reached far's image, which is still at the first point, and west sends what changed since.
+    @Test func aSwitchoverMidPointSendsTheScheduledSiteOnlyWhatChanged() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }", "far": "{ mode: scheduled, every: 1d }"], size: "64M")
+        try sites.startAll()
+        defer {
+            sites.sites["far"]?.resume()
+            sites.stopAll()
+        }
+        sites.waitInSync()
+        let farSite = sites.sites["far"]!
+        try sites.qemuIO(["write -P 0xd1 0 16M", "flush"])
+        _ = try ferry(["checkpoint", "vm1"], sites.east)
+        let first = eventually(.seconds(60)) { sites.replica("far")?.lastPoint != nil && sites.replica("far")?.state == "waiting" }
+        #expect(first, "the first point did not complete: \(String(describing: sites.replica("far")))")
+        try sites.qemuIO(["write -P 0xd2 16M 16M", "flush"])
+        farSite.pause()
+        _ = try ferry(["checkpoint", "vm1"], sites.east)
+        let sending = eventually(.seconds(30)) { (sites.replica("far")?.inFlightBytes ?? 0) > 0 }
+        #expect(sending, "the second point is not on its way: \(String(describing: sites.replica("far")))")
+        let moved = try ferry(["switchover", "vm1", "--to", "west"], sites.east)
+        #expect(moved.status == 0, "switchover failed: \(moved.stdout)\(moved.stderr)")
+        farSite.resume()
+        try sites.qemuIO(["write -P 0xd3 40M 1M", "flush"], uri: sites.west.unixURI("vm1"))
+        // West holds what far lacks for its next point; a checkpoint there sends it now.
+        var entry: SiteStatus.Replica?
+        let marked = eventually(.seconds(60)) {
+            entry = vm1(sites.west)?.replicas.first { $0.peer == "far" }
+            return entry.map { $0.connected && $0.state == "waiting" && $0.dirtyBytes > 0 } ?? false
+        }
+        #expect(marked, "west does not hold far's changes for its next point: \(String(describing: entry))")
+        #expect(entry?.reason.contains("next point at 20") == true, "a time, not raw seconds: \(entry?.reason ?? "")")
+        let pointed = try ferry(["checkpoint", "vm1"], sites.west)
+        #expect(pointed.status == 0, "checkpoint on west failed: \(pointed.stdout)\(pointed.stderr)")
+        let done = eventually(.seconds(120)) {
+            entry = vm1(sites.west)?.replicas.first { $0.peer == "far" }
+            return entry.map { $0.connected && $0.state == "waiting" && $0.lastPoint != nil && $0.dirtyBytes == 0 } ?? false
+        }
+        #expect(done, "far did not get west's point: \(String(describing: entry))\n\(sites.west.log(tail: 20))")
+        let sent = entry?.bytesSent ?? 0
+        print("scheduled third site after a switchover mid-point: \(sent) bytes sent to far for 17 MiB changed since its point; a full copy is 33 MiB")
+        #expect(sent >= 17 << 20 && sent < 26 << 20, "far was sent \(sent) bytes: 17 MiB changed since its point, a full copy is 33 MiB")
+        #expect(!farSite.log().contains("does not accept"), "\(farSite.log(tail: 20))")
+        #expect(!sites.east.log().contains("does not accept"), "\(sites.east.log(tail: 20))")
+        #expect(try sameImages(sites.west, farSite), "far differs from west")
+    }
+
     /// A third site after a failover: east is killed, the async far is promoted, and west (the
     /// sync replica, which held at least as much as far) is sent what differs, not a full copy.
     @Test func aFailoverToTheAsyncSiteSendsTheSyncSiteOnlyWhatChanged() throws {

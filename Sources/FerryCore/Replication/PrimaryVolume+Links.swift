@@ -385,7 +385,7 @@ extension PrimaryVolume {
             if peer.initialSyncPending || !position.consistent {
                 startCatchUp(&session, peer: &peer, &out)
             } else {
-                setState(&peer, .waitingForPoint, "next point \(peer.nextPointAt.map { "at \($0)" } ?? "on demand")", &out)
+                setState(&peer, .waitingForPoint, "next point \(peer.nextPointAt.map { "at \(Schedule.utcTimestamp(seconds: $0))" } ?? "on demand")", &out)
             }
         }
         peer.session = session

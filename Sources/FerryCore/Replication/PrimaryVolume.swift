@@ -736,11 +736,15 @@ enum PlantedBug: String, Sendable, CaseIterable {
     /// A replica that holds writes past the branch of a new primary's line lets its catch-up
     /// overwrite them without keeping them aside.
     case thirdSiteOverwrittenUnkept = "third-site-overwritten-unkept"
+    /// A scheduled replica's map leaves out the regions of the point it applies: a promotion
+    /// there dates them too early, and a third site misses them.
+    case pointRegionsUndated = "point-regions-undated"
     /// Bugs of role changes, which only the failover schedules exercise.
     var isFailover: Bool {
         switch self {
         case .promoteInconsistent, .promoteWithoutNewEpoch, .skipKeepAside, .rejoinWithoutNeeds, .rollbackNotResent, .skipUndo,
-             .demoteUndoneFromBitmapsOnly, .thirdSiteFromBranchOnly, .replicaHidesLateWrites, .thirdSiteOverwrittenUnkept: true
+             .demoteUndoneFromBitmapsOnly, .thirdSiteFromBranchOnly, .replicaHidesLateWrites, .thirdSiteOverwrittenUnkept,
+             .pointRegionsUndated: true
         default: false
         }
     }

@@ -75,6 +75,10 @@ public struct ReplicaVolume: Sendable {
         var applyIssuedIndex: UInt64 = 0
         /// The index of the last catch-up begin: earlier barriers no longer describe the image.
         var lastCatchUpBegin: UInt64 = 0
+        /// Logged regions and zeroings (a scheduled point's) of the group not yet closed by its
+        /// barrier: in the receive log, not in the image. The barrier dates them; a stream that
+        /// ends first drops them with the log's tail, and the image never held them.
+        var groupRegions: [BlockRange] = []
     }
 
     public let volume: String
@@ -176,8 +180,14 @@ public struct ReplicaVolume: Sendable {
             if let why = check(item: item, isRegion: isRegion, session: s) { return refuse(link, why) }
             s.nextIndex += 1
             if !isRegion { s.lastSeq = item.seq }
-            if isRegion || item.seq == 0 { writes?.markUnknown(item.range) } else { writes?.record(item.range, seq: item.seq) }
             let direct = !s.logged || s.catchingUp
+            if !(isRegion || item.seq == 0) {
+                writes?.record(item.range, seq: item.seq)
+            } else if direct {
+                writes?.markUnknown(item.range)
+            } else {
+                s.groupRegions.append(item.range)
+            }
             session = s
             if direct {
                 session?.appliedIndex = item.index
@@ -209,6 +219,7 @@ public struct ReplicaVolume: Sendable {
                 if s.logged {
                     actions.append(.discardLogTail)
                     s.applyIssuedIndex = barrier.index
+                    s.groupRegions = []
                 }
                 s.catchingUp = true
                 s.lastCatchUpBegin = barrier.index
@@ -230,10 +241,16 @@ public struct ReplicaVolume: Sendable {
                 session = s
                 return actions + [.flush(link, index: barrier.index)]
             case .flush, .cut, .point:
+                let group = s.groupRegions
+                s.groupRegions = []
                 if !s.catchingUp && position.consistent && position.generation == s.generation {
                     // Whatever the image holds of this line from before this stream (a restart
-                    // forgot its sequences) was sent before this barrier: at or below it.
+                    // forgot its sequences) was sent before this barrier: at or below it. So is
+                    // what this group's regions hold (a point's are read as of its cut).
                     writes?.settle(at: barrier.seq)
+                    for range in group where plantedBug != .pointRegionsUndated { writes?.record(range, seq: barrier.seq) }
+                } else {
+                    for range in group { writes?.markUnknown(range) }
                 }
                 if !s.logged || s.catchingUp {
                     s.barriers[barrier.index] = barrier
@@ -262,6 +279,10 @@ public struct ReplicaVolume: Sendable {
         case .verify, .hashes:
             return []   // answered by the runtime from the image; no state of the stream changes
         case .position, .ack:
+            // What a replica answers its primary. On a link with no stream here it is left over
+            // from when this site was the primary: a switchover demoted it while the replica's
+            // answers were on their way. Nothing to refuse or close.
+            guard session?.link == link else { return [] }
             return refuse(link, "a replica does not accept \(message) from its primary")
         }
     }

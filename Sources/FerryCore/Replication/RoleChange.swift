@@ -37,7 +37,8 @@ public enum RoleChange {
         if let streaming = streamingPrimary, !force {
             return "\(streaming) is reachable and still the primary of \(volume) (it streams to this site): "
                 + "promoting here would make two sites take writes. Demote it there first (`ferry demote \(volume)` on \(streaming)), "
-                + "or, if it no longer serves the volume, use --force"
+                + "or, if it no longer serves the volume, use --force. If \(streaming) has just failed, this site sees its link "
+                + "drop once its heartbeats stop (a few seconds): promote again then"
         }
         return nil
     }

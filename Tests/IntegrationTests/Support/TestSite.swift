@@ -155,6 +155,16 @@ final class TestSite {
         process = nil
     }
 
+    /// Freezes the daemon (SIGSTOP): its links stay open, it reads nothing, answers nothing.
+    func pause() {
+        if let p = process { kill(p.processIdentifier, SIGSTOP) }
+    }
+
+    /// Lets a paused daemon run again (SIGCONT).
+    func resume() {
+        if let p = process { kill(p.processIdentifier, SIGCONT) }
+    }
+
     func uri(_ volume: String) -> String { "nbd://127.0.0.1:\(nbdPort)/\(volume)" }
     func unixURI(_ volume: String) -> String { "nbd+unix:///\(volume)?socket=\(nbdSocket)" }
     func imagePath(_ volume: String) -> String { "\(dataDirectory)/volumes/\(volume).img" }
