@@ -269,7 +269,7 @@ extension SimWorld {
             case .persistPosition(let position):
                 // As ReplicaVolumeRuntime: a catch-up leaving a consistent state keeps it.
                 if let before, !position.consistent, before.consistent, s.undoBase == nil, scenario.bug != .skipUndo {
-                    s.undoBase = (before, [:])
+                    s.undoBase = (before, [:], s.positionMode)
                 }
                 // As ReplicaVolumeRuntime: log groups still being applied are made durable first.
                 if !s.store.appliedPending.isEmpty { s.disk.flush() }

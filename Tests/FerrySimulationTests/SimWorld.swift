@@ -43,8 +43,9 @@ final class SimSite {
     /// The replica's undo log, as ``UndoLog`` keeps it for a catch-up (P3): the position the
     /// catch-up started from and, per sector written since, what it held before (durable
     /// before the write: the log is write-ahead). Survives crashes; gone once a consistent
-    /// position is recorded.
-    var undoBase: (position: ReplicaPosition, saved: [Int: UInt64])?
+    /// position is recorded. `mode`: that of the stream the state came from (a sync replica's
+    /// image may hold writes past its last barrier, which a roll-back to it keeps).
+    var undoBase: (position: ReplicaPosition, saved: [Int: UInt64], mode: ReplicationMode?)?
     /// The catch-up under way began on a consistent replica (P3: its state must be kept).
     var catchUpFromConsistent = false
     /// The mode of each stream opened here, and of the one that last moved the position (P2
