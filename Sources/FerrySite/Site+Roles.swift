@@ -389,6 +389,12 @@ extension Site {
             try? FileManager.default.removeItem(atPath: stateDir + "/undo.log")
             try? FileManager.default.removeItem(atPath: stateDir + "/undo.log.start")
             try MetadataFile<ReplicaPosition>(path: stateDir + "/replica.position").store(demotion.position)
+            // At an idle demote's state the image is exactly what this primary wrote: its map
+            // of what wrote where starts the replica's (else a later promotion here cannot date
+            // its image, and a third site gets a full copy: walk-through of 2026-12-08).
+            if demotion.position.consistent, let writes = primary.writeMap {
+                try ReplicaVolumeRuntime.storeWriteMap(writes, for: demotion.position, stateDirectory: stateDir)
+            }
             try catalog.setRole(name: name, role: "secondary", epoch: record.epoch, generation: record.generation, history: historyJSON)
             runtime = try ReplicaVolumeRuntime(
                 name: name, image: image, stateDirectory: stateDir, threadPool: threadPool, links: volumeLinks,

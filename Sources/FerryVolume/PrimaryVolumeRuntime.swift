@@ -202,6 +202,9 @@ public final class PrimaryVolumeRuntime: BlockDevice, Sendable {
     /// ``PrimaryVolume/idleSequence``.
     public var idleSequence: UInt64? { core.withLockedValue { $0.machine.idleSequence } }
 
+    /// ``PrimaryVolume/writeMap()``.
+    public var writeMap: WriteMap? { core.withLockedValue { $0.machine.writeMap() } }
+
     /// `ferry verify --repair`: sends `ranges` to `peer` again; false when it cannot now (no open
     /// session, or a catch-up or point running).
     public func resync(_ ranges: [BlockRange], peer: String) -> Bool {

@@ -215,6 +215,19 @@ public final class ReplicaVolumeRuntime: Sendable {
         }
     }
 
+    /// Stores `writes` as what the image at `position` holds, for the next start of a replica
+    /// runtime in `stateDirectory` (a clean stop's, or a primary's that steps down: what it wrote
+    /// where, so that a third site need not get a full copy when this site is promoted again).
+    public static func storeWriteMap(_ writes: WriteMap, for position: ReplicaPosition, stateDirectory: String) throws {
+        try storeWriteMap(writes, for: position, in: MetadataFile(path: stateDirectory + "/writes.map"))
+    }
+
+    static func storeWriteMap(_ writes: WriteMap, for position: ReplicaPosition, in file: MetadataFile<StoredWriteMap>) throws {
+        try file.store(StoredWriteMap(generation: position.generation, appliedSeq: position.appliedSeq,
+                                      volumeSize: writes.volumeSize, extentSize: writes.extentSize,
+                                      count: writes.last.count, runs: WordRuns.encode(writes.last)))
+    }
+
     /// Stops cleanly: the image and the log are made durable.
     public func stop() {
         do {
@@ -223,11 +236,7 @@ public final class ReplicaVolumeRuntime: Sendable {
             // What sequence wrote where, for the image as it is now: after a clean restart a new
             // primary of the line can still send this site only what changed.
             let (position, writes) = core.withLockedValue { ($0.machine.position, $0.machine.writes) }
-            if let writes {
-                try writeMapFile.store(StoredWriteMap(generation: position.generation, appliedSeq: position.appliedSeq,
-                                                      volumeSize: writes.volumeSize, extentSize: writes.extentSize,
-                                                      count: writes.last.count, runs: WordRuns.encode(writes.last)))
-            }
+            if let writes { try Self.storeWriteMap(writes, for: position, in: writeMapFile) }
         } catch {
             logger.error("volume \(name): flushing the replica at shutdown failed: \(error)")
         }

@@ -410,6 +410,52 @@ struct FailoverTests {
         #expect(try sameImages(sites.west, farSite), "far differs from west")
     }
 
+    /// Moves back and forth (walk-through of 2026-12-08): a site that stepped down and is
+    /// promoted again in the same process still knows what it wrote where, and the scheduled
+    /// far, which took a point from the other site meanwhile, can date it: far gets what changed
+    /// at each move, never a full copy.
+    @Test func movesBackAndForthSendTheScheduledSiteOnlyWhatChanged() throws {
+        let sites = try ReplicationSites(replicas: ["west": "{ mode: sync }", "far": "{ mode: scheduled, every: 1d }"], size: "64M")
+        try sites.startAll()
+        defer { sites.stopAll() }
+        sites.waitInSync()
+        func pointOnFar(from primary: TestSite, sourceLocation: SourceLocation = #_sourceLocation) -> SiteStatus.Replica? {
+            var entry: SiteStatus.Replica?
+            let before = vm1(primary)?.replicas.first { $0.peer == "far" }?.lastPoint?.sequence
+            let pointed = try? ferry(["checkpoint", "vm1"], primary)
+            #expect(pointed?.status == 0, "checkpoint on \(primary.name): \(pointed?.stdout ?? "")\(pointed?.stderr ?? "")",
+                    sourceLocation: sourceLocation)
+            let done = eventually(.seconds(120)) {
+                entry = vm1(primary)?.replicas.first { $0.peer == "far" }
+                return entry.map { $0.connected && $0.state == "waiting" && $0.lastPoint?.sequence != before && $0.dirtyBytes == 0 } ?? false
+            }
+            #expect(done, "far did not get \(primary.name)'s point: \(String(describing: entry))\n\(primary.log(tail: 20))",
+                    sourceLocation: sourceLocation)
+            return entry
+        }
+        try sites.qemuIO(["write -P 0xe1 0 16M", "flush"])
+        _ = pointOnFar(from: sites.east)
+        // There and straight back, nothing written on west: east stepped down and is promoted
+        // again with no barrier from west between (it knows its image from when it stepped down).
+        for (from, to) in [(sites.east, sites.west), (sites.west, sites.east)] {
+            let moved = try ferry(["switchover", "vm1", "--to", to.name], from)
+            #expect(moved.status == 0, "switchover to \(to.name) failed: \(moved.stdout)\(moved.stderr)")
+        }
+        try sites.qemuIO(["write -P 0xe3 44M 1M", "flush"])
+        let back = pointOnFar(from: sites.east)?.lastPoint?.bytes ?? 0
+        #expect(back >= 1 << 20 && back <= 4 << 20, "far's point after moving there and back was \(back) bytes: 1 MiB changed")
+        for (from, to, offset) in [(sites.east, sites.west, 20), (sites.west, sites.east, 28), (sites.east, sites.west, 36)] {
+            let moved = try ferry(["switchover", "vm1", "--to", to.name], from)
+            #expect(moved.status == 0, "switchover to \(to.name) failed: \(moved.stdout)\(moved.stderr)")
+            try sites.qemuIO(["write -P 0xe2 \(offset)M 1M", "flush"], uri: to.unixURI("vm1"))
+            let entry = pointOnFar(from: to)
+            let bytes = entry?.lastPoint?.bytes ?? 0
+            print("scheduled third site, point from \(to.name) after a switchover: \(bytes) bytes for 1 MiB written; a full copy is 17 MiB or more")
+            #expect(bytes >= 1 << 20 && bytes <= 4 << 20, "far's point from \(to.name) was \(bytes) bytes: 1 MiB changed (one 4 MiB granule at most)")
+        }
+        #expect(try sameImages(sites.west, sites.sites["far"]!), "far differs from west")
+    }
+
     /// A third site after a failover: east is killed, the async far is promoted, and west (the
     /// sync replica, which held at least as much as far) is sent what differs, not a full copy.
     @Test func aFailoverToTheAsyncSiteSendsTheSyncSiteOnlyWhatChanged() throws {

@@ -279,6 +279,12 @@ public struct PrimaryVolume: Sendable {
         requests.isEmpty && gate.isEmpty && lastAdmitted == lastSeq ? lastAdmitted : nil
     }
 
+    /// What sequence last wrote each granule of the image, as a replica's ``WriteMap`` (a figure
+    /// is an upper bound, `.max` unknown): what a site that steps down knows of its image.
+    public func writeMap() -> WriteMap? {
+        WriteMap(volumeSize: config.volumeSize, extentSize: config.extentSize, figures: lastWrites)
+    }
+
     /// The ack latencies recorded since the last call.
     public mutating func takeAckSamples() -> [AckSample] {
         defer { ackSamples.removeAll(keepingCapacity: true) }

@@ -243,10 +243,13 @@ public struct ReplicaVolume: Sendable {
             case .flush, .cut, .point:
                 let group = s.groupRegions
                 s.groupRegions = []
-                if !s.catchingUp && position.consistent && position.generation == s.generation {
+                if !s.catchingUp && position.consistent
+                    && (position.generation == s.generation || Self.onLine(position, history: s.history)) {
                     // Whatever the image holds of this line from before this stream (a restart
                     // forgot its sequences) was sent before this barrier: at or below it. So is
-                    // what this group's regions hold (a point's are read as of its cut).
+                    // what this group's regions hold (a point's are read as of its cut). A state
+                    // of an older generation of the stream's line counts on the same sequences
+                    // (the first point from a new primary is dated too: walk-through of 2026-12-08).
                     writes?.settle(at: barrier.seq)
                     for range in group where plantedBug != .pointRegionsUndated { writes?.record(range, seq: barrier.seq) }
                 } else {
