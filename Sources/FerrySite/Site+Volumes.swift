@@ -166,7 +166,13 @@ extension Site {
                 defer { s.lastErrors[event.volume] = event.message }
                 return s.lastErrors[event.volume] == event.message
             }
-            if !repeated { logger.error("\(event.message)", metadata: ["volume": "\(event.volume)"]) }
+            // A refused stream is the protocol at work (a former primary knocking after a move, a
+            // stream reopened on a new link): a warning. A failed disk write is an error.
+            if !repeated, case .refused = event.kind {
+                logger.warning("\(event.message)", metadata: ["volume": "\(event.volume)"])
+            } else if !repeated {
+                logger.error("\(event.message)", metadata: ["volume": "\(event.volume)"])
+            }
         case .takeOver(let peer):
             DispatchQueue.global().async { [weak self] in self?.takeOver(event.volume, from: peer) }
         case .epochChanged(let epoch):
@@ -378,8 +384,18 @@ extension Site {
             return reply(409, "error", "volume \(name) has no scheduled replica; its replicas are \(volume.config.replicaNames.joined(separator: ", ")), which replicate continuously")
         }
         runtime.checkpoint()
-        return reply(200, "message", "cut a point of \(name) for \(scheduled.joined(separator: ", ")); it is being sent now, "
-                     + "and `ferry status` shows it as the last point once it is complete there")
+        let links = runtime.status()
+        let fates = scheduled.map { peer -> String in
+            guard let link = links.first(where: { $0.peer == peer }), link.connected else {
+                return "\(peer) is not connected: it gets the point when it is back"
+            }
+            if link.state == .initialSync || !link.consistent {
+                return "\(peer) gets it after its copy under way (\(link.state.rawValue))"
+            }
+            return "\(peer) is being sent it now"
+        }
+        return reply(200, "message", "cut a point of \(name): " + fates.joined(separator: "; ")
+                     + ". `ferry status` shows it as the last point once it is complete there")
     }
 }
 

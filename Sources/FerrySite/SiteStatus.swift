@@ -454,7 +454,11 @@ extension SiteStatus {
         line += ", sent \(ByteSize.format(r.bytesSent))"
         if !r.consistent { line += ", replica inconsistent" }
         if let p = r.lastPoint { line += ", last point \(Self.age(from: p.completedAt, to: now)) ago (\(ByteSize.format(p.bytes)))" }
-        if let next = r.nextPointAt { line += ", next in \(Self.age(from: now, to: next))" }
+        if let next = r.nextPointAt {
+            // A point whose time has come waits for the replica (unreachable, or a copy under way).
+            line += next.timeIntervalSince(now) < -1 ? ", a point due \(Self.age(from: next, to: now)) ago waits for it"
+                : ", next in \(Self.age(from: now, to: next))"
+        }
         line += "\n        \(r.reason)"
         return line
     }

@@ -216,6 +216,24 @@ struct PeerConnectionMachineTests {
         #expect(m.tick(now: clock.now).isEmpty)
     }
 
+    @Test("a tick that comes late (this site's own loop stalled) does not judge the silence; the next one does")
+    func stalledLoop() {
+        var clock = FakeClock()
+        var m = Self.live(.outbound, clock: clock)
+        clock.advance(.seconds(1))
+        #expect(m.tick(now: clock.now).count == 1, "a ping")
+        clock.advance(.seconds(7))
+        #expect(m.tick(now: clock.now).count == 1, "late by 6 s: frames may be waiting behind this tick; a ping, no verdict")
+        _ = m.receivedData(typeName: "region", now: clock.now)
+        clock.advance(.seconds(1))
+        #expect(m.tick(now: clock.now).count == 1, "the peer was heard: alive")
+        clock.advance(.seconds(7))
+        #expect(m.tick(now: clock.now).count == 1, "late again")
+        clock.advance(.seconds(1))
+        #expect(m.tick(now: clock.now) == [.close(reason: "no frame from west for 9.0 s; closed the link as dead")],
+                "on time, and nothing came: dead")
+    }
+
     @Test("the dead-after clock starts when the connection is active: it bounds the handshake too")
     func deadDuringHandshake() {
         var clock = FakeClock()

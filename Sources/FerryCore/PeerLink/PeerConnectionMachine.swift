@@ -118,6 +118,8 @@ public struct PeerConnectionMachine: Sendable {
     public private(set) var peer: Peer?
     private var phase = Phase.idle
     private var lastReceived = Instant(monotonicNanos: 0, wallSeconds: 0)
+    /// When ``tick(now:)`` last ran on a started connection.
+    private var lastTick: Instant?
     /// Whether the hello exchange ever finished on this connection.
     public private(set) var wasLive = false
 
@@ -257,8 +259,14 @@ public struct PeerConnectionMachine: Sendable {
         default:
             break
         }
+        // A tick far later than the heartbeat says this site's own loop stalled (a long disk
+        // write on it): what the peer sent meanwhile is waiting to be read, after this tick. The
+        // silence is judged at the next tick (a walk-through saw a replica drop every link at
+        // once, every few seconds, while it applied a full copy on a loaded machine).
+        let stalled = lastTick.map { Duration.nanoseconds(now.monotonicNanos - $0.monotonicNanos) > config.heartbeat + config.deadAfter / 2 } ?? false
+        lastTick = now
         let silent = Duration.nanoseconds(now.monotonicNanos - lastReceived.monotonicNanos)
-        if silent >= config.deadAfter {
+        if silent >= config.deadAfter && !stalled {
             return close("no frame from \(peerName) for \(Self.seconds(silent)); closed the link as dead")
         }
         guard case .live(let version, let nonce, var pings) = phase else { return [] }
