@@ -218,7 +218,9 @@ public final class Site: Service, Sendable {
             startedAt: startedAt, configPath: config.path, dataDirectory: config.site.dataDirectory,
             replicationAddress: s.replicationAddress, nbdAddresses: s.nbdAddresses, adminSocket: config.listen.adminSocket,
             metrics: s.metricsURL)
-        let volumes = s.volumes.map { volumeStatus($0, uriBases: s.nbdURIBases) }
+        // A volume configured between other sites is not held here: no role, nothing to show
+        // (a walk-through found one listed as a secondary that `promote` said this site lacked).
+        let volumes = s.volumes.filter { $0.isPrimary || $0.isReplica }.map { volumeStatus($0, uriBases: s.nbdURIBases) }
         var status = SiteStatus(site: site, peers: s.peers?.status() ?? [], volumes: volumes)
         status.trees = treeStatuses(s.trees)
         return status
