@@ -381,7 +381,9 @@ extension Site {
         }
         let scheduled = volume.config.replicas.filter { $0.value.mode == .scheduled }.keys.sorted()
         guard !scheduled.isEmpty else {
-            return reply(409, "error", "volume \(name) has no scheduled replica; its replicas are \(volume.config.replicaNames.joined(separator: ", ")), which replicate continuously")
+            return reply(409, "error", "volume \(name) has no scheduled replica; "
+                         + (volume.config.replicaNames.count == 1 ? "its replica is \(volume.config.replicaNames[0]), which replicates continuously"
+                            : "its replicas are \(volume.config.replicaNames.joined(separator: ", ")), which replicate continuously"))
         }
         runtime.checkpoint()
         let links = runtime.status()

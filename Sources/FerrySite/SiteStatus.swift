@@ -389,7 +389,10 @@ extension SiteStatus {
                     .joined(separator: " → ") + " (generation \(last.id))"
             }
             if let rp = v.recoveryPoints {
-                if let oldest = rp.oldest, let newest = rp.newest {
+                if let oldest = rp.oldest, let newest = rp.newest, oldest.id == newest.id {
+                    line += "\n      recovery points: 1, #\(newest.id) \(Self.age(from: newest.time, to: now)) ago "
+                        + "(undo log \(ByteSize.format(rp.undoLogBytes)))"
+                } else if let oldest = rp.oldest, let newest = rp.newest {
                     line += "\n      recovery points: \(rp.count), #\(oldest.id) \(Self.age(from: oldest.time, to: now)) ago to #\(newest.id) "
                         + "\(Self.age(from: newest.time, to: now)) ago (undo log \(ByteSize.format(rp.undoLogBytes)))"
                 } else {

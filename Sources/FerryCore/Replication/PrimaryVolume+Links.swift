@@ -503,7 +503,7 @@ extension PrimaryVolume {
             peer.nextPointAt = schedule.nextPoint(afterSeconds: max(now.wallSeconds, point.cutAt))
         }
         persistNeeded = true
-        setState(&peer, .waitingForPoint, "point at sequence \(point.seq) complete (\(point.bytes) bytes)", &out)
+        setState(&peer, .waitingForPoint, "point at sequence \(point.seq) complete (\(ByteSize.format(point.bytes)))", &out)
     }
 
     func setState(_ peer: inout PeerState, _ state: ReplicaLinkState, _ reason: String, _ out: inout [Action]) {
