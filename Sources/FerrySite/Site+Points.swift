@@ -86,7 +86,7 @@ extension Site {
             for p in points {
                 if generations.count > 1, p.position.generation != shown {
                     shown = p.position.generation
-                    lines.append("  -- generation \(String(p.position.generation, radix: 16)) (epoch \(p.position.epoch)):")
+                    lines.append("  -- generation \(GenerationRecord.hex(p.position.generation)) (epoch \(p.position.epoch)):")
                 }
                 lines.append(row("#\(p.id)", Self.isoTime(p.time), "\(p.position.appliedSeq)",
                                  ByteSize.format(replica.undo.undoBytes(after: p.id)), p.kind))

@@ -410,7 +410,7 @@ extension Site {
         var lines: [String] = []
         if let plan {
             logger.notice("volume \(name) gives way to \(plan.peer): now its secondary", metadata: [
-                "epoch": "\(plan.peerEpoch)", "common": "\(plan.common.map { String($0.id, radix: 16) } ?? "none")", "reason": "\(plan.reason)"])
+                "epoch": "\(plan.peerEpoch)", "common": "\(plan.common.map { GenerationRecord.hex($0.id) } ?? "none")", "reason": "\(plan.reason)"])
             lines.append("\(name) on \(me) is now a secondary of \(plan.peer): \(plan.reason)")
         } else {
             logger.notice("volume \(name) demoted: now a secondary", metadata: ["epoch": "\(record.epoch)"])

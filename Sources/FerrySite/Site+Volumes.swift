@@ -267,7 +267,7 @@ final class PeerVolumeLinks: VolumeLinks {
 
 extension Site {
     static func generations(_ records: [GenerationRecord]) -> [SiteStatus.Volume.Generation] {
-        records.map { .init(id: String($0.id, radix: 16), epoch: $0.epoch, branchSequence: $0.branchSeq) }
+        records.map { .init(id: GenerationRecord.hex($0.id), epoch: $0.epoch, branchSequence: $0.branchSeq) }
     }
 
     func volumeStatus(_ v: Volume, uriBases: [String]) -> SiteStatus.Volume {

@@ -473,7 +473,7 @@ public final class ReplicaVolumeRuntime: Sendable {
             try image.flush()
             let kept = try KeptAside.write(ranges, of: name, image: image,
                                            directory: KeptAside.directory(stateDirectory: stateDirectory),
-                                           epoch: Int64(position.epoch), generation: String(position.generation, radix: 16), reason: reason)
+                                           epoch: Int64(position.epoch), generation: GenerationRecord.hex(position.generation), reason: reason)
             let plural = ranges.count == 1 ? "" : "s"
             logger.warning("volume \(name): kept aside \(ByteSize.format(kept.bytes)) in \(ranges.count) range\(plural) before a catch-up overwrites them: \(reason); `ferry diverged \(name)` lists them",
                            metadata: ["file": "\(kept.image)"])

@@ -28,6 +28,12 @@
 /// after it (``VolumeHistory/reach(in:)``). Keeping G2 in the line is what makes the promotion at
 /// the point stand when G2's primary returns, as any newer promotion does.
 public struct GenerationRecord: Sendable, Equatable, Hashable, Codable {
+    /// A generation ID as every message and status shows it: 16 hex digits, leading zeros kept.
+    public static func hex(_ id: UInt64) -> String {
+        let digits = String(id, radix: 16)
+        return String(repeating: "0", count: max(0, 16 - digits.count)) + digits
+    }
+
     /// Random and non-zero; equal IDs are the same generation.
     public var id: UInt64
     /// The promotion that started it.

@@ -95,7 +95,7 @@ extension PrimaryVolume {
                 ? "the split brain with \(name) was resolved there in its favour (`ferry resolve \(config.volume) --keep \(name)`): "
                     + "this site rejoins as its secondary"
                 : "\(name) holds a newer line of history of \(config.volume) (epoch \(open.epoch), generation "
-                    + "\(String(open.generation, radix: 16))) that replaced this site's (epoch \(config.epoch)): this site rejoins as its secondary"
+                    + "\(GenerationRecord.hex(open.generation))) that replaced this site's (epoch \(config.epoch)): this site rejoins as its secondary"
             if !fenced {
                 fenced = true
                 out.append(.fence(reason: why))

@@ -273,10 +273,10 @@ public struct ReplicaVolume: Sendable {
         case .handoff(let handoff):
             let p = position
             if !p.consistent || p.generation != handoff.generation || p.appliedSeq < handoff.seq || p.epoch > handoff.epoch {
-                let holds = p.consistent ? "generation \(String(p.generation, radix: 16)) through sequence \(p.appliedSeq) at epoch \(p.epoch)"
+                let holds = p.consistent ? "generation \(GenerationRecord.hex(p.generation)) through sequence \(p.appliedSeq) at epoch \(p.epoch)"
                     : "an inconsistent image"
                 return [.declineHandoff(link, reason: "the replica of \(volume) holds \(holds), not everything through sequence "
-                                        + "\(handoff.seq) of generation \(String(handoff.generation, radix: 16)): it does not take over")]
+                                        + "\(handoff.seq) of generation \(GenerationRecord.hex(handoff.generation)): it does not take over")]
             }
             return [.takeOver(link, handoff)]
         case .verify, .hashes:
@@ -336,7 +336,7 @@ public struct ReplicaVolume: Sendable {
         awaitingKeepAside = nil
         if let aside = pastTheBranch(of: open), !aside.isEmpty, plantedBug != .thirdSiteOverwrittenUnkept {
             awaitingKeepAside = (link, told, (position.generation, position.appliedSeq, open.generation))
-            let why = "this replica of \(volume) holds sequence \(position.appliedSeq) of generation \(String(position.generation, radix: 16)), "
+            let why = "this replica of \(volume) holds sequence \(position.appliedSeq) of generation \(GenerationRecord.hex(position.generation)), "
                 + "writes past where the line of the primary at epoch \(open.epoch) leaves it; its catch-up overwrites them"
             actions.append(.keepAside(link, aside, reason: why))
             return actions
