@@ -58,7 +58,7 @@ enum StatusPage {
                 out += volumeRow(v, history: history)
             }
         }
-        if status.volumes.isEmpty { out += "<tr><td colspan=\"7\">No volumes are configured on this site.</td></tr>" }
+        if status.volumes.isEmpty { out += "<tr><td colspan=\"7\">This site holds no volume.</td></tr>" }
         out += "</tbody></table>"
         if !status.trees.isEmpty {
             out += "<h2>Trees</h2><table><thead><tr><th>Tree</th><th>Peer</th><th>Role</th><th>Mode</th><th>State</th>"

@@ -360,7 +360,7 @@ extension SiteStatus {
             out += line + "\n"
         }
         out += "\nvolumes\n"
-        if volumes.isEmpty { out += "  (none configured)\n" }
+        if volumes.isEmpty { out += "  (none held on this site)\n" }
         for v in volumes {
             var line = "  \(v.name.padding(12))\(ByteSize.format(v.sizeBytes).padding(8))\(v.role.padding(11))"
             if v.role == "primary" {
